@@ -1,0 +1,239 @@
+"""Preference pairs (chosen / rejected) tokenized once into static-shape batches.
+
+Record schema (``allenai/tulu-2.5-preference-data`` or a JSON-lines file with the same fields):
+``{"chosen": [messages... , assistant], "rejected": [messages..., assistant], "margin": float?}``.
+Other fields (``source``, ``prompt``...) are ignored.
+
+Storage is ragged: one flat int32 token buffer per side plus offsets, the response start and
+the margin per example. 60k pairs at ``seq_length`` 4096 take ~0.3 GB this way instead of ~3 GB
+as padded ``[N, L]`` arrays; :meth:`PreferenceDataset.get` materialises the static, right-padded
+``[B, L]`` batch (a few hundred microseconds per row of 4096).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchxla_rlhf.data.chat import DataError, tokenize_preference_sides, validate_messages
+from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.data.sources import SourceStats, iter_records
+
+__all__ = ["PreferenceDataset", "RaggedTokens", "parse_preference_record"]
+
+logger = logging.getLogger(__name__)
+
+# Records tokenized per call of the fast tokenizer: large enough to amortise the Python
+# overhead, small enough to keep the token lists of one chunk in memory.
+_CHUNK = 2048
+
+
+@dataclass
+class RaggedTokens:
+    """N variable-length token sequences in one flat buffer.
+
+    ``tokens`` int32 ``[sum n_i]``, ``offsets`` int64 ``[N + 1]`` (sequence i is
+    ``tokens[offsets[i]:offsets[i+1]]``), ``starts`` int32 ``[N]``: a per-sequence position
+    (the response start for preference sides; unused, 0, for prompts).
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> "RaggedTokens":
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+        st = np.asarray(starts if starts is not None else np.zeros(len(seqs)), dtype=np.int32)
+        return cls(tokens=tokens, offsets=offsets, starts=st)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def padded(self, idx: np.ndarray, length: int, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, attention_mask)``, int64 ``[B, length]``, right- (or left-) padded with
+        ``pad_id``. Rows must already be ``<= length`` long."""
+        ids = np.full((len(idx), length), pad_id, dtype=np.int64)
+        lens = self.lengths[idx]
+        for row, i in enumerate(idx):
+            seq = self.sequence(int(i))
+            if left:
+                ids[row, length - len(seq) :] = seq
+            else:
+                ids[row, : len(seq)] = seq
+        ar = np.arange(length)[None, :]
+        attn = (ar >= (length - lens)[:, None]) if left else (ar < lens[:, None])
+        return ids, attn.astype(np.int64)
+
+
+def _check_index(idx: np.ndarray, n: int) -> None:
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"dataset indices out of range [0, {n}): min {idx.min()}, max {idx.max()}")
+
+
+def parse_preference_record(record: Mapping[str, Any], origin: str) -> tuple[list, list, float]:
+    """Validate one preference record; returns ``(chosen, rejected, margin)``.
+
+    Raises :class:`DataError` naming ``origin`` and the field: missing ``chosen``/``rejected``,
+    malformed messages, a side not ending with an assistant turn, a non-numeric ``margin``.
+    """
+    if not isinstance(record, Mapping):
+        raise DataError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+    sides = []
+    for name in ("chosen", "rejected"):
+        if name not in record:
+            raise DataError(
+                f"{origin}: missing field '{name}' (expected a list of messages ending with an assistant turn)"
+            )
+        msgs = validate_messages(record[name], origin, name)
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(
+                f"{origin}: field '{name}' must end with an assistant turn, "
+                f"but its last message has role {msgs[-1]['role']!r}"
+            )
+        sides.append(msgs)
+    margin = record.get("margin")
+    if margin is None:
+        margin = 0.0
+    elif isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise DataError(f"{origin}: field 'margin' must be a finite number, got {margin!r}")
+    return sides[0], sides[1], float(margin)
+
+
+@dataclass
+class PreferenceDataset:
+    """Tokenized preference pairs; :meth:`get` returns static ``[B, seq_length]`` batches.
+
+    Attributes:
+      chosen, rejected: :class:`RaggedTokens` (``starts`` = first loss token of each side).
+      margin: float32 ``[N]`` (0 where the record had none).
+      origins: where each kept example came from (``file:line``), for debugging.
+      stats: ``kept``, ``dropped_truncated``, ``dropped_no_loss_tokens``, ``skipped_malformed``,
+        ``truncated_kept`` (truncated pairs kept because ``remove_truncated_samples`` is off).
+    """
+
+    seq_length: int
+    pad_token_id: int
+    chosen: RaggedTokens
+    rejected: RaggedTokens
+    margin: np.ndarray
+    origins: list[str]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.margin)
+
+    @classmethod
+    def build(cls, cfg: DatasetConfig, tokenizer: Any) -> "PreferenceDataset":
+        """Read, validate and tokenize every record of ``cfg`` (batched fast tokenizer).
+
+        Per side: ``input_ids = tok(bos + tulu(messages), add_special_tokens=False)[:L]``, loss
+        mask on the last assistant message (see :mod:`torchxla_rlhf.data.chat`). A pair is
+        dropped when either side has no loss token left after truncation, or (with
+        ``remove_truncated_samples``) when either side was truncated.
+        """
+        cfg.validate()
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
+        L = cfg.seq_length
+        src_stats = SourceStats()
+        stats = dict(kept=0, dropped_truncated=0, dropped_no_loss_tokens=0, skipped_malformed=0, truncated_kept=0)
+        kept: dict[str, list] = {"c_ids": [], "c_st": [], "r_ids": [], "r_st": [], "margin": [], "origin": []}
+        pending: list[tuple[list, list, float, str]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            convs = [p[0] for p in pending] + [p[1] for p in pending]
+            origins = [p[3] for p in pending] * 2
+            fields = ["chosen"] * len(pending) + ["rejected"] * len(pending)
+            toks = tokenize_preference_sides(tokenizer, convs, L, origins, fields)
+            n = len(pending)
+            for k, (_, _, margin, origin) in enumerate(pending):
+                (c_ids, c_st, c_tr), (r_ids, r_st, r_tr) = toks[k], toks[n + k]
+                if c_st >= len(c_ids) or r_st >= len(r_ids):
+                    stats["dropped_no_loss_tokens"] += 1
+                    continue
+                if c_tr or r_tr:
+                    if cfg.remove_truncated_samples:
+                        stats["dropped_truncated"] += 1
+                        continue
+                    stats["truncated_kept"] += 1
+                kept["c_ids"].append(c_ids)
+                kept["c_st"].append(c_st)
+                kept["r_ids"].append(r_ids)
+                kept["r_st"].append(r_st)
+                kept["margin"].append(margin)
+                kept["origin"].append(origin)
+            pending.clear()
+
+        for record, origin in iter_records(cfg, src_stats):
+            try:
+                chosen, rejected, margin = parse_preference_record(record, origin)
+            except DataError as e:
+                if not cfg.skip_malformed:
+                    raise
+                stats["skipped_malformed"] += 1
+                if stats["skipped_malformed"] <= 5:
+                    logger.warning("skipping %s", e)
+                continue
+            pending.append((chosen, rejected, margin, origin))
+            if len(pending) >= _CHUNK:
+                flush()
+        flush()
+        stats["skipped_malformed"] += src_stats["skipped_malformed"]
+        stats["kept"] = len(kept["margin"])
+        logger.info("preference data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
+        if stats["kept"] == 0:
+            raise ValueError(f"preference data {cfg.path or cfg.hf_name}: no usable example ({stats})")
+        return cls(
+            seq_length=L,
+            pad_token_id=int(pad),
+            chosen=RaggedTokens.from_lists(kept["c_ids"], kept["c_st"]),
+            rejected=RaggedTokens.from_lists(kept["r_ids"], kept["r_st"]),
+            margin=np.asarray(kept["margin"], dtype=np.float32),
+            origins=kept["origin"],
+            stats=stats,
+        )
+
+    def _side(self, side: RaggedTokens, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, attn = side.padded(idx, self.seq_length, self.pad_token_id)
+        ar = np.arange(self.seq_length)[None, :]
+        loss = ((ar >= side.starts[idx][:, None]) & (attn == 1)).astype(np.int64)
+        return ids, attn, loss
+
+    def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch of examples ``indices`` (host CPU tensors).
+
+        Returns int64 ``[B, L]`` ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``
+        (right-padded with ``pad_token_id``; ``loss_mask[t] = 1`` means token t is scored from
+        the logits at t - 1), float32 ``[B]`` ``margin`` and int64 ``[B]`` ``index``.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        _check_index(idx, len(self))
+        out: dict[str, torch.Tensor] = {}
+        for name, side in (("chosen", self.chosen), ("rejected", self.rejected)):
+            ids, attn, loss = self._side(side, idx)
+            out[f"{name}_input_ids"] = torch.from_numpy(ids)
+            out[f"{name}_attention_mask"] = torch.from_numpy(attn)
+            out[f"{name}_loss_mask"] = torch.from_numpy(loss)
+        out["margin"] = torch.from_numpy(self.margin[idx].astype(np.float32))
+        out["index"] = torch.from_numpy(idx.copy())
+        return out

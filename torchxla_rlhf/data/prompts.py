@@ -1,0 +1,141 @@
+"""PPO prompts, tokenized once and served as LEFT-padded static-shape batches.
+
+Records: any Tulu 2.5 prompt schema (``messages`` / ``conversation`` / ``chosen`` /
+``instruction``, see :func:`~torchxla_rlhf.data.chat.prompt_messages_from_record`), e.g.
+``allenai/tulu-2.5-prompts``. The prompt text is the turns up to the last user turn, then
+``"<|assistant|>\\n"``, with a BOS in front when ``add_bos`` (spec section 1, ``prompt_add_bos``).
+
+Truncation choice: a prompt longer than ``seq_length`` tokens is dropped with
+``remove_truncated_samples`` (the paper's PPO runs); otherwise its LAST ``seq_length`` tokens
+are kept, so the ``<|assistant|>\\n`` generation header and the latest user turn survive
+(keeping the first tokens, as a right-truncating tokenizer does, cuts the header off and the
+policy then continues the user's text). A left-truncated prompt loses its BOS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchxla_rlhf.data.chat import DataError, format_prompt, prompt_messages_from_record, special_texts
+from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.data.preference import RaggedTokens, _check_index
+from torchxla_rlhf.data.sources import SourceStats, iter_records
+
+__all__ = ["PromptDataset"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 4096
+
+
+@dataclass
+class PromptDataset:
+    """Tokenized prompts; :meth:`get` returns left-padded ``[B, seq_length]`` batches.
+
+    Attributes:
+      prompts: :class:`~torchxla_rlhf.data.preference.RaggedTokens` (each ``<= seq_length``).
+      texts: the rendered prompt text of each kept example (for sample tables in logs).
+      origins: ``file:line`` of each kept example.
+      stats: ``kept``, ``dropped_truncated``, ``truncated_kept``, ``skipped_malformed``.
+    """
+
+    seq_length: int
+    pad_token_id: int
+    prompts: RaggedTokens
+    texts: list[str]
+    origins: list[str]
+    add_bos: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def build(cls, cfg: DatasetConfig, tokenizer: Any, add_bos: bool) -> "PromptDataset":
+        """Read, render and tokenize every prompt of ``cfg`` (``add_special_tokens=False``)."""
+        cfg.validate()
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
+        bos_text, eos_text = special_texts(tokenizer)
+        if add_bos and not bos_text:
+            raise ValueError("prompt_add_bos is set but the tokenizer has no bos_token")
+        L = cfg.seq_length
+        src_stats = SourceStats()
+        stats = dict(kept=0, dropped_truncated=0, truncated_kept=0, skipped_malformed=0)
+        ids_kept: list[list[int]] = []
+        texts_kept: list[str] = []
+        origins_kept: list[str] = []
+        pending: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            enc = tokenizer(
+                [t for t, _ in pending],
+                add_special_tokens=False,
+                truncation=False,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            for ids, (text, origin) in zip(enc["input_ids"], pending):
+                if len(ids) > L:
+                    if cfg.remove_truncated_samples:
+                        stats["dropped_truncated"] += 1
+                        continue
+                    stats["truncated_kept"] += 1
+                    ids = ids[-L:]  # keep the end: the generation header must survive
+                ids_kept.append(ids)
+                texts_kept.append(text)
+                origins_kept.append(origin)
+            pending.clear()
+
+        for record, origin in iter_records(cfg, src_stats):
+            try:
+                messages = prompt_messages_from_record(record, origin)
+                text = format_prompt(messages, bos_text, eos_text, add_bos=add_bos, origin=origin)
+            except DataError as e:
+                if not cfg.skip_malformed:
+                    raise
+                stats["skipped_malformed"] += 1
+                if stats["skipped_malformed"] <= 5:
+                    logger.warning("skipping %s", e)
+                continue
+            pending.append((text, origin))
+            if len(pending) >= _CHUNK:
+                flush()
+        flush()
+        stats["skipped_malformed"] += src_stats["skipped_malformed"]
+        stats["kept"] = len(ids_kept)
+        logger.info("prompt data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
+        if not ids_kept:
+            raise ValueError(f"prompt data {cfg.path or cfg.hf_name}: no usable prompt ({stats})")
+        return cls(
+            seq_length=L,
+            pad_token_id=int(pad),
+            prompts=RaggedTokens.from_lists(ids_kept),
+            texts=texts_kept,
+            origins=origins_kept,
+            add_bos=add_bos,
+            stats=stats,
+        )
+
+    def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``: int64 ``[B, PL]``, left-padded with
+        ``pad_token_id``; ``index``: int64 ``[B]``. Positions must come from the mask
+        (``clip(cumsum(mask) - 1, 0)``, spec section 3)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        _check_index(idx, len(self))
+        ids, attn = self.prompts.padded(idx, self.seq_length, self.pad_token_id, left=True)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(attn),
+            "index": torch.from_numpy(idx.copy()),
+        }

@@ -1,0 +1,100 @@
+"""Record sources: JSON-lines files through fsspec, or HF hub datasets.
+
+Each record comes with its origin string, used in every error message:
+``"<path>:<line>"`` (1-based line numbers) or ``"<hf_name>[<split>]:<index>"`` (0-based row).
+Every host reads the whole source (as the JAX code did); sharding happens in the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from torchxla_rlhf.data.chat import DataError
+from torchxla_rlhf.data.config import DatasetConfig
+
+__all__ = ["iter_records", "SourceStats"]
+
+logger = logging.getLogger(__name__)
+
+
+class SourceStats(dict):
+    """Counters filled while reading: ``read`` (records yielded), ``skipped_malformed``
+    (bad JSON lines skipped with ``skip_malformed``)."""
+
+    def __init__(self) -> None:
+        super().__init__(read=0, skipped_malformed=0)
+
+
+def _iter_jsonl(cfg: DatasetConfig, stats: SourceStats) -> Iterator[tuple[dict[str, Any], str]]:
+    import fsspec  # light, but only needed here
+
+    path = cfg.path
+    assert path is not None
+    try:
+        f = fsspec.open(path, "rt", encoding="utf-8").open()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"DatasetConfig.path: dataset file not found: {path}") from e
+    except ImportError as e:  # e.g. gs:// without gcsfs
+        raise ImportError(
+            f"DatasetConfig.path: cannot open {path}: {e} (for gs:// install gcsfs: pip install gcsfs)"
+        ) from e
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{origin}: expected a JSON object per line, got {type(record).__name__}"
+                    )
+            except (json.JSONDecodeError, DataError) as e:
+                msg = (
+                    f"{origin}: malformed JSON line ({e.msg} at column {e.colno})"
+                    if isinstance(e, json.JSONDecodeError)
+                    else str(e)
+                )
+                if cfg.skip_malformed:
+                    stats["skipped_malformed"] += 1
+                    if stats["skipped_malformed"] <= 5:
+                        logger.warning("skipping %s", msg)
+                    continue
+                raise DataError(msg) from None
+            yield record, origin
+
+
+def _iter_hf(cfg: DatasetConfig) -> Iterator[tuple[dict[str, Any], str]]:
+    import datasets  # heavy import: only when a hub dataset is asked for
+
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split, token=os.environ.get("HF_TOKEN"))
+    except Exception as e:  # network, unknown split, gated...: the message never includes the token
+        raise RuntimeError(
+            f"DatasetConfig.hf_name/hf_split: could not load '{cfg.hf_name}' split '{cfg.hf_split}': {e}"
+        ) from e
+    for i, record in enumerate(ds):
+        yield dict(record), f"{cfg.hf_name}[{cfg.hf_split}]:{i}"
+
+
+def iter_records(cfg: DatasetConfig, stats: SourceStats | None = None) -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield ``(record, origin)`` for every record of the configured source.
+
+    ``cfg.path``: opened with ``fsspec.open`` (local, ``memory://``, ``gs://``...), one JSON
+    object per non-blank line; a malformed line raises :class:`DataError` naming file and line,
+    or is counted in ``stats["skipped_malformed"]`` and skipped when ``cfg.skip_malformed``.
+    ``cfg.hf_name``: ``datasets.load_dataset(hf_name, split=hf_split)`` with ``$HF_TOKEN``.
+    Stops after ``cfg.max_samples`` records.
+    """
+    cfg.validate()
+    stats = stats if stats is not None else SourceStats()
+    source = _iter_jsonl(cfg, stats) if cfg.path is not None else _iter_hf(cfg)
+    for record, origin in source:
+        if cfg.max_samples is not None and stats["read"] >= cfg.max_samples:
+            break
+        stats["read"] += 1
+        yield record, origin

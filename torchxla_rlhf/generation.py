@@ -1,0 +1,510 @@
+"""Static-shape sampling for PPO rollouts: prefill once, then one-token decode steps, each a
+fixed XLA graph, so that a whole rollout compiles to a fixed number of graphs whatever the
+continuation length, and never syncs the host unless asked to.
+
+Layout. Prompts come LEFT-padded: ``input_ids [B, PL]``, ``attention_mask [B, PL]``. The
+engine fills static buffers of length ``T = PL + CL``::
+
+    sequences      [B, T] = [prompt | continuation], continuation = pad after a row's eos
+    attention_mask [B, T] = [prompt mask | 1 up to and including eos, 0 after]
+
+Position ids follow the spec (section 3): ``clip(cumsum(mask) - 1, 0)``, so the first real
+prompt token is position 0 and the continuation goes on from the prompt's length.
+
+How it runs (the pattern verified in the torch_xla 2.9 field notes):
+
+* KV cache: HF :class:`transformers.StaticCache` with ``max_cache_len = T``, written in place at
+  its own device-tensor write position (``cumulative_length``), so the decode step is the same
+  graph at every position.
+* Attention: the engine hands the model an explicit additive 4-D mask ``[B, 1, q, T]``. HF's
+  mask builders then return early, which removes their hidden host syncs (the ``sdpa`` builder
+  does Python ``.all()`` checks). Use ``attn_implementation="eager"`` (``"sdpa"`` also accepts a
+  4-D mask).
+* Graphs: ``prefill`` (prompt forward + first token) and ``decode_step`` (one token), each
+  traced under :func:`runtime.compile` (``torch_xla.compile(full_graph=True)``: a host sync
+  inside raises). The Python loop over tokens only traces; ``torch_xla`` runs the graphs
+  asynchronously, so the host is never blocked (unless ``stop_check_every > 0``).
+  Observed on XLA:CPU: 2 compilations on the first call for a given ``(B, PL, CL)``, 0 after.
+* Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
+  noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
+  read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
+
+The model is used as is (no weight copy): it is switched to ``eval()`` under ``no_grad`` for the
+rollout and put back in its previous training mode afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+_SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration and output
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. All fields are Python constants baked into the graph."""
+
+    temperature: float = 0.7
+    """Logits are divided by this before top-k/top-p and sampling (paper default 0.7).
+    Ignored when ``greedy``."""
+
+    top_k: int = 50
+    """Keep only the ``top_k`` largest logits (ties with the k-th kept, as HF does); 0 = off.
+    Paper runs had 50 (the generation library's default)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to more than
+    ``top_p`` (HF ``TopPLogitsWarper`` rule, at least one token kept); 1.0 = off."""
+
+    greedy: bool = False
+    """Take ``argmax`` of the raw logits (no temperature, top-k, top-p or noise)."""
+
+    stop_check_every: int = 0
+    """0: always run all ``max_new_tokens`` steps, with no host sync at all.
+    k > 0: every k tokens, read one device boolean "all rows have emitted eos" to the host and
+    stop early if so. Each read is a host sync: the host waits until the device has run every
+    queued step, so the tracing of the next step no longer overlaps the device's work (about
+    one step's latency lost per check), and it counts in :func:`runtime.host_sync_count`.
+    Worth it only when most batches finish well before ``max_new_tokens``."""
+
+    def __post_init__(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(
+                f"SamplingConfig.temperature={self.temperature!r}: expected a number > 0 "
+                "(use greedy=True for argmax decoding)"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: expected an int >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected 0 < top_p <= 1")
+        if not isinstance(self.stop_check_every, int) or self.stop_check_every < 0:
+            raise ValueError(
+                f"SamplingConfig.stop_check_every={self.stop_check_every!r}: expected an int >= 0"
+            )
+
+
+@dataclass
+class GenerationOutput:
+    """A rollout batch. All tensors live on the input's device; ``T = PL + CL``."""
+
+    sequences: torch.Tensor
+    """``[B, T]`` long: ``[left-padded prompt | continuation]``; after a row's eos (which is
+    kept) the continuation is ``pad``."""
+
+    attention_mask: torch.Tensor
+    """``[B, T]`` long: prompt mask, then 1 for each continuation token up to and including
+    eos, 0 after."""
+
+    continuation_mask: torch.Tensor
+    """``[B, CL]`` long: the continuation part of ``attention_mask``."""
+
+    prompt_length: int
+    """``PL``: the continuation starts at column ``PL``."""
+
+    @property
+    def continuation(self) -> torch.Tensor:
+        """``[B, CL]``: the generated tokens (a lazy slice of ``sequences``)."""
+        return self.sequences[:, self.prompt_length :]
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions: positions, masks, noise, sampling
+# ----------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``clip(cumsum(mask) - 1, 0)`` along the last dim: ``[B, L] -> [B, L]`` long.
+
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist()
+    [[0, 0, 0, 1, 2]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool ``[B, Q, T]`` (True = may attend) -> additive float mask ``[B, 1, Q, T]``: 0 where
+    allowed, ``finfo(dtype).min`` elsewhere. A fully masked query row (a pad query) then gets
+    uniform attention instead of NaN; its output is never used."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, neg)[:, None]
+
+
+def prefill_mask(prompt_mask: torch.Tensor, total_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Mask for the prompt forward against a cache of ``total_len`` slots.
+
+    ``prompt_mask [B, PL]`` -> ``[B, 1, PL, T]``: query ``i`` may attend key ``j`` iff
+    ``j <= i`` and ``prompt_mask[b, j] == 1`` (slots ``j >= PL`` are empty, so masked).
+    """
+    _, pl = prompt_mask.shape
+    dev = prompt_mask.device
+    q = torch.arange(pl, device=dev)[:, None]
+    k = torch.arange(total_len, device=dev)[None, :]
+    causal = k <= q  # [PL, T]
+    keys = torch.nn.functional.pad(prompt_mask.bool(), (0, total_len - pl))  # [B, T]
+    return additive_mask(causal[None] & keys[:, None, :], dtype)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values (a bijection
+    with full avalanche). Products wrap in int64 and are masked back to 32 bits, which gives
+    the same bits on CPU and XLA."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: torch.Tensor, step: torch.Tensor, batch: int, vocab: int) -> torch.Tensor:
+    """Counter-based uniform noise ``u[b, v]`` in ``(0, 1)``, shape ``[B, V]`` float32.
+
+    ``u = (mix(mix(b * V + v  xor  key) + key) >> 8 + 0.5) / 2^24`` with
+    ``key = mix(mix(seed) xor (step * 0x9E3779B9))``: a pure function of
+    ``(seed, step, b, v)`` (24 random bits), no RNG state. ``seed``/``step`` are int64
+    scalars (device tensors, so new values do not recompile). Needs ``B * V < 2^32``.
+    """
+    dev = seed.device
+    key = _mix32(_mix32(seed) ^ ((step * 0x9E3779B9) & _MASK32))
+    idx = torch.arange(batch, device=dev, dtype=torch.long)[:, None] * vocab + torch.arange(
+        vocab, device=dev, dtype=torch.long
+    )
+    h = _mix32(_mix32(idx ^ key) + key)
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, batch: int, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))``, ``[B, V]`` float32 (see :func:`hash_uniform`)."""
+    return -torch.log(-torch.log(hash_uniform(seed, step, batch, vocab)))
+
+
+def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order of HF's logits warpers), ``[B, V]`` float
+    -> ``[B, V]`` with removed tokens at ``-inf``. Static shapes only (topk/sort/scatter).
+
+    * temperature: ``z = logits / T``;
+    * top-k: remove ``z < topk(z, k)[-1]``;
+    * top-p: sort ascending, ``c = cumsum(softmax(z_sorted))``, remove ``c <= 1 - p`` except
+      the largest token.
+    """
+    z = logits.float()
+    if config.temperature != 1.0:
+        z = z / config.temperature
+    neg_inf = torch.full((), float("-inf"), dtype=z.dtype, device=z.device)
+    if config.top_k > 0 and config.top_k < z.shape[-1]:
+        kth = torch.topk(z, config.top_k, dim=-1).values[..., -1:]
+        z = torch.where(z < kth, neg_inf, z)
+    if config.top_p < 1.0:
+        z_sorted, order = torch.sort(z, dim=-1, descending=False)
+        cum = torch.softmax(z_sorted, dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1.0 - config.top_p)
+        keep_last = torch.arange(z.shape[-1], device=z.device) == z.shape[-1] - 1
+        remove_sorted = remove_sorted & ~keep_last
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        z = torch.where(remove, neg_inf, z)
+    return z
+
+
+def sample_next_token(
+    logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """Next tokens ``[B]`` long from logits ``[B, V]``.
+
+    Greedy: ``argmax(logits)``. Otherwise Gumbel-max: ``argmax(process_logits(logits) + g)``
+    with ``g = gumbel_noise(seed, step)``, which draws exactly from
+    ``softmax(process_logits(logits))`` without ``multinomial`` or data-dependent shapes.
+    """
+    if config.greedy:
+        return torch.argmax(logits, dim=-1)
+    z = process_logits(logits, config)
+    b, v = z.shape
+    return torch.argmax(z + gumbel_noise(seed, step, b, v), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Decode-loop state, every tensor a device tensor of fixed shape."""
+
+    sequences: torch.Tensor  # [B, T] long
+    mask: torch.Tensor  # [B, T] long
+    continuation_mask: torch.Tensor  # [B, CL] long
+    last_token: torch.Tensor  # [B] long, the token written at the previous step
+    done: torch.Tensor  # [B] bool, row has emitted eos
+    all_done: torch.Tensor  # [] bool
+    step: torch.Tensor  # [] long, continuation column the next step writes
+    seed: torch.Tensor  # [] long
+    cache: Any = field(repr=False)  # transformers.StaticCache
+
+
+class Generator:
+    """Samples continuations from a (possibly sharded, possibly training) HF causal LM.
+
+    One instance per policy: it keeps the compiled graph wrappers, so call
+    :meth:`generate` on it every PPO step. Prompts of the same ``(B, PL)`` and the same
+    ``max_new_tokens`` reuse the compiled graphs.
+
+    Args:
+        model: a ``transformers`` causal LM (``LlamaForCausalLM``) with
+            ``attn_implementation="eager"`` (or ``"sdpa"``), on the XLA device or on CPU.
+        sampling: the :class:`SamplingConfig`.
+        eos_token_id: ends a row (kept in the output, mask 1).
+        pad_token_id: written after a row's eos.
+        mesh: a :class:`runtime.MeshInfo` when the model is sharded: the buffers' batch dim
+            and the KV cache (batch over ``(dp, fsdp)``, kv-heads over ``mp``) are then
+            annotated explicitly instead of relying on sharding propagation.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampling: SamplingConfig | None = None,
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        mesh: Any = None,
+    ) -> None:
+        attn = getattr(model.config, "_attn_implementation", None)
+        if attn not in _SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"Generator: model.config._attn_implementation={attn!r}; expected one of "
+                f"{_SUPPORTED_ATTENTION} (load the model with attn_implementation='eager'): the "
+                "engine passes an explicit 4-D additive attention mask"
+            )
+        self.model = model
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.mesh = mesh
+        self._compiled: dict[str, Any] = {}
+
+    # -- public ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        seed: int = 0,
+    ) -> GenerationOutput:
+        """Sample up to ``max_new_tokens`` (= CL) tokens after each LEFT-padded prompt.
+
+        Args:
+            input_ids: ``[B, PL]`` long, left-padded.
+            attention_mask: ``[B, PL]``, 1 for real tokens (left padding is not checked: that
+                would need a host sync; right-padded prompts give wrong first tokens).
+            max_new_tokens: CL, the static continuation length.
+            seed: selects the noise; the same seed, prompts and weights give the same tokens.
+
+        Returns: :class:`GenerationOutput` with ``sequences``/``attention_mask`` ``[B, PL+CL]``
+        and ``continuation_mask [B, CL]``.
+        """
+        self._check_inputs(input_ids, attention_mask, max_new_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            state = self._run("prefill", self._prefill, input_ids, attention_mask, max_new_tokens, seed)
+            every = self.sampling.stop_check_every
+            for t in range(1, max_new_tokens):
+                if every and t % every == 0 and bool(state.all_done.item()):  # host sync
+                    break
+                state = self._run("decode_step", self._decode_step, state)
+        finally:
+            self.model.train(was_training)
+        return GenerationOutput(
+            sequences=state.sequences,
+            attention_mask=state.mask,
+            continuation_mask=state.continuation_mask,
+            prompt_length=input_ids.shape[1],
+        )
+
+    # -- graphs ----------------------------------------------------------------------------
+
+    def _run(self, name: str, fn: Any, *args: Any) -> _State:
+        """Eager on CPU; on XLA, trace ``fn`` as one graph (``torch_xla.compile``)."""
+        device = args[0].sequences.device if isinstance(args[0], _State) else args[0].device
+        if device.type != "xla":
+            return fn(*args)
+        if name not in self._compiled:
+            from . import runtime
+
+            self._compiled[name] = runtime.compile(fn, name=f"generation_{name}", full_graph=True)
+        return self._compiled[name](*args)
+
+    def _forward_last_logits(
+        self, ids: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Model forward writing ``ids [B, q]`` into the cache; logits of the last query
+        position ``[B, V]`` float32."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=bias,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, seed: int
+    ) -> _State:
+        """Prompt forward into a fresh cache, then the first continuation token (column PL)."""
+        from transformers import StaticCache
+
+        b, pl = input_ids.shape
+        total = pl + max_new_tokens
+        dev = input_ids.device
+        prompt_mask = attention_mask.long()
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        bias = prefill_mask(prompt_mask, total, self._mask_dtype())
+        logits = self._forward_last_logits(
+            input_ids.long(), bias, position_ids_from_mask(prompt_mask), cache
+        )
+        self._shard_cache(cache, b)
+
+        pad = torch.full((b, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev)
+        state = _State(
+            sequences=torch.cat([input_ids.long(), pad], dim=1),
+            mask=torch.cat([prompt_mask, torch.zeros_like(pad)], dim=1),
+            continuation_mask=torch.zeros_like(pad),
+            last_token=torch.zeros(b, dtype=torch.long, device=dev),
+            done=torch.zeros(b, dtype=torch.bool, device=dev),
+            all_done=torch.zeros((), dtype=torch.bool, device=dev),
+            step=torch.zeros((), dtype=torch.long, device=dev),
+            # Built on the host then moved: torch.tensor(0 or 1, device=xla) would become a
+            # graph constant, so seeds 0 and 1 would each compile their own prefill graph.
+            seed=torch.tensor(int(seed) & _MASK32, dtype=torch.long).to(dev),
+            cache=cache,
+        )
+        for name in ("sequences", "mask", "continuation_mask"):
+            self._shard_batch(getattr(state, name))
+        return self._append(state, logits, pl)
+
+    def _decode_step(self, state: _State) -> _State:
+        """Feed the previous token (its cache slot is the StaticCache's write position),
+        sample the next one. Same graph at every step: the column is ``state.step``."""
+        pl = state.sequences.shape[1] - state.continuation_mask.shape[1]
+        # The previous token's mask column is already written and later columns are 0, so the
+        # spec's clip(cumsum(mask) - 1, 0) at that column is the row sum minus one.
+        pos = (state.mask.sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
+        bias = additive_mask(state.mask.bool()[:, None, :], self._mask_dtype())  # [B, 1, 1, T]
+        logits = self._forward_last_logits(state.last_token[:, None], bias, pos, state.cache)
+        return self._append(state, logits, pl)
+
+    def _append(self, state: _State, logits: torch.Tensor, pl: int) -> _State:
+        """Sample from ``logits [B, V]`` and write the token at continuation column
+        ``state.step``; rows already done write ``pad`` with mask 0."""
+        tok = sample_next_token(logits, self.sampling, state.seed, state.step)
+        tok = torch.where(state.done, self.pad_token_id, tok)
+        live = (~state.done).long()[:, None]  # [B, 1]: 1 for a real token (eos included)
+        cl = state.continuation_mask.shape[1]
+        dev = tok.device
+        at_cont = (torch.arange(cl, device=dev) == state.step)[None, :]  # [1, CL]
+        at_full = (torch.arange(pl + cl, device=dev) == state.step + pl)[None, :]  # [1, T]
+        done = state.done | (tok == self.eos_token_id)
+        return _State(
+            sequences=torch.where(at_full, tok[:, None], state.sequences),
+            mask=torch.where(at_full, live, state.mask),
+            continuation_mask=torch.where(at_cont, live, state.continuation_mask),
+            last_token=tok,
+            done=done,
+            all_done=done.all(),
+            step=state.step + 1,
+            seed=state.seed,
+            cache=state.cache,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _mask_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _shard_batch(self, t: torch.Tensor) -> None:
+        if self.mesh is None or t.shape[0] % self.mesh.batch_parallel:
+            return
+        from . import runtime
+
+        runtime.mark_sharding(t, self.mesh, runtime.batch_spec(t.ndim))
+
+    def _shard_cache(self, cache: Any, batch: int) -> None:
+        """KV cache ``[B, kv_heads, T, head_dim]``: batch over (dp, fsdp), kv-heads over mp."""
+        if self.mesh is None:
+            return
+        from . import runtime
+
+        batch_axes = runtime.BATCH_AXES if batch % self.mesh.batch_parallel == 0 else None
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                heads = "mp" if t.shape[1] % self.mesh.mp == 0 else None
+                runtime.mark_sharding(t, self.mesh, (batch_axes, heads, None, None))
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+    ) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"Generator.generate: input_ids must be [B, PL], got shape {tuple(input_ids.shape)}"
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"Generator.generate: attention_mask shape {tuple(attention_mask.shape)} != "
+                f"input_ids shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.device != attention_mask.device:
+            raise ValueError(
+                f"Generator.generate: input_ids on {input_ids.device}, attention_mask on "
+                f"{attention_mask.device}; expected the same device"
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(
+                f"Generator.generate: max_new_tokens={max_new_tokens!r}, expected an int >= 1"
+            )
+        total = input_ids.shape[1] + max_new_tokens
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"Generator.generate: prompt length {input_ids.shape[1]} + max_new_tokens "
+                f"{max_new_tokens} = {total} exceeds model.config.max_position_embeddings={limit}"
+            )
+        vocab = getattr(self.model.config, "vocab_size", 0)
+        if input_ids.shape[0] * vocab >= 2**32:
+            raise ValueError(
+                f"Generator.generate: batch {input_ids.shape[0]} x vocab {vocab} >= 2^32 "
+                "overflows the noise counter; split the batch"
+            )
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int = 0,
+    mesh: Any = None,
+) -> GenerationOutput:
+    """One-off :meth:`Generator.generate` (keep a :class:`Generator` to reuse its graphs)."""
+    gen = Generator(model, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh)
+    return gen.generate(input_ids, attention_mask, max_new_tokens, seed=seed)

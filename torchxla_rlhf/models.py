@@ -1,0 +1,420 @@
+"""Build and load transformers' own Llama classes, sharded on the mesh as they load.
+
+- :func:`load_causal_lm`: ``LlamaForCausalLM`` (policy, DPO reference).
+- :func:`load_sequence_classifier`: ``LlamaForSequenceClassification`` with ``num_labels=1``
+  (reward and value models), from a reward-model checkpoint or from a causal-LM checkpoint
+  (backbone kept, LM head dropped, ``score`` drawn from normal(0, initializer_range)).
+
+Weights are read from safetensors one tensor at a time and placed straight onto their sharded
+devices; the model skeleton is built on the ``meta`` device, so the host never holds a whole
+model (what lets 13B and 70B load on a TPU VM host). ``"tiny"`` names a seeded random Llama of
+:class:`TinyModelConfig`'s shape, built locally for the CPU configs and the tests.
+
+Attention is HF's ``eager`` implementation with an explicit 2-D attention mask and explicit
+position ids: transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e.
+hidden host syncs in every forward (field notes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from torchxla_rlhf import runtime, sharding
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the ``tiny`` model (random init, seeded)."""
+
+    vocab_size: int = 320
+    """Embedding rows; >= the tiny byte-level tokenizer's 259 ids."""
+    hidden_size: int = 64
+    """Model width."""
+    intermediate_size: int = 128
+    """MLP width."""
+    num_hidden_layers: int = 2
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Attention heads (must divide by the mesh's mp)."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention; must divide by mp)."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the rotary embedding is set up for."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to run it."""
+
+    name_or_path: str = "tiny"
+    """Local HF directory, hub name, ``gs://`` directory, or ``tiny`` (random, seeded)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub name."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype parameters (and optimizer state) are kept in. The paper: float32."""
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Dtype of the forward/backward matmuls (autocast). The paper: bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (13B at 4096 tokens needs it)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the model built when ``name_or_path`` is ``tiny``."""
+
+    def validate(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("name_or_path: must name a model directory, hub name or 'tiny'")
+
+
+# ----------------------------------------------------------------------------------------
+# Config and weight sources
+# ----------------------------------------------------------------------------------------
+
+
+def tiny_llama_config(tiny: TinyModelConfig, pad_token_id: int = 0) -> LlamaConfig:
+    """The ``tiny`` model's ``LlamaConfig`` (LLaMA's special ids: unk/pad 0, bos 1, eos 2)."""
+    return LlamaConfig(
+        vocab_size=tiny.vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+    )
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
+    """A local directory holding ``config.json`` and the safetensors files.
+
+    Local directories are used as they are; ``gs://`` (or any fsspec URL) directories are copied
+    to a local cache first; anything else is a hub name fetched with ``HF_TOKEN`` from the
+    environment (the token is never logged).
+    """
+    if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError(f"model directory {name_or_path!r} has no config.json")
+        return name_or_path
+    if "://" in name_or_path:
+        return _copy_remote_dir(name_or_path)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        # Not a hub name ("org/name" has one slash): a local path that does not exist.
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name_or_path,
+        revision=revision,
+        token=os.environ.get("HF_TOKEN"),
+        allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+    )
+
+
+def _copy_remote_dir(url: str) -> str:
+    """Copy an fsspec directory (``gs://bucket/model``) to a local cache directory."""
+    import hashlib
+
+    import fsspec
+
+    cache = os.path.join(
+        os.environ.get("TORCHXLA_RLHF_CACHE", os.path.expanduser("~/.cache/torchxla_rlhf")),
+        hashlib.sha1(url.encode()).hexdigest()[:16],
+    )
+    if os.path.exists(os.path.join(cache, ".complete")):
+        return cache
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path.rstrip("/") + "/config.json"):
+        raise FileNotFoundError(f"model directory {url!r} has no config.json")
+    os.makedirs(cache, exist_ok=True)
+    for remote in fs.ls(path, detail=False):
+        name = os.path.basename(remote.rstrip("/"))
+        if name.endswith((".json", ".safetensors", ".model", ".txt", ".jinja")):
+            fs.get(remote, os.path.join(cache, name))
+    open(os.path.join(cache, ".complete"), "w").close()
+    return cache
+
+
+def safetensors_index(model_dir: str) -> dict[str, str]:
+    """Map of tensor name -> safetensors file path for a model directory."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(
+            f"{model_dir!r} holds no model.safetensors or model.safetensors.index.json "
+            "(only safetensors checkpoints are supported)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+class _TensorReader:
+    """Reads named tensors from safetensors files, keeping each file open once."""
+
+    def __init__(self, index: dict[str, str]):
+        self.index = index
+        self._stack = contextlib.ExitStack()
+        self._files: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.index[name]
+        if path not in self._files:
+            self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._files[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+# ----------------------------------------------------------------------------------------
+# Building models
+# ----------------------------------------------------------------------------------------
+
+
+def _model_config(cfg: ModelConfig, pad_token_id: int | None) -> tuple[LlamaConfig, str | None]:
+    """The HF config and the directory weights come from (None for ``tiny``)."""
+    if cfg.name_or_path == "tiny":
+        return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0), None
+    model_dir = resolve_model_dir(cfg.name_or_path, cfg.revision)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "llama":
+        raise ValueError(
+            f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
+        )
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    return config, model_dir
+
+
+def _init_cpu_tensors(model_cls, config: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random init on the host (only for ``tiny`` models and fresh heads)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_cls(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _build_sharded(
+    model_cls,
+    config: LlamaConfig,
+    mesh: runtime.MeshInfo,
+    cfg: ModelConfig,
+    get_tensor,
+) -> torch.nn.Module:
+    """Skeleton on ``meta``; each parameter read by ``get_tensor(name)`` (CPU), cast to
+    ``param_dtype``, moved to the device and sharded, one at a time."""
+    config._attn_implementation = "eager"
+    config.use_cache = False
+    with torch.device("meta"):
+        model = model_cls(config)
+    specs = sharding.match_specs(
+        ((n, tuple(p.shape)) for n, p in model.named_parameters()),
+        sharding.rules_for(model),
+        axis_sizes=mesh.shape,
+    )
+    sharding.check_heads_fit(config, mesh)
+    dtype = DTYPES[cfg.param_dtype]
+    dev = runtime.device()
+    for name, meta_param in list(model.named_parameters()):
+        cpu = get_tensor(name)
+        if tuple(cpu.shape) != tuple(meta_param.shape):
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(cpu.shape)}, the model expects "
+                f"{tuple(meta_param.shape)}"
+            )
+        # One tensor at a time: the host holds at most one weight.
+        t = cpu.to(dtype).to(dev)
+        runtime.mark_sharding(t, mesh, specs[name])
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(t, requires_grad=meta_param.requires_grad))
+    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the device.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config).to(dev)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise RuntimeError(f"buffer {name!r} was not materialised")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:
+    """Recompute decoder layers in backward with torch_xla's checkpoint.
+
+    ``gradient_checkpointing_enable()`` (torch.utils.checkpoint) crashes on XLA tensors; the
+    working route is HF's private hook with torch_xla's reentrant checkpoint (field notes), and
+    ``use_cache=False`` (else k/v gradients come out silently zero).
+    """
+    import torch_xla.utils.checkpoint as xla_checkpoint
+
+    model.config.use_cache = False
+    model._set_gradient_checkpointing(
+        enable=True,
+        gradient_checkpointing_func=partial(xla_checkpoint.checkpoint, use_reentrant=True),
+    )
+
+
+def load_causal_lm(
+    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0
+) -> LlamaForCausalLM:
+    """``LlamaForCausalLM`` from ``cfg.name_or_path``, sharded on ``mesh``."""
+    config, model_dir = _model_config(cfg, pad_token_id)
+    if model_dir is None:
+        tensors = _init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed)
+        return _build_sharded(LlamaForCausalLM, config, mesh, cfg, tensors.__getitem__)
+    reader = _TensorReader(safetensors_index(model_dir))
+    try:
+
+        def get(name: str) -> torch.Tensor:
+            if name == "lm_head.weight" and name not in reader and config.tie_word_embeddings:
+                return reader.get("model.embed_tokens.weight")
+            if name not in reader:
+                raise KeyError(f"{model_dir!r}: checkpoint has no tensor {name!r}")
+            return reader.get(name)
+
+        return _build_sharded(LlamaForCausalLM, config, mesh, cfg, get)
+    finally:
+        reader.close()
+
+
+def load_sequence_classifier(
+    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0, head_seed: int = 0
+) -> LlamaForSequenceClassification:
+    """``LlamaForSequenceClassification`` (``num_labels=1``, bias-free ``score``), sharded.
+
+    From a reward-model checkpoint its ``score`` is kept; from a causal-LM checkpoint (or
+    ``tiny``) the LM head is dropped and ``score`` is drawn from normal(0, initializer_range)
+    with ``head_seed``.
+    """
+    config, model_dir = _model_config(cfg, pad_token_id)
+    config.num_labels = 1
+    config.architectures = ["LlamaForSequenceClassification"]
+    if config.pad_token_id is None or config.pad_token_id == config.eos_token_id:
+        raise ValueError(
+            f"reward/value models need pad_token_id set and different from eos "
+            f"({config.eos_token_id}); got {config.pad_token_id}"
+        )
+    gen = torch.Generator().manual_seed(head_seed)
+    fresh_head = torch.randn((1, config.hidden_size), generator=gen) * config.initializer_range
+    if model_dir is None:
+        tensors = _init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed)
+        tensors["score.weight"] = fresh_head
+        return _build_sharded(
+            LlamaForSequenceClassification, config, mesh, cfg, tensors.__getitem__
+        )
+    reader = _TensorReader(safetensors_index(model_dir))
+    has_head = "score.weight" in reader
+    if not has_head:
+        logger.info("%s has no score head: initialising one from normal(0, %g)",
+                    cfg.name_or_path, config.initializer_range)
+    try:
+
+        def get(name: str) -> torch.Tensor:
+            if name == "score.weight" and not has_head:
+                return fresh_head
+            if name not in reader:
+                raise KeyError(f"{model_dir!r}: checkpoint has no tensor {name!r}")
+            return reader.get(name)
+
+        return _build_sharded(LlamaForSequenceClassification, config, mesh, cfg, get)
+    finally:
+        reader.close()
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model: no gradients (so no optimizer state), eval mode."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# Forward helpers
+# ----------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``clip(cumsum(mask) - 1, min=0)``: the first real token is position 0 whether the
+    sequence is left- or right-padded (spec section 3). ``[B, L] -> [B, L]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def autocast(compute_dtype: str, param_dtype: str):
+    """Autocast context for bf16 compute over fp32 parameters; a no-op when they agree."""
+    if compute_dtype == param_dtype or compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("xla", dtype=DTYPES[compute_dtype])
+
+
+def causal_lm_logits(
+    model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``[B, L, V]`` with explicit position ids and a 2-D mask (no hidden syncs)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def sequence_classifier_scores(
+    model: LlamaForSequenceClassification,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    every_position: bool = False,
+) -> torch.Tensor:
+    """Scores of a ``num_labels=1`` sequence classifier.
+
+    Returns ``[B]``, the head's output at the last real token (``argmax`` of the position
+    ids, spec section 5), or ``[B, L]`` at every position (the value model) when
+    ``every_position``. Computed here rather than by HF's pooling (rightmost non-pad id),
+    which agrees for right-padded inputs but not for ``[left-padded prompt | response]``.
+    """
+    positions = position_ids_from_mask(attention_mask)
+    hidden = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=False,
+    ).last_hidden_state
+    per_position = model.score(hidden).squeeze(-1).float()  # [B, L]
+    if every_position:
+        return per_position
+    last = positions.argmax(dim=-1, keepdim=True)  # [B, 1]; first max = last real token
+    return per_position.gather(1, last).squeeze(1)

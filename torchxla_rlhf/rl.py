@@ -1,0 +1,452 @@
+"""RL math for PPO as pure tensor functions: masked statistics, whitening, GAE, KL-shaped
+rewards, the EOS penalty, the rollout batch container and the rollout metrics.
+
+Source: ``reference-semantics.md`` section 6 (what the paper's JAX ``llama_train_ppo``
+computed) and section 3 (position ids).
+
+Every function here is safe inside a compiled XLA graph: tensors in, tensors out, static
+shapes (no boolean-mask indexing, no ``nonzero``), no host syncs (no ``.item()``, no Python
+``if`` on a tensor). Python branches only ever look at Python arguments (``gamma``,
+``penalty``, ...), which are fixed per run, so they pick one graph and never cause recompiles.
+
+Notation: ``B`` rows, ``T`` (= ``CL``) continuation positions, ``L`` (= ``PL + CL``) full
+sequence positions. Masks may be bool, int or float 0/1 tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "discounted_cumsum",
+    "gae",
+    "kl_penalized_rewards",
+    "last_token_index",
+    "position_ids_from_mask",
+    "apply_eos_penalty",
+    "scale_scores",
+    "RolloutBatch",
+    "ppo_rollout_stats",
+]
+
+
+def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask in ``like``'s floating dtype (bool/int masks are common inputs)."""
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return mask.to(dtype)
+
+
+def _check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    # Shape checks read Python ints only: free, no host sync, fine inside a traced graph.
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"{name} has shape {list(t.shape)} but {ref_name} has shape {list(ref.shape)}; "
+            "they must match"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask)`` over ``dim`` (all elements when ``dim`` is None).
+
+    Shapes: ``x`` and ``mask`` broadcastable (usually both ``[B, T]``); returns a scalar,
+    or ``x`` reduced over ``dim``.
+    """
+    m = _float_mask(mask, x)
+    if dim is None:
+        return (x * m).sum()
+    return (x * m).sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(x * mask) / sum(mask)`` over ``dim`` (all elements when ``dim`` is None).
+
+    The denominator is clamped to at least 1, so an all-zero mask gives 0 instead of NaN
+    (for 0/1 masks this changes nothing else). Shapes as :func:`masked_sum`.
+    """
+    m = _float_mask(mask, x)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked elements of ``x`` (all dims together), a scalar.
+
+    ``var = masked_mean((x - masked_mean(x))**2)``, times the Bessel correction
+    ``n / (n - 1)`` with ``n = sum(mask)`` when ``unbiased`` (as the JAX code and TRL).
+    ``n - 1`` is clamped to at least 1: a single masked element gives variance 0, not NaN.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = _float_mask(mask, x).sum()
+        var = var * n / (n - 1.0).clamp(min=1.0)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Whiten ``x`` with statistics of its masked elements (spec 6.5).
+
+    ``(x - mean) / sqrt(var_unbiased + eps)``; with ``shift_mean=False`` the mean is added
+    back afterwards (the ``whiten_rewards`` option: scale without re-centering).
+    Mean and variance are taken over ALL masked elements (whole batch, not per row).
+    Padded positions are transformed too (not zeroed): callers mask them later.
+    Shapes: ``x``, ``mask`` ``[B, T]`` -> ``[B, T]``.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) / torch.sqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+# ----------------------------------------------------------------------------------------
+# GAE
+# ----------------------------------------------------------------------------------------
+
+
+def discounted_cumsum(x: torch.Tensor, discount: float) -> torch.Tensor:
+    """Reverse discounted cumulative sum along the last dim:
+    ``y_t = sum_{j >= t} discount**(j - t) * x_j``, i.e. ``y_t = x_t + discount * y_{t+1}``.
+
+    Computed with a fixed number of whole-tensor steps, not a loop over ``T``: a log-depth
+    (Hillis-Steele) scan. After the step with shift ``s`` each ``y_t`` covers
+    ``x_t .. x_{t+2s-1}``; ``ceil(log2 T)`` steps (11 for T=2048) cover the row. Each step is
+    one shifted multiply-add on ``[..., T]``, so the graph is small and the same for every
+    call with the same ``T``. This is exact float32 elementwise math: unlike a ``[T, T]``
+    discount-matrix product it needs no ``T*T`` memory and does not depend on the TPU's
+    default (bf16-pass) float32 matmul precision. ``discount**s`` is a Python float that
+    underflows harmlessly to 0 for long horizons; ``discount == 0`` returns ``x`` and
+    ``discount == 1`` gives the plain reverse cumsum.
+    """
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discounted_cumsum: discount={discount!r}, expected 0 <= discount <= 1")
+    T = x.shape[-1]
+    y = x
+    shift = 1
+    while shift < T:
+        factor = discount**shift
+        if factor == 0.0:  # Python float: longer shifts add nothing
+            break
+        shifted = F.pad(y[..., shift:], (0, shift))  # y_{t+shift}, 0 beyond the end
+        y = y + factor * shifted
+        shift *= 2
+    return y
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over the continuation (spec 6.5), NOT whitened.
+
+    With ``r = rewards * mask`` and ``v = values * mask``::
+
+        delta_t = r_t + gamma * v_{t+1} - v_t        (v beyond the last position is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + v
+
+    Whitening of the advantages (``masked_whiten(A, mask)``) and the optional
+    ``whiten_rewards`` (``masked_whiten(r, mask, shift_mean=False)`` before this) are left
+    to the caller, which decides over which batch to whiten.
+
+    Shapes: ``rewards``, ``values``, ``mask`` ``[B, T]`` -> ``(advantages [B, T],
+    returns [B, T])``. Masked positions of a right-padded row get ``A = returns = 0``.
+    Fixed-size computation (see :func:`discounted_cumsum`), no loop over ``T``.
+    """
+    _check_same_shape("values", values, "rewards", rewards)
+    _check_same_shape("mask", mask, "rewards", rewards)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gae: gamma={gamma!r}, expected 0 <= gamma <= 1")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"gae: lam={lam!r}, expected 0 <= lam <= 1")
+    m = _float_mask(mask, rewards)
+    r = rewards * m
+    v = values * m
+    next_v = F.pad(v[:, 1:], (0, 1))  # v_{t+1}; 0 past the last position
+    delta = r + gamma * next_v - v
+    advantages = discounted_cumsum(delta, gamma * lam)
+    returns = advantages + v
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------
+# Rewards and scores
+# ----------------------------------------------------------------------------------------
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of ``attention_mask [B, L]`` -> ``[B]`` (int64).
+
+    ``max(mask * arange(L))``: no data-dependent shapes. A row of zeros gives 0. Same as the
+    JAX code's ``argmax(position_ids)``.
+    """
+    L = attention_mask.shape[-1]
+    positions = torch.arange(L, device=attention_mask.device, dtype=torch.long)
+    return (attention_mask.long() * positions).amax(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``clip(cumsum(attention_mask) - 1, min=0)`` along the sequence (spec 3), int64.
+
+    The first real token gets position 0 whether the row is left- or right-padded.
+    Shapes: ``[B, L]`` -> ``[B, L]``.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def kl_penalized_rewards(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards shaped by the KL penalty (spec 6.4).
+
+    ``kl_t = (logp_t - ref_logp_t) * m_t``; ``r_t = -kl_coef * kl_t``, plus ``scores`` at
+    the last real continuation token (index of the last 1 in ``mask``; a row with no real
+    token gets its score at position 0, where GAE masks it away).
+
+    Shapes: ``logps``, ``ref_logps``, ``mask`` ``[B, T]``, ``scores [B]`` ->
+    ``(rewards [B, T], kl [B, T])``, both zero at masked positions (except that
+    empty-row case). The non-score part is ``-kl_coef * kl``.
+    """
+    _check_same_shape("ref_logps", ref_logps, "logps", logps)
+    _check_same_shape("mask", mask, "logps", logps)
+    if scores.shape != logps.shape[:1]:
+        raise ValueError(
+            f"scores has shape {list(scores.shape)}, expected [B] = [{logps.shape[0]}] "
+            f"(one score per row of logps {list(logps.shape)})"
+        )
+    m = _float_mask(mask, logps)
+    kl = (logps - ref_logps) * m
+    non_score = -kl_coef * kl
+    T = logps.shape[-1]
+    last = last_token_index(mask)  # [B]
+    at_last = torch.arange(T, device=logps.device)[None, :] == last[:, None]  # [B, T] one-hot
+    rewards = non_score + at_last.to(non_score.dtype) * scores[:, None].to(non_score.dtype)
+    return rewards, kl
+
+
+def apply_eos_penalty(
+    scores: torch.Tensor,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    eos_token_id: int,
+    penalty: float | None,
+) -> torch.Tensor:
+    """Replace the score of a cut-off answer by ``penalty`` (spec 6.2; the paper used -10).
+
+    A row is cut off when its last real token (last 1 of ``attention_mask``) is not
+    ``eos_token_id``. ``penalty=None`` disables this and returns ``scores`` unchanged.
+    Apply before :func:`scale_scores`.
+
+    Shapes: ``scores [B]``, ``sequences``, ``attention_mask`` ``[B, L]`` -> ``[B]``.
+    """
+    _check_same_shape("attention_mask", attention_mask, "sequences", sequences)
+    if scores.shape != sequences.shape[:1]:
+        raise ValueError(
+            f"scores has shape {list(scores.shape)}, expected [B] = [{sequences.shape[0]}] "
+            f"(one score per row of sequences {list(sequences.shape)})"
+        )
+    if penalty is None:
+        return scores
+    last = last_token_index(attention_mask)  # [B]
+    last_token = sequences.gather(1, last[:, None]).squeeze(1)  # [B]
+    return torch.where(last_token == eos_token_id, scores, torch.full_like(scores, penalty))
+
+
+def scale_scores(scores: torch.Tensor, gain: float, bias: float) -> torch.Tensor:
+    """``scores * gain + bias`` (spec 6.2's ``reward_gain``/``reward_bias``), after the EOS
+    penalty. Shapes: ``[B]`` -> ``[B]``."""
+    return scores * gain + bias
+
+
+# ----------------------------------------------------------------------------------------
+# Rollout batch
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutBatch:
+    """One PPO rollout batch: the sampled sequences and everything computed from them.
+
+    Shapes (``B`` rows, ``PL`` prompt length, ``CL`` = ``max_continuation_len``):
+
+    - ``sequences`` ``[B, PL+CL]`` int: left-padded prompt followed by the continuation
+      (pad after eos).
+    - ``attention_mask`` ``[B, PL+CL]``: 1 on real prompt and continuation tokens.
+    - ``continuation_mask`` ``[B, CL]``: 1 on real continuation tokens (eos included);
+      equals ``attention_mask[:, PL:]``.
+    - ``old_logps`` ``[B, CL]``: policy log-probs of the continuation tokens at rollout time.
+    - ``ref_logps`` ``[B, CL]``: reference-model log-probs of the same tokens.
+    - ``values`` ``[B, CL]``: value-model predictions at the positions that predict each
+      continuation token.
+    - ``rewards`` ``[B, CL]``: KL-penalized per-token rewards with the score at the last
+      real token (:func:`kl_penalized_rewards`).
+    - ``scores`` ``[B]``: reward-model scores after the EOS penalty, gain and bias.
+    - ``advantages`` ``[B, CL]``: GAE advantages, whitened.
+    - ``returns`` ``[B, CL]``: ``advantages (before whitening) + values``.
+
+    Shapes are checked on construction (Python ints only: no host sync).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    continuation_mask: torch.Tensor
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    scores: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    _PER_TOKEN = ("old_logps", "ref_logps", "values", "rewards", "advantages", "returns")
+
+    def __post_init__(self) -> None:
+        if self.sequences.ndim != 2:
+            raise ValueError(
+                f"RolloutBatch.sequences: expected [B, PL+CL], got shape {list(self.sequences.shape)}"
+            )
+        B, full = self.sequences.shape
+        if self.attention_mask.shape != (B, full):
+            raise ValueError(
+                f"RolloutBatch.attention_mask: expected shape {[B, full]} like sequences, "
+                f"got {list(self.attention_mask.shape)}"
+            )
+        if self.continuation_mask.ndim != 2 or self.continuation_mask.shape[0] != B:
+            raise ValueError(
+                f"RolloutBatch.continuation_mask: expected [B, CL] with B={B}, "
+                f"got {list(self.continuation_mask.shape)}"
+            )
+        CL = self.continuation_mask.shape[1]
+        if not 0 < CL <= full:
+            raise ValueError(
+                f"RolloutBatch.continuation_mask: CL={CL} must be in 1..{full} "
+                f"(the sequence length PL+CL)"
+            )
+        for name in self._PER_TOKEN:
+            t = getattr(self, name)
+            if t.shape != (B, CL):
+                raise ValueError(
+                    f"RolloutBatch.{name}: expected shape {[B, CL]} ([B, CL]), got {list(t.shape)}"
+                )
+        if self.scores.shape != (B,):
+            raise ValueError(f"RolloutBatch.scores: expected shape [{B}] ([B]), got {list(self.scores.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def continuation_length(self) -> int:
+        """``CL``."""
+        return self.continuation_mask.shape[1]
+
+    @property
+    def prompt_length(self) -> int:
+        """``PL``."""
+        return self.sequences.shape[1] - self.continuation_length
+
+    @property
+    def continuations(self) -> torch.Tensor:
+        """``sequences[:, PL:]``, ``[B, CL]``."""
+        return self.sequences[:, self.prompt_length :]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RolloutBatch":
+        """A new batch with ``fn`` applied to every tensor (``.to(device)``, ``.detach()``)."""
+        return RolloutBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def slice(self, rows: slice) -> "RolloutBatch":
+        """The rows ``rows`` (a Python slice with int bounds: static, one graph per bound)
+        of every tensor, e.g. a mini-batch."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"RolloutBatch.slice expects a Python slice, got {type(rows).__name__}")
+        return self.map(lambda t: t[rows])
+
+    def minibatches(self, mini_batch_size: int) -> Iterator["RolloutBatch"]:
+        """Consecutive mini-batches of ``mini_batch_size`` rows, in order."""
+        B = self.batch_size
+        if mini_batch_size <= 0 or B % mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size={mini_batch_size} must be positive and divide the rollout "
+                f"batch size {B}"
+            )
+        for start in range(0, B, mini_batch_size):
+            yield self.slice(slice(start, start + mini_batch_size))
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+
+def ppo_rollout_stats(
+    *,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    reward: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rollout metrics of spec 6.7, as detached device tensors (no host sync).
+
+    Inputs: ``scores [B]`` (after penalty/gain/bias), ``kl``, ``rewards``, ``values``,
+    ``returns``, ``advantages``, ``mask`` ``[B, T]``; ``reward [B]`` optional, the raw RM
+    reward after the EOS penalty and before gain/bias (gives ``env/reward_mean``).
+
+    As the JAX code logged them: ``objective/kl`` = mean over rows of the per-row KL sum;
+    ``objective/kl_per_token`` = masked mean of kl; ``ppo/mean_scores``; ``ppo/std_scores``
+    (population std, ``jnp.std``); ``ppo/mean_non_score_reward`` = masked mean of
+    ``-kl_coef * kl`` (per token) and ``ppo/mean_non_score_reward_sum`` (per row, mean over
+    rows); ``ppo/mean_score_total`` = mean over rows of the row sum of ``rewards``;
+    ``ppo/returns/mean``, ``ppo/val/mean``, ``ppo/policy/advantages_mean`` (masked means);
+    ``tokens/responses_len_mean`` (mean of ``sum(mask)`` per row).
+    """
+    m = _float_mask(mask, kl)
+    non_score = -kl_coef * kl
+    stats = {
+        "objective/kl": masked_sum(kl, m, dim=1).mean(),
+        "objective/kl_per_token": masked_mean(kl, m),
+        "ppo/mean_scores": scores.mean(),
+        "ppo/std_scores": scores.std(correction=0),
+        "ppo/mean_non_score_reward": masked_mean(non_score, m),
+        "ppo/mean_non_score_reward_sum": masked_sum(non_score, m, dim=1).mean(),
+        "ppo/mean_score_total": masked_sum(rewards, m, dim=1).mean(),
+        "ppo/returns/mean": masked_mean(returns, m),
+        "ppo/val/mean": masked_mean(values, m),
+        "ppo/policy/advantages_mean": masked_mean(advantages, m),
+        "tokens/responses_len_mean": m.sum(dim=1).mean(),
+    }
+    if reward is not None:
+        stats["env/reward_mean"] = reward.mean()
+    return {k: v.detach() for k, v in stats.items()}

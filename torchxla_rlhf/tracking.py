@@ -1,0 +1,330 @@
+"""Metric tracking: Weights & Biases, a tqdm progress bar, and ``metrics.jsonl`` files.
+
+Only the main process writes anything (wandb run, bar, files); every process may call the
+same methods, which keeps trainer code free of ``if is_main`` branches.
+
+Reading device values costs a host sync. In a training loop log device tensors with
+:meth:`Tracker.log_device_metrics`: it registers a step closure
+(:func:`runtime.add_step_closure`) that runs on the host right after the step's graph has
+executed, when the values are already materialized, so ``.item()`` there adds no extra
+device round trip and the loop never waits for the host.
+
+``metrics.jsonl`` has one JSON object per logged step: ``{"step": 10, "loss": 0.69, ...}``,
+all values floats (non-finite values are written as ``NaN`` / ``Infinity``, which Python's and
+pandas' JSON readers accept). Tables go to ``<name>.jsonl``, one object per row with its
+``step``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import fsspec
+import torch
+
+from torchxla_rlhf import runtime
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often training metrics go."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    """W&B mode: ``online`` syncs to wandb.ai (needs ``WANDB_API_KEY`` or ``wandb login``),
+    ``offline`` writes a run directory to upload later with ``wandb sync``, ``disabled``
+    makes every wandb call a no-op. ``metrics.jsonl`` is written in all modes."""
+
+    project: str = "torchxla_rlhf"
+    """W&B project name."""
+
+    entity: str | None = None
+    """W&B entity (user or team); None uses the account's default."""
+
+    run_name: str | None = None
+    """W&B run name; None lets wandb pick one."""
+
+    log_freq: int = 1
+    """Log device metrics every N optimizer steps (and at the last step). Reading them is
+    cheap (a step closure) but not free: one device-to-host copy per metric."""
+
+    progress_bar: bool = True
+    """Show a tqdm bar over the optimizer steps with the latest few metrics."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(
+                f"logging.wandb_mode={self.wandb_mode!r}: expected 'online', 'offline' or 'disabled'"
+            )
+        if isinstance(self.log_freq, bool) or not isinstance(self.log_freq, int) or self.log_freq < 1:
+            raise ValueError(f"logging.log_freq={self.log_freq!r}: expected an integer >= 1")
+
+
+def _to_float(key: str, value: Any) -> float:
+    """A metric value as a Python float. A tensor is read with ``.item()`` (a host sync
+    unless it is already materialized, as inside a step closure)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"metric {key!r}: expected a scalar, got a tensor of shape {list(value.shape)}"
+            )
+        return float(value.item())
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    try:
+        return float(value)  # numpy scalars
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"metric {key!r}: expected a float or a scalar tensor, got {type(value).__name__}"
+        ) from None
+
+
+def _json_value(value: Any) -> Any:
+    """A table cell as JSON: tensors become floats / lists, other non-JSON values strings."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+class _JsonlFile:
+    """An append-only JSON-lines file, local or fsspec.
+
+    Local and ``memory://`` files are appended to and closed after each line (nothing is lost
+    in a crash). Object stores cannot append: lines are kept in memory and the whole object is
+    rewritten at most every ``rewrite_every_s`` seconds and on :meth:`close`.
+    """
+
+    def __init__(self, path: str, rewrite_every_s: float = 60.0):
+        self.path = path
+        self.fs, self._p = fsspec.core.url_to_fs(path)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self.appendable = bool({"file", "local", "memory"} & set(protocols))
+        self.rewrite_every_s = rewrite_every_s
+        self._lines: list[str] = []
+        self._last_write = 0.0
+        parent = self._p.rpartition("/")[0]
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        if not self.appendable and self.fs.exists(self._p):
+            # Continue an existing file (e.g. a resumed run) instead of overwriting it.
+            self._lines = self.fs.cat_file(self._p).decode().splitlines(keepends=True)
+
+    def append(self, obj: Mapping[str, Any]) -> None:
+        line = json.dumps(obj) + "\n"
+        if self.appendable:
+            with self.fs.open(self._p, "a") as f:
+                f.write(line)
+            return
+        self._lines.append(line)
+        if time.monotonic() - self._last_write >= self.rewrite_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.appendable and self._lines:
+            with self.fs.open(self._p, "w") as f:
+                f.write("".join(self._lines))
+            self._last_write = time.monotonic()
+
+
+class Tracker:
+    """Logs scalars and tables to wandb, ``<output_dir>/metrics.jsonl`` and a tqdm bar.
+
+    Args:
+        cfg: a :class:`LoggingConfig` (or an object with the same fields).
+        output_dir: run directory, local or fsspec URL; the files go there, and the wandb
+            run directory too when it is local (else ``$WANDB_DIR`` / wandb's default).
+        config_dict: the resolved training config, stored with the wandb run.
+        is_main_process: only the main process creates the run, the bar and the files.
+        total_steps: number of optimizer steps (the bar's length; the last step is always
+            logged by :meth:`log_device_metrics`).
+    """
+
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        output_dir: str,
+        config_dict: Mapping[str, Any] | None,
+        is_main_process: bool,
+        total_steps: int,
+    ):
+        self.cfg = cfg
+        self.output_dir = output_dir.rstrip("/")
+        self.is_main_process = is_main_process
+        self.total_steps = total_steps
+        self.log_freq = int(cfg.log_freq)
+        if self.log_freq < 1:
+            raise ValueError(f"logging.log_freq={cfg.log_freq!r}: expected an integer >= 1")
+        self._run: Any = None
+        self._bar: Any = None
+        self._files: dict[str, _JsonlFile] = {}
+        self._closed = False
+        if not is_main_process:
+            return
+
+        import wandb
+
+        fs, local_dir = fsspec.core.url_to_fs(self.output_dir)
+        wandb_dir: str | None = None
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "file" in protocols or "local" in protocols:
+            os.makedirs(local_dir, exist_ok=True)
+            wandb_dir = local_dir
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name,
+            config=dict(config_dict or {}),
+            mode=cfg.wandb_mode,
+            dir=wandb_dir,
+        )
+        self._files[METRICS_FILE] = _JsonlFile(f"{self.output_dir}/{METRICS_FILE}")
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    # -- scalars ------------------------------------------------------------------------
+
+    def should_log(self, step: int) -> bool:
+        """Whether ``step`` is a logging step: every ``log_freq`` steps, and the last one."""
+        return step % self.log_freq == 0 or step == self.total_steps
+
+    def log(self, step: int, metrics: Mapping[str, float | torch.Tensor]) -> None:
+        """Log scalar ``metrics`` at optimizer step ``step`` (always; see :meth:`should_log`).
+
+        Tensors are read with ``.item()``: a host sync for an XLA tensor that has not been
+        computed yet. Call this from a step closure (:meth:`log_device_metrics` does that),
+        or with host values. Every process converts the values (reading a sharded tensor is
+        a collective); only the main process writes.
+        """
+        if "step" in metrics:
+            raise ValueError("metrics: the key 'step' is reserved (it is the step argument)")
+        values = {key: _to_float(key, value) for key, value in metrics.items()}
+        if not self.is_main_process or self._closed:
+            return
+        self._files[METRICS_FILE].append({"step": int(step), **values})
+        self._run.log(values, step=int(step))
+        if self._bar is not None:
+            self._advance(step)
+            shown = dict(list(values.items())[:4])
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def log_device_metrics(self, step: int, metrics: Mapping[str, torch.Tensor]) -> None:
+        """Log device tensors once the current graph has run, on logging steps only.
+
+        Registers :meth:`log` as a step closure (:func:`runtime.add_step_closure`): it runs on
+        the host at the next graph cut (``runtime.sync()`` / end of a compiled step), when the
+        values are materialized, so this adds no host sync to the training loop. Do not
+        modify the tensors in place before that cut. On other steps only the bar moves.
+        """
+        if not self.should_log(step):
+            if self._bar is not None:
+                self._advance(step)
+            return
+        runtime.add_step_closure(self.log, args=(step, dict(metrics)))
+
+    def _advance(self, step: int) -> None:
+        if step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    # -- tables -------------------------------------------------------------------------
+
+    def log_table(
+        self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Log a table (e.g. sampled prompts and responses) as a ``wandb.Table`` under
+        ``name`` and append its rows to ``<output_dir>/<name>.jsonl`` as
+        ``{"step": step, column: value, ...}``."""
+        columns = list(columns)
+        rows = [list(row) for row in rows]
+        for i, row in enumerate(rows):
+            if len(row) != len(columns):
+                raise ValueError(
+                    f"log_table({name!r}): row {i} has {len(row)} value(s), expected "
+                    f"{len(columns)} for columns {columns}"
+                )
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"log_table: name {name!r} must be a plain file name stem")
+        if not self.is_main_process or self._closed:
+            return
+        file_name = f"{name}.jsonl"
+        if file_name not in self._files:
+            self._files[file_name] = _JsonlFile(f"{self.output_dir}/{file_name}")
+        for row in rows:
+            self._files[file_name].append(
+                {"step": int(step), **{c: _json_value(v) for c, v in zip(columns, row)}}
+            )
+        import wandb
+
+        table = wandb.Table(columns=columns, data=[[_json_value(v) for v in row] for row in rows])
+        self._run.log({name: table}, step=int(step))
+
+    # -- end ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the files, close the bar and finish the wandb run (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for f in self._files.values():
+            f.flush()
+        if self._bar is not None:
+            self._bar.close()
+        if self._run is not None:
+            self._run.finish()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Timer:
+    """Wall-clock time of named sections, accumulated until :meth:`metrics` is called.
+
+    >>> timer = Timer()
+    >>> with timer.section("rollout"):
+    ...     pass
+    >>> sorted(timer.metrics())
+    ['time/rollout']
+
+    XLA runs asynchronously: without a device wait the time covers tracing and dispatch,
+    not execution. ``sync_device=True`` calls :func:`runtime.wait` at the end of each section
+    (a host sync: use it for measurements, not in every production step).
+    """
+
+    def __init__(self, prefix: str = "time/", sync_device: bool = False):
+        self.prefix = prefix
+        self.sync_device = sync_device
+        self._totals: dict[str, float] = {}
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync_device:
+                runtime.wait()
+            self._totals[name] = self._totals.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        """``{prefix + name: seconds}`` for the sections timed since the last reset."""
+        out = {self.prefix + k: v for k, v in self._totals.items()}
+        if reset:
+            self._totals = {}
+        return out

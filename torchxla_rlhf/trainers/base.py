@@ -1,0 +1,156 @@
+"""What every trainer shares: run set-up (runtime, mesh, output directory, resolved config,
+tokenizer, tracker), the outer loop (update -> log -> evaluate -> checkpoint), and preemption.
+
+A trainer subclass supplies :meth:`Trainer.train_step` (one optimizer update, returning device
+metric tensors), :meth:`Trainer.evaluate` and :meth:`Trainer.save`; the order of operations
+lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+
+from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf.config import save_config, to_dict
+from torchxla_rlhf.tokenizers import load_tokenizer
+from torchxla_rlhf.tracking import Tracker
+
+logger = logging.getLogger("torchxla_rlhf")
+
+
+def setup_logging() -> None:
+    """Console logging for the entry points (process 0 at INFO, the others at WARNING)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@dataclass
+class RunContext:
+    """Objects every trainer needs, built once from the config by :func:`setup_run`."""
+
+    cfg: Any
+    mesh: runtime.MeshInfo
+    tokenizer: Any
+    output_dir: str
+    is_main: bool
+
+
+def setup_run(cfg: Any) -> RunContext:
+    """Runtime and mesh first (SPMD must be on before any tensor reaches the device), then
+    the output directory with the resolved config (process 0 only), then the tokenizer."""
+    runtime.init()
+    runtime.manual_seed(cfg.seed)
+    mesh = runtime.make_mesh(cfg.mesh_dim)
+    is_main = runtime.is_main_process()
+    output_dir = cfg.output_dir.rstrip("/")
+    if is_main:
+        fs, path = fsspec.core.url_to_fs(output_dir)
+        fs.makedirs(path, exist_ok=True)
+        save_config(cfg, f"{output_dir}/config.yaml")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id)
+    return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
+
+
+class Trainer:
+    """The outer loop shared by all trainers.
+
+    Steps are optimizer updates (TRL's ``global_step``), numbered from 1. ``log_freq``,
+    ``eval_freq``, ``save_model_freq`` and ``save_milestone_freq`` count them.
+    """
+
+    name = "trainer"
+
+    def __init__(self, ctx: RunContext, total_steps: int):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.total_steps = total_steps
+        self.step = 0
+        self.tracker = Tracker(
+            self.cfg.logger, ctx.output_dir, to_dict(self.cfg), ctx.is_main, total_steps
+        )
+        self.ckpt_schedule = checkpoint.CheckpointSchedule(
+            self.cfg.save_model_freq, self.cfg.save_milestone_freq
+        )
+        self._preempted = False
+        self._previous_sigterm = None
+
+    # -- subclasses --------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer update; returns metric tensors still on the device."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Held-out metrics (device tensors); empty when nothing is configured."""
+        return {}
+
+    def save(self, path: str) -> None:
+        """Write the model(s) being trained to ``path`` in HF format."""
+        raise NotImplementedError
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
+        self._install_sigterm_handler()
+        eval_freq = getattr(self.cfg, "eval_freq", 0)
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                self.step += 1
+                metrics = dict(metrics)
+                self.tracker.log_device_metrics(
+                    self.step, metrics, extra={"time/step_s": time.perf_counter() - t0}
+                )
+                is_last = self.step == self.total_steps
+                if eval_freq and (self.step % eval_freq == 0 or is_last):
+                    self._log_eval()
+                for name in self.ckpt_schedule.actions(self.step, is_last):
+                    self.save(f"{self.ctx.output_dir}/{name}")
+                if self._preempted:
+                    logger.warning("SIGTERM: saving at step %d and stopping", self.step)
+                    self.save(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                    break
+            runtime.sync()
+            runtime.wait()
+        finally:
+            self._restore_sigterm_handler()
+        return self.tracker.last_metrics
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self.tracker.log_device_metrics(
+                self.step, {f"eval/{k}": v for k, v in metrics.items()}, force=True
+            )
+
+    def close(self) -> None:
+        self.tracker.close()
+
+    # -- preemption --------------------------------------------------------------------
+
+    def _install_sigterm_handler(self) -> None:
+        # TPU VMs get SIGTERM before a preemption: finish the current update, save, stop.
+        def handler(signum, frame):
+            self._preempted = True
+
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. called from a worker thread)
+            self._previous_sigterm = None
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)

@@ -1,0 +1,94 @@
+"""Preference-pair plumbing shared by the DPO and reward-model trainers: datasets and
+loaders from the config, micro-batch iteration, and chosen/rejected concatenation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterator
+
+import torch
+
+from torchxla_rlhf import runtime
+from torchxla_rlhf.data.loader import BatchLoader
+from torchxla_rlhf.data.preference import PreferenceDataset
+
+logger = logging.getLogger(__name__)
+
+
+def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, so both sides run in one forward.
+
+    ``[B, L]`` x 2 -> ``input_ids, attention_mask, loss_mask`` of ``[2B, L]``.
+    """
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+
+    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+
+
+class PairData:
+    """Training pairs (and optional held-out pairs) with their loaders."""
+
+    def __init__(self, cfg, tokenizer, mesh: runtime.MeshInfo):
+        self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer)
+        logger.info("train pairs: %d (%s)", len(self.train), self.train.stats)
+        self.eval = None
+        if cfg.eval_dataset is not None:
+            self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer)
+            logger.info("eval pairs: %d (%s)", len(self.eval), self.eval.stats)
+        share, count = runtime.data_share(mesh)
+        self.batch_size = cfg.train_dataset.batch_size
+        self.loader = BatchLoader(
+            self.train,
+            self.batch_size,
+            shuffle=cfg.train_dataset.shuffle,
+            seed=cfg.train_dataset.seed,
+            process_index=share,
+            process_count=count,
+        )
+        if self.loader.steps_per_epoch == 0:
+            raise ValueError(
+                f"train_dataset: {len(self.train)} usable pairs is fewer than one batch of "
+                f"batch_size={self.batch_size}"
+            )
+        self._mesh = mesh
+        self._iter: Iterator | None = None
+        self.augment: Callable[[dict], dict] | None = None
+        """Adds host-side fields to each training batch (e.g. cached reference log-probs)."""
+        self.eval_augment: Callable[[dict], dict] | None = None
+        """The same for held-out batches."""
+
+    def total_updates(self, cfg) -> int:
+        """``total_steps`` if set, else ``num_epochs`` passes counted in optimizer updates."""
+        if cfg.total_steps is not None:
+            return cfg.total_steps
+        accumulate = cfg.optimizer.accumulate_gradient_steps
+        updates = math.floor(self.loader.steps_per_epoch * cfg.num_epochs / accumulate)
+        if updates < 1:
+            raise ValueError(
+                f"num_epochs={cfg.num_epochs} over {self.loader.steps_per_epoch} batch(es) per "
+                f"epoch gives no optimizer update with accumulate_gradient_steps={accumulate}"
+            )
+        return updates
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next training micro-batch, on the device (dim 0 sharded over dp, fsdp)."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        batch = next(self._iter)
+        if self.augment is not None:
+            batch = self.augment(batch)
+        return runtime.batch_to_device(batch, self._mesh)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Held-out micro-batches in order; the last partial batch is dropped (static shapes)."""
+        share, count = runtime.data_share(self._mesh)
+        loader = BatchLoader(
+            self.eval, self.batch_size, shuffle=False, seed=0,
+            process_index=share, process_count=count, num_epochs=1,
+        )
+        for batch in loader:
+            if self.eval_augment is not None:
+                batch = self.eval_augment(batch)
+            yield runtime.batch_to_device(batch, self._mesh)
