@@ -153,7 +153,10 @@ def prefill_mask(prompt_mask: torch.Tensor, total_len: int, dtype: torch.dtype) 
     q = torch.arange(pl, device=dev)[:, None]
     k = torch.arange(total_len, device=dev)[None, :]
     causal = k <= q  # [PL, T]
-    keys = torch.nn.functional.pad(prompt_mask.bool(), (0, total_len - pl))  # [B, T]
+    # `!= 0`, not `.bool()`: after its first use torch_xla tags an unsharded input as
+    # {replicated}, and a dtype convert of it carries that tag into the HLO, so passing the
+    # same mask tensor again would compile a second prefill graph.
+    keys = torch.nn.functional.pad(prompt_mask != 0, (0, total_len - pl))  # [B, T]
     return additive_mask(causal[None] & keys[:, None, :], dtype)
 
 
@@ -175,7 +178,7 @@ def hash_uniform(seed: torch.Tensor, step: torch.Tensor, batch: int, vocab: int)
     ``u = (mix(mix(b * V + v  xor  key) + key) >> 8 + 0.5) / 2^24`` with
     ``key = mix(mix(seed) xor (step * 0x9E3779B9))``: a pure function of
     ``(seed, step, b, v)`` (24 random bits), no RNG state. ``seed``/``step`` are int64
-    scalars (device tensors, so new values do not recompile). Needs ``B * V < 2^32``.
+    scalars or ``[1]`` (device tensors, so new values do not recompile). Needs ``B * V < 2^32``.
     """
     dev = seed.device
     key = _mix32(_mix32(seed) ^ ((step * 0x9E3779B9) & _MASK32))
@@ -250,7 +253,7 @@ class _State:
     done: torch.Tensor  # [B] bool, row has emitted eos
     all_done: torch.Tensor  # [] bool
     step: torch.Tensor  # [] long, continuation column the next step writes
-    seed: torch.Tensor  # [] long
+    seed: torch.Tensor  # [1] long
     cache: Any = field(repr=False)  # transformers.StaticCache
 
 
@@ -390,9 +393,9 @@ class Generator:
             done=torch.zeros(b, dtype=torch.bool, device=dev),
             all_done=torch.zeros((), dtype=torch.bool, device=dev),
             step=torch.zeros((), dtype=torch.long, device=dev),
-            # Built on the host then moved: torch.tensor(0 or 1, device=xla) would become a
-            # graph constant, so seeds 0 and 1 would each compile their own prefill graph.
-            seed=torch.tensor(int(seed) & _MASK32, dtype=torch.long).to(dev),
+            # Shape [1], not []: torch_xla turns a 0-dim 0 or 1 (even one copied from the host)
+            # into a graph constant, so seeds 0 and 1 would each compile their own prefill.
+            seed=torch.tensor([int(seed) & _MASK32], dtype=torch.long).to(dev),
             cache=cache,
         )
         for name in ("sequences", "mask", "continuation_mask"):
@@ -405,7 +408,7 @@ class Generator:
         pl = state.sequences.shape[1] - state.continuation_mask.shape[1]
         # The previous token's mask column is already written and later columns are 0, so the
         # spec's clip(cumsum(mask) - 1, 0) at that column is the row sum minus one.
-        pos = (state.mask.sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
+        pos = state.mask.sum(dim=-1, keepdim=True)
         bias = additive_mask(state.mask.bool()[:, None, :], self._mask_dtype())  # [B, 1, 1, T]
         logits = self._forward_last_logits(state.last_token[:, None], bias, pos, state.cache)
         return self._append(state, logits, pl)

@@ -260,12 +260,14 @@ def _build_sharded(
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(t, requires_grad=meta_param.requires_grad))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # lm_head still points at the meta tensor the skeleton tied it to
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the device.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config).to(dev)
-    for name, buf in model.named_buffers():
-        if buf.is_meta:
-            raise RuntimeError(f"buffer {name!r} was not materialised")
+    for name, t in list(model.named_buffers()) + list(model.named_parameters(remove_duplicate=False)):
+        if t.is_meta:
+            raise RuntimeError(f"{name!r} was not materialised")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

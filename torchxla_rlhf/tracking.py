@@ -18,6 +18,7 @@ pandas' JSON readers accept). Tables go to ``<name>.jsonl``, one object per row 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import time
@@ -107,14 +108,16 @@ class _JsonlFile:
     rewritten at most every ``rewrite_every_s`` seconds and on :meth:`close`.
     """
 
-    def __init__(self, path: str, rewrite_every_s: float = 60.0):
+    def __init__(self, path: str, rewrite_every_s: float = 60.0, appendable: bool | None = None):
         self.path = path
         self.fs, self._p = fsspec.core.url_to_fs(path)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-        self.appendable = bool({"file", "local", "memory"} & set(protocols))
+        if appendable is None:
+            appendable = bool({"file", "local", "memory"} & set(protocols))
+        self.appendable = appendable
         self.rewrite_every_s = rewrite_every_s
         self._lines: list[str] = []
-        self._last_write = 0.0
+        self._last_write = -math.inf  # the first line is written at once
         parent = self._p.rpartition("/")[0]
         if parent:
             self.fs.makedirs(parent, exist_ok=True)

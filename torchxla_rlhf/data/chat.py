@@ -249,19 +249,22 @@ def tokenize_preference_sides(
     seq_length: int,
     origins: Sequence[str],
     fields: Sequence[str] | None = None,
+    validate: bool = True,
 ) -> list[tuple[list[int], int, bool]]:
     """Batched core of :func:`tokenize_preference_side`.
 
     Returns per conversation ``(input_ids[:seq_length], response_start, truncated)``: the loss
     mask is 1 on ``[response_start, len(input_ids))``. One call of the fast tokenizer for the
     whole batch (Rust, no per-piece tokenization); offsets come from ``char_to_token``.
+    ``validate=False`` skips the message checks for records the caller already validated.
     """
     bos_text, eos_text = special_texts(tokenizer)
     texts: list[str] = []
     boundaries: list[int] = []
     for k, (msgs, origin) in enumerate(zip(conversations, origins)):
         field = fields[k] if fields is not None else "messages"
-        validate_messages(msgs, origin, field)
+        if validate:
+            validate_messages(msgs, origin, field)
         if msgs[-1]["role"] != "assistant":
             raise DataError(
                 f"{origin}: field '{field}' must end with an assistant turn, "

@@ -12,6 +12,7 @@ as padded ``[N, L]`` arrays; :meth:`PreferenceDataset.get` materialises the stat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -52,9 +53,23 @@ class RaggedTokens:
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+        tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
         st = np.asarray(starts if starts is not None else np.zeros(len(seqs)), dtype=np.int32)
         return cls(tokens=tokens, offsets=offsets, starts=st)
+
+    @classmethod
+    def concat(cls, parts: Sequence["RaggedTokens"]) -> "RaggedTokens":
+        """Join chunks built one at a time (keeps Python int lists out of memory)."""
+        if not parts:
+            return cls.from_lists([])
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(
+            tokens=np.concatenate([p.tokens for p in parts]),
+            offsets=offsets,
+            starts=np.concatenate([p.starts for p in parts]).astype(np.int32),
+        )
 
     @property
     def lengths(self) -> np.ndarray:
@@ -155,33 +170,38 @@ class PreferenceDataset:
         L = cfg.seq_length
         src_stats = SourceStats()
         stats = dict(kept=0, dropped_truncated=0, dropped_no_loss_tokens=0, skipped_malformed=0, truncated_kept=0)
-        kept: dict[str, list] = {"c_ids": [], "c_st": [], "r_ids": [], "r_st": [], "margin": [], "origin": []}
+        chosen_parts: list[RaggedTokens] = []
+        rejected_parts: list[RaggedTokens] = []
+        margins: list[float] = []
+        origins: list[str] = []
         pending: list[tuple[list, list, float, str]] = []
 
         def flush() -> None:
             if not pending:
                 return
             convs = [p[0] for p in pending] + [p[1] for p in pending]
-            origins = [p[3] for p in pending] * 2
+            origins_2 = [p[3] for p in pending] * 2
             fields = ["chosen"] * len(pending) + ["rejected"] * len(pending)
-            toks = tokenize_preference_sides(tokenizer, convs, L, origins, fields)
+            # Records were validated by parse_preference_record: skip the second validation.
+            toks = tokenize_preference_sides(tokenizer, convs, L, origins_2, fields, validate=False)
             n = len(pending)
+            kept_c, kept_r = [], []
             for k, (_, _, margin, origin) in enumerate(pending):
-                (c_ids, c_st, c_tr), (r_ids, r_st, r_tr) = toks[k], toks[n + k]
-                if c_st >= len(c_ids) or r_st >= len(r_ids):
+                c, r = toks[k], toks[n + k]  # (ids, response_start, truncated)
+                if c[1] >= len(c[0]) or r[1] >= len(r[0]):
                     stats["dropped_no_loss_tokens"] += 1
                     continue
-                if c_tr or r_tr:
+                if c[2] or r[2]:
                     if cfg.remove_truncated_samples:
                         stats["dropped_truncated"] += 1
                         continue
                     stats["truncated_kept"] += 1
-                kept["c_ids"].append(c_ids)
-                kept["c_st"].append(c_st)
-                kept["r_ids"].append(r_ids)
-                kept["r_st"].append(r_st)
-                kept["margin"].append(margin)
-                kept["origin"].append(origin)
+                kept_c.append(c)
+                kept_r.append(r)
+                margins.append(margin)
+                origins.append(origin)
+            chosen_parts.append(RaggedTokens.from_lists([c[0] for c in kept_c], [c[1] for c in kept_c]))
+            rejected_parts.append(RaggedTokens.from_lists([r[0] for r in kept_r], [r[1] for r in kept_r]))
             pending.clear()
 
         for record, origin in iter_records(cfg, src_stats):
@@ -199,17 +219,17 @@ class PreferenceDataset:
                 flush()
         flush()
         stats["skipped_malformed"] += src_stats["skipped_malformed"]
-        stats["kept"] = len(kept["margin"])
+        stats["kept"] = len(margins)
         logger.info("preference data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
         if stats["kept"] == 0:
             raise ValueError(f"preference data {cfg.path or cfg.hf_name}: no usable example ({stats})")
         return cls(
             seq_length=L,
             pad_token_id=int(pad),
-            chosen=RaggedTokens.from_lists(kept["c_ids"], kept["c_st"]),
-            rejected=RaggedTokens.from_lists(kept["r_ids"], kept["r_st"]),
-            margin=np.asarray(kept["margin"], dtype=np.float32),
-            origins=kept["origin"],
+            chosen=RaggedTokens.concat(chosen_parts),
+            rejected=RaggedTokens.concat(rejected_parts),
+            margin=np.asarray(margins, dtype=np.float32),
+            origins=origins,
             stats=stats,
         )
 

@@ -84,6 +84,11 @@ class Trainer:
         )
         self._preempted = False
         self._previous_sigterm = None
+        self.compiles_after_first_step: int | None = None
+        """XLA compilations during training steps 2.. (should stay 0; checkpoints excluded)."""
+        self._compiles_at_first_step = 0
+        self.last_metrics: dict[str, float] = {}
+        """The most recently logged values (training and eval), as host floats."""
 
     # -- subclasses --------------------------------------------------------------------
 
@@ -106,35 +111,69 @@ class Trainer:
         self._install_sigterm_handler()
         eval_freq = getattr(self.cfg, "eval_freq", 0)
         try:
+            t_prev = time.perf_counter()
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step()
+                metrics = dict(self.train_step())
                 self.step += 1
-                metrics = dict(metrics)
-                self.tracker.log_device_metrics(
-                    self.step, metrics, extra={"time/step_s": time.perf_counter() - t0}
-                )
+                if self.compiles_after_first_step is None:
+                    # Every graph of the loop exists now; count what compiles after this.
+                    self._compiles_at_first_step = runtime.compile_count()
+                    self.compiles_after_first_step = 0
+                else:
+                    self.compiles_after_first_step = (
+                        runtime.compile_count() - self._compiles_at_first_step
+                    )
+                now = time.perf_counter()
+                # Dispatch is asynchronous: in steady state this interval is the step time.
+                metrics["time/step_s"] = now - t_prev
+                t_prev = now
+                if self.tracker.should_log(self.step):
+                    self.log_metrics(self.step, metrics)
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
                 for name in self.ckpt_schedule.actions(self.step, is_last):
-                    self.save(f"{self.ctx.output_dir}/{name}")
+                    self._save_uncounted(f"{self.ctx.output_dir}/{name}")
                 if self._preempted:
                     logger.warning("SIGTERM: saving at step %d and stopping", self.step)
-                    self.save(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                    self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
                     break
             runtime.sync()
             runtime.wait()
+            if self.compiles_after_first_step:
+                logger.warning(
+                    "%d XLA compilation(s) after the first step: a shape or a Python scalar "
+                    "changes between steps (PT_XLA_DEBUG_LEVEL=1 says why)",
+                    self.compiles_after_first_step,
+                )
         finally:
             self._restore_sigterm_handler()
-        return self.tracker.last_metrics
+        return self.last_metrics
+
+    def _save_uncounted(self, path: str) -> None:
+        # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
+        # as compilations; they are not training-step graphs, so keep them out of the count.
+        before = runtime.compile_count()
+        self.save(path)
+        self._compiles_at_first_step += runtime.compile_count() - before
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        """Log device tensors (and host floats) after the current graph has run: a step
+        closure, so reading them adds no host sync to the loop."""
+
+        def record(step: int, metrics: dict) -> None:
+            values = {k: float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+                      for k, v in metrics.items()}
+            self.last_metrics.update(values)
+            self.tracker.log(step, values)
+
+        runtime.add_step_closure(record, args=(step, metrics))
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
-            self.tracker.log_device_metrics(
-                self.step, {f"eval/{k}": v for k, v in metrics.items()}, force=True
-            )
+            self.log_metrics(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            runtime.sync()
 
     def close(self) -> None:
         self.tracker.close()

@@ -183,6 +183,8 @@ class DPOTrainer(Trainer):
 
 def _fingerprint(dataset, model_name: str) -> str:
     h = hashlib.sha256(model_name.encode())
-    for key in ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"):
-        h.update(np.ascontiguousarray(getattr(dataset, key)).tobytes())
+    h.update(str(dataset.seq_length).encode())
+    for side in (dataset.chosen, dataset.rejected):
+        for array in (side.tokens, side.offsets, side.starts):
+            h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()

@@ -1,0 +1,110 @@
+"""The tiny byte-level tokenizer, the Tulu chat template and load_tokenizer (offline)."""
+
+import os
+
+import pytest
+import transformers
+
+from torchxla_rlhf.data.chat import format_messages, format_prompt
+from torchxla_rlhf.tokenizers import TINY_VOCAB_SIZE, TULU_CHAT_TEMPLATE, build_tiny_tokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_tok")
+    build_tiny_tokenizer().save_pretrained(d)
+    return transformers.AutoTokenizer.from_pretrained(d)
+
+
+def test_special_ids_and_vocab(tok):
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
+    assert len(tok) == TINY_VOCAB_SIZE == 259
+    # byte b -> id 3 + b: "a" is byte 97.
+    assert tok("a", add_special_tokens=False).input_ids == [100]
+    assert tok("\n", add_special_tokens=False).input_ids == [13]
+    # UTF-8 "é" is bytes C3 A9 -> two tokens.
+    assert tok("é", add_special_tokens=False).input_ids == [3 + 0xC3, 3 + 0xA9]
+
+
+def test_bos_prepended_only_with_special_tokens(tok, reloaded):
+    for t in (tok, reloaded):
+        assert t("ab").input_ids == [1, 100, 101]
+        assert t("ab", add_special_tokens=False).input_ids == [100, 101]
+        assert t.pad_token_id == 0 and t.eos_token_id == 2
+
+
+def test_special_token_text_is_one_token(tok):
+    assert tok("<s>x</s>", add_special_tokens=False).input_ids == [1, 3 + ord("x"), 2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "hello world", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "héllo 日本語 🎉🚀", "e\u0301 combining",
+     "<|user|>\nhi\n<|assistant|>\n", "\x00\x01 control", "ÿþ latin-1"],
+)
+def test_round_trip(tok, reloaded, text):
+    for t in (tok, reloaded):
+        ids = t(text, add_special_tokens=False).input_ids
+        assert t.decode(ids) == text
+
+
+def test_offsets_mapping(tok):
+    enc = tok("<s>hé</s>", add_special_tokens=False, return_offsets_mapping=True)
+    assert enc.input_ids == [1, 3 + ord("h"), 3 + 0xC3, 3 + 0xA9, 2]
+    # both bytes of "é" carry its character span
+    assert enc.offset_mapping == [(0, 3), (3, 4), (4, 5), (4, 5), (5, 9)]
+
+
+def test_reloaded_matches_original(tok, reloaded):
+    text = "<s><|user|>\nHi ünïcode\n<|assistant|>\nYo</s>"
+    assert reloaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    assert reloaded.chat_template == TULU_CHAT_TEMPLATE
+
+
+def test_chat_template_matches_tulu_format(tok):
+    conv = [
+        {"role": "system", "content": "Sys"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "More"},
+        {"role": "assistant", "content": "Ok"},
+    ]
+    rendered = tok.apply_chat_template(conv, tokenize=False)
+    assert rendered == "<|system|>\nSys\n<|user|>\nHi\n<|assistant|>\nYo</s>\n<|user|>\nMore\n<|assistant|>\nOk</s>"
+    assert "<s>" + rendered == format_messages(conv, "<s>", "</s>")
+    gen = tok.apply_chat_template(conv[:4], tokenize=False, add_generation_prompt=True)
+    assert gen == format_prompt(conv[:4], "<s>", "</s>", add_bos=False)
+    assert gen.endswith("<|user|>\nMore\n<|assistant|>\n")
+
+
+def test_load_tokenizer_tiny_and_pad(tmp_path):
+    t = load_tokenizer("tiny")
+    assert t.pad_token_id == 0
+    t2 = load_tokenizer("tiny", pad_token_id=2)
+    assert t2.pad_token_id == 2 and t2.pad_token == "</s>"
+    assert load_tokenizer("tiny", pad_token_id=None).pad_token_id == 0  # the tokenizer's own
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        load_tokenizer("tiny", pad_token_id=259)
+
+
+def test_load_tokenizer_local_dir_gets_template_and_pad(tmp_path):
+    t = build_tiny_tokenizer()
+    t.chat_template = None
+    t.pad_token = "</s>"
+    t.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path), pad_token_id=0)
+    assert loaded.pad_token_id == 0
+    assert loaded.chat_template == TULU_CHAT_TEMPLATE
+    assert loaded("x").input_ids == [1, 3 + ord("x")]
+
+
+@pytest.mark.parametrize("bad", ["/no/such/tokenizer/dir", "./missing_tok", "a/b/c"])
+def test_load_tokenizer_missing_path(bad):
+    assert not os.path.exists(bad)
+    with pytest.raises(FileNotFoundError, match="not an existing local path"):
+        load_tokenizer(bad)

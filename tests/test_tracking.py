@@ -1,0 +1,186 @@
+"""Tracker: metrics.jsonl, log_freq, tables, wandb modes, non-main processes, step closures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+
+import fsspec
+import pytest
+import torch
+
+from torchxla_rlhf import runtime
+from torchxla_rlhf.tracking import LoggingConfig, Timer, Tracker
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_metrics_jsonl_and_table(tmp_path):
+    out = str(tmp_path / "run")
+    tracker = Tracker(LoggingConfig(progress_bar=True), out, {"lr": 1e-6}, True, total_steps=3)
+    tracker.log(1, {"loss": torch.tensor(0.5), "lr": 1e-6, "n": 3})
+    # the line is on disk before close (crash-safe)
+    assert read_jsonl(os.path.join(out, "metrics.jsonl")) == [
+        {"step": 1, "loss": 0.5, "lr": 1e-6, "n": 3.0}
+    ]
+    tracker.log(2, {"loss": torch.tensor([float("nan")])})
+    tracker.log_table(2, "samples", ["prompt", "response", "reward"],
+                      [["a", "b", torch.tensor(1.5)], ["c", "d", -2.0]])
+    tracker.log_table(3, "samples", ["prompt", "response", "reward"], [["e", "f", 0.25]])
+    assert tracker._bar.n == 2
+    tracker.close()
+    tracker.close()  # idempotent
+
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert len(rows) == 2 and rows[1]["step"] == 2 and math.isnan(rows[1]["loss"])
+    assert isinstance(rows[0]["n"], float)
+    assert read_jsonl(os.path.join(out, "samples.jsonl")) == [
+        {"step": 2, "prompt": "a", "response": "b", "reward": 1.5},
+        {"step": 2, "prompt": "c", "response": "d", "reward": -2.0},
+        {"step": 3, "prompt": "e", "response": "f", "reward": 0.25},
+    ]
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "samples.jsonl"]  # disabled: no wandb dir
+
+
+def test_bad_input_errors(tmp_path):
+    tracker = Tracker(LoggingConfig(progress_bar=False), str(tmp_path), {}, True, total_steps=2)
+    with pytest.raises(ValueError, match="'loss': expected a scalar, got a tensor of shape \\[2\\]"):
+        tracker.log(1, {"loss": torch.zeros(2)})
+    with pytest.raises(TypeError, match="'name': expected a float"):
+        tracker.log(1, {"name": "abc"})
+    with pytest.raises(ValueError, match="'step' is reserved"):
+        tracker.log(1, {"step": 1.0})
+    with pytest.raises(ValueError, match="row 1 has 1 value"):
+        tracker.log_table(1, "t", ["a", "b"], [[1, 2], [3]])
+    tracker.close()
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+    with pytest.raises(ValueError, match="log_freq=0"):
+        LoggingConfig(log_freq=0)
+    with pytest.raises(ValueError, match="wandb_mode='on'"):
+        LoggingConfig(wandb_mode="on")
+
+
+def test_non_main_process_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    tracker = Tracker(LoggingConfig(wandb_mode="offline"), str(out), {"a": 1}, False, total_steps=2)
+    tracker.log(1, {"loss": torch.tensor(1.0)})
+    tracker.log_table(1, "samples", ["x"], [[1]])
+    tracker.close()
+    assert tracker._run is None and tracker._bar is None
+    assert not out.exists()
+
+
+def test_wandb_offline_run_is_created_inside_output_dir(tmp_path):
+    out = tmp_path / "run"
+    cfg = LoggingConfig(wandb_mode="offline", run_name="t", progress_bar=False)
+    with Tracker(cfg, str(out), {"lr": 0.5}, True, total_steps=1) as tracker:
+        assert tracker._run.config["lr"] == 0.5
+        tracker.log(1, {"loss": 1.0})
+        tracker.log_table(1, "samples", ["x"], [["y"]])
+    runs = [p for p in os.listdir(out / "wandb") if p.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert read_jsonl(out / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+
+
+def test_memory_fs_output_dir():
+    root = f"memory://track-{uuid.uuid4().hex}"
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        tracker = Tracker(LoggingConfig(progress_bar=False), root, {}, True, total_steps=2)
+        tracker.log(1, {"a": 1.0})
+        tracker.log(2, {"a": 2.0})
+        tracker.close()
+        lines = fs.cat_file(f"{path}/metrics.jsonl").decode().splitlines()
+        assert [json.loads(x) for x in lines] == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}]
+    finally:
+        fs.rm(path, recursive=True)
+
+
+def test_log_freq_on_device_metrics_via_step_closures(tmp_path):
+    dev = runtime.init()
+    out = str(tmp_path / "run")
+    tracker = Tracker(LoggingConfig(log_freq=3), out, {}, True, total_steps=7)
+    assert [s for s in range(1, 8) if tracker.should_log(s)] == [3, 6, 7]
+    w = torch.tensor(0.0).to(dev)
+    for step in range(1, 8):
+        w = w + 1.5  # the "training step": a lazy graph
+        tracker.log_device_metrics(step, {"w": w, "w2": w * 2})
+        if step == 3:
+            # Scheduled, not executed: nothing read or written before the graph runs.
+            assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+            syncs = runtime.host_sync_count()
+        runtime.sync()
+        if step == 3:
+            assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 1
+        assert tracker._bar.n == step
+    tracker.close()
+    assert read_jsonl(os.path.join(out, "metrics.jsonl")) == [
+        {"step": 3, "w": 4.5, "w2": 9.0},
+        {"step": 6, "w": 9.0, "w2": 18.0},
+        {"step": 7, "w": 10.5, "w2": 21.0},
+    ]
+    # The closures read materialized values: one scalar transfer per metric, no extra graphs.
+    assert runtime.host_sync_count() - syncs == 2 * 3
+
+
+def test_step_closure_adds_no_graph_execution(tmp_path):
+    dev = runtime.init()
+    tracker = Tracker(LoggingConfig(progress_bar=False), str(tmp_path), {}, True, total_steps=1)
+    x = torch.arange(4.0).to(dev)
+    runtime.sync()
+    compiles = runtime.compile_count()
+    loss = (x * 3.0).sum()
+    tracker.log_device_metrics(1, {"loss": loss})
+    runtime.sync()  # one graph for the step; the closure's .item() reuses its output
+    assert runtime.compile_count() - compiles == 1
+    tracker.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 18.0}]
+
+
+def test_timer_accumulates_and_resets(monkeypatch):
+    import torchxla_rlhf.tracking as tracking
+
+    ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])
+    timer = Timer()
+    with monkeypatch.context() as m:  # perf_counter is global: restore it right away
+        m.setattr(tracking.time, "perf_counter", lambda: next(ticks))
+        with timer.section("rollout"):
+            pass
+        with timer.section("rollout"):
+            pass
+        with timer.section("train"):
+            pass
+    assert timer.metrics() == {"time/rollout": 0.75, "time/train": 1.0}
+    assert timer.metrics() == {}
+
+
+def test_object_store_jsonl_is_buffered_and_rewritten():
+    from torchxla_rlhf.tracking import _JsonlFile
+
+    root = f"memory://jsonl-{uuid.uuid4().hex}"
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        # appendable=False: behave like gs://, which cannot append
+        f = _JsonlFile(f"{root}/m.jsonl", rewrite_every_s=3600, appendable=False)
+        f.append({"step": 1})  # first line: the object is written at once
+        f.append({"step": 2})  # within rewrite_every_s: buffered
+        assert fs.cat_file(f"{path}/m.jsonl").decode() == '{"step": 1}\n'
+        f.flush()
+        # A resumed run continues the existing object instead of overwriting it.
+        g = _JsonlFile(f"{root}/m.jsonl", appendable=False)
+        assert g._lines == ['{"step": 1}\n', '{"step": 2}\n']
+    finally:
+        fs.rm(path, recursive=True)
