@@ -192,8 +192,11 @@ def trl_worker(args: argparse.Namespace) -> None:
             logging_strategy="no",
             disable_tqdm=True,
             use_cpu=True,
-            bf16=False,
+            bf16=False,  # TRL's DPOConfig defaults to bf16 autocast; the benchmark is fp32
             fp16=False,
+            # TRL defaults to gradient checkpointing (a second policy forward in the backward);
+            # ours does not recompute unless model.gradient_checkpointing is set.
+            gradient_checkpointing=args.trl_gradient_checkpointing,
             dataloader_num_workers=0,
             dataloader_drop_last=True,
             seed=0,
@@ -240,6 +243,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any] | None:
            "--tmp", args.tmp, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--trl-modes", args.trl_modes]
+    if args.trl_gradient_checkpointing:
+        cmd.append("--trl-gradient-checkpointing")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("TRL_RESULT "):
@@ -402,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=64, help="pairs in the synthetic data set")
     p.add_argument("--trl-modes", default="padded,dynamic",
                    help="comma-separated TRL runs: padded (to --seq-len), dynamic (TRL default)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="keep TRL's default gradient checkpointing (off here: ours does not recompute)")
     p.add_argument("--skip-trl", action="store_true", help="time our step only")
     p.add_argument("--json", help="also write all figures to this JSON file")
     # Internal: the TRL child process.

@@ -92,3 +92,26 @@ class DPOConfig(RunConfig):
             raise ValueError("label_smoothing: not used by IPO (use_ipo=true); set it to 0")
         if self.eval_freq < 0:
             raise ValueError("eval_freq: must be >= 0")
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    """``python -m torchxla_rlhf.reward``: a pairwise reward model (spec section 5)."""
+
+    output_dir: str = "outputs/reward"
+    """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
+    train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Preference pairs (chosen/rejected message lists, optional numeric margin)."""
+    eval_dataset: DatasetConfig | None = None
+    """Held-out preference pairs for accuracy (optional)."""
+    eval_freq: int = 0
+    """Evaluate every N updates and at the end (0: only at start and end, if eval_dataset)."""
+    use_margin: bool = False
+    """Margin loss -logsigmoid(r_chosen - r_rejected - margin), margin from the data."""
+    head_seed: int = 0
+    """Seed of the score head's normal(0, initializer_range) init (causal-LM starts only)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_freq < 0:
+            raise ValueError("eval_freq: must be >= 0")

@@ -408,7 +408,7 @@ class Generator:
         pl = state.sequences.shape[1] - state.continuation_mask.shape[1]
         # The previous token's mask column is already written and later columns are 0, so the
         # spec's clip(cumsum(mask) - 1, 0) at that column is the row sum minus one.
-        pos = state.mask.sum(dim=-1, keepdim=True)
+        pos = (state.mask.sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # [B, 1]
         bias = additive_mask(state.mask.bool()[:, None, :], self._mask_dtype())  # [B, 1, 1, T]
         logits = self._forward_last_logits(state.last_token[:, None], bias, pos, state.cache)
         return self._append(state, logits, pl)

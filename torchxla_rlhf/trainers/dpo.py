@@ -1,11 +1,8 @@
-"""DPO / IPO / cDPO (spec section 4): the order of operations, nothing reusable.
+"""DPO / IPO / cDPO (spec section 4): the loss of a pair batch, and the reference model.
 
-One optimizer update = ``accumulate_gradient_steps`` compiled micro-steps (chosen and
-rejected in one concatenated forward of the policy, the reference's log-probs from a frozen
-model in the same graph or from the precomputed cache, loss / K backward into ``.grad``) and
-one compiled AdamW update. Graphs: first micro-step (grads created), later micro-steps
-(grads accumulated), the update; plus eval and the reference pass when used. All are compiled
-before or during the first update, never after.
+Chosen and rejected run as one concatenated forward of the policy; the reference's
+log-probs come from a frozen sharded model in the same graph, or from a table computed once
+(``precalculate_reference_logps``) and cached in ``output_dir``.
 """
 
 from __future__ import annotations
@@ -19,33 +16,27 @@ import fsspec
 import numpy as np
 import torch
 
-from torchxla_rlhf import checkpoint, models, runtime
+from torchxla_rlhf import models, runtime
 from torchxla_rlhf.configs import DPOConfig
 from torchxla_rlhf.losses import dpo_loss, sequence_logps
-from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.trainers.base import Trainer, setup_run
-from torchxla_rlhf.trainers.pairs import PairData, concat_pairs
+from torchxla_rlhf.trainers.base import setup_run
+from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
 
 logger = logging.getLogger(__name__)
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PairTrainer):
     name = "dpo"
 
     def __init__(self, cfg: DPOConfig):
         ctx = setup_run(cfg)
-        self.data = PairData(cfg, ctx.tokenizer, ctx.mesh)
-        super().__init__(ctx, self.data.total_updates(cfg))
-        self.accumulate = cfg.optimizer.accumulate_gradient_steps
         pad_id = cfg.tokenizer_pad_token_id
-        self.policy = models.load_causal_lm(cfg.model, ctx.mesh, pad_token_id=pad_id)
-        self.policy.train()
+        policy = models.load_causal_lm(cfg.model, ctx.mesh, pad_token_id=pad_id)
+        super().__init__(ctx, policy)
         ref_cfg = cfg.model
         if cfg.load_reference_checkpoint:
             ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.load_reference_checkpoint)
         self.reference = models.freeze(models.load_causal_lm(ref_cfg, ctx.mesh, pad_token_id=pad_id))
-        self._autocast = lambda: models.autocast(cfg.model.compute_dtype, cfg.model.param_dtype)
-
         self.ref_logps: dict[str, np.ndarray] = {}
         if cfg.precalculate_reference_logps:
             self.ref_logps["train"] = self._reference_logps(self.data.train, "train")
@@ -55,24 +46,16 @@ class DPOTrainer(Trainer):
             self.reference = None
             self.data.augment = lambda b: self._add_ref_logps(b, "train")
             self.data.eval_augment = lambda b: self._add_ref_logps(b, "eval")
+        self.start()
 
-        self.optimizer = AdamW(
-            self.policy.parameters(),
-            cfg.optimizer,
-            Schedule.linear(cfg.optimizer.lr, cfg.optimizer.end_lr, cfg.optimizer.warmup_ratio, self.total_steps),
-        )
-        self._micro = runtime.compile(self._micro_step, name="dpo_micro_step")
-        self._update = runtime.compile(self._update_step, name="dpo_update")
-        self._eval = runtime.compile(self._eval_step, name="dpo_eval_step")
-        if self.data.eval is not None:
-            self._log_eval()  # step 0: the baseline, and compiles the eval graph up front
-
-    # -- compiled bodies ------------------------------------------------------------------
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.model
 
     def _pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs ``([B], [B])`` of chosen and rejected, one forward."""
         ids, mask, loss_mask = concat_pairs(batch)
-        with self._autocast():
+        with self.autocast():
             logits = models.causal_lm_logits(model, ids, mask)
         logps = sequence_logps(logits, ids, loss_mask)
         half = ids.shape[0] // 2
@@ -84,54 +67,13 @@ class DPOTrainer(Trainer):
         with torch.no_grad():
             return self._pair_logps(self.reference, batch)
 
-    def _loss(self, batch, pi_chosen, pi_rejected):
+    def pair_loss(self, batch):
+        pi_chosen, pi_rejected = self._pair_logps(self.policy, batch)
         ref_chosen, ref_rejected = self._reference(batch)
         cfg = self.cfg
         return dpo_loss(
             pi_chosen, pi_rejected, ref_chosen, ref_rejected,
             beta=cfg.beta, label_smoothing=cfg.label_smoothing, use_ipo=cfg.use_ipo,
-        )
-
-    def _micro_step(self, batch) -> dict[str, torch.Tensor]:
-        pi_chosen, pi_rejected = self._pair_logps(self.policy, batch)
-        loss, metrics = self._loss(batch, pi_chosen, pi_rejected)
-        (loss / self.accumulate).backward()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
-
-    def _update_step(self, micro_metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        out = self.optimizer.step()
-        for key in micro_metrics[0]:
-            out[key] = torch.stack([m[key] for m in micro_metrics]).mean()
-        return out
-
-    @torch.no_grad()
-    def _eval_step(self, batch) -> dict[str, torch.Tensor]:
-        pi_chosen, pi_rejected = self._pair_logps(self.policy, batch)
-        loss, metrics = self._loss(batch, pi_chosen, pi_rejected)
-        return {"loss": loss, **metrics}
-
-    # -- loop hooks -----------------------------------------------------------------------
-
-    def train_step(self) -> dict[str, torch.Tensor]:
-        micro = [self._micro(self.data.next_batch()) for _ in range(self.accumulate)]
-        return self._update(micro)
-
-    def evaluate(self) -> dict[str, torch.Tensor]:
-        if self.data.eval is None:
-            return {}
-        was_training = self.policy.training
-        self.policy.eval()
-        results = [self._eval(batch) for batch in self.data.eval_batches()]
-        self.policy.train(was_training)
-        if not results:
-            logger.warning("eval_dataset has fewer pairs than one batch: nothing evaluated")
-            return {}
-        return {k: torch.stack([r[k] for r in results]).mean() for k in results[0]}
-
-    def save(self, path: str) -> None:
-        checkpoint.save_hf_checkpoint(
-            self.policy, self.ctx.tokenizer, path,
-            save_dtype=models.DTYPES[self.cfg.save_dtype], is_main_process=self.ctx.is_main,
         )
 
     # -- precomputed reference log-probs --------------------------------------------------
@@ -164,7 +106,7 @@ class DPOTrainer(Trainer):
         outputs, index_rows = [], []
         for start in range(0, n, bs):
             # The last batch wraps around to keep the shape static; duplicates are overwritten.
-            rows = (np.arange(start, start + bs) % n)
+            rows = np.arange(start, start + bs) % n
             host_rows = rows[share * per_host:(share + 1) * per_host]
             outputs.append(fn(runtime.batch_to_device(dataset.get(host_rows), self.ctx.mesh)))
             index_rows.append(rows)

@@ -9,9 +9,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from torchxla_rlhf import runtime
+from torchxla_rlhf import checkpoint, models, runtime
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.preference import PreferenceDataset
+from torchxla_rlhf.optim import AdamW, Schedule
+from torchxla_rlhf.trainers.base import RunContext, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +94,86 @@ class PairData:
             if self.eval_augment is not None:
                 batch = self.eval_augment(batch)
             yield runtime.batch_to_device(batch, self._mesh)
+
+
+class PairTrainer(Trainer):
+    """A trainer of one model on preference pairs (DPO, reward model).
+
+    Subclasses build ``self.model`` and define :meth:`pair_loss`; this class owns the data,
+    the optimizer and the compiled graphs. One optimizer update = ``accumulate_gradient_steps``
+    compiled micro-steps (loss / K backward into ``.grad``) + one compiled AdamW update.
+    Graphs: first micro-step (grads created), later micro-steps (grads accumulated), the
+    update, and the eval step; the eval graph compiles at step 0 (a baseline evaluation), the
+    others during the first update, none after.
+    """
+
+    def __init__(self, ctx: RunContext, model: torch.nn.Module):
+        cfg = ctx.cfg
+        self.data = PairData(cfg, ctx.tokenizer, ctx.mesh)
+        super().__init__(ctx, self.data.total_updates(cfg))
+        self.model = model
+        self.model.train()
+        self.accumulate = cfg.optimizer.accumulate_gradient_steps
+        opt = cfg.optimizer
+        self.optimizer = AdamW(
+            model.parameters(), opt,
+            Schedule.linear(opt.lr, opt.end_lr, opt.warmup_ratio, self.total_steps),
+        )
+        self._micro = runtime.compile(self._micro_step, name=f"{self.name}_micro_step")
+        self._update = runtime.compile(self._update_step, name=f"{self.name}_update")
+        self._eval = runtime.compile(self._eval_step, name=f"{self.name}_eval_step")
+
+    def autocast(self):
+        """bf16 compute over fp32 parameters when so configured."""
+        return models.autocast(self.cfg.model.compute_dtype, self.cfg.model.param_dtype)
+
+    def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and metric tensors of one micro-batch (traced into the graphs)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Call at the end of the subclass constructor: the baseline evaluation (step 0)."""
+        if self.data.eval is not None:
+            self._log_eval()
+
+    # -- compiled bodies ------------------------------------------------------------------
+
+    def _micro_step(self, batch) -> dict[str, torch.Tensor]:
+        loss, metrics = self.pair_loss(batch)
+        (loss / self.accumulate).backward()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+
+    def _update_step(self, micro_metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out = self.optimizer.step()
+        for key in micro_metrics[0]:
+            out[key] = torch.stack([m[key] for m in micro_metrics]).mean()
+        return out
+
+    @torch.no_grad()
+    def _eval_step(self, batch) -> dict[str, torch.Tensor]:
+        loss, metrics = self.pair_loss(batch)
+        return {"loss": loss, **metrics}
+
+    # -- loop hooks -----------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        micro = [self._micro(self.data.next_batch()) for _ in range(self.accumulate)]
+        return self._update(micro)
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        if self.data.eval is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        results = [self._eval(batch) for batch in self.data.eval_batches()]
+        self.model.train(was_training)
+        if not results:
+            logger.warning("eval_dataset has fewer pairs than one batch: nothing evaluated")
+            return {}
+        return {k: torch.stack([r[k] for r in results]).mean() for k in results[0]}
+
+    def save(self, path: str) -> None:
+        checkpoint.save_hf_checkpoint(
+            self.model, self.ctx.tokenizer, path,
+            save_dtype=models.DTYPES[self.cfg.save_dtype], is_main_process=self.ctx.is_main,
+        )

@@ -1,0 +1,35 @@
+"""Reward model (spec section 5): a Llama backbone with a bias-free scalar ``score`` head read
+at the last real token, trained with ``-logsigmoid(r_chosen - r_rejected [- margin])``.
+
+The model is transformers' ``LlamaForSequenceClassification`` (``num_labels=1``), started from
+a causal-LM checkpoint (backbone kept, LM head dropped, head drawn fresh) or from a reward
+model, and saved as an ordinary HF sequence-classifier directory.
+"""
+
+from __future__ import annotations
+
+from torchxla_rlhf import models
+from torchxla_rlhf.configs import RewardConfig
+from torchxla_rlhf.losses import pairwise_reward_loss
+from torchxla_rlhf.trainers.base import setup_run
+from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
+
+
+class RewardTrainer(PairTrainer):
+    name = "reward"
+
+    def __init__(self, cfg: RewardConfig):
+        ctx = setup_run(cfg)
+        model = models.load_sequence_classifier(
+            cfg.model, ctx.mesh, pad_token_id=cfg.tokenizer_pad_token_id, head_seed=cfg.head_seed
+        )
+        super().__init__(ctx, model)
+        self.start()
+
+    def pair_loss(self, batch):
+        ids, mask, _ = concat_pairs(batch)
+        with self.autocast():
+            scores = models.sequence_classifier_scores(self.model, ids, mask)  # [2B]
+        half = ids.shape[0] // 2
+        margin = batch["margin"] if self.cfg.use_margin else None
+        return pairwise_reward_loss(scores[:half], scores[half:], margin)
