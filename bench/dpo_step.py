@@ -12,11 +12,17 @@ What is timed:
   ``runtime.wait()``, a deliberate device sync that exists only in this benchmark. Step 1
   includes tracing and XLA compilation. Also reported: the pipelined rate, ``steps`` calls with
   one wait at the end (what ``Trainer.train`` achieves, since dispatch is asynchronous).
+  Compilations are counted with ``runtime.compile_count()`` (setup, step 1, warm-up, after).
 * TRL: the interval between consecutive ``on_step_end`` callbacks (collation, forward/backward of
   policy and reference, clipping, AdamW, scheduler, TRL's per-step metric ``.item()`` calls), and
   ``on_step_begin`` -> ``on_step_end`` (the same without fetching/collating the batch). TRL runs
   in a subprocess with ``USE_TORCH_XLA=0`` and ``use_cpu=True``, before this process initialises
-  torch_xla, so it is plain eager PyTorch on the CPU.
+  torch_xla, so it is plain eager PyTorch on the CPU. TRL's own defaults that would make it do
+  different work are switched off: ``bf16`` (its default on) and gradient checkpointing (its
+  default on; ``--trl-gradient-checkpointing`` keeps it).
+
+Both sides also report CPU seconds (user + system, all threads) per step, which is less
+sensitive than wall time to other jobs sharing the cores.
 
 TRL is measured twice: ``padded`` — every batch padded to exactly ``--seq-len`` tokens (TRL 1.16
 ``DPOConfig(max_length=L, pad_to_multiple_of=L)``; its collator truncates to ``max_length`` and then
@@ -115,6 +121,12 @@ def debug_llama_config(seq_len: int):
     return tiny, models.tiny_llama_config(tiny, pad_token_id=0)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (XLA:CPU's included)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def weight_fingerprint(named: dict) -> dict[str, float]:
     """Per-tensor float64 sum of squares: equal dicts = equal initial weights (to fp32 rounding)."""
     import torch
@@ -142,6 +154,7 @@ def trl_worker(args: argparse.Namespace) -> None:
             self.train_begin = 0.0
             self.begin: list[float] = []
             self.end: list[float] = []
+            self.cpu_end: list[float] = []
             self.devices: set[str] = set()
 
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -154,6 +167,7 @@ def trl_worker(args: argparse.Namespace) -> None:
 
         def on_step_end(self, args, state, control, **kw):
             self.end.append(time.perf_counter())
+            self.cpu_end.append(cpu_seconds())
 
     with open(args.data) as f:
         pairs = [json.loads(line) for line in f]
@@ -166,7 +180,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         "torch_threads": torch.get_num_threads(),
         "modes": {},
     }
-    total = args.warmup + args.steps
+    total = 1 + args.warmup + args.steps
     for mode in args.trl_modes.split(","):
         torch.manual_seed(MODEL_SEED)  # what models._init_cpu_tensors does for 'tiny'
         policy = LlamaForCausalLM(config)
@@ -226,6 +240,7 @@ def trl_worker(args: argparse.Namespace) -> None:
             "first_step_s": end[0] - timer.train_begin,
             "steps_s": [b - a for a, b in zip(end[args.warmup:], end[args.warmup + 1:])],
             "compute_s": [e - b for b, e in zip(timer.begin[args.warmup + 1:], end[args.warmup + 1:])],
+            "cpu_s": [b - a for a, b in zip(timer.cpu_end[args.warmup:], timer.cpu_end[args.warmup + 1:])],
             "batch_lengths": lengths,
             "train_loss": float(result.training_loss),
             "devices": sorted(timer.devices),
@@ -298,10 +313,13 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     compiles0 = runtime.compile_count()
 
+    cpu_s: list[float] = []
+
     def timed_step() -> tuple[float, dict]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         metrics = trainer.train_step()
         runtime.wait()  # benchmark-only sync: wait for the device to finish the update
+        cpu_s.append(cpu_seconds() - c)
         return time.perf_counter() - t, metrics
 
     first_s, first_metrics = timed_step()
@@ -310,6 +328,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup):
         timed_step()
     compiles_warm = runtime.compile_count() - compiles0
+    del cpu_s[:]
     steps_s = [timed_step()[0] for _ in range(args.steps)]
     # Pipelined: no wait between steps (tracing of step k+1 overlaps execution of step k).
     t = time.perf_counter()
@@ -325,6 +344,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": first_loss,
         "steps_s": steps_s,
         "pipelined_s": pipelined_s,
+        "cpu_s": cpu_s,
         "compiles_setup": compiles0,
         "compiles_first_step": compiles_first,
         "compiles_after_warmup": compiles_warm,
@@ -364,6 +384,7 @@ def report(args: argparse.Namespace, ours: dict[str, Any], trl_out: dict[str, An
     print(f"  trainer setup                {ours['setup_s']:.2f} s ({ours['compiles_setup']} compilation(s))")
     print(f"  first step (incl. compile)   {ours['first_step_s']:.2f} s   loss {ours['first_loss']:.4f}")
     print(f"  steady step (+wait)          {_med(ours['steps_s'])}")
+    print(f"  CPU time per step            {_med(ours['cpu_s'])}")
     print(f"  pipelined (no wait)          {ours['pipelined_s']:.3f} s/step")
     print(f"  XLA compilations             {ours['compiles_first_step']} in step 1, "
           f"{ours['compiles_after_warmup'] - ours['compiles_first_step']} in warm-up, "
@@ -384,9 +405,11 @@ def report(args: argparse.Namespace, ours: dict[str, Any], trl_out: dict[str, An
         print(f"    first step                 {r['first_step_s']:.2f} s")
         print(f"    steady step                {_med(r['steps_s'])}")
         print(f"    of which fwd/bwd/optimizer {_med(r['compute_s'])}")
+        print(f"    CPU time per step          {_med(r['cpu_s'])}")
         if r["steps_s"]:
             ratio = ours_med / statistics.median(r["steps_s"])
-            print(f"    ratio ours/TRL             {ratio:.2f}"
+            cpu_ratio = statistics.median(ours["cpu_s"]) / statistics.median(r["cpu_s"])
+            print(f"    ratio ours/TRL             {ratio:.2f} wall, {cpu_ratio:.2f} CPU time"
                   + (f"  (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})"
                      if mode == "padded" else ""))
     fp_ours, fp_trl = ours["fingerprint"], trl_out.get("fingerprint")
@@ -401,10 +424,11 @@ def report(args: argparse.Namespace, ours: dict[str, Any], trl_out: dict[str, An
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed steady-state steps (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
-    p.add_argument("--pairs", type=int, default=64, help="pairs in the synthetic data set")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="pairs in the synthetic data set (default: enough for one epoch)")
     p.add_argument("--trl-modes", default="padded,dynamic",
                    help="comma-separated TRL runs: padded (to --seq-len), dynamic (TRL default)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -421,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.steps < 2:
         p.error("--steps must be >= 2")
+    if args.pairs is None:
+        args.pairs = max(64, args.batch_size * (2 + args.warmup + 2 * args.steps))
     with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:
         args.tmp = tmp
         args.data = os.path.join(tmp, "pairs.jsonl")

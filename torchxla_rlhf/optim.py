@@ -31,15 +31,9 @@ import torch
 
 
 @dataclass
-class OptimizerConfig:
-    """AdamW, clipping, accumulation and the learning-rate schedule (spec section 7)."""
+class AdamWConfig:
+    """AdamW hyper-parameters, clipping and accumulation (spec section 7)."""
 
-    lr: float = 5e-7
-    """Peak learning rate."""
-    end_lr: float = 0.0
-    """Learning rate reached by linear decay at the end of training (DPO/RM schedule)."""
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer updates spent warming up linearly from 0 to ``lr``."""
     b1: float = 0.9
     """Adam beta1."""
     b2: float = 0.95
@@ -54,18 +48,35 @@ class OptimizerConfig:
     """Micro-batches per optimizer update; the schedule counts updates, not micro-batches."""
 
     def validate(self) -> None:
-        if self.lr < 0 or self.end_lr < 0:
-            raise ValueError("lr: learning rates must be >= 0")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
         if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
             raise ValueError("b1/b2: must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps}")
         if self.accumulate_gradient_steps < 1:
             raise ValueError(
                 f"accumulate_gradient_steps: must be >= 1, got {self.accumulate_gradient_steps}"
             )
         if self.max_grad_norm < 0:
             raise ValueError("max_grad_norm: must be >= 0")
+
+
+@dataclass
+class OptimizerConfig(AdamWConfig):
+    """AdamW plus the DPO/RM schedule: linear warmup from 0, then linear decay to end_lr."""
+
+    lr: float = 5e-7
+    """Peak learning rate."""
+    end_lr: float = 0.0
+    """Learning rate reached by linear decay at the end of training."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer updates spent warming up linearly from 0 to ``lr``."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lr < 0 or self.end_lr < 0:
+            raise ValueError("lr: learning rates must be >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,7 @@ class AdamW:
     metric tensors (``learning_rate``, ``gradient_norm`` before clipping, ``param_norm``).
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, schedule: Schedule):
+    def __init__(self, params: Iterable[torch.nn.Parameter], cfg: AdamWConfig, schedule: Schedule):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("AdamW: no trainable parameters")

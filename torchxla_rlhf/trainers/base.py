@@ -110,6 +110,9 @@ class Trainer:
         """Run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
         self._install_sigterm_handler()
         eval_freq = getattr(self.cfg, "eval_freq", 0)
+        # Run what set-up left pending (optimizer state, buffers) as its own graph, so that the
+        # first step's graphs are the same as every later step's.
+        runtime.sync()
         try:
             t_prev = time.perf_counter()
             while self.step < self.total_steps:
@@ -161,9 +164,13 @@ class Trainer:
         """Log device tensors (and host floats) after the current graph has run: a step
         closure, so reading them adds no host sync to the loop."""
 
+        def scalar(v) -> float:
+            if isinstance(v, (list, tuple)):  # one value per update/micro-batch: the mean
+                return sum(scalar(x) for x in v) / max(len(v), 1)
+            return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
         def record(step: int, metrics: dict) -> None:
-            values = {k: float(v.item()) if isinstance(v, torch.Tensor) else float(v)
-                      for k, v in metrics.items()}
+            values = {k: scalar(v) for k, v in metrics.items()}
             self.last_metrics.update(values)
             self.tracker.log(step, values)
 
