@@ -84,6 +84,8 @@ class Trainer:
         )
         self._preempted = False
         self._previous_sigterm = None
+        self.compiles_first_step: int | None = None
+        """XLA compilations during the first training step: the loop's graphs."""
         self.compiles_after_first_step: int | None = None
         """XLA compilations during training steps 2.. (should stay 0; checkpoints excluded)."""
         self._compiles_at_first_step = 0
@@ -113,6 +115,7 @@ class Trainer:
         # Run what set-up left pending (optimizer state, buffers) as its own graph, so that the
         # first step's graphs are the same as every later step's.
         runtime.sync()
+        compiles_at_start = runtime.compile_count()
         try:
             t_prev = time.perf_counter()
             while self.step < self.total_steps:
@@ -121,6 +124,7 @@ class Trainer:
                 if self.compiles_after_first_step is None:
                     # Every graph of the loop exists now; count what compiles after this.
                     self._compiles_at_first_step = runtime.compile_count()
+                    self.compiles_first_step = self._compiles_at_first_step - compiles_at_start
                     self.compiles_after_first_step = 0
                 else:
                     self.compiles_after_first_step = (
