@@ -1,0 +1,37 @@
+"""Every shipped config parses, validates, and says what the seed's commands said."""
+
+import glob
+import os
+
+import pytest
+
+from torchxla_rlhf.config import load_config
+from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+
+from helpers import REPO
+
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
+def test_shipped_config_loads(path):
+    kind = os.path.basename(path).split("_")[0].split(".")[0]
+    cfg = load_config(KINDS[kind], path, [f"output_dir=/tmp/x"])
+    assert cfg.output_dir == "/tmp/x"
+
+
+def test_13b_configs_match_the_seed_commands():
+    dpo = load_config(DPOConfig, os.path.join(REPO, "configs", "dpo_13b.yaml"))
+    assert dpo.mesh_dim == "-1,16,16" and dpo.optimizer.lr == 5e-7 and dpo.optimizer.warmup_ratio == 0.1
+    assert dpo.num_epochs == 3 and dpo.train_dataset.seq_length == 4096
+    assert dpo.train_dataset.batch_size == 8 and dpo.optimizer.accumulate_gradient_steps == 4
+    assert dpo.train_dataset.hf_split == "ultrafeedback_mean_aspects"
+    rm = load_config(RewardConfig, os.path.join(REPO, "configs", "reward_13b.yaml"))
+    assert rm.mesh_dim == "-1,64,8" and rm.optimizer.lr == 1e-5 and rm.optimizer.end_lr == 1e-6
+    assert rm.optimizer.warmup_ratio == 0.03 and rm.train_dataset.batch_size == 32
+    assert rm.optimizer.accumulate_gradient_steps == 16 and rm.train_dataset.remove_truncated_samples
+    ppo = load_config(PPOConfig, os.path.join(REPO, "configs", "ppo_13b.yaml"))
+    assert ppo.mesh_dim == "1,64,4" and ppo.mode == "interleaved" and ppo.lr == 1e-6
+    assert ppo.kl_coef == 0.05 and ppo.mini_batch_size == 64 and ppo.train_dataset.batch_size == 512
+    assert ppo.max_continuation_len == 1024 and ppo.train_dataset.seq_length == 1024
+    assert ppo.save_milestone_freq == 116 and ppo.sampling.top_k == 50
