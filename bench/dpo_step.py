@@ -32,7 +32,7 @@ longest sequence.
 
 Run (about 3-5 minutes on 2 CPU cores)::
 
-    PJRT_DEVICE=CPU .venv/bin/python bench/dpo_step.py [--steps 8] [--seq-len 384]
+    PJRT_DEVICE=CPU .venv/bin/python bench/dpo_step.py [--steps 5] [--seq-len 384] [--trl-modes padded]
 
 Needs the ``bench`` extra (``pip install -e .[bench]``, i.e. ``trl==1.16.*``) for the TRL side;
 ``--skip-trl`` runs ours alone.
@@ -423,7 +423,7 @@ def report(args: argparse.Namespace, ours: dict[str, Any], trl_out: dict[str, An
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6, help="timed steady-state steps (median)")
+    p.add_argument("--steps", type=int, default=5, help="timed steady-state steps (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.steps < 2:
         p.error("--steps must be >= 2")
+    bad = set(args.trl_modes.split(",")) - {"padded", "dynamic"}
+    if bad:
+        p.error(f"--trl-modes: unknown mode(s) {sorted(bad)}; expected 'padded' and/or 'dynamic'")
     if args.pairs is None:
         args.pairs = max(64, args.batch_size * (2 + args.warmup + 2 * args.steps))
     with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:

@@ -209,8 +209,8 @@ def batch_to_device(batch: Mapping[str, Any], mesh: MeshInfo) -> dict[str, Any]:
 
     On one host the share is the whole batch. On several hosts each process passes its own
     rows (see :func:`data_share`) and torch_xla's ``minibatch`` input sharding assembles the
-    global batch; each host uploads only its shards. 1-D tensors travel as ``[B, 1]`` (the
-    2.9 ``ShardingSpec`` mishandles specs without a ``None`` entry) and are squeezed back.
+    global batch; each host uploads only its shards. There, 1-D tensors travel as ``[B, 1]``
+    (the 2.9 ``ShardingSpec`` mishandles specs without a ``None`` entry) and are squeezed back.
     """
     import torch_xla.core.xla_model as xm
     import torch_xla.distributed.spmd as xs
@@ -224,17 +224,22 @@ def batch_to_device(batch: Mapping[str, Any], mesh: MeshInfo) -> dict[str, Any]:
                 f"batch field {key!r}: global batch size {t.shape[0] * process_count()} is not "
                 f"divisible by dp*fsdp={mesh.batch_parallel}"
             )
-    lifted = {k: (t.unsqueeze(-1) if t.ndim == 1 else t) for k, t in tensors.items()}
-    by_rank: dict[int, dict[str, torch.Tensor]] = {}
-    for k, t in lifted.items():
-        by_rank.setdefault(t.ndim, {})[k] = t
+    multi_host = process_count() > 1
     out: dict[str, Any] = dict(batch)
-    for ndim, group in by_rank.items():
-        spec = xs.ShardingSpec(mesh.mesh, batch_spec(ndim), minibatch=process_count() > 1)
-        moved = xm.send_cpu_data_to_device(group, device(), input_sharding=spec)
-        out.update(moved)
+    by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
-        if t.ndim == 1:
+        if t.ndim == 1 and not multi_host:
+            # One host: transfer and annotate directly; no view op is left pending (a pending
+            # squeeze would run as an extra small graph before the next step).
+            out[k] = mark_sharding(t.to(device()), mesh, batch_spec(1))
+        else:
+            lifted = t.unsqueeze(-1) if t.ndim == 1 else t
+            by_rank.setdefault(lifted.ndim, {})[k] = lifted
+    for ndim, group in by_rank.items():
+        spec = xs.ShardingSpec(mesh.mesh, batch_spec(ndim), minibatch=multi_host)
+        out.update(xm.send_cpu_data_to_device(group, device(), input_sharding=spec))
+    for k, t in tensors.items():
+        if t.ndim == 1 and multi_host:
             out[k] = out[k].squeeze(-1)
     return out
 
