@@ -96,6 +96,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mesh):
             models.ModelConfig(compute_dtype="float32", gradient_checkpointing=ckpt), mesh)
         loss = models.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
         loss.backward()
+        runtime.sync()  # one graph for all gradients (else each .cpu() traces its own)
         grads.append({n: runtime.to_cpu(p.grad) for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

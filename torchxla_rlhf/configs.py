@@ -46,6 +46,12 @@ class RunConfig:
     """Write checkpoint-<step> every N updates, kept (0: never)."""
     save_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """Dtype of saved weights (config.json's torch_dtype matches)."""
+    save_training_state: bool = False
+    """Also save parameters, optimizer state and data position for exact resume (the seed's
+    --checkpointer.save_optimizer_state; costs 3x the model's fp32 size per checkpoint)."""
+    resume_from: str | None = None
+    """Resume from this checkpoint's training_state; 'auto': output_dir/checkpoint-latest if it
+    has one (else start fresh)."""
     logger: LoggingConfig = field(default_factory=LoggingConfig)
     """wandb, progress bar and metrics.jsonl."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import fsspec
 import torch
 
-from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf import checkpoint, runtime, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
@@ -106,6 +106,37 @@ class Trainer:
         """Write the model(s) being trained to ``path`` in HF format."""
         raise NotImplementedError
 
+    def trained_models(self) -> dict[str, tuple[torch.nn.Module, Any]]:
+        """``{name: (model, optimizer)}`` of what this trainer updates (for resume)."""
+        raise NotImplementedError
+
+    def data_state(self) -> dict[str, Any]:
+        """Position of the data pipeline (for resume)."""
+        return {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`data_state`."""
+
+    # -- resume ------------------------------------------------------------------------
+
+    def maybe_resume(self) -> None:
+        """Load ``resume_from``'s training state (call at the end of the constructor)."""
+        source = self.cfg.resume_from
+        if not source:
+            return
+        if source == "auto":
+            source = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
+            if not train_state.has_training_state(source):
+                logger.info("resume_from=auto: no training state at %s, starting fresh", source)
+                return
+        state = train_state.load_training_state(source, self.trained_models())
+        if state.get("total_steps") != self.total_steps:
+            logger.warning("resuming a run planned for %s steps as one of %s steps",
+                           state.get("total_steps"), self.total_steps)
+        self.step = int(state["step"])
+        self.load_data_state(state.get("data", {}))
+        logger.info("resumed from %s at step %d", source, self.step)
+
     # -- the loop ----------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
@@ -162,6 +193,12 @@ class Trainer:
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
         self.save(path)
+        if self.cfg.save_training_state:
+            train_state.save_training_state(
+                path, self.trained_models(),
+                {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
+                is_main_process=self.ctx.is_main,
+            )
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_metrics(self, step: int, metrics: dict) -> None:

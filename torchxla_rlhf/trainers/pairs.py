@@ -132,9 +132,20 @@ class PairTrainer(Trainer):
         raise NotImplementedError
 
     def start(self) -> None:
-        """Call at the end of the subclass constructor: the baseline evaluation (step 0)."""
+        """Call at the end of the subclass constructor: resume if asked, then the baseline
+        evaluation (which also compiles the eval graph before training)."""
+        self.maybe_resume()
         if self.data.eval is not None:
             self._log_eval()
+
+    def trained_models(self):
+        return {"model": (self.model, self.optimizer)}
+
+    def data_state(self):
+        return self.data.loader.state_dict()
+
+    def load_data_state(self, state):
+        self.data.loader.load_state_dict(state)
 
     # -- compiled bodies ------------------------------------------------------------------
 

@@ -118,6 +118,20 @@ class PPOTrainer(Trainer):
             name="ppo_micro_step",
         )
         self._update = runtime.compile(self._update_step, name="ppo_update")
+        self.maybe_resume()
+
+    def trained_models(self):
+        return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
+
+    def data_state(self):
+        # Prompts are a function of the step (seeded order per epoch): record what must match.
+        return {"steps_per_epoch": self.steps_per_epoch, "loader": self.loader.state_dict()}
+
+    def load_data_state(self, state):
+        if state.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ValueError(f"resume: the checkpoint ran {state.get('steps_per_epoch')} steps per "
+                             f"epoch, this run {self.steps_per_epoch} (prompt data or batch size changed)")
+        self.loader.load_state_dict(state["loader"])  # checks seed, shuffle and sizes match
 
     # -- model quantities (traced) ----------------------------------------------------------
 
