@@ -2,14 +2,17 @@
 
 Run: ``PJRT_DEVICE=CPU .venv/bin/python bench/generation.py`` (a few minutes on XLA:CPU).
 
-Part 1, a small LLaMA (4 layers, hidden 256, vocab 8000, 8 prompts left-padded to 64), at
-two continuation lengths: tokens/s and compilations for
-  (a) this engine on the XLA device,
-  (b) HF ``generate`` on eager CPU,
-  (c) HF ``generate`` on the XLA device.
+Part 1, a small LLaMA (4 layers, hidden 256, vocab 8000, 8 prompts left-padded to 64):
+tokens/s and compilations for
+  (a) this engine on the XLA device, CL = 16 and 64,
+  (b) HF ``generate`` on eager CPU, CL = 16 and 64,
+  (c) HF ``generate`` on the XLA device, capped at CL = 4 and 8 (``--hf-xla-lengths``): it
+      compiles about one graph per token on every call, which took minutes per call here.
 Part 2, the seed code's 'debug' shape (2 layers, hidden 128, intermediate 256, 4 heads, 2 kv
 heads, vocab 32000, fp32), 8 prompts left-padded to 128, 64 new tokens: first call (with
-compilation) and steady state, engine vs HF ``generate`` on XLA.
+compilation) and steady state, engine vs HF ``generate`` on XLA; HF on XLA runs 16 of the 64
+tokens (``--hf-xla-debug-tokens``; a 16-token call took 200-300 s here) and its time is scaled
+by 64/16. HF-on-XLA runs go in a fresh subprocess each.
 
 All runs sample (temperature 0.7, top-k 50). HF runs get ``min_new_tokens = max_new_tokens``
 so that they, like the engine, always produce the full length. Times on XLA end with a copy
@@ -20,7 +23,10 @@ within one run only.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,32 +131,77 @@ def row(name: str, r: dict, tokens: int) -> str:
     )
 
 
+SHAPES = {
+    # name: (layers, hidden, intermediate, heads, kv heads, vocab, batch, prompt length, seed)
+    "small": (4, 256, 512, 8, 4, 8000, 8, 64, 0),
+    "debug": (2, 128, 256, 4, 2, 32000, 8, 128, 1),
+}
+
+
+def setup(shape: str, dev):
+    layers, hidden, inter, heads, kv, vocab, b, pl, seed = SHAPES[shape]
+    model = make_model(layers, hidden, inter, heads, kv, vocab)
+    ids, mask = make_prompts(b, pl, vocab, seed=seed)
+    if dev is not None:
+        model, ids, mask = model.to(dev), ids.to(dev), mask.to(dev)
+    return model, ids, mask
+
+
+def hf_xla_child(shape: str, cl: int, repeats: int) -> None:
+    """HF generate on XLA, in a fresh process: it compiles one graph per token and keeps
+    compiling in steady state; after a few hundred compilations in one process XLA:CPU's LLVM
+    ran out of mappable memory ("Unable to allocate section memory") here."""
+    model, ids, mask = setup(shape, runtime.init())
+    print("RESULT " + json.dumps(measure(hf_fn(model, ids, mask, cl), repeats)), flush=True)
+
+
+def run_hf_xla(shape: str, cl: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--hf-xla-child", shape, str(cl), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"HF generate on XLA ({shape}, CL={cl}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="steady-state calls per setting")
     p.add_argument(
         "--hf-xla-lengths",
         type=str,
-        default="16,64",
-        help="continuation lengths for HF generate on XLA in part 1 (it compiles about one "
-        "graph per token on first use)",
+        default="4,8",
+        help="part 1: continuation lengths for HF generate on XLA (capped: it compiles about "
+        "one graph per token, even in steady state, ~5-25 s each here)",
     )
+    p.add_argument(
+        "--hf-xla-debug-tokens",
+        type=int,
+        default=16,
+        help="part 2: tokens for HF generate on XLA (of the 64); its time is scaled to 64",
+    )
+    p.add_argument("--hf-xla-repeats", type=int, default=1, help="steady calls, HF on XLA")
+    p.add_argument("--hf-xla-child", nargs=2, metavar=("SHAPE", "CL"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.hf_xla_child:
+        hf_xla_child(args.hf_xla_child[0], int(args.hf_xla_child[1]), args.repeats)
+        return
     dev = runtime.init()
     sampling = SamplingConfig(temperature=0.7, top_k=50)
-    hf_xla_lengths = {int(x) for x in args.hf_xla_lengths.split(",") if x}
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"XLA device {runtime.device_type()} x{runtime.device_count()}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"XLA device {runtime.device_type()} x{runtime.device_count()}, "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
 
     # -- part 1 ------------------------------------------------------------------------------
-    b, pl, vocab = 8, 64, 8000
-    print(f"\n[1] small LLaMA: 4 layers, hidden 256, inter 512, 8 heads / 4 kv, vocab {vocab}; "
-          f"B={b}, PL={pl}")
-    cpu_model = make_model(4, 256, 512, 8, 4, vocab)
-    xla_model = make_model(4, 256, 512, 8, 4, vocab).to(dev)
-    ids, mask = make_prompts(b, pl, vocab)
-    x_ids, x_mask = ids.to(dev), mask.to(dev)
+    layers, hidden, inter, heads, kv, vocab, b, pl, _ = SHAPES["small"]
+    print(
+        f"\n[1] small LLaMA: {layers} layers, hidden {hidden}, inter {inter}, {heads} heads / "
+        f"{kv} kv, vocab {vocab}; B={b}, PL={pl}"
+    )
+    cpu_model, ids, mask = setup("small", None)
+    xla_model, x_ids, x_mask = setup("small", dev)
     gen = Generator(xla_model, sampling, eos_token_id=EOS, pad_token_id=PAD)
     for cl in (16, 64):
         tokens = b * cl
@@ -159,29 +210,38 @@ def main() -> None:
         print(row("(a) engine, XLA", r, tokens))
         r = measure(hf_fn(cpu_model, ids, mask, cl), args.repeats)
         print(row("(b) HF generate, eager CPU", r, tokens))
-        if cl in hf_xla_lengths:
-            r = measure(hf_fn(xla_model, x_ids, x_mask, cl), args.repeats)
-            print(row("(c) HF generate, XLA", r, tokens))
-        else:
-            print("  (c) HF generate, XLA        skipped (--hf-xla-lengths)")
+    for cl in [int(x) for x in args.hf_xla_lengths.split(",") if x]:
+        print(f" CL={cl}, capped ({b * cl} tokens per call)")
+        r = run_hf_xla("small", cl, args.hf_xla_repeats)
+        print(row("(c) HF generate, XLA", r, b * cl))
 
     # -- part 2 ------------------------------------------------------------------------------
-    b, pl, cl, vocab = 8, 128, 64, 32000
+    layers, hidden, inter, heads, kv, vocab, b, pl, _ = SHAPES["debug"]
+    cl = 64
     tokens = b * cl
-    print(f"\n[2] 'debug' shape: 2 layers, hidden 128, inter 256, 4 heads / 2 kv, vocab {vocab}, "
-          f"fp32; B={b}, PL={pl}, CL={cl}")
-    xla_model = make_model(2, 128, 256, 4, 2, vocab).to(dev)
-    ids, mask = make_prompts(b, pl, vocab, seed=1)
-    x_ids, x_mask = ids.to(dev), mask.to(dev)
+    print(
+        f"\n[2] 'debug' shape: {layers} layers, hidden {hidden}, inter {inter}, {heads} heads / "
+        f"{kv} kv, vocab {vocab}, fp32; B={b}, PL={pl}, CL={cl}"
+    )
+    xla_model, x_ids, x_mask = setup("debug", dev)
     gen = Generator(xla_model, sampling, eos_token_id=EOS, pad_token_id=PAD)
     eng = measure(engine_fn(gen, x_ids, x_mask, cl), args.repeats)
     print(row("engine, XLA", eng, tokens))
-    hf = measure(hf_fn(xla_model, x_ids, x_mask, cl), args.repeats)
-    print(row("HF generate, XLA", hf, tokens))
-    speedup = hf["steady_s"] / eng["steady_s"]
-    print(f"  steady state: engine {eng['steady_s']:.3f} s (target <= 0.76 s: "
-          f"{'met' if eng['steady_s'] <= 0.76 else 'NOT met'}), {speedup:.1f}x HF generate on XLA "
-          f"(target >= 2x: {'met' if speedup >= 2 else 'NOT met'})")
+    n = args.hf_xla_debug_tokens
+    hf = run_hf_xla("debug", n, args.hf_xla_repeats)
+    print(row(f"HF generate, XLA, {n} tok", hf, b * n))
+    scale = cl / n
+    hf64 = hf["steady_s"] * scale
+    print(
+        f"  HF generate, XLA, scaled to {cl} tokens: first ~{hf['first_s'] * scale:.0f} s, "
+        f"steady ~{hf64:.0f} s (x{scale:g} the {n}-token run; later tokens cost at least as much)"
+    )
+    speedup = hf64 / eng["steady_s"]
+    print(
+        f"  steady state: engine {eng['steady_s']:.3f} s (target <= 0.76 s: "
+        f"{'met' if eng['steady_s'] <= 0.76 else 'NOT met'}), ~{speedup:.0f}x HF generate on XLA "
+        f"(target >= 2x: {'met' if speedup >= 2 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torchxla_rlhf.generation import (
     Generator,
     SamplingConfig,
     additive_mask,
+    gumbel_noise,
     hash_uniform,
     position_ids_from_mask,
     prefill_mask,
@@ -99,7 +100,9 @@ def eos_model():
     ids, mask = left_padded([10, 7, 3, 9, 1, 5], 10, seed=1)
     cont = hf_greedy(model, ids, mask, 16)
     rows_with = {t: int((cont == t).any(dim=1).sum()) for t in cont.unique().tolist()}
-    first = {t: int((cont == t).int().argmax(dim=1)[(cont == t).any(dim=1)].min()) for t in rows_with}
+    first = {
+        t: int((cont == t).int().argmax(dim=1)[(cont == t).any(dim=1)].min()) for t in rows_with
+    }
     candidates = [t for t, n in rows_with.items() if 1 <= n <= 3 and first[t] >= 1]
     x = min(candidates, key=lambda t: (first[t], t))
     with torch.no_grad():
@@ -160,7 +163,9 @@ def test_samples_follow_softmax_at_temperature():
 def test_top_k_never_leaves_the_top_k():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2000, 320, generator=g) * 3
-    tok = sample_next_token(logits, SamplingConfig(temperature=1.0, top_k=5), torch.tensor(1), torch.tensor(0))
+    tok = sample_next_token(
+        logits, SamplingConfig(temperature=1.0, top_k=5), torch.tensor(1), torch.tensor(0)
+    )
     top5 = torch.topk(logits, 5).indices
     assert (top5 == tok[:, None]).any(dim=1).all()
     assert (top5[:, 1:] == tok[:, None]).any(dim=1).float().mean() > 0.2  # not just argmax
@@ -183,6 +188,18 @@ def test_process_logits_matches_hf_warpers():
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
     assert (~torch.isinf(ours)).sum(-1).max() < 50  # top-p removed something beyond top-k
+
+
+def test_top_k_candidate_path_equals_full_vocabulary_form():
+    """sample_next_token works on the top-k candidates only; it must pick exactly what the
+    reference form argmax(process_logits(logits) + gumbel_noise) picks."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 320, generator=g) * 2
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=1.3, top_k=7, top_p=0.8)):
+        for step in range(3):
+            s, t = torch.tensor([9]), torch.tensor(step)
+            full = torch.argmax(process_logits(logits, cfg) + gumbel_noise(s, t, 64, 320), dim=-1)
+            assert torch.equal(sample_next_token(logits, cfg, s, t), full)
 
 
 def test_top_p_hand_computed():
@@ -226,15 +243,15 @@ def test_greedy_matches_hf_generate(eos_model, dev):
     assert 1 <= int(ended.sum()) <= ids.shape[0] - 2  # some rows end early, others do not
     assert ((ref == PAD).sum(dim=1) > 0).any()
 
-    cpu_out = Generator(model, SamplingConfig(greedy=True), eos_token_id=EOS, pad_token_id=PAD).generate(
-        ids, mask, cl
-    )
+    cpu_out = Generator(
+        model, SamplingConfig(greedy=True), eos_token_id=EOS, pad_token_id=PAD
+    ).generate(ids, mask, cl)
     assert torch.equal(cpu_out.continuation, ref)
 
     xla_model = copy.deepcopy(model).to(dev)
-    out = Generator(xla_model, SamplingConfig(greedy=True), eos_token_id=EOS, pad_token_id=PAD).generate(
-        ids.to(dev), mask.to(dev), cl
-    )
+    out = Generator(
+        xla_model, SamplingConfig(greedy=True), eos_token_id=EOS, pad_token_id=PAD
+    ).generate(ids.to(dev), mask.to(dev), cl)
     assert isinstance(out, GenerationOutput) and out.prompt_length == 10
     seq, am, cm = out.sequences.cpu(), out.attention_mask.cpu(), out.continuation_mask.cpu()
     assert seq.shape == (6, 26) and am.shape == (6, 26) and cm.shape == (6, 16)
@@ -290,12 +307,16 @@ def test_compile_counts_fixed_and_no_host_syncs(dev):
 def test_stop_check_every_stops_early(dev):
     model = tiny_model(0)
     # eos wins every step: every row ends with its first token
-    model.lm_head.register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([EOS], device=o.device), 1e4))
+    model.lm_head.register_forward_hook(
+        lambda m, i, o: o.index_fill(-1, torch.tensor([EOS], device=o.device), 1e4)
+    )
     model.to(dev)
     ids, mask = left_padded([5, 3, 7], 7, seed=2)
     ids, mask = ids.to(dev), mask.to(dev)
     s0 = runtime.host_sync_count()
-    full = Generator(model, SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD).generate(ids, mask, 20)
+    full = Generator(model, SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD).generate(
+        ids, mask, 20
+    )
     assert runtime.host_sync_count() == s0
     early = Generator(model, SamplingConfig(stop_check_every=4), eos_token_id=EOS, pad_token_id=PAD)
     out = early.generate(ids, mask, 20)
@@ -350,7 +371,7 @@ MESH_SCRIPT = textwrap.dedent(
     model = tiny_model(0)
     ids, mask = left_padded([10, 3, 7, 1, 9, 5, 10, 2], 10, seed=1)
     configs = [SamplingConfig(greedy=True), SamplingConfig()]
-    ref = [Generator(model, c, eos_token_id=EOS, pad_token_id=PAD).generate(ids, mask, 12, seed=5)
+    ref = [Generator(model, c, eos_token_id=EOS, pad_token_id=PAD).generate(ids, mask, 6, seed=5)
            .sequences.tolist() for c in configs]
     model.to(dev)
     mesh = runtime.make_mesh("1,2,2")
@@ -367,7 +388,7 @@ MESH_SCRIPT = textwrap.dedent(
     for c in configs:
         gen = Generator(model, c, eos_token_id=EOS, pad_token_id=PAD, mesh=mesh)
         c0, s0 = runtime.compile_count(), runtime.host_sync_count()
-        out = gen.generate(batch["ids"], batch["mask"], 12, seed=5)
+        out = gen.generate(batch["ids"], batch["mask"], 6, seed=5)
         runtime.wait()
         res["counts"].append([runtime.compile_count() - c0, runtime.host_sync_count() - s0])
         res["xla"].append(runtime.to_cpu(out.sequences).tolist())
@@ -380,7 +401,12 @@ def test_sharded_mesh_matches_single_device():
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
     script = MESH_SCRIPT.format(tests_dir=str(REPO / "tests"))
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
