@@ -25,3 +25,22 @@ def run_with_devices(code: str, num_devices: int, timeout: int = 600) -> dict:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     lines = [l for l in proc.stdout.strip().splitlines() if l.strip()]
     return json.loads(lines[-1])
+
+
+def read_metrics(out: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_config(cls, name: str, out: str, *overrides: str):
+    """``configs/tiny/<name>.yaml`` as ``cls``, writing to ``out``, with the shipped data's
+    absolute paths (tests may run from any directory) and no progress bar."""
+    from torchxla_rlhf.config import load_config
+
+    return load_config(
+        cls, os.path.join(REPO, "configs", "tiny", f"{name}.yaml"),
+        [f"output_dir={out}", "logger.progress_bar=false", "logger.log_freq=1",
+         f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+         f"eval_dataset.path={REPO}/data/tiny/preference_eval.jsonl", *overrides],
+    )

@@ -13,23 +13,13 @@ from torchxla_rlhf import runtime
 from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import DPOConfig
 
-from helpers import REPO, run_with_devices
+from helpers import REPO, read_metrics, run_with_devices, tiny_config
 
 TINY = os.path.join(REPO, "configs", "tiny", "dpo.yaml")
 
 
 def tiny_cfg(out, *overrides):
-    return load_config(
-        DPOConfig, TINY,
-        [f"output_dir={out}", "logger.progress_bar=false", "logger.log_freq=1",
-         f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
-         f"eval_dataset.path={REPO}/data/tiny/preference_eval.jsonl", *overrides],
-    )
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return tiny_config(DPOConfig, "dpo", out, *overrides)
 
 
 def test_dpo_trains_saves_and_reloads(tmp_path):

@@ -12,14 +12,9 @@ from torchxla_rlhf import runtime
 from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
 
-from helpers import REPO, run_with_devices
+from helpers import REPO, read_metrics, run_with_devices
 
 CONFIGS = os.path.join(REPO, "configs", "tiny")
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,10 @@ from torchxla_rlhf.configs import DPOConfig
 
 def main(cfg: DPOConfig) -> dict[str, float]:
     """Train DPO as configured; returns the last logged metrics."""
+    from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
-    trainer = DPOTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    return run(DPOTrainer, cfg)
 
 
 if __name__ == "__main__":

@@ -289,27 +289,38 @@ def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:
     )
 
 
+def _load(
+    model_cls, config: LlamaConfig, model_dir: str | None, mesh: runtime.MeshInfo,
+    cfg: ModelConfig, defaults: dict[str, torch.Tensor],
+) -> torch.nn.Module:
+    """Build ``model_cls`` sharded, each parameter from the checkpoint in ``model_dir`` (or
+    the seeded random ``tiny`` init when None), falling back to ``defaults`` for names the
+    checkpoint lacks (a fresh score head)."""
+    if model_dir is None:
+        tensors = {**_init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed), **defaults}
+        return _build_sharded(model_cls, config, mesh, cfg, tensors.__getitem__)
+    reader = _TensorReader(safetensors_index(model_dir))
+
+    def get(name: str) -> torch.Tensor:
+        if name in reader:
+            return reader.get(name)
+        if name in defaults:
+            return defaults[name]
+        raise KeyError(f"{model_dir!r}: checkpoint has no tensor {name!r}")
+
+    try:
+        return _build_sharded(model_cls, config, mesh, cfg, get)
+    finally:
+        reader.close()
+
+
 def load_causal_lm(
     cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0
 ) -> LlamaForCausalLM:
     """``LlamaForCausalLM`` from ``cfg.name_or_path``, sharded on ``mesh``."""
     config, model_dir = _model_config(cfg, pad_token_id)
-    if model_dir is None:
-        tensors = _init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed)
-        return _build_sharded(LlamaForCausalLM, config, mesh, cfg, tensors.__getitem__)
-    reader = _TensorReader(safetensors_index(model_dir))
-    try:
-
-        def get(name: str) -> torch.Tensor:
-            if name == "lm_head.weight" and name not in reader and config.tie_word_embeddings:
-                return reader.get("model.embed_tokens.weight")
-            if name not in reader:
-                raise KeyError(f"{model_dir!r}: checkpoint has no tensor {name!r}")
-            return reader.get(name)
-
-        return _build_sharded(LlamaForCausalLM, config, mesh, cfg, get)
-    finally:
-        reader.close()
+    # A tied LM head is not a parameter of its own (named_parameters() skips it).
+    return _load(LlamaForCausalLM, config, model_dir, mesh, cfg, {})
 
 
 def load_sequence_classifier(
@@ -331,29 +342,11 @@ def load_sequence_classifier(
         )
     gen = torch.Generator().manual_seed(head_seed)
     fresh_head = torch.randn((1, config.hidden_size), generator=gen) * config.initializer_range
-    if model_dir is None:
-        tensors = _init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed)
-        tensors["score.weight"] = fresh_head
-        return _build_sharded(
-            LlamaForSequenceClassification, config, mesh, cfg, tensors.__getitem__
-        )
-    reader = _TensorReader(safetensors_index(model_dir))
-    has_head = "score.weight" in reader
-    if not has_head:
+    if model_dir is not None and "score.weight" not in safetensors_index(model_dir):
         logger.info("%s has no score head: initialising one from normal(0, %g)",
                     cfg.name_or_path, config.initializer_range)
-    try:
-
-        def get(name: str) -> torch.Tensor:
-            if name == "score.weight" and not has_head:
-                return fresh_head
-            if name not in reader:
-                raise KeyError(f"{model_dir!r}: checkpoint has no tensor {name!r}")
-            return reader.get(name)
-
-        return _build_sharded(LlamaForSequenceClassification, config, mesh, cfg, get)
-    finally:
-        reader.close()
+    return _load(LlamaForSequenceClassification, config, model_dir, mesh, cfg,
+                 {"score.weight": fresh_head})
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,13 +11,10 @@ from torchxla_rlhf.configs import PPOConfig
 
 def main(cfg: PPOConfig) -> dict[str, float]:
     """Train PPO as configured; returns the last logged metrics."""
+    from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.ppo import PPOTrainer
 
-    trainer = PPOTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    return run(PPOTrainer, cfg)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,10 @@ from torchxla_rlhf.configs import RewardConfig
 
 def main(cfg: RewardConfig) -> dict[str, float]:
     """Train a reward model as configured; returns the last logged metrics."""
+    from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.reward import RewardTrainer
 
-    trainer = RewardTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    return run(RewardTrainer, cfg)
 
 
 if __name__ == "__main__":

@@ -241,3 +241,12 @@ class Trainer:
     def _restore_sigterm_handler(self) -> None:
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+def run(trainer_cls: type[Trainer], cfg: Any) -> dict[str, float]:
+    """Build -> train -> close; returns the last logged metrics (the entry points' ``main``)."""
+    trainer = trainer_cls(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
