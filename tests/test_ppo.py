@@ -147,3 +147,28 @@ def test_mesh_1_2_2_matches_single_device_first_step(tmp_path, tiny_models):
                                                   metrics=f"{out}/metrics.jsonl"), n)
     for key in keys:
         assert results[4][key] == pytest.approx(results[1][key], rel=1e-3, abs=1e-4), key
+
+
+def test_ppo_resume_is_exact(tmp_path, tiny_models):
+    """A run resumed from step 1's training state repeats step 2 of the uninterrupted run."""
+    from torchxla_rlhf.trainers.ppo import PPOTrainer
+
+    common = ["total_steps=2", "logger.log_freq=1", "save_model_freq=1", "save_training_state=true"]
+    straight = str(tmp_path / "straight")
+    trainer = PPOTrainer(ppo_cfg(straight, tiny_models, *common))
+    trainer.train()
+    trainer.close()
+    final = runtime.to_cpu(trainer.value.score.weight)
+    expected = [m for m in read_metrics(straight) if "env/reward_mean" in m][-1]
+
+    resumed_dir = str(tmp_path / "resumed")
+    resumed = PPOTrainer(ppo_cfg(resumed_dir, tiny_models, *common,
+                                 f"resume_from={straight}/checkpoint-latest"))
+    assert resumed.step == 1
+    resumed.train()
+    resumed.close()
+    got = [m for m in read_metrics(resumed_dir) if "env/reward_mean" in m][-1]
+    assert got["step"] == expected["step"] == 2
+    for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/policy/ratios_mean"):
+        assert got[key] == expected[key], key
+    assert torch.equal(runtime.to_cpu(resumed.value.score.weight), final)
