@@ -255,8 +255,7 @@ def _build_sharded(
                 f"{tuple(meta_param.shape)}"
             )
         # One tensor at a time: the host holds at most one weight.
-        t = cpu.to(dtype).to(dev)
-        runtime.mark_sharding(t, mesh, specs[name])
+        t = runtime.shard_to_device(cpu.to(dtype), mesh, specs[name])
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(t, requires_grad=meta_param.requires_grad))

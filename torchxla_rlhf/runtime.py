@@ -198,6 +198,19 @@ def mark_sharding(tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec) -> 
     return tensor
 
 
+def shard_to_device(tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec) -> torch.Tensor:
+    """Upload a host tensor straight into its shards: each device receives only its own
+    piece (``.to(device)`` followed by ``mark_sharding`` would first place the whole tensor on
+    every device). Used to load weights one tensor at a time."""
+    import torch_xla
+
+    # The same sharding arguments mark_sharding computes (Mesh._get_op_sharding_args handles
+    # axes a spec leaves out; xs.ShardingSpec does not, in 2.9).
+    tile, groups, replication, kind = mesh.mesh._get_op_sharding_args(tuple(spec))
+    sharding = torch_xla._XLAC.XlaShardingSpec(tensor, tile, groups, replication, int(kind), False)
+    return torch_xla._XLAC._xla_tensors_from_aten([tensor], [str(device())], [sharding])[0]
+
+
 def batch_spec(ndim: int) -> PartitionSpec:
     """Partition spec of a batch tensor: dim 0 over (dp, fsdp), the rest replicated."""
     return (BATCH_AXES,) + (None,) * (ndim - 1)
