@@ -22,7 +22,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -279,12 +278,9 @@ def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:
     working route is HF's private hook with torch_xla's reentrant checkpoint (field notes), and
     ``use_cache=False`` (else k/v gradients come out silently zero).
     """
-    import torch_xla.utils.checkpoint as xla_checkpoint
-
     model.config.use_cache = False
     model._set_gradient_checkpointing(
-        enable=True,
-        gradient_checkpointing_func=partial(xla_checkpoint.checkpoint, use_reentrant=True),
+        enable=True, gradient_checkpointing_func=runtime.activation_checkpoint_fn()
     )
 
 

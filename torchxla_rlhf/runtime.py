@@ -341,6 +341,16 @@ def cpu_fallback_counts() -> dict[str, int]:
     }
 
 
+def activation_checkpoint_fn() -> Callable:
+    """torch_xla's reentrant activation checkpoint (``torch.utils.checkpoint`` crashes on XLA
+    tensors), for HF's gradient-checkpointing hook."""
+    from functools import partial
+
+    import torch_xla.utils.checkpoint as xla_checkpoint
+
+    return partial(xla_checkpoint.checkpoint, use_reentrant=True)
+
+
 def manual_seed(seed: int) -> None:
     """Seed the XLA device RNG (and torch's CPU RNG)."""
     import torch_xla.core.xla_model as xm
