@@ -62,6 +62,7 @@ def test_dpo_trains_saves_and_reloads(tmp_path):
     torch.testing.assert_close(runtime.to_cpu(ours), ref, rtol=1e-4, atol=1e-4)
     saved = json.load(open(os.path.join(final, "config.json")))
     assert saved["architectures"] == ["LlamaForCausalLM"]
+    assert saved.get("use_cache", True) is True  # downstream generation caches keys/values
 
 
 def test_dpo_learns_the_tiny_preference(tmp_path):

@@ -235,7 +235,8 @@ def _build_sharded(
     """Skeleton on ``meta``; each parameter read by ``get_tensor(name)`` (CPU), cast to
     ``param_dtype``, moved to the device and sharded, one at a time."""
     config._attn_implementation = "eager"
-    config.use_cache = False
+    # use_cache stays as the source config has it (exported config.json keeps it, so vLLM and
+    # HF generate cache keys/values); every training forward passes use_cache=False itself.
     with torch.device("meta"):
         model = model_cls(config)
     specs = sharding.match_specs(
@@ -276,9 +277,9 @@ def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:
 
     ``gradient_checkpointing_enable()`` (torch.utils.checkpoint) crashes on XLA tensors; the
     working route is HF's private hook with torch_xla's reentrant checkpoint (field notes), and
-    ``use_cache=False`` (else k/v gradients come out silently zero).
+    ``use_cache=False`` (else k/v gradients come out silently zero): the forward helpers
+    here always pass it.
     """
-    model.config.use_cache = False
     model._set_gradient_checkpointing(
         enable=True, gradient_checkpointing_func=runtime.activation_checkpoint_fn()
     )
