@@ -58,14 +58,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # The seed code's "debug" Llama (EasyLM LLaMAConfig 'debug'), fp32.
-DEBUG_SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+from torchxla_rlhf.models import DEBUG_SHAPE  # noqa: E402
 MODEL_SEED = 0
 BETA = 0.1
 LR = 5e-7

@@ -35,6 +35,18 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEBUG_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+"""The seed code's (EasyLM's) ``debug`` Llama shape, used by the benchmarks: set it as the
+``tiny`` model's shape (``model.tiny.hidden_size=128`` ...) to build one."""
+
+
 @dataclass
 class TinyModelConfig:
     """Shape of the ``tiny`` model (random init, seeded)."""
