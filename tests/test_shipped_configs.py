@@ -35,3 +35,29 @@ def test_13b_configs_match_the_seed_commands():
     assert ppo.kl_coef == 0.05 and ppo.mini_batch_size == 64 and ppo.train_dataset.batch_size == 512
     assert ppo.max_continuation_len == 1024 and ppo.train_dataset.seq_length == 1024
     assert ppo.save_milestone_freq == 116 and ppo.sampling.top_k == 50
+
+
+def test_one_command_tiny_pipeline(tmp_path):
+    """python -m torchxla_rlhf pipeline: DPO -> reward -> PPO wired together (a few steps)."""
+    from torchxla_rlhf.__main__ import run_pipeline
+
+    data = f"{REPO}/data/tiny"
+    quick = ["total_steps=2", "logger.progress_bar=false", "save_model_freq=0"]
+    overrides = (
+        [f"dpo.{o}" for o in quick + ["eval_dataset=null", f"train_dataset.path={data}/preference_train.jsonl"]]
+        + [f"reward.{o}" for o in quick + ["eval_dataset=null", f"train_dataset.path={data}/preference_train.jsonl"]]
+        + [f"ppo.{o}" for o in quick + [f"train_dataset.path={data}/prompts.jsonl"]]
+    )
+    results = run_pipeline(os.path.join(REPO, "configs", "tiny"), str(tmp_path), overrides)
+    assert set(results) == {"dpo", "reward", "ppo"}
+    assert "env/reward_mean" in results["ppo"]
+    for path in ("dpo/final", "reward/final", "ppo/final", "ppo/final-value"):
+        assert os.path.exists(os.path.join(tmp_path, path, "_COMPLETE")), path
+
+
+def test_pipeline_overrides_need_a_stage_prefix(tmp_path):
+    from torchxla_rlhf.__main__ import main
+
+    assert main(["pipeline", "--configs", os.path.join(REPO, "configs", "tiny"),
+                 "--output-root", str(tmp_path), "total_steps=2"]) == 2
+    assert main([]) == 0
