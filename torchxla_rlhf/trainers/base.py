@@ -208,6 +208,7 @@ class Trainer:
         def scalar(v) -> float:
             if isinstance(v, (list, tuple)):  # one value per update/micro-batch: the mean
                 return sum(scalar(x) for x in v) / max(len(v), 1)
+            # Inside a step closure the value is already computed: a copy, not a graph run.
             return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
         def record(step: int, metrics: dict) -> None:

@@ -80,7 +80,7 @@ class DPOTrainer(PairTrainer):
 
     def _add_ref_logps(self, batch: dict, split: str) -> dict:
         table = self.ref_logps[split]
-        idx = batch["index"].numpy()
+        idx = batch["index"].numpy()  # a host (CPU) tensor: the batch is not on the device yet
         batch["ref_chosen_logps"] = torch.from_numpy(table[idx, 0])
         batch["ref_rejected_logps"] = torch.from_numpy(table[idx, 1])
         return batch

@@ -330,6 +330,7 @@ class PPOTrainer(Trainer):
         tok, pl = self.ctx.tokenizer, self.prompt_len
 
         def record(seqs, cmask, idx, rewards):
+            # A step closure: the graphs have run, so these are copies (logging steps only).
             seqs, cmask, idx = seqs.cpu(), cmask.cpu(), idx.cpu()
             reward = torch.cat([r.cpu() for r in rewards]) if rewards else None
             responses = [tok.decode(seqs[i, pl:][cmask[i].bool()], skip_special_tokens=True)
