@@ -67,17 +67,28 @@ class RunConfig:
 
 
 @dataclass
-class DPOConfig(RunConfig):
+class PairRunConfig(RunConfig):
+    """Keys of the trainers that learn from preference pairs (DPO, reward model)."""
+
+    train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Preference pairs (chosen/rejected message lists, optional numeric margin)."""
+    eval_dataset: DatasetConfig | None = None
+    """Held-out preference pairs (optional): reward accuracy for DPO, accuracy for the RM."""
+    eval_freq: int = 0
+    """Evaluate every N updates and at the end (0: only at start and end, if eval_dataset)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_freq < 0:
+            raise ValueError("eval_freq: must be >= 0")
+
+
+@dataclass
+class DPOConfig(PairRunConfig):
     """``python -m torchxla_rlhf.dpo``: DPO / IPO / cDPO (spec section 4)."""
 
     output_dir: str = "outputs/dpo"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
-    train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    """Preference pairs (chosen/rejected message lists)."""
-    eval_dataset: DatasetConfig | None = None
-    """Held-out preference pairs for reward accuracy (optional)."""
-    eval_freq: int = 0
-    """Evaluate every N updates and at the end (0: only if eval_dataset, at start and end)."""
     beta: float = 0.1
     """DPO temperature beta."""
     label_smoothing: float = 0.0
@@ -97,31 +108,18 @@ class DPOConfig(RunConfig):
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.use_ipo and self.label_smoothing:
             raise ValueError("label_smoothing: not used by IPO (use_ipo=true); set it to 0")
-        if self.eval_freq < 0:
-            raise ValueError("eval_freq: must be >= 0")
 
 
 @dataclass
-class RewardConfig(RunConfig):
+class RewardConfig(PairRunConfig):
     """``python -m torchxla_rlhf.reward``: a pairwise reward model (spec section 5)."""
 
     output_dir: str = "outputs/reward"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
-    train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    """Preference pairs (chosen/rejected message lists, optional numeric margin)."""
-    eval_dataset: DatasetConfig | None = None
-    """Held-out preference pairs for accuracy (optional)."""
-    eval_freq: int = 0
-    """Evaluate every N updates and at the end (0: only at start and end, if eval_dataset)."""
     use_margin: bool = False
     """Margin loss -logsigmoid(r_chosen - r_rejected - margin), margin from the data."""
     head_seed: int = 0
     """Seed of the score head's normal(0, initializer_range) init (causal-LM starts only)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.eval_freq < 0:
-            raise ValueError("eval_freq: must be >= 0")
 
 
 @dataclass
