@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import DPOConfig
 
 from helpers import REPO, read_metrics, run_with_devices, tiny_config

@@ -1,6 +1,5 @@
 """The optimizer and schedules against hand-computed numbers."""
 
-import math
 
 import pytest
 import torch

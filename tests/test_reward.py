@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from torchxla_rlhf import models, runtime
-from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import RewardConfig
 
 from helpers import REPO, read_metrics, run_with_devices, tiny_config

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from torchxla_rlhf import sharding

@@ -16,7 +16,7 @@ KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
 def test_shipped_config_loads(path):
     kind = os.path.basename(path).split("_")[0].split(".")[0]
-    cfg = load_config(KINDS[kind], path, [f"output_dir=/tmp/x"])
+    cfg = load_config(KINDS[kind], path, ["output_dir=/tmp/x"])
     assert cfg.output_dir == "/tmp/x"
 
 

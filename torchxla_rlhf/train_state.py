@@ -22,7 +22,6 @@ runs (``--checkpointer.save_optimizer_state=False``).
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 

@@ -9,7 +9,6 @@ lives here once.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
