@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from torchxla_rlhf.rl import position_ids_from_mask  # noqa: F401 (spec section 3; re-exported)
+
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
@@ -135,15 +137,6 @@ def iota(n: int, device: torch.device | str) -> torch.Tensor:
     a = -(-n // b)
     grid = torch.arange(a, device=device)[:, None] * b + torch.arange(b, device=device)[None, :]
     return grid.reshape(-1)[:n]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``clip(cumsum(mask) - 1, 0)`` along the last dim: ``[B, L] -> [B, L]`` long.
-
-    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist()
-    [[0, 0, 0, 1, 2]]
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from torchxla_rlhf import runtime, sharding
+from torchxla_rlhf.rl import last_token_index, position_ids_from_mask  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -369,12 +370,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``clip(cumsum(mask) - 1, min=0)``: the first real token is position 0 whether the
-    sequence is left- or right-padded (spec section 3). ``[B, L] -> [B, L]``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def autocast(compute_dtype: str, param_dtype: str):
     """Autocast context for bf16 compute over fp32 parameters; a no-op when they agree."""
     if compute_dtype == param_dtype or compute_dtype == "float32":
@@ -409,15 +404,15 @@ def sequence_classifier_scores(
     ``every_position``. Computed here rather than by HF's pooling (rightmost non-pad id),
     which agrees for right-padded inputs but not for ``[left-padded prompt | response]``.
     """
-    positions = position_ids_from_mask(attention_mask)
     hidden = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=positions,
+        position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
     per_position = model.score(hidden).squeeze(-1).float()  # [B, L]
     if every_position:
         return per_position
-    last = positions.argmax(dim=-1, keepdim=True)  # [B, 1]; first max = last real token
+    # The same token the EOS rule (rl.apply_eos_penalty) inspects.
+    last = last_token_index(attention_mask)[:, None]  # [B, 1]
     return per_position.gather(1, last).squeeze(1)
