@@ -66,20 +66,32 @@ def test_reloaded_matches_original(tok, reloaded):
     assert reloaded.chat_template == TULU_CHAT_TEMPLATE
 
 
-def test_chat_template_matches_tulu_format(tok):
+def test_chat_template_matches_tulu_format(tok, reloaded):
+    """The template renders exactly the training text, BOS included, so tokenize=True (which
+    encodes with add_special_tokens=False) gives the training ids."""
     conv = [
         {"role": "system", "content": "Sys"},
-        {"role": "user", "content": "Hi"},
+        {"role": "user", "content": " Hi\n"},
         {"role": "assistant", "content": "Yo"},
         {"role": "user", "content": "More"},
-        {"role": "assistant", "content": "Ok"},
+        {"role": "assistant", "content": " Ok "},
     ]
-    rendered = tok.apply_chat_template(conv, tokenize=False)
-    assert rendered == "<|system|>\nSys\n<|user|>\nHi\n<|assistant|>\nYo</s>\n<|user|>\nMore\n<|assistant|>\nOk</s>"
-    assert "<s>" + rendered == format_messages(conv, "<s>", "</s>")
-    gen = tok.apply_chat_template(conv[:4], tokenize=False, add_generation_prompt=True)
-    assert gen == format_prompt(conv[:4], "<s>", "</s>", add_bos=False)
-    assert gen.endswith("<|user|>\nMore\n<|assistant|>\n")
+    for t in (tok, reloaded):
+        rendered = t.apply_chat_template(conv, tokenize=False)
+        assert rendered == "<s><|system|>\nSys\n<|user|>\nHi\n<|assistant|>\nYo</s>\n<|user|>\nMore\n<|assistant|>\nOk</s>"
+        assert rendered == format_messages(conv, "<s>", "</s>")
+        assert t.apply_chat_template(conv, tokenize=True, return_dict=False) == t(rendered, add_special_tokens=False).input_ids
+        assert t.apply_chat_template(conv, tokenize=True, return_dict=False)[:2] == [1, 3 + ord("<")]
+        gen = t.apply_chat_template(conv[:4], tokenize=False, add_generation_prompt=True)
+        assert gen == format_prompt(conv[:4], "<s>", "</s>", add_bos=True)
+        assert gen.endswith("<|user|>\nMore\n<|assistant|>\n")
+        # a conversation ending with a user turn and no generation prompt: stripped like training
+        assert t.apply_chat_template(conv[:2], tokenize=False) == format_messages(conv[:2], "<s>", "</s>")
+
+
+def test_chat_template_rejects_unknown_role(tok):
+    with pytest.raises(Exception, match="unknown role tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 def test_load_tokenizer_tiny_and_pad(tmp_path):
