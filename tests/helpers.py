@@ -57,3 +57,18 @@ LLAMA2_MISSING = (
 
 def has_llama2_tokenizer() -> bool:
     return os.path.isfile(os.path.join(LLAMA2_TOKENIZER_DIR, "tokenizer.model"))
+
+
+def U(content: str) -> dict:
+    """A user message."""
+    return {"role": "user", "content": content}
+
+
+def A(content: str) -> dict:
+    """An assistant message."""
+    return {"role": "assistant", "content": content}
+
+
+def S(content: str) -> dict:
+    """A system message."""
+    return {"role": "system", "content": content}

@@ -26,23 +26,11 @@ from torchxla_rlhf.checkpoint import save_hf_checkpoint
 from torchxla_rlhf.data.chat import format_messages, format_prompt, tokenize_preference_side
 from torchxla_rlhf.data.config import DatasetConfig
 from torchxla_rlhf.data.prompts import PromptDataset
-from torchxla_rlhf.tokenizers import TULU_CHAT_TEMPLATE, is_sentencepiece_bpe, load_tokenizer
+from torchxla_rlhf.tokenizers import TULU_CHAT_TEMPLATE, is_sentencepiece_bpe, load_tokenizer, with_sentencepiece_legacy
 
-from helpers import LLAMA2_MISSING, LLAMA2_TOKENIZER_DIR, has_llama2_tokenizer
+from helpers import LLAMA2_MISSING, LLAMA2_TOKENIZER_DIR, A, S, U, has_llama2_tokenizer
 
 pytestmark = pytest.mark.skipif(not has_llama2_tokenizer(), reason=LLAMA2_MISSING)
-
-
-def U(c):
-    return {"role": "user", "content": c}
-
-
-def A(c):
-    return {"role": "assistant", "content": c}
-
-
-def S(c):
-    return {"role": "system", "content": c}
 
 
 CHAT_1 = [U("Hello there"), A("Hi!")]
@@ -105,11 +93,31 @@ def checkpoint_dir(loaded, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", params=["loaded", "checkpoint_auto", "checkpoint_load_tokenizer"])
-def tok(request, loaded, checkpoint_dir):
+@pytest.fixture(scope="module")
+def hub_style_dir(checkpoint_dir, tmp_path_factory):
+    """A directory laid out like the hub's meta-llama/Llama-2-7b-hf tokenizer: transformers 4's
+    tokenizer.json (the same merges and normalizer as ours) with a tokenizer_config.json that
+    names LlamaTokenizer and "legacy": false, so transformers 5 rebuilds it non-legacy."""
+    d = tmp_path_factory.mktemp("hub_style")
+    spec = json.load(open(os.path.join(checkpoint_dir, "tokenizer.json")))
+    spec["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "clean_up_tokenization_spaces": False, "padding_side": "right", "model_max_length": 4096,
+    }))
+    assert transformers.AutoTokenizer.from_pretrained(d)("<s><|user|>", add_special_tokens=False).input_ids[:2] == [1, 29966]
+    return str(d)
+
+
+@pytest.fixture(scope="module", params=["loaded", "hub_style", "checkpoint_auto", "checkpoint_load_tokenizer"])
+def tok(request, loaded, checkpoint_dir, hub_style_dir):
     """Every way the project's runs and downstream tools get the tokenizer."""
     if request.param == "loaded":
         return loaded
+    if request.param == "hub_style":
+        return load_tokenizer(hub_style_dir)  # whatever transformers' default: the paper's ids
     if request.param == "checkpoint_auto":
         return transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
     return load_tokenizer(checkpoint_dir)  # PPO's default: the policy checkpoint's tokenizer
@@ -222,10 +230,10 @@ def test_checkpoint_files_are_portable(checkpoint_dir):
     assert (reloaded.bos_token_id, reloaded.eos_token_id, reloaded.pad_token_id, len(reloaded)) == (1, 2, 0, 32000)
 
 
-def test_non_legacy_option(tmp_path):
+def test_non_legacy_option(loaded, tmp_path):
     """tokenizer_legacy: false gives transformers 5's rule (no "▁" after special tokens), and
     a checkpoint keeps it."""
-    tok = load_tokenizer(LLAMA2_TOKENIZER_DIR, sentencepiece_legacy=False)
+    tok = with_sentencepiece_legacy(loaded, False)
     side = tokenize_preference_side(tok, CHAT_2, 512, "nonlegacy")
     ids = side.input_ids.tolist()
     assert ids[:2] == [1, 29966]
@@ -248,3 +256,21 @@ def test_missing_protobuf_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(cst, "import_protobuf", no_protobuf)
     with pytest.raises(ImportError, match="needs the 'protobuf' package"):
         load_tokenizer(str(tmp_path))
+
+
+def test_config_key_reaches_the_tokenizer(tmp_path):
+    """tokenizer_legacy in the config tree selects the rule the trainers tokenize with."""
+    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.trainers.base import setup_run
+
+    from helpers import REPO
+
+    path = os.path.join(REPO, "configs", "tiny_llama2", "dpo.yaml")
+    assert load_config(DPOConfig, path).tokenizer_legacy is True
+    assert DPOConfig().tokenizer_legacy is True
+    cfg = load_config(DPOConfig, path, [f"output_dir={tmp_path}", f"tokenizer={LLAMA2_TOKENIZER_DIR}",
+                                        "tokenizer_legacy=false"])
+    tok = setup_run(cfg).tokenizer  # the bare tokenizer.model converted with the non-legacy rule
+    assert tok("<s><|user|>", add_special_tokens=False).input_ids[:2] == [1, 29966]
+    assert tok("a  hi", add_special_tokens=False).input_ids == [263, 29871, 7251]  # same merges
