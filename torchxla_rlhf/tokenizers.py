@@ -18,6 +18,7 @@ Nothing here touches torch_xla; this module is safe to import anywhere.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -223,12 +224,12 @@ def sentencepiece_backend_spec(spec: dict, legacy: bool) -> dict:
     """
     out = dict(spec)  # shallow: the (large) model part is shared, never modified
     if legacy:
-        out["normalizer"] = _LEGACY_NORMALIZER
+        out["normalizer"] = copy.deepcopy(_LEGACY_NORMALIZER)
         out["pre_tokenizer"] = None
         out["added_tokens"] = [{**added, "normalized": False} for added in spec.get("added_tokens", [])]
     else:
         out["normalizer"] = None
-        out["pre_tokenizer"] = _NON_LEGACY_PRE_TOKENIZER
+        out["pre_tokenizer"] = dict(_NON_LEGACY_PRE_TOKENIZER)
     return out
 
 
