@@ -44,3 +44,31 @@ def tiny_config(cls, name: str, out: str, *overrides: str):
          f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
          f"eval_dataset.path={REPO}/data/tiny/preference_eval.jsonl", *overrides],
     )
+
+
+# LLaMA-2's real SentencePiece tokenizer: read-only material beside the repository (never
+# copied into it; see ../shared/tokenizers/llama2/README.md).
+LLAMA2_TOKENIZER_DIR = os.path.join(os.path.dirname(REPO), "shared", "tokenizers", "llama2")
+LLAMA2_MISSING = (
+    f"LLaMA-2's tokenizer.model is not at {LLAMA2_TOKENIZER_DIR} "
+    "(the shared/ folder beside the repository root is not present)"
+)
+
+
+def has_llama2_tokenizer() -> bool:
+    return os.path.isfile(os.path.join(LLAMA2_TOKENIZER_DIR, "tokenizer.model"))
+
+
+def U(content: str) -> dict:
+    """A user message."""
+    return {"role": "user", "content": content}
+
+
+def A(content: str) -> dict:
+    """An assistant message."""
+    return {"role": "assistant", "content": content}
+
+
+def S(content: str) -> dict:
+    """A system message."""
+    return {"role": "system", "content": content}

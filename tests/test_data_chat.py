@@ -18,17 +18,7 @@ from torchxla_rlhf.data.chat import (
 )
 from torchxla_rlhf.tokenizers import _bytes_to_unicode, build_tiny_tokenizer
 
-
-def U(c):
-    return {"role": "user", "content": c}
-
-
-def A(c):
-    return {"role": "assistant", "content": c}
-
-
-def S(c):
-    return {"role": "system", "content": c}
+from helpers import A, S, U
 
 
 def ids_of(text: str) -> list[int]:

@@ -7,7 +7,7 @@ read::
     generation_config.json          bos/eos/pad ids (models that can generate only, as HF does)
     model.safetensors               one shard, or
     model-0000k-of-0000n.safetensors + model.safetensors.index.json   several shards
-    tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   tokenizer.save_pretrained
+    tokenizer.json, tokenizer_config.json, chat_template.jinja, ...   tokenizers.save_tokenizer_files
     <extra files>                   e.g. the resolved training config
     _COMPLETE                       written last: the directory is whole
 
@@ -64,6 +64,7 @@ import safetensors.torch
 import torch
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.tokenizers import save_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -409,11 +410,13 @@ class _DirWriter:
             os.remove(local_path)
 
     def save_tokenizer(self, tokenizer: Any) -> None:
+        """The tokenizer files, portable to transformers 4 and 5 (``save_tokenizer_files``):
+        plain ``AutoTokenizer.from_pretrained`` on the checkpoint gives the training ids."""
         if self.local:
-            tokenizer.save_pretrained(self.root)
+            save_tokenizer_files(tokenizer, self.root)
             return
         with tempfile.TemporaryDirectory(prefix="ckpt-tok-") as d:
-            tokenizer.save_pretrained(d)
+            save_tokenizer_files(tokenizer, d)
             for name in sorted(os.listdir(d)):
                 if os.path.isfile(os.path.join(d, name)):
                     self.fs.put_file(os.path.join(d, name), _join(self.root, name))
@@ -464,7 +467,8 @@ def save_hf_checkpoint(
     Args:
         model: a ``transformers.PreTrainedModel`` whose params may be (SPMD-sharded) XLA
             tensors or CPU tensors.
-        tokenizer: saved with ``save_pretrained`` (with its chat template); None to skip.
+        tokenizer: saved with ``tokenizers.save_tokenizer_files`` (portable class name, chat
+            template also in tokenizer_config.json); None to skip.
         save_dtype: dtype of floating tensors in the files, and ``dtype`` in config.json.
         max_shard_size_bytes: size limit of one safetensors file (in the save dtype).
         is_main_process: whether this process writes.

@@ -34,6 +34,10 @@ class RunConfig:
     """Tokenizer directory or hub name (default: the model's); 'tiny' for the byte-level one."""
     tokenizer_pad_token_id: int = 0
     """Pad id (the seed's --tokenizer_pad_token_id; LLaMA-2/Tulu 2 use 0)."""
+    tokenizer_legacy: bool = True
+    """LLaMA-family SentencePiece tokenizers only: true (the paper's JAX code, Tulu 2) puts the
+    dummy-prefix '▁' after every special token ('<s><|user|>' -> [1, 529]); false is
+    transformers 5's non-legacy rule ([1, 29966]), for models trained that way."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW, clipping, accumulation and schedule."""
     num_epochs: float = 1.0

@@ -16,6 +16,12 @@ character offsets, not by tokenizing pieces separately: real BPE/sentencepiece t
 merge across the header/content boundary, so prefix token counts can be off by one. A token
 whose span straddles the boundary counts as response.
 
+Token ids with LLaMA-2's SentencePiece tokenizer depend on its dummy-prefix rule: loaded by
+:func:`torchxla_rlhf.tokenizers.load_tokenizer` it has the legacy rule of the paper's JAX code
+and Tulu 2 (a "▁" after every special token, so ``<s><|user|>`` starts ``[1, 529]`` and a
+``</s>`` closing an earlier turn is followed by ``[29871, 13]``); the whole text is tokenized
+in one call, as the JAX code did, so those ids and the masks match it token for token.
+
 Every error is a :class:`DataError` whose message starts with the record's origin
 (``file.jsonl:17`` or ``allenai/...[split]:17``) and names the field and what was expected.
 """

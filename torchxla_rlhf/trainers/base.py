@@ -57,7 +57,9 @@ def setup_run(cfg: Any) -> RunContext:
         fs, path = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(path, exist_ok=True)
         save_config(cfg, f"{output_dir}/config.yaml")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
+    )
     return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
 
 
