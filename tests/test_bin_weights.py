@@ -3,6 +3,7 @@ read tensor by tensor with ``torch.load(weights_only=True, mmap=True)``, and the
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -119,25 +120,33 @@ def test_bad_index_missing_and_corrupt_shards(tmp_path, mesh, reference):
         models.load_causal_lm(cfg(path), mesh)
 
 
+def edit_first_shard(path, edit):
+    """Rewrite shard 1 of a saved checkpoint after ``edit(state)``; returns what edit returned."""
+    first = os.path.join(path, "pytorch_model-00001-of-00002.bin")
+    state = torch.load(first, weights_only=True)
+    result = edit(state)
+    torch.save(state, first)
+    return result
+
+
 def test_a_shard_holding_arbitrary_objects_is_refused(tmp_path, mesh, reference):
     """weights_only: a pickled object other than tensors and containers is never executed."""
     path = save_two_bin_shards(reference, tmp_path / "evil")
-    first = os.path.join(path, "pytorch_model-00001-of-00002.bin")
-    state = torch.load(first, weights_only=True)
-    state["extra"] = torch.nn.Linear(2, 2)  # a module: needs a full unpickle
-    torch.save(state, first)
+    edit_first_shard(path, lambda state: state.update(extra=torch.nn.Linear(2, 2)))  # a module
     with pytest.raises(ValueError, match=r"00001-of-00002.bin: cannot read .*UnpicklingError: Weights only load failed"):
         models.load_causal_lm(cfg(path), mesh)
 
 
 def test_index_lists_a_tensor_its_shard_lacks(tmp_path, mesh, reference):
     path = save_two_bin_shards(reference, tmp_path / "lying")
-    first = os.path.join(path, "pytorch_model-00001-of-00002.bin")
-    state = torch.load(first, weights_only=True)
-    dropped = sorted(state)[0]
-    del state[dropped]
-    torch.save(state, first)
-    with pytest.raises(KeyError, match=rf"index lists tensor '{dropped}' here, the shard lacks it"):
+
+    def drop_first(state):
+        name = sorted(state)[0]
+        del state[name]
+        return name
+
+    dropped = edit_first_shard(path, drop_first)
+    with pytest.raises(KeyError, match=rf"index lists tensor '{re.escape(dropped)}' here, the shard lacks it"):
         models.load_causal_lm(cfg(path), mesh)
 
 

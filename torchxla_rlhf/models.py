@@ -175,32 +175,36 @@ def _copy_remote_dir(url: str) -> str:
     return cache
 
 
-def safetensors_index(model_dir: str) -> dict[str, str] | None:
-    """Map of tensor name -> safetensors file path, or None when the directory holds none."""
-    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+def _format_index(model_dir: str, single_name: str, names_of) -> dict[str, str] | None:
+    """Tensor name -> file for one weight format: its ``<single_name>.index.json`` when
+    sharded, else the single file ``single_name`` (names read by ``names_of``); None when the
+    directory holds neither."""
+    index_path = os.path.join(model_dir, f"{single_name}.index.json")
     if os.path.exists(index_path):
         return _read_index(model_dir, index_path)
-    single = os.path.join(model_dir, "model.safetensors")
+    single = os.path.join(model_dir, single_name)
     if not os.path.exists(single):
         return None
+    return {name: single for name in names_of(single)}
+
+
+def _safetensors_names(path: str) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+def safetensors_index(model_dir: str) -> dict[str, str] | None:
+    """Map of tensor name -> safetensors file path, or None when the directory holds none."""
+    return _format_index(model_dir, "model.safetensors", _safetensors_names)
 
 
 def bin_index(model_dir: str) -> dict[str, str] | None:
     """Map of tensor name -> ``pytorch_model*.bin`` file path, or None when there are none.
-
     A single ``pytorch_model.bin`` has no index; its names come from opening it with
     ``mmap=True`` (the pickle's metadata is read, not the tensor data)."""
-    index_path = os.path.join(model_dir, "pytorch_model.bin.index.json")
-    if os.path.exists(index_path):
-        return _read_index(model_dir, index_path)
-    single = os.path.join(model_dir, "pytorch_model.bin")
-    if not os.path.exists(single):
-        return None
-    return {name: single for name in _load_bin(single)}
+    return _format_index(model_dir, "pytorch_model.bin", lambda path: list(_load_bin(path)))
 
 
 def weight_index(model_dir: str) -> dict[str, str]:
