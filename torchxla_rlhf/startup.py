@@ -131,10 +131,9 @@ def uploaded_batches(cfg) -> list[tuple[str, int]]:
     if isinstance(cfg, PPOConfig):
         return [("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
                  cfg.train_dataset.batch_size * cfg.rollouts_per_prompt)]
-    batches = [("train_dataset.batch_size x 2 (chosen + rejected rows)",
-                2 * cfg.train_dataset.batch_size)]
     # Held-out pairs are fed in train_dataset.batch_size batches too (PairData.eval_batches).
-    return batches
+    return [("train_dataset.batch_size x 2 (chosen + rejected rows)",
+             2 * cfg.train_dataset.batch_size)]
 
 
 def _sequence_lengths(cfg) -> tuple[str, int]:
