@@ -92,6 +92,25 @@ def test_safetensors_win_over_bin_files(tmp_path, reference):
     assert models.weight_pattern(["a.json", "pytorch_model-00001-of-00003.bin"]) == "*.bin"
 
 
+def test_hub_repo_without_safetensors_fetches_the_bin_shards(tmp_path, monkeypatch, reference):
+    """allenai/tulu-2-13b publishes only .bin shards: the safetensors fetch brings config and
+    tokenizer files only, then the .bin shards are fetched."""
+    bins = save_two_bin_shards(reference, tmp_path / "bins")
+    no_weights = tmp_path / "meta"
+    reference.config.save_pretrained(no_weights)
+    patterns = []
+
+    def fake_snapshot_download(repo_id, revision=None, token=None, allow_patterns=None):
+        patterns.append([p for p in allow_patterns if p in ("*.safetensors", "*.bin")])
+        return bins if "*.bin" in allow_patterns else str(no_weights)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert models.resolve_model_dir("allenai/tulu-2-13b") == bins
+    assert patterns == [["*.safetensors"], ["*.bin"]]
+
+
 def test_bad_index_missing_and_corrupt_shards(tmp_path, mesh, reference):
     path = save_two_bin_shards(reference, tmp_path / "bad")
     index = os.path.join(path, "pytorch_model.bin.index.json")

@@ -131,21 +131,27 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
         # Not a hub name ("org/name" has one slash): a local path that does not exist.
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    token = os.environ.get("HF_TOKEN")
-    files = list_repo_files(name_or_path, revision=revision, token=token)
-    return snapshot_download(
-        name_or_path,
-        revision=revision,
-        token=token,
-        allow_patterns=["*.json", weight_pattern(files), "tokenizer.model", "*.txt"],
-    )
+    def fetch(weights: str) -> str:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            token=os.environ.get("HF_TOKEN"),
+            allow_patterns=["*.json", weights, "tokenizer.model", "*.txt"],
+        )
+
+    path = fetch("*.safetensors")
+    if safetensors_index(path) is None:
+        # No safetensors (e.g. allenai/tulu-2-13b publishes pytorch_model-*.bin shards only):
+        # fetch the .bin files. Never both formats: a 13B model twice is 52 GB.
+        path = fetch("*.bin")
+    return path
 
 
 def weight_pattern(files) -> str:
-    """Which weight files to fetch: safetensors when there are any, else the PyTorch ``.bin``
-    shards (e.g. ``allenai/tulu-2-13b``); never both (a 13B model twice is 52 GB)."""
+    """Which weight files to copy from a listing: safetensors when there are any, else the
+    PyTorch ``.bin`` shards; never both."""
     return "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
 
 
