@@ -109,24 +109,22 @@ def test_preference_batch_hand_worked(tok):
     ds = PreferenceDataset.build(DatasetConfig(path=path, seq_length=32), tok)
     assert len(ds) == 2 and ds.stats["kept"] == 2
     b = ds.get([1, 0])
-    assert set(b) == {
-        "chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
-        "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask", "margin", "index",
-    }
-    for k in ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask", "rejected_loss_mask"):
-        assert b[k].dtype == torch.int64 and b[k].shape == (2, 32)
+    assert set(b) == {"input_ids", "attention_mask", "loss_mask", "margin", "index"}
+    for k in ("input_ids", "attention_mask", "loss_mask"):  # rows: 2 chosen, then 2 rejected
+        assert b[k].dtype == torch.int64 and b[k].shape == (4, 32)
     assert b["margin"].dtype == torch.float32 and b["margin"].tolist() == [0.0, 0.5]
     assert b["index"].tolist() == [1, 0]
     # row 1 = example 0: 27 prompt tokens, "Yo" + eos, then pad (0) up to 32
     prefix = [1] + [B(c) for c in "<|user|>\nHi\n<|assistant|>\n"]
     assert len(prefix) == 27
-    assert b["chosen_input_ids"][1].tolist() == prefix + [B("Y"), B("o"), 2] + [0, 0]
-    assert b["chosen_attention_mask"][1].tolist() == [1] * 30 + [0] * 2
-    assert b["chosen_loss_mask"][1].tolist() == [0] * 27 + [1] * 3 + [0] * 2
-    # example 1: rejected answer is empty -> only its eos is scored
-    assert b["rejected_input_ids"][0].tolist() == prefix + [2] + [0] * 4
-    assert b["rejected_loss_mask"][0].tolist() == [0] * 27 + [1] + [0] * 4
-    assert b["chosen_loss_mask"][0].tolist() == [0] * 27 + [1] * 5
+    assert b["input_ids"][1].tolist() == prefix + [B("Y"), B("o"), 2] + [0, 0]
+    assert b["attention_mask"][1].tolist() == [1] * 30 + [0] * 2
+    assert b["loss_mask"][1].tolist() == [0] * 27 + [1] * 3 + [0] * 2
+    # example 1 (row 0; its rejected side is row 2): the rejected answer is empty -> only its
+    # eos is scored
+    assert b["input_ids"][2].tolist() == prefix + [2] + [0] * 4
+    assert b["loss_mask"][2].tolist() == [0] * 27 + [1] + [0] * 4
+    assert b["loss_mask"][0].tolist() == [0] * 27 + [1] * 5
 
 
 def test_preference_truncation_and_no_loss_drops(tok):
@@ -139,8 +137,8 @@ def test_preference_truncation_and_no_loss_drops(tok):
     ds = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30), tok)
     assert ds.stats == dict(kept=2, dropped_truncated=0, dropped_no_loss_tokens=1, skipped_malformed=0, truncated_kept=1)
     b = ds.get([1])
-    assert b["chosen_loss_mask"][0].tolist() == [0] * 27 + [1] * 3  # "Yo!" kept, "!" + eos cut
-    assert b["chosen_attention_mask"][0].sum() == 30
+    assert b["loss_mask"][0].tolist() == [0] * 27 + [1] * 3  # chosen "Yo!" kept, "!" + eos cut
+    assert b["attention_mask"][0].sum() == 30
     ds2 = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30, remove_truncated_samples=True), tok)
     assert len(ds2) == 1 and ds2.stats["dropped_truncated"] == 1 and ds2.origins == [f"{path}:1"]
 

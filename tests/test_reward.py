@@ -43,8 +43,7 @@ def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
     # HF's pooling (rightmost non-pad token) and ours (last real token) agree on right-padded
     # held-out pairs: score them both ways.
     batch = next(trainer.data.eval_batches())
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # chosen rows, then rejected
     with torch.no_grad():
         ours = runtime.to_cpu(models.sequence_classifier_scores(trainer.model, ids, mask))
         theirs = hf(input_ids=runtime.to_cpu(ids), attention_mask=runtime.to_cpu(mask)).logits[:, 0]

@@ -142,7 +142,7 @@ class PPOConfig(RunConfig):
     train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """Prompts; seq_length is the prompt length PL, batch_size the prompts per step."""
     prompt_add_bos: bool = True
-    """Put BOS before each prompt, as the models were trained (the paper's JAX runs did not)."""
+    """Put BOS before each prompt, as the models were trained and as the paper's JAX code did."""
     rollouts_per_prompt: int = 1
     """Samples per prompt (adjacent copies in the rollout batch)."""
     max_continuation_len: int = 1024

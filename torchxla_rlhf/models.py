@@ -5,7 +5,7 @@
   (reward and value models), from a reward-model checkpoint or from a causal-LM checkpoint
   (backbone kept, LM head dropped, ``score`` drawn from normal(0, initializer_range)).
 
-Weights are read from safetensors one tensor at a time and placed straight onto their sharded
+Weights are read from safetensors (or PyTorch ``.bin`` shards, memory-mapped) one tensor at a time and placed straight onto their sharded
 devices; the model skeleton is built on the ``meta`` device, so the host never holds a whole
 model (what lets 13B and 70B load on a TPU VM host). ``"tiny"`` names a seeded random Llama of
 :class:`TinyModelConfig`'s shape, built locally for the CPU configs and the tests.
@@ -133,12 +133,26 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        name_or_path,
-        revision=revision,
-        token=os.environ.get("HF_TOKEN"),
-        allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
-    )
+    def fetch(weights: str) -> str:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            token=os.environ.get("HF_TOKEN"),
+            allow_patterns=["*.json", weights, "tokenizer.model", "*.txt"],
+        )
+
+    path = fetch("*.safetensors")
+    if safetensors_index(path) is None:
+        # No safetensors (e.g. allenai/tulu-2-13b publishes pytorch_model-*.bin shards only):
+        # fetch the .bin files. Never both formats: a 13B model twice is 52 GB.
+        path = fetch("*.bin")
+    return path
+
+
+def weight_pattern(files) -> str:
+    """Which weight files to copy from a listing: safetensors when there are any, else the
+    PyTorch ``.bin`` shards; never both."""
+    return "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
 
 
 def _copy_remote_dir(url: str) -> str:
@@ -157,54 +171,164 @@ def _copy_remote_dir(url: str) -> str:
     if not fs.exists(path.rstrip("/") + "/config.json"):
         raise FileNotFoundError(f"model directory {url!r} has no config.json")
     os.makedirs(cache, exist_ok=True)
-    for remote in fs.ls(path, detail=False):
+    remotes = fs.ls(path, detail=False)
+    weights = weight_pattern(remotes).lstrip("*")
+    for remote in remotes:
         name = os.path.basename(remote.rstrip("/"))
-        if name.endswith((".json", ".safetensors", ".model", ".txt", ".jinja")):
+        if name.endswith((".json", weights, ".model", ".txt", ".jinja")):
             fs.get(remote, os.path.join(cache, name))
     open(os.path.join(cache, ".complete"), "w").close()
     return cache
 
 
-def safetensors_index(model_dir: str) -> dict[str, str]:
-    """Map of tensor name -> safetensors file path for a model directory."""
-    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+def _format_index(model_dir: str, single_name: str, names_of) -> dict[str, str] | None:
+    """Tensor name -> file for one weight format: its ``<single_name>.index.json`` when
+    sharded, else the single file ``single_name`` (names read by ``names_of``); None when the
+    directory holds neither."""
+    index_path = os.path.join(model_dir, f"{single_name}.index.json")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
-    single = os.path.join(model_dir, "model.safetensors")
+        return _read_index(model_dir, index_path)
+    single = os.path.join(model_dir, single_name)
     if not os.path.exists(single):
-        raise FileNotFoundError(
-            f"{model_dir!r} holds no model.safetensors or model.safetensors.index.json "
-            "(only safetensors checkpoints are supported)"
-        )
+        return None
+    return {name: single for name in names_of(single)}
+
+
+def _safetensors_names(path: str) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+def safetensors_index(model_dir: str) -> dict[str, str] | None:
+    """Map of tensor name -> safetensors file path, or None when the directory holds none."""
+    return _format_index(model_dir, "model.safetensors", _safetensors_names)
+
+
+def bin_index(model_dir: str) -> dict[str, str] | None:
+    """Map of tensor name -> ``pytorch_model*.bin`` file path, or None when there are none.
+    A single ``pytorch_model.bin`` has no index; its names come from opening it with
+    ``mmap=True`` (the pickle's metadata is read, not the tensor data)."""
+    return _format_index(model_dir, "pytorch_model.bin", lambda path: list(_load_bin(path)))
+
+
+def weight_index(model_dir: str) -> dict[str, str]:
+    """Map of tensor name -> weight file: safetensors if the directory has them, else
+    PyTorch ``.bin`` shards."""
+    index = safetensors_index(model_dir)
+    if index is None:
+        index = bin_index(model_dir)
+    if index is None:
+        raise FileNotFoundError(
+            f"{model_dir!r} holds no weights: expected model.safetensors, "
+            "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+        )
+    return index
+
+
+def _read_index(model_dir: str, index_path: str) -> dict[str, str]:
+    """A sharded checkpoint's ``*.index.json``: name -> shard path; every shard must exist."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("weight_map is empty or not an object")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{index_path}: not a checkpoint index (expected JSON with a non-empty "
+            f"'weight_map' of tensor name -> shard file): {type(e).__name__}: {e}"
+        ) from None
+    index = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+    missing = sorted({p for p in index.values() if not os.path.exists(p)})
+    if missing:
+        raise FileNotFoundError(
+            f"{index_path} names shard(s) that are not in {model_dir!r}: "
+            f"{[os.path.basename(p) for p in missing]}"
+        )
+    return index
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A ``.bin`` shard as a dict of memory-mapped tensors: ``weights_only`` (tensors and
+    containers only, never arbitrary pickled objects) and ``mmap`` (tensor data stays in the
+    file until a tensor is read), so opening a 10 GB shard costs its metadata only."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip, pickle and weights_only errors all mean "not readable"
+        raise ValueError(
+            f"{path}: cannot read as a PyTorch checkpoint shard (torch.load weights_only=True, "
+            f"mmap=True; legacy non-zip .bin files need re-saving): {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+    return state
 
 
 class _TensorReader:
-    """Reads named tensors from safetensors files, keeping each file open once."""
+    """Reads named tensors from safetensors or ``.bin`` files, one tensor at a time.
+
+    Safetensors files stay open (``safe_open`` reads a tensor on request). Of the ``.bin``
+    shards only the current one is kept memory-mapped; tensors are read in parameter order,
+    which follows the shards, so each shard is opened about once, and the host holds one
+    tensor plus the mapped pages the OS can drop."""
 
     def __init__(self, index: dict[str, str]):
         self.index = index
         self._stack = contextlib.ExitStack()
         self._files: dict[str, Any] = {}
+        self._bin: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
 
     def get(self, name: str) -> torch.Tensor:
+        path = self.index[name]
+        if path.endswith(".bin"):
+            if self._bin is None or self._bin[0] != path:
+                self._bin = None  # release the previous shard's mapping first
+                self._bin = (path, _load_bin(path))
+            tensor = self._bin[1].get(name)
+            if tensor is None:
+                raise KeyError(f"{path}: the index lists tensor {name!r} here, the shard lacks it")
+            return tensor
         from safetensors import safe_open
 
-        path = self.index[name]
         if path not in self._files:
             self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
         return self._files[path].get_tensor(name)
 
     def close(self) -> None:
+        self._bin = None
         self._stack.close()
+
+
+def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig:
+    """The model's HF config without fetching weights (``config.json`` only): what the
+    start-up checks need before anything loads."""
+    if cfg.name_or_path == "tiny":
+        return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0)
+    if "://" in cfg.name_or_path:
+        import fsspec
+
+        with fsspec.open(cfg.name_or_path.rstrip("/") + "/config.json") as f:
+            config = LlamaConfig.from_dict(json.load(f))
+    else:
+        source = cfg.name_or_path
+        if not os.path.isdir(source) and (
+            source.startswith(("/", ".", "~")) or source.count("/") > 1
+        ):
+            raise FileNotFoundError(f"model directory {source!r} does not exist")
+        config = transformers.AutoConfig.from_pretrained(
+            source, revision=cfg.revision, token=os.environ.get("HF_TOKEN")
+        )
+    if config.model_type != "llama":
+        raise ValueError(
+            f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
+        )
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    return config
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +432,7 @@ def _load(
     if model_dir is None:
         tensors = {**_init_cpu_tensors(LlamaForCausalLM, config, cfg.tiny.seed), **defaults}
         return _build_sharded(model_cls, config, mesh, cfg, tensors.__getitem__)
-    reader = _TensorReader(safetensors_index(model_dir))
+    reader = _TensorReader(weight_index(model_dir))
 
     def get(name: str) -> torch.Tensor:
         if name in reader:
@@ -351,7 +475,7 @@ def load_sequence_classifier(
         )
     gen = torch.Generator().manual_seed(head_seed)
     fresh_head = torch.randn((1, config.hidden_size), generator=gen) * config.initializer_range
-    if model_dir is not None and "score.weight" not in safetensors_index(model_dir):
+    if model_dir is not None and "score.weight" not in weight_index(model_dir):
         logger.info("%s has no score head: initialising one from normal(0, %g)",
                     cfg.name_or_path, config.initializer_range)
     return _load(LlamaForSequenceClassification, config, model_dir, mesh, cfg,

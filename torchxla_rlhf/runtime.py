@@ -153,7 +153,11 @@ def parse_mesh_dim(mesh_dim: str | Sequence[int], num_devices: int) -> tuple[int
 
 
 def _mesh_suggestion(num_devices: int) -> str:
-    return f"For example mesh_dim='1,{num_devices},1' (pure FSDP) or '-1,1,1' (pure data parallel)."
+    # No fixed example: whether a mesh fits also depends on the model and the batch ('-1,1,1'
+    # leaves large weights replicated, '1,N,1' may not divide the batch); the start-up checks
+    # try every mesh on these devices and list the ones that pass.
+    return (f"The start-up checks (torchxla_rlhf.startup) list the meshes on {num_devices} "
+            "device(s) that fit the model and the batch.")
 
 
 @dataclass(frozen=True)
@@ -217,50 +221,141 @@ def batch_spec(ndim: int) -> PartitionSpec:
 
 
 def batch_to_device(batch: Mapping[str, Any], mesh: MeshInfo) -> dict[str, Any]:
-    """Move this host's share of a batch (dict of CPU tensors; other values pass through)
-    onto the device as one global batch whose dim 0 is sharded over ``(dp, fsdp)``.
+    """Upload a global batch (dict of CPU tensors; other values pass through): tensors of
+    rank >= 2 (per-row tokens and masks) with dim 0 sharded over ``(dp, fsdp)``, 1-D
+    per-example values (index, margin, cached log-probs: a few numbers) replicated.
 
-    On one host the share is the whole batch. On several hosts each process passes its own
-    rows (see :func:`data_share`) and torch_xla's ``minibatch`` input sharding assembles the
-    global batch; each host uploads only its shards. There, 1-D tensors travel as ``[B, 1]``
-    (the 2.9 ``ShardingSpec`` mishandles specs without a ``None`` entry) and are squeezed back.
+    Every host calls this with the same global batch (the loaders build it from the same
+    seeded order, see :func:`data_share`) and uploads only the shards of its own addressable
+    devices (:func:`_global_from_local_shards`). There is no single-host branch: one host is
+    the case where every device is addressable. This works for any mesh, including mp > 1,
+    and for global batches smaller than the number of hosts.
     """
-    import torch_xla.core.xla_model as xm
-    import torch_xla.distributed.spmd as xs
-
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     for key, t in tensors.items():
         if t.ndim == 0:
             raise ValueError(f"batch field {key!r} is a scalar; batches are per-example tensors")
-        if (t.shape[0] * process_count()) % mesh.batch_parallel:
+        if t.ndim > 1 and t.shape[0] % mesh.batch_parallel:
             raise ValueError(
-                f"batch field {key!r}: global batch size {t.shape[0] * process_count()} is not "
-                f"divisible by dp*fsdp={mesh.batch_parallel}"
+                f"batch field {key!r}: {t.shape[0]} rows are not divisible by "
+                f"dp*fsdp={mesh.batch_parallel} (mesh {mesh.shape})"
             )
-    multi_host = process_count() > 1
+    ordinals = local_device_ordinals()
     out: dict[str, Any] = dict(batch)
-    by_rank: dict[int, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
-        if t.ndim == 1 and not multi_host:
-            # One host: transfer and annotate directly; no view op is left pending (a pending
-            # squeeze would run as an extra small graph before the next step).
-            out[k] = mark_sharding(t.to(device()), mesh, batch_spec(1))
-        else:
-            lifted = t.unsqueeze(-1) if t.ndim == 1 else t
-            by_rank.setdefault(lifted.ndim, {})[k] = lifted
-    for ndim, group in by_rank.items():
-        spec = xs.ShardingSpec(mesh.mesh, batch_spec(ndim), minibatch=multi_host)
-        out.update(xm.send_cpu_data_to_device(group, device(), input_sharding=spec))
-    for k, t in tensors.items():
-        if t.ndim == 1 and multi_host:
-            out[k] = out[k].squeeze(-1)
+        spec = batch_spec(t.ndim) if t.ndim > 1 else (None,)
+        out[k] = _global_from_local_shards(t, mesh, spec, ordinals)
     return out
 
 
+def local_device_ordinals() -> list[int]:
+    """Global ordinals of this process's addressable devices, in the runtime's order (the
+    order ``_global_tensor_from_cpu_shards`` expects its shards in)."""
+    init()
+    import torch_xla
+
+    return [int(name.rsplit(":", 1)[1]) for name in torch_xla._XLAC._xla_get_runtime_devices()]
+
+
+def _global_from_local_shards(
+    tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec, ordinals: Sequence[int]
+) -> torch.Tensor:
+    """One global sharded device tensor from the host copy of the whole tensor, uploading
+    only the shards of the devices in ``ordinals`` (this host's)."""
+    import torch_xla
+
+    grid = np.asarray(mesh.mesh.device_ids).reshape(mesh.dp, mesh.fsdp, mesh.mp)
+    shards = [
+        tensor[shard_slices(tuple(tensor.shape), spec, mesh.shape, device_coords(grid, o))]
+        .contiguous()
+        for o in ordinals
+    ]
+    op_sharding = mesh.mesh.get_op_sharding(tuple(spec))
+    return torch_xla._XLAC._global_tensor_from_cpu_shards(shards, op_sharding, list(tensor.shape))
+
+
+def device_coords(grid: np.ndarray, ordinal: int) -> tuple[int, int, int]:
+    """``(dp, fsdp, mp)`` coordinates of device ``ordinal`` in the mesh's device grid."""
+    hits = np.argwhere(grid == ordinal)
+    if len(hits) != 1:
+        raise MeshError(f"device {ordinal} appears {len(hits)} times in the mesh")
+    return tuple(int(c) for c in hits[0])  # type: ignore[return-value]
+
+
+def shard_slices(
+    shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int],
+    coords: Sequence[int],
+) -> tuple[slice, ...]:
+    """The piece of a ``shape`` tensor that the device at mesh ``coords`` holds under
+    ``spec``: pure index arithmetic (axes in a tuple are combined major to minor, as
+    ``Mesh.get_op_sharding`` tiles them).
+
+    >>> shard_slices((16, 4), (("dp", "fsdp"), None), {"dp": 1, "fsdp": 16, "mp": 16}, (0, 5, 3))
+    (slice(5, 6, None), slice(0, 4, None))
+    """
+    position = dict(zip(MESH_AXES, coords))
+    out = []
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways, block = 1, 0
+        for name in names:
+            ways *= axis_sizes[name]
+            block = block * axis_sizes[name] + position[name]
+        if size % ways:
+            raise ValueError(f"dim {dim} of size {size} does not split {ways} ways ({names})")
+        step = size // ways
+        out.append(slice(block * step, (block + 1) * step))
+    return tuple(out)
+
+
+def host_rows(
+    rows: int, mesh_shape: Sequence[int], device_ids: Sequence[int], ordinals: Sequence[int]
+) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges of a ``rows``-row batch that a host owning devices
+    ``ordinals`` uploads, merged and sorted: what per-host feeding sends from that host.
+    ``device_ids`` is the mesh's device order (``np.arange(n)`` here)."""
+    grid = np.asarray(device_ids).reshape(tuple(mesh_shape))
+    sizes = dict(zip(MESH_AXES, mesh_shape))
+    spans = sorted(
+        {(s[0].start, s[0].stop)
+         for s in (shard_slices((rows,), (BATCH_AXES,), sizes, device_coords(grid, o))
+                   for o in ordinals)}
+    )
+    merged: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def local_shards(tensor: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``(device ordinal, CPU copy)`` of each of this host's shards of a device tensor (a
+    host transfer: for tests and debugging)."""
+    import torch_xla
+
+    shards = torch_xla._XLAC._get_local_shards([tensor])[0]
+    return [(int(dev.rsplit(":", 1)[1]), t.cpu()) for t, dev in shards]
+
+
 def data_share(mesh: MeshInfo) -> tuple[int, int]:
-    """``(index, count)`` of this host's share of each global batch: the loader on host
-    ``index`` yields rows ``[index * B / count, (index + 1) * B / count)``."""
-    return process_index(), process_count()
+    """``(index, count)`` of this host's share of each global batch for the loaders:
+    ``(0, 1)`` on every host, i.e. each host builds the whole global batch from the same
+    seeded order and :func:`batch_to_device` uploads only its own devices' shards. (Splitting
+    rows between hosts would need the batch to divide the host count, and with mp > 1 the
+    hosts' devices do not own disjoint row blocks; a global batch of 16 rows over 32 hosts is
+    the seed's DPO case.)"""
+    return 0, 1
+
+
+def topology() -> tuple[int, int, int]:
+    """``(devices, processes, devices per process)`` of this run, for the start-up checks."""
+    init()
+    import torch_xla.runtime as xr
+
+    return (xr.global_runtime_device_count(), xr.process_count(),
+            xr.addressable_runtime_device_count())
 
 
 def to_device(tensor: torch.Tensor) -> torch.Tensor:

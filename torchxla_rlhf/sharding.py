@@ -17,12 +17,15 @@ silent catch-all rule.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Iterable, Sequence
 
 import torch
 
 from torchxla_rlhf import runtime
+
+logger = logging.getLogger(__name__)
 
 Rule = tuple[str, tuple]
 
@@ -140,15 +143,45 @@ def _axes_size_all(spec: tuple, sizes: dict[str, int]) -> int:
     return n
 
 
-def check_heads_fit(config, mesh: runtime.MeshInfo) -> None:
-    """Attention heads and kv heads must split evenly over ``mp``."""
+def heads_split_cost(config, mp: int) -> str | None:
+    """What it costs when ``mp`` does not divide the attention (or kv) heads, else None.
+
+    The weights still shard: the rules split the q/k/v/o projection dims (heads x head_dim,
+    e.g. 40 x 128 = 5120 over mp=16 is 320 each), as the seed's JAX code split its matrix
+    dims. But a device's 320 columns are 2.5 heads, so at the reshape to heads GSPMD reshards
+    q, k and v (an all-gather over mp of the layer's activations) and attention runs with heads
+    not split over mp: up to mp times the attention FLOPs and score memory of an even split.
+    """
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % mesh.mp or kv_heads % mesh.mp:
-        raise ShardingError(
-            f"mp={mesh.mp} must divide num_attention_heads={heads} and "
-            f"num_key_value_heads={kv_heads}"
-        )
+    if heads % mp == 0 and kv_heads % mp == 0:
+        return None
+    return (
+        f"mp={mp} does not divide num_attention_heads={heads} / num_key_value_heads={kv_heads}: "
+        f"the projection weights still shard {mp} ways, but each layer reshards q/k/v "
+        f"(all-gather over mp of [rows, seq, hidden]) and computes attention with heads "
+        f"replicated over the {mp} mp devices (up to {mp}x attention FLOPs and score memory). "
+        f"An mp dividing the heads (e.g. {_divisors_text(heads, kv_heads)}) avoids it."
+    )
+
+
+def _divisors_text(heads: int, kv_heads: int) -> str:
+    fits = [d for d in range(2, 65) if heads % d == 0 and kv_heads % d == 0]
+    return ", ".join(f"mp={d}" for d in fits[-4:]) or "mp=1"
+
+
+_WARNED: set[tuple[int, int, int]] = set()
+
+
+def check_heads_fit(config, mesh: runtime.MeshInfo) -> None:
+    """Heads that ``mp`` does not divide are allowed (GSPMD reshards, see
+    :func:`heads_split_cost`); say once per shape what it costs. The projection dims must
+    still divide, which :func:`match_specs` checks."""
+    cost = heads_split_cost(config, mesh.mp)
+    key = (config.num_attention_heads, getattr(config, "num_key_value_heads", 0) or 0, mesh.mp)
+    if cost and key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning("%s", cost)
 
 
 def shard_model(

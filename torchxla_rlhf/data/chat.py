@@ -171,7 +171,7 @@ def format_prompt(
 ) -> str:
     """PPO prompt: the turns up to and including the LAST user turn, each rendered as in
     :func:`format_messages` (with its trailing newline, no strip), then ``"<|assistant|>\\n"``;
-    ``bos_text`` in front when ``add_bos`` (the JAX code had no BOS; see spec section 1).
+    ``bos_text`` in front when ``add_bos`` (as the JAX code of the paper's time; spec section 1).
 
     >>> format_prompt([{"role": "user", "content": "Hi"}], "<s>", "</s>")
     '<s><|user|>\\nHi\\n<|assistant|>\\n'

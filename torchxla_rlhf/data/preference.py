@@ -240,20 +240,22 @@ class PreferenceDataset:
         return ids, attn, loss
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
-        """A batch of examples ``indices`` (host CPU tensors).
+        """A batch of pairs ``indices`` (host CPU tensors), as rows: chosen then rejected.
 
-        Returns int64 ``[B, L]`` ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``
-        (right-padded with ``pad_token_id``; ``loss_mask[t] = 1`` means token t is scored from
-        the logits at t - 1), float32 ``[B]`` ``margin`` and int64 ``[B]`` ``index``.
+        Returns int64 ``[2B, L]`` ``input_ids``, ``attention_mask``, ``loss_mask`` whose rows
+        ``0..B-1`` are the chosen responses and ``B..2B-1`` the rejected ones (right-padded
+        with ``pad_token_id``; ``loss_mask[t] = 1`` means token t is scored from the logits at
+        t - 1), float32 ``[B]`` ``margin`` and int64 ``[B]`` ``index``. Concatenating here,
+        on the host, makes the row count what is split over ``dp*fsdp``: the seed's 8 pairs are
+        16 rows, one per device of its ``-1,16,16`` mesh's batch axes.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         _check_index(idx, len(self))
-        out: dict[str, torch.Tensor] = {}
-        for name, side in (("chosen", self.chosen), ("rejected", self.rejected)):
-            ids, attn, loss = self._side(side, idx)
-            out[f"{name}_input_ids"] = torch.from_numpy(ids)
-            out[f"{name}_attention_mask"] = torch.from_numpy(attn)
-            out[f"{name}_loss_mask"] = torch.from_numpy(loss)
+        sides = [self._side(side, idx) for side in (self.chosen, self.rejected)]
+        out: dict[str, torch.Tensor] = {
+            key: torch.from_numpy(np.concatenate([sides[0][i], sides[1][i]], axis=0))
+            for i, key in enumerate(("input_ids", "attention_mask", "loss_mask"))
+        }
         out["margin"] = torch.from_numpy(self.margin[idx].astype(np.float32))
         out["index"] = torch.from_numpy(idx.copy())
         return out

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 import torch
 
-from torchxla_rlhf import checkpoint, runtime, train_state
+from torchxla_rlhf import checkpoint, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
@@ -50,6 +50,8 @@ def setup_run(cfg: Any) -> RunContext:
     the output directory with the resolved config (process 0 only), then the tokenizer."""
     runtime.init()
     runtime.manual_seed(cfg.seed)
+    # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
+    startup.check_before_loading(cfg)
     mesh = runtime.make_mesh(cfg.mesh_dim)
     is_main = runtime.is_main_process()
     output_dir = cfg.output_dir.rstrip("/")

@@ -19,14 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, so both sides run in one forward.
-
-    ``[B, L]`` x 2 -> ``input_ids, attention_mask, loss_mask`` of ``[2B, L]``.
-    """
-    def cat(key: str) -> torch.Tensor:
-        return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
-
-    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+    """Chosen rows then rejected rows, so both sides run in one forward: ``input_ids,
+    attention_mask, loss_mask`` of ``[2B, L]``, concatenated on the host by
+    ``PreferenceDataset.get`` (so the rows, not the pairs, split over dp*fsdp)."""
+    return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
 
 
 class PairData:

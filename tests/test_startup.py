@@ -1,0 +1,160 @@
+"""Start-up checks on the paper's pods with the real Llama-2 13B and 70B shapes (meta device),
+and the per-host feeding arithmetic for the pods' 16 and 32 hosts."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+from transformers import LlamaConfig
+
+from torchxla_rlhf import runtime, startup
+from torchxla_rlhf.config import load_config
+from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+
+from helpers import REPO
+
+LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+                  pad_token_id=0)
+LLAMA2_70B = dict(LLAMA2_13B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8)
+V3_CORE_HBM = 16 * 2**30
+"""A TPU v3 core (one PJRT device) has 16 GiB of HBM."""
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+POD_LINE = re.compile(r"^#\s+(v3-\d+): (\d+) devices on (\d+) hosts, mesh_dim=(\S+)")
+
+
+def shipped_pods():
+    """``(config file, pod, devices, hosts, mesh_dim)`` for every pod line of every 13B header."""
+    out = []
+    for kind in KINDS:
+        path = os.path.join(REPO, "configs", f"{kind}_13b.yaml")
+        with open(path) as f:
+            pods = [POD_LINE.match(line) for line in f]
+        pods = [m.groups() for m in pods if m]
+        assert pods, f"{path}: header names no pod"
+        out += [(kind, name, int(n), int(h), mesh) for name, n, h, mesh in pods]
+    return out
+
+
+def check(kind, mesh, devices, hosts, shape=LLAMA2_13B, overrides=()):
+    cfg = load_config(KINDS[kind], os.path.join(REPO, "configs", f"{kind}_13b.yaml"),
+                      [f"mesh_dim={mesh}", *overrides])
+    llama = LlamaConfig(**shape)
+    return startup.check_run(cfg, {"model": llama, "reward_model": llama}, devices, hosts,
+                             devices // hosts, device_memory_bytes=V3_CORE_HBM)
+
+
+@pytest.mark.parametrize("kind,pod,devices,hosts,mesh", shipped_pods())
+def test_every_shipped_13b_config_starts_on_its_pods(kind, pod, devices, hosts, mesh):
+    report = check(kind, mesh, devices, hosts)
+    assert report.ok, f"{kind}_13b on {pod} ({mesh}):\n{report.failures_text()}"
+    names = {c.name for c in report.checks}
+    # "weights split over the mesh" is only reported when it fails.
+    assert {"mesh uses the pod's devices", "attention heads over mp", "batch rows over dp*fsdp",
+            "training state per device", "per-host feeding"} <= names
+
+
+def test_the_shipped_meshes_are_the_headers_first_pod_and_the_seed_dpo_mesh_is_checked():
+    pods = shipped_pods()
+    for kind in KINDS:
+        cfg = load_config(KINDS[kind], os.path.join(REPO, "configs", f"{kind}_13b.yaml"))
+        assert cfg.mesh_dim == next(p[4] for p in pods if p[0] == kind)
+    assert ("dpo", "v3-256", 256, 32, "-1,16,16") in pods
+    assert {(p[1], p[2], p[3]) for p in pods} == {("v3-256", 256, 32), ("v3-128", 128, 16)}
+
+
+def test_seed_dpo_mesh_runs_with_uneven_heads_and_says_what_it_costs():
+    report = check("dpo", "-1,16,16", 256, 32)
+    assert report.ok
+    rows = next(c for c in report.checks if c.name == "batch rows over dp*fsdp")
+    assert "= 16 over dp*fsdp = 1*16 = 16: 1 row(s) per device" in rows.detail
+    heads = [c for c in report.warnings if c.name == "attention heads over mp"]
+    assert heads and "mp=16 does not divide num_attention_heads=40" in heads[0].detail
+    assert "reshards q/k/v" in heads[0].detail
+
+
+def test_70b_shapes_on_the_seed_dpo_mesh():
+    report = check("dpo", "-1,16,16", 256, 32, shape=LLAMA2_70B)
+    assert report.ok, report.failures_text()
+    assert any("num_key_value_heads=8" in c.detail for c in report.warnings)
+
+
+def test_state_that_does_not_fit_a_device_is_refused():
+    # 70B DPO (policy with AdamW + reference, fp32) on 16 v3 cores: 70B * 20 B / 16 > 16 GiB.
+    report = check("dpo", "1,16,1", 16, 2, shape=LLAMA2_70B)
+    bad = {c.name: c.detail for c in report.errors}
+    assert "shard more ways" in bad["training state per device"]
+
+
+def test_seed_reward_mesh_on_a_v3_256_names_the_key_and_what_fits():
+    report = check("reward", "-1,64,8", 256, 32)
+    assert not report.ok
+    (err,) = report.errors
+    assert err.key == "mesh_dim" and "512" in err.detail
+    fits = re.findall(r"'(\d+,\d+,\d+)'", err.detail)
+    assert fits and all(check("reward", m, 256, 32).ok for m in fits)
+
+
+def test_batch_that_does_not_split_names_the_key():
+    report = check("dpo", "-1,16,16", 256, 32, overrides=["train_dataset.batch_size=4"])
+    keys = {c.key for c in report.errors}
+    assert "train_dataset.batch_size" in keys and "mesh_dim" in keys  # + the meshes that fit
+    assert "= 8 over dp*fsdp = 1*16 = 16: does not divide" in report.failures_text()
+
+
+def test_suggested_meshes_pass_every_check():
+    """Issue: the old mesh error suggested '-1,1,1', which the sharding rules then refused."""
+    cfg = load_config(DPOConfig, os.path.join(REPO, "configs", "dpo_13b.yaml"))
+    models = startup.run_models(cfg, {"model": LlamaConfig(**LLAMA2_13B)})
+    fits = startup.fitting_meshes(cfg, models, 256, V3_CORE_HBM, limit=100)
+    assert "1,16,16" in fits and "256,1,1" not in fits
+    assert all(check("dpo", m, 256, 32).ok for m in fits)
+    # 16 rows need dp*fsdp <= 16, so mp >= 16 on 256 devices: no mesh splits the 40 heads
+    # evenly, and the seed's (fewest replicas) comes first.
+    assert fits[0] == "1,16,16" and all(int(m.split(",")[2]) >= 16 for m in fits)
+
+
+def test_mesh_that_does_not_fit_the_devices():
+    with pytest.raises(runtime.MeshError, match=r"'-1,64,8' does not fit 256.*start-up checks"):
+        runtime.parse_mesh_dim("-1,64,8", 256)
+
+
+# --------------------------------------------------------------- per-host feeding arithmetic
+
+
+@pytest.mark.parametrize("hosts,mesh", [(32, (1, 16, 16)), (16, (1, 16, 8)), (32, (1, 64, 4)),
+                                        (16, (1, 64, 2)), (32, (2, 32, 4))])
+def test_each_host_uploads_only_its_devices_rows(hosts, mesh):
+    """v3 hosts hold 8 devices each; with devices numbered host by host, each host uploads
+    the row blocks of its own devices only, and all hosts together cover every row."""
+    dp, fsdp, mp = mesh
+    n = dp * fsdp * mp
+    rows = 2 * dp * fsdp
+    per_host = n // hosts
+    covered = np.zeros(rows, dtype=int)
+    for p in range(hosts):
+        ordinals = range(p * per_host, (p + 1) * per_host)
+        spans = runtime.host_rows(rows, mesh, np.arange(n), ordinals)
+        for lo, hi in spans:
+            covered[lo:hi] += 1
+        # A host's 8 devices span 8 / mp batch blocks (at least 1): 2 rows per block here.
+        assert sum(hi - lo for lo, hi in spans) == 2 * max(1, per_host // mp)
+    # Every row block is held by the mp devices of its (dp, fsdp) position.
+    owners = max(1, mp // per_host)
+    assert (covered == owners).all()
+
+
+def test_seed_dpo_batch_on_32_hosts():
+    """16 rows over the 32 hosts of a v3-256 with -1,16,16: host p uploads row p // 2."""
+    for p in range(32):
+        assert runtime.host_rows(16, (1, 16, 16), np.arange(256), range(8 * p, 8 * p + 8)) == [(p // 2, p // 2 + 1)]
+
+
+def test_shard_slices_combine_axes_major_to_minor():
+    sizes = {"dp": 2, "fsdp": 4, "mp": 2}
+    assert runtime.shard_slices((16, 3), (("dp", "fsdp"), None), sizes, (1, 2, 0)) == (slice(12, 14), slice(0, 3))
+    assert runtime.shard_slices((8, 6), ("fsdp", "mp"), sizes, (0, 3, 1)) == (slice(6, 8), slice(3, 6))
+    with pytest.raises(ValueError, match="does not split 8 ways"):
+        runtime.shard_slices((12,), (("dp", "fsdp"),), sizes, (0, 0, 0))
