@@ -124,9 +124,10 @@ def dpo_loss(
     )
     if not beta > 0:
         raise ValueError(f"dpo_loss: beta={beta!r}, expected beta > 0")
-    if not 0.0 <= label_smoothing <= 0.5:
+    # At 0.5 the loss no longer depends on z (no gradient): the config's bound, too.
+    if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
-            f"dpo_loss: label_smoothing={label_smoothing!r}, expected 0 <= label_smoothing <= 0.5"
+            f"dpo_loss: label_smoothing={label_smoothing!r}, expected 0 <= label_smoothing < 0.5"
         )
     if use_ipo and label_smoothing != 0.0:
         raise ValueError("dpo_loss: label_smoothing applies to the sigmoid loss, not to IPO")
