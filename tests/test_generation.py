@@ -385,6 +385,7 @@ MESH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_sharded_mesh_matches_single_device():
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
     script = MESH_SCRIPT.format(tests_dir=str(REPO / "tests"))

@@ -65,6 +65,7 @@ def test_rank_and_divisibility_errors():
         match_specs([("w", (6, 4))], ((r"^w$", ("fsdp", None)),), axis_sizes={"fsdp": 4})
 
 
+@pytest.mark.multiprocess
 def test_sharded_tiny_llama_matches_single_device():
     """Forward and one AdamW update on a (1,2,2) mesh equal the unsharded run."""
     code = """

@@ -37,6 +37,7 @@ def test_13b_configs_match_the_seed_commands():
     assert ppo.save_milestone_freq == 116 and ppo.sampling.top_k == 50
 
 
+@pytest.mark.slow
 def test_one_command_tiny_pipeline(tmp_path):
     """python -m torchxla_rlhf pipeline: DPO -> reward -> PPO wired together (a few steps)."""
     from torchxla_rlhf.__main__ import run_pipeline
