@@ -44,7 +44,7 @@ def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
 
     # HF's pooling (rightmost non-pad token) and ours (last real token) agree on right-padded
     # held-out pairs: score them both ways.
-    batch = next(trainer.data.eval_batches())
+    batch = runtime.batch_to_device(next(trainer.data.eval_batches()), trainer.ctx.mesh)
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     with torch.no_grad():
