@@ -568,6 +568,9 @@ def test_override_errors_name_the_override_not_the_file_section(tmp_path):
     assert msg.startswith("override 'optimizer.warmup_ratio=3': invalid 'optimizer': warmup_ratio")
     msg = _err(load_config, DPOConfig, path, ["use_ipo=true"])
     assert msg.startswith(f"{path}:3: invalid config: label_smoothing: not used by IPO")
+    # A section-wide error caused by an override names the override.
+    msg = _err(load_config, DPOConfig, path, ["train_dataset.hf_name=x/y"])
+    assert msg.startswith("override 'train_dataset.hf_name=x/y': invalid 'train_dataset': ")
     # The loss's bound and the config's agree: 0.5 is refused by both.
     assert "label_smoothing: must be in [0, 0.5)" in _err(
         load_config, DPOConfig, path, ["label_smoothing=0.5"])

@@ -252,11 +252,16 @@ def _build(cls: type, data: Any, prefix: str, origins: _Origins, root: type) -> 
 
 def _invalid(cls: type, prefix: str, message: str, origins: _Origins) -> ConfigError:
     """A section's ``ValueError``, located at the field its message starts with
-    (``"warmup_ratio: ..."`` or ``"DatasetConfig.path: ..."``) when there is one, so that an
-    override's mistake is reported against the override, not the file's section line."""
+    (``"warmup_ratio: ..."`` or ``"DatasetConfig.path: ..."``) when there is one, else at the
+    last override into the section: an override's mistake is reported against the override,
+    not the file's section line."""
     m = re.match(r"(?:\w+\.)?(\w+)\b", message)
     field = m.group(1) if m and m.group(1) in _hints(cls) else None
     where = origins.where(_join(prefix, field) if field else prefix)
+    if field is None:  # the section as a whole: the last override into it, if any
+        under = [o for k, o in origins.items() if o.startswith("override ")
+                 and (not prefix or k == prefix or k.startswith(prefix + "."))]
+        where = under[-1] if under else where
     return ConfigError(f"invalid {f'{prefix!r}' if prefix else 'config'}: {message}",
                        key=prefix, where=where)
 
