@@ -13,8 +13,6 @@ import transformers
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from torchxla_rlhf.configs import TinyModelConfig
-from torchxla_rlhf.models import tiny_llama_config
 from torchxla_rlhf import checkpoint, runtime
 from torchxla_rlhf.checkpoint import (
     CheckpointSchedule,
@@ -25,6 +23,8 @@ from torchxla_rlhf.checkpoint import (
     save_hf_checkpoint,
     write_json,
 )
+from torchxla_rlhf.configs import TinyModelConfig
+from torchxla_rlhf.models import tiny_llama_config
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
 

@@ -27,8 +27,8 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
 from torchxla_rlhf import runtime, sharding
+from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
 logger = logging.getLogger(__name__)

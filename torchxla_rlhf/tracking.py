@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import fsspec
 import torch
 
-from torchxla_rlhf.configs import LoggingConfig
 from torchxla_rlhf import runtime
+from torchxla_rlhf.configs import LoggingConfig
 
 logger = logging.getLogger(__name__)
 
