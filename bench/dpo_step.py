@@ -107,8 +107,9 @@ def make_pairs(n: int, seq_len: int, seed: int = 0) -> list[dict[str, Any]]:
 def debug_llama_config(seq_len: int):
     """The HF ``LlamaConfig`` of the debug shape, exactly as ``models.load_causal_lm`` builds ``tiny``."""
     from torchxla_rlhf import models
+    from torchxla_rlhf.configs import TinyModelConfig
 
-    tiny = models.TinyModelConfig(
+    tiny = TinyModelConfig(
         **DEBUG_SHAPE, max_position_embeddings=max(1024, seq_len), seed=MODEL_SEED
     )
     return tiny, models.tiny_llama_config(tiny, pad_token_id=0)

@@ -23,25 +23,16 @@ from torchxla_rlhf.checkpoint import (
     save_hf_checkpoint,
     write_json,
 )
+from torchxla_rlhf.configs import TinyModelConfig
+from torchxla_rlhf.models import tiny_llama_config
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
 
 
-def tiny_config(tie: bool = False, **kw) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=5000.0,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
-        **kw,
+def tiny_config(tie: bool = False, pad_token_id: int | None = None, **kw) -> transformers.LlamaConfig:
+    return tiny_llama_config(
+        TinyModelConfig(max_position_embeddings=128), pad_token_id=pad_token_id,
+        rope_theta=5000.0, tie_word_embeddings=tie, attn_implementation="eager", **kw,
     )
 
 

@@ -64,6 +64,7 @@ def test_dpo_trains_saves_and_reloads(tmp_path):
     assert saved.get("use_cache", True) is True  # downstream generation caches keys/values
 
 
+@pytest.mark.slow
 def test_dpo_learns_the_tiny_preference(tmp_path):
     """Held-out reward accuracy climbs well above chance (0.5) within 60 updates."""
     from torchxla_rlhf.dpo import main
@@ -77,6 +78,7 @@ def test_dpo_learns_the_tiny_preference(tmp_path):
     assert result["eval/loss"] < evals[0]["eval/loss"] - 0.3
 
 
+@pytest.mark.slow
 def test_precalculated_reference_logps_match_and_are_cached(tmp_path):
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
@@ -101,6 +103,7 @@ def test_precalculated_reference_logps_match_and_are_cached(tmp_path):
     assert trainer.reference is None
 
 
+@pytest.mark.multiprocess
 def test_mesh_1_2_2_matches_single_device(tmp_path):
     """The tiny DPO on 4 devices with mesh (1,2,2) gives the single-device losses."""
     overrides = ["total_steps=3", "eval_dataset=null", "save_model_freq=0",
@@ -138,6 +141,18 @@ def test_cli_rejects_unknown_key_with_suggestion():
     assert "optimizer.lrr" in proc.stderr and "optimizer.lr" in proc.stderr
 
 
+def test_cli_logs_the_projects_info_lines(tmp_path):
+    """The entry point configures logging after torch_xla's import (which configures the root
+    logger at WARNING first): INFO lines from the project show. The run stops right after the
+    data are read (a batch larger than the data set), so no step compiles."""
+    proc = _cli("--config", "tiny/dpo.yaml", f"output_dir={tmp_path}", "eval_dataset=null",
+                f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+                "train_dataset.batch_size=100000")
+    assert proc.returncode == 1 and "fewer than one global batch" in proc.stderr
+    assert " INFO torchxla_rlhf.runtime: Mesh dp=1 fsdp=1 mp=1" in proc.stderr, proc.stderr[-3000:]
+    assert " INFO torchxla_rlhf.trainers.pairs: train pairs: 2000" in proc.stderr
+
+
 def test_missing_model_checkpoint_is_a_clear_error(tmp_path):
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
@@ -147,6 +162,7 @@ def test_missing_model_checkpoint_is_a_clear_error(tmp_path):
                             "tokenizer=tiny"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     """Preemption: SIGTERM during step 2 -> checkpoint-latest with training state, stop.
     resume_from=auto then runs steps 3-4 exactly as an uninterrupted run does."""

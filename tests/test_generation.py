@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.configs import TinyModelConfig
 from torchxla_rlhf.generation import (
     GenerationOutput,
     Generator,
@@ -24,29 +25,19 @@ from torchxla_rlhf.generation import (
     additive_mask,
     gumbel_noise,
     hash_uniform,
-    position_ids_from_mask,
     prefill_mask,
     process_logits,
     sample_next_token,
 )
+from torchxla_rlhf.models import tiny_llama_config
+from torchxla_rlhf.rl import position_ids_from_mask
 
 EOS, PAD = 2, 0
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config() -> transformers.LlamaConfig:
-    cfg = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
+    cfg = tiny_llama_config(TinyModelConfig(max_position_embeddings=512), pad_token_id=PAD)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -376,14 +367,10 @@ MESH_SCRIPT = textwrap.dedent(
            .sequences.tolist() for c in configs]
     model.to(dev)
     mesh = runtime.make_mesh("1,2,2")
-    try:
-        from torchxla_rlhf.sharding import shard_model
-        shard_model(model, mesh)
-    except ImportError:
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                row = any(k in name for k in ("o_proj", "down_proj", "embed_tokens"))
-                runtime.mark_sharding(p, mesh, ("fsdp", "mp") if row else ("mp", "fsdp"))
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            row = any(k in name for k in ("o_proj", "down_proj", "embed_tokens"))
+            runtime.mark_sharding(p, mesh, ("fsdp", "mp") if row else ("mp", "fsdp"))
     batch = runtime.batch_to_device({{"ids": ids, "mask": mask}}, mesh)
     res = {{"devices": runtime.device_count(), "ref": ref, "xla": [], "counts": []}}
     for c in configs:
@@ -398,6 +385,7 @@ MESH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_sharded_mesh_matches_single_device():
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
     script = MESH_SCRIPT.format(tests_dir=str(REPO / "tests"))

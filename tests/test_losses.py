@@ -145,6 +145,8 @@ def test_dpo_bad_arguments():
         dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.0)
     with pytest.raises(ValueError, match="IPO"):
         dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.1, use_ipo=True)
+    with pytest.raises(ValueError, match=r"label_smoothing < 0.5"):  # the config's bound
+        dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match=r"dpo_loss: expected tensors of equal shape \[B\]"):
         dpo_loss(pi_c, pi_r[:1], ref_c, ref_r, beta=0.1)
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from torchxla_rlhf import checkpoint, models, runtime
+from torchxla_rlhf.configs import ModelConfig
+from torchxla_rlhf.rl import position_ids_from_mask
 from torchxla_rlhf.tokenizers import build_tiny_tokenizer
 
 
@@ -16,7 +18,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def saved_lm(tmp_path_factory, mesh):
-    lm = models.load_causal_lm(models.ModelConfig(compute_dtype="float32"), mesh)
+    lm = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
     path = str(tmp_path_factory.mktemp("lm") / "model")
     checkpoint.save_hf_checkpoint(lm, build_tiny_tokenizer(), path, save_dtype=torch.float32)
     return lm, path
@@ -29,8 +31,8 @@ def _logits(model, ids, mask):
 
 def test_tiny_model_is_seeded_and_loads_back_from_a_local_dir(mesh, saved_lm):
     lm, path = saved_lm
-    again = models.load_causal_lm(models.ModelConfig(compute_dtype="float32"), mesh)
-    loaded = models.load_causal_lm(models.ModelConfig(name_or_path=path, compute_dtype="float32"), mesh)
+    again = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+    loaded = models.load_causal_lm(ModelConfig(name_or_path=path, compute_dtype="float32"), mesh)
     ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ref = _logits(lm, ids, mask)
@@ -48,7 +50,7 @@ def test_fsspec_directory_is_copied_to_a_local_cache(mesh, saved_lm, tmp_path, m
         fs.pipe(f"/models/tiny/{name}", open(os.path.join(path, name), "rb").read())
     monkeypatch.setenv("TORCHXLA_RLHF_CACHE", str(tmp_path / "cache"))
     model = models.load_causal_lm(
-        models.ModelConfig(name_or_path="memory://models/tiny", compute_dtype="float32"), mesh)
+        ModelConfig(name_or_path="memory://models/tiny", compute_dtype="float32"), mesh)
     assert model.config.num_hidden_layers == 2
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.resolve_model_dir("memory://models/nothing-here")
@@ -74,8 +76,8 @@ def test_hub_names_go_to_the_hub_with_the_token(monkeypatch, saved_lm):
 
 def test_position_ids_and_last_token_scores_with_left_and_right_padding(mesh):
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert models.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
-    rm = models.load_sequence_classifier(models.ModelConfig(compute_dtype="float32"), mesh)
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    rm = models.load_sequence_classifier(ModelConfig(compute_dtype="float32"), mesh)
     dev = runtime.device()
     ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 0, 0]])
     scores = runtime.to_cpu(models.sequence_classifier_scores(rm, ids.to(dev), mask.to(dev)))
@@ -93,7 +95,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mesh):
     grads = []
     for ckpt in (False, True):
         model = models.load_causal_lm(
-            models.ModelConfig(compute_dtype="float32", gradient_checkpointing=ckpt), mesh)
+            ModelConfig(compute_dtype="float32", gradient_checkpointing=ckpt), mesh)
         loss = models.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
         loss.backward()
         runtime.sync()  # one graph for all gradients (else each .cpu() traces its own)
@@ -104,10 +106,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(mesh):
 
 
 def test_bf16_compute_over_fp32_params(mesh):
-    model = models.load_causal_lm(models.ModelConfig(compute_dtype="bfloat16"), mesh)
+    model = models.load_causal_lm(ModelConfig(compute_dtype="bfloat16"), mesh)
     assert model.lm_head.weight.dtype == torch.float32
     ids = torch.randint(3, 250, (2, 8)).to(runtime.device())
-    with models.autocast("bfloat16", "float32"):
+    with runtime.autocast("bfloat16", "float32"):
         logits = models.causal_lm_logits(model, ids, torch.ones_like(ids))
     assert logits.dtype == torch.bfloat16
     assert torch.isfinite(runtime.to_cpu(logits).float()).all()
@@ -115,4 +117,4 @@ def test_bf16_compute_over_fp32_params(mesh):
 
 def test_pad_equal_to_eos_is_refused_for_reward_models(mesh):
     with pytest.raises(ValueError, match="different from eos"):
-        models.load_sequence_classifier(models.ModelConfig(), mesh, pad_token_id=2)
+        models.load_sequence_classifier(ModelConfig(), mesh, pad_token_id=2)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.optim import AdamW, AdamWConfig, OptimizerConfig, Schedule
+from torchxla_rlhf.configs import AdamWConfig, OptimizerConfig
+from torchxla_rlhf.optim import AdamW, Schedule
 
 
 def test_linear_schedule_by_hand():

@@ -17,6 +17,9 @@ from helpers import REPO, read_metrics, run_with_devices
 CONFIGS = os.path.join(REPO, "configs", "tiny")
 
 
+# Every test here trains with the tiny models the module fixture trains first (minutes).
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """(policy_dir, reward_dir) trained briefly on the shipped tiny data."""
@@ -127,6 +130,7 @@ def test_compilations_do_not_grow_with_continuation_length(tmp_path, tiny_models
     assert after == 0 and first <= 8, counts
 
 
+@pytest.mark.multiprocess
 def test_mesh_1_2_2_matches_single_device_first_step(tmp_path, tiny_models):
     keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/val/vpred", "tokens/responses_len_mean"]
     code = """

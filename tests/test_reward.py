@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from torchxla_rlhf import models, runtime
@@ -18,6 +19,7 @@ def tiny_cfg(out, *overrides):
     return tiny_config(RewardConfig, "reward", out, *overrides)
 
 
+@pytest.mark.slow
 def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -42,7 +44,7 @@ def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
 
     # HF's pooling (rightmost non-pad token) and ours (last real token) agree on right-padded
     # held-out pairs: score them both ways.
-    batch = next(trainer.data.eval_batches())
+    batch = runtime.batch_to_device(next(trainer.data.eval_batches()), trainer.ctx.mesh)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # chosen rows, then rejected
     with torch.no_grad():
         ours = runtime.to_cpu(models.sequence_classifier_scores(trainer.model, ids, mask))
@@ -50,6 +52,7 @@ def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_reward_from_causal_lm_and_from_reward_checkpoints(tmp_path):
     """A causal-LM start keeps the backbone and draws a fresh head; a reward-model start keeps
     its head. Also exercises the margin loss."""
@@ -81,6 +84,7 @@ def test_reward_from_causal_lm_and_from_reward_checkpoints(tmp_path):
     torch.testing.assert_close(runtime.to_cpu(rm.score.weight), trained_head)
 
 
+@pytest.mark.multiprocess
 def test_reward_mesh_1_2_2_matches_single_device(tmp_path):
     overrides = ["total_steps=3", "eval_dataset=null", "save_model_freq=0"]
     code = f"""

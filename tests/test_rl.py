@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from torchxla_rlhf.rl import (
-    RolloutBatch,
     apply_eos_penalty,
     discounted_cumsum,
     gae,
@@ -206,44 +205,6 @@ def test_eos_penalty_then_gain_and_bias():
     close(scale_scores(penalized, 2.0, 0.5), [2.5, -19.5, 6.5, -19.5])
     with pytest.raises(ValueError, match="attention_mask has shape"):
         apply_eos_penalty(scores, sequences, attention_mask[:, :3], eos_token_id=eos, penalty=-10.0)
-
-
-# ---------------------------------------------------------------------------- rollout batch
-
-
-def make_batch(B=4, PL=3, CL=2) -> RolloutBatch:
-    tok = torch.arange(B * CL, dtype=torch.float32).reshape(B, CL)
-    return RolloutBatch(
-        sequences=torch.arange(B * (PL + CL)).reshape(B, PL + CL),
-        attention_mask=torch.ones(B, PL + CL, dtype=torch.long),
-        continuation_mask=torch.ones(B, CL, dtype=torch.long),
-        old_logps=tok,
-        ref_logps=tok + 1,
-        values=tok + 2,
-        rewards=tok + 3,
-        scores=torch.arange(B, dtype=torch.float32),
-        advantages=tok + 4,
-        returns=tok + 5,
-    )
-
-
-def test_rollout_batch_slicing_and_validation():
-    batch = make_batch()
-    assert (batch.batch_size, batch.prompt_length, batch.continuation_length) == (4, 3, 2)
-    assert batch.continuations.tolist() == [[3, 4], [8, 9], [13, 14], [18, 19]]
-    mb = batch.slice(slice(2, 4))
-    assert mb.batch_size == 2
-    assert mb.scores.tolist() == [2.0, 3.0]
-    assert mb.old_logps.tolist() == [[4.0, 5.0], [6.0, 7.0]]
-    assert mb.sequences[0, 0].item() == 10
-    mbs = list(batch.minibatches(2))
-    assert [m.scores.tolist() for m in mbs] == [[0.0, 1.0], [2.0, 3.0]]
-    with pytest.raises(ValueError, match="divide"):
-        list(batch.minibatches(3))
-    with pytest.raises(ValueError, match=r"RolloutBatch.values: expected shape \[4, 2\]"):
-        RolloutBatch(**{**vars(make_batch()), "values": torch.zeros(4, 3)})
-    with pytest.raises(ValueError, match=r"RolloutBatch.scores"):
-        RolloutBatch(**{**vars(make_batch()), "scores": torch.zeros(4, 1)})
 
 
 # ---------------------------------------------------------------------------- stats

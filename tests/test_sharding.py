@@ -1,6 +1,8 @@
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
+from torchxla_rlhf.configs import TinyModelConfig
+from torchxla_rlhf.models import tiny_llama_config
 from torchxla_rlhf import sharding
 from torchxla_rlhf.sharding import ShardingError, match_specs
 
@@ -8,10 +10,8 @@ from helpers import run_with_devices
 
 
 def _tiny_config(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    base.update(kw)
-    return LlamaConfig(**base)
+    return tiny_llama_config(TinyModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64),
+                             **kw)
 
 
 def _shapes(model):
@@ -65,19 +65,21 @@ def test_rank_and_divisibility_errors():
         match_specs([("w", (6, 4))], ((r"^w$", ("fsdp", None)),), axis_sizes={"fsdp": 4})
 
 
+@pytest.mark.multiprocess
 def test_sharded_tiny_llama_matches_single_device():
     """Forward and one AdamW update on a (1,2,2) mesh equal the unsharded run."""
     code = """
     import json, torch
     from torchxla_rlhf import runtime, models, optim
+    from torchxla_rlhf.configs import ModelConfig, OptimizerConfig
     runtime.init()
     ids = torch.randint(3, 250, (4, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids); mask[1, 18:] = 0
     results = {}
     for mesh_dim in ("1,4,1", "2,1,2"):
         mesh = runtime.make_mesh(mesh_dim)
-        model = models.load_causal_lm(models.ModelConfig(compute_dtype="float32"), mesh)
-        opt = optim.AdamW(model.parameters(), optim.OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
+        model = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+        opt = optim.AdamW(model.parameters(), OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
                           optim.Schedule.linear(1e-2, 0.0, 0.0, 10))
         def step(b):
             logits = models.causal_lm_logits(model, b["ids"], b["mask"])

@@ -39,6 +39,7 @@ def test_13b_configs_match_the_seed_commands():
     assert ppo.prompt_add_bos  # EasyLM's tokenizer (--tokenizer.add_bos_token) began prompts with <s>
 
 
+@pytest.mark.slow
 def test_one_command_tiny_pipeline(tmp_path):
     """python -m torchxla_rlhf pipeline: DPO -> reward -> PPO wired together (a few steps)."""
     from torchxla_rlhf.__main__ import run_pipeline

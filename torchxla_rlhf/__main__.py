@@ -26,8 +26,10 @@ TRAINERS = {
 STAGES = ("dpo", "reward", "ppo")
 
 
-def run_pipeline(configs: str, output_root: str, overrides: list[str]) -> dict[str, dict[str, float]]:
-    """DPO -> reward -> PPO with the directories wired; returns each stage's last metrics."""
+def run_pipeline(configs: str, output_root: str, overrides: list[str], *,
+                 setup_logging: bool = False) -> dict[str, dict[str, float]]:
+    """DPO -> reward -> PPO with the directories wired; returns each stage's last metrics.
+    ``setup_logging``: console logging at each stage's ``log_level`` (the command line)."""
     from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
     from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.dpo import DPOTrainer
@@ -56,7 +58,7 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str]) -> dict[s
                        [f"output_dir={out[s]}", *wiring[s], *per_stage[s]])
         for s in STAGES
     }
-    return {s: run(kinds[s][1], cfgs[s]) for s in STAGES}
+    return {s: run(kinds[s][1], cfgs[s], setup_logging=setup_logging) for s in STAGES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-root", default="outputs/tiny")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. ppo.total_steps=10")
     args = parser.parse_args(argv[1:])
-    from torchxla_rlhf.trainers.base import setup_logging
-
-    setup_logging()
     try:
-        run_pipeline(args.configs, args.output_root, args.overrides)
+        run_pipeline(args.configs, args.output_root, args.overrides, setup_logging=True)
     except ConfigError as e:
         print(f"python -m torchxla_rlhf pipeline: error: {e}", file=sys.stderr)
         return 2

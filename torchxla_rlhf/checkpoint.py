@@ -31,17 +31,13 @@ first, so a half-copied directory never looks complete. After an interruption at
   checkpoint (:func:`resolve_checkpoint` returns it);
 * the next successful save to ``<output_path>`` deletes all ``.tmp-*`` / ``.old-*`` leftovers.
 
-Resume state (not written yet; a note for the next step). Optimizer moments, the data-loader
-position, RNG states and the schedule step will go next to the HF weights, in
-``<checkpoint dir>/training_state/``, written with ``torch.distributed.checkpoint`` and
-torch_xla's ``SPMDSavePlanner`` / ``SPMDLoadPlanner`` (each host writes only its own shards, no
-all-gather), plus a small JSON (:func:`write_json`) with step, data position and RNG seeds. The
-weights are then read back from the safetensors shards (``param.copy_(cpu_tensor)`` keeps the
-sharding) and the optimizer state is loaded in place after ``prime_optimizer``. Trap (field
-notes, pytorch/xla#7919, unfixed in 2.9): the SPMD save planner drops partially replicated
-tensors whose replicas all sit on one process (Adam states of replicated params), so reload
-fails with a missing ``exp_avg``; use a planner subclass whose local plan keeps exactly one
-write item per (fqn, offset). ``CheckpointManager`` needs a process group (gloo) and
+Resume state is ``train_state.py``'s (``<checkpoint dir>/training_state/``, gathered to the
+host tensor by tensor). For 13B+ models the next step is ``torch.distributed.checkpoint`` with
+torch_xla's ``SPMDSavePlanner`` / ``SPMDLoadPlanner`` (each host writes only its own shards).
+Trap (field notes, pytorch/xla#7919, unfixed in 2.9): the SPMD save planner drops partially
+replicated tensors whose replicas all sit on one process (Adam states of replicated params), so
+reload fails with a missing ``exp_avg``; use a planner subclass whose local plan keeps exactly
+one write item per (fqn, offset). ``CheckpointManager`` needs a process group (gloo) and
 ``chkpt_on_preemption=False`` off TPU.
 """
 

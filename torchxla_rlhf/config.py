@@ -8,30 +8,23 @@ string literal directly under it (torchtitan style)::
         lr: float = 5e-7
         \"\"\"Peak learning rate.\"\"\"
 
-The same dotted names are used everywhere: in YAML (nested mappings), on the command line
-(``optimizer.lr=1e-6`` / ``--optimizer.lr=1e-6`` / ``--optimizer.lr 1e-6``), in error messages
-and in ``--help``. Loading is strict: unknown keys, wrong types and missing required keys are
-:class:`ConfigError`\\ s that name the dotted key, the file and line it came from, what was
-expected and, for typos, the nearest valid key(s).
+The field types a tree may use are what the trainers' trees use: ``bool``, ``int``, ``float``,
+``str``, ``Literal[...]``, ``X | None`` and nested dataclasses. The same dotted names are used
+everywhere: in YAML (nested mappings), on the command line (``optimizer.lr=1e-6``,
+``--optimizer.lr=1e-6`` or ``--optimizer.lr 1e-6``), in error messages and in ``--help``.
 
 Resolution order for :func:`load_config` (later wins)::
 
     dataclass defaults  <  base: files (recursively)  <  the file itself  <  key=value overrides
 
-Then every dataclass in the tree that defines ``validate()`` is called (children first); a
-``ValueError`` raised there becomes a ``ConfigError`` prefixed with the section's dotted key.
-
-Type coercion is deliberately narrow ("only where safe"):
-
-- ``int``: ints, floats without a fractional part (``1.0e+3``), numeric strings (``'1e3'``);
-  never ``bool``.
-- ``float``: floats, ints, and strings that parse as floats (YAML 1.1 reads ``5e-7`` as a str).
-- ``bool``: real booleans only (YAML ``true/false``; on the command line ``true/false``).
-- ``str``: strings only in files; on the command line the raw text (``run_name=2024`` is fine).
-- ``X | None``, ``Literal[...]``, nested dataclasses (from a mapping), ``list[T]``,
-  ``tuple[T, ...]``/``tuple[A, B]``, ``dict[str, T]``, ``Enum`` (by value or name), ``Path``.
-
-YAML is only ever read with the safe loader; nothing is ``eval``'d.
+Loading is strict: unknown keys, wrong types, missing required keys and the ``ValueError`` of
+a section's ``validate()`` (called children first) or ``__post_init__`` are
+:class:`ConfigError`\\ s that name the dotted key, where its value came from (``file:line`` or
+``override '...'``) and, for typos, the nearest valid key. Coercion is narrow: an ``int`` takes
+ints, integral floats and numeric strings (never a bool); a ``float`` takes numbers and numeric
+strings (YAML 1.1 reads ``5e-7`` as a string); a ``bool`` only YAML booleans; a ``str`` only
+strings in files, and on the command line the raw text (``run_name=2024`` stays a string).
+YAML is only read with the safe loader; nothing is ``eval``'d.
 """
 
 from __future__ import annotations
@@ -39,300 +32,176 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import enum
 import functools
 import inspect
 import os
-import pathlib
 import posixpath
+import re
 import sys
 import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-__all__ = [
-    "ConfigError",
-    "field_docs",
-    "from_dict",
-    "to_dict",
-    "dump_yaml",
-    "validate_config",
-    "load_config",
-    "parse_cli",
-    "format_help",
-    "cli_main",
-    "save_config",
-]
-
 T = TypeVar("T")
 
-_BASE_KEY = "base"
+BASE_KEY = "base"
 """Reserved top-level YAML key naming the file(s) this one is merged over."""
 
-_NONE_TYPE = type(None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+"""The repository's ``configs/``: a ``--config`` name that is not a file is looked up here."""
 
 
 class ConfigError(ValueError):
-    """A bad config value, key or file.
+    """A bad config value, key or file: ``str(err)`` is ``"<where>: <message>"``, where
+    ``where`` is ``file:line`` or ``override '...'``. ``key`` is the dotted key at fault."""
 
-    ``str(err)`` is ``"<where>: <message>"`` where ``where`` is ``file:line`` (or the command-line
-    override, or the ``source`` given to :func:`from_dict`), e.g.
-    ``configs/x.yaml:3: unknown key 'optimizer.lrr'; did you mean 'optimizer.lr'?``.
-
-    Attributes:
-        message: the message without the location.
-        key: the dotted key at fault (``"optimizer.lr"``), or None for file-level errors.
-        where: the location prefix, or None.
-    """
-
-    def __init__(self, message: str, *, key: str | None = None, where: str | None = None,
-                 mismatch: bool = False) -> None:
-        self.message = message
-        self.key = key
-        self.where = where
-        # True for "value has the wrong type" at exactly `key`: a Union tries its next member.
-        self._mismatch = mismatch
+    def __init__(self, message: str, *, key: str | None = None, where: str | None = None):
+        self.message, self.key, self.where = message, key, where
         super().__init__(f"{where}: {message}" if where else message)
 
 
-class _CliValue:
-    """A command-line override value: the YAML-parsed value plus the raw text.
+class _Raw:
+    """A command-line value: YAML-parsed, with the raw text a ``str`` field takes instead."""
 
-    The raw text is what a ``str`` field gets (``run_name=2024`` or ``run_name=no`` must stay
-    strings, not become ``2024`` / ``False``).
-    """
-
-    __slots__ = ("raw", "parsed")
-
-    def __init__(self, raw: str, parsed: Any) -> None:
-        self.raw = raw
-        self.parsed = parsed
-
-    def __repr__(self) -> str:
-        return repr(self.parsed)
+    def __init__(self, raw: str, parsed: Any):
+        self.raw, self.parsed = raw, parsed
 
 
-class _Ctx:
-    """Where values came from, for error messages.
-
-    ``origins`` maps dotted keys (``optimizer.lr``, ``data.files[0]``) to ``file:line`` or
-    ``override '...'``; a key without an entry uses its nearest parent's, then ``source``.
-    """
-
-    def __init__(self, root: type, source: str, origins: Mapping[str, str] | None = None) -> None:
-        self.root = root
-        self.source = source
-        self.origins = dict(origins or {})
-
-    def where(self, key: str) -> str:
-        k = key
-        while k:
-            if k in self.origins:
-                return self.origins[k]
-            k = _parent_key(k)
-        return self.source
-
-    def where_section(self, prefix: str) -> str:
-        """Location for a whole section: its own key, else the one place its keys came from."""
-        if not prefix or prefix in self.origins:
-            return self.where(prefix)
-        under = {o for k, o in self.origins.items()
-                 if k.startswith(prefix + ".") or k.startswith(prefix + "[")}
-        return under.pop() if len(under) == 1 else self.where(prefix)
-
-
-def _parent_key(key: str) -> str:
-    """``a.b[0]`` -> ``a.b`` -> ``a`` -> ``''``."""
-    cut = max(key.rfind("."), key.rfind("["))
-    return key[:cut] if cut > 0 else ""
+def _value(v: Any) -> Any:
+    return v.parsed if isinstance(v, _Raw) else v
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+class _Origins(dict):
+    """``{dotted key: 'file:line' | "override '...'"}``; a key without an entry reports its
+    nearest parent's location, then the file's."""
+
+    def __init__(self, source: str = "<defaults>"):
+        super().__init__()
+        self.source = source
+
+    def where(self, key: str) -> str:
+        while key:
+            if key in self:
+                return self[key]
+            key = key.rpartition(".")[0]
+        return self.source
+
+    def drop_under(self, key: str) -> None:
+        for k in [k for k in self if k.startswith(key + ".")]:
+            del self[k]
+
+
 # ---------------------------------------------------------------------------------------------
-# Introspection: fields, type hints, docstrings
+# Introspection
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _check_dataclass_type(cls: Any) -> None:
-    if not _is_dataclass_type(cls):
-        raise TypeError(f"expected a dataclass type, got {cls!r}")
 
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass (handles ``from __future__ import annotations``)."""
-    try:
-        return typing.get_type_hints(cls)
-    except (NameError, TypeError) as e:
-        raise TypeError(f"cannot resolve the type annotations of {cls.__qualname__}: {e}") from e
+    """Resolved annotations of the configurable (``init``) fields of a dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
-    """The fields a config key can set (``init=False`` fields are derived, not configurable)."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"unsupported config annotation {tp!r}: only X | None unions")
+        return rest[0], True
+    return tp, False
 
 
-def _has_default(f: dataclasses.Field) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-@functools.cache
-def _own_field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written directly under annotated assignments in ``cls``'s own body."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-        tree = ast.parse(src)
-    except (OSError, TypeError, SyntaxError, IndentationError):
-        return {}  # built dynamically or source unavailable: no docs, not an error
-    node = next((n for n in ast.walk(tree)
-                 if isinstance(n, ast.ClassDef) and n.name == cls.__name__), None)
-    if node is None:
-        return {}
-    docs: dict[str, str] = {}
-    body = node.body
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
+def _section_type(tp: Any) -> type | None:
+    inner, _ = _optional(tp)
+    return inner if _is_section(inner) else None
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Per-field docstrings of a dataclass: ``{field_name: doc}``.
-
-    Reads the class source with :mod:`ast` and takes the string literal right below each
-    annotated field. Base classes are walked too (a subclass's doc wins). Fields without a
-    docstring are absent; classes whose source is unavailable give ``{}``.
-    """
+    """``{field: docstring}`` from the string literal under each field in the class source
+    (base classes too; a subclass's doc wins). Missing source gives ``{}``."""
     docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object:
-            continue
+    for klass in reversed(cls.__mro__[:-1]):
         docs.update(_own_field_docs(klass))
     return docs
 
 
-def _class_doc(cls: type) -> str:
-    """The class docstring, ignoring the signature string ``@dataclass`` makes up."""
-    doc = cls.__dict__.get("__doc__") or ""
-    if not doc or doc.startswith(f"{cls.__name__}("):
-        return ""
-    return inspect.cleandoc(doc)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> ``(X, True)``; anything else -> ``(tp, False)``."""
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        rest = [a for a in args if a is not _NONE_TYPE]
-        if len(rest) == 1 and len(rest) < len(args):
-            return rest[0], True
-    return tp, False
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+@functools.cache
+def _own_field_docs(cls: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = next((n.body for n in ast.walk(tree)
+                 if isinstance(n, ast.ClassDef) and n.name == cls.__name__), [])
+    return {
+        stmt.target.id: inspect.cleandoc(nxt.value.value)
+        for stmt, nxt in zip(body, body[1:])
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)
+    }
 
 
 def _type_name(tp: Any) -> str:
-    """Readable type: ``float``, ``int | None``, ``'sigmoid' | 'ipo'``, ``list[str]``."""
-    if tp is _NONE_TYPE or tp is None:
-        return "None"
-    if tp is Any:
-        return "Any"
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is Literal:
-        return " | ".join(_fmt_value(a) for a in args)
-    if origin is not None:
-        name = getattr(origin, "__name__", str(origin))
-        if not args:
-            return name
-        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
-        return f"{name}[{inner}]"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp)
+    """``float``, ``int | None``, ``'sigmoid' | 'ipo'``, ``ModelConfig | None``."""
+    inner, opt = _optional(tp)
+    if typing.get_origin(inner) is Literal:
+        name = " | ".join(_fmt(a) for a in typing.get_args(inner))
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} | None" if opt else name
 
 
-def _fmt_value(v: Any) -> str:
-    """A value as the user would write it in YAML / on the command line."""
+def _fmt(v: Any) -> str:
+    """A value as one writes it in YAML."""
     if v is None:
         return "null"
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return repr(v)
-    if isinstance(v, enum.Enum):
-        return _fmt_value(v.value)
-    plain = _plain(v)
-    return yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip().removesuffix(
-        "...").strip()
+    return repr(v)
 
 
-def _all_keys(cls: type, prefix: str = "", seen: frozenset = frozenset()) -> list[str]:
-    """Every dotted key of a tree (sections and leaves), for suggestions and help."""
-    if cls in seen:
-        return []
-    keys: list[str] = []
-    hints = _hints(cls)
-    for name in _init_fields(cls):
+def _describe(v: Any) -> str:
+    v = _value(v)
+    return "a mapping" if isinstance(v, Mapping) else f"{type(v).__name__} {_fmt(v)}"
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _hints(cls).items():
         key = _join(prefix, name)
         keys.append(key)
-        sub, _ = _strip_optional(hints[name])
-        if _is_dataclass_type(sub):
-            keys.extend(_all_keys(sub, key, seen | {cls}))
+        if (sub := _section_type(tp)) is not None:
+            keys += _all_keys(sub, key)
     return keys
 
 
 def _suggest(key: str, section: type, root: type) -> str:
-    """``"; did you mean 'optimizer.lr'?"`` (difflib) or the list of valid keys in the section."""
-    prefix, name = _parent_key(key), key[len(_parent_key(key)):].lstrip(".")
-    siblings = list(_init_fields(section))
-    close = difflib.get_close_matches(name, siblings, n=3, cutoff=0.6)
-    matches = [_join(prefix, c) for c in close]
-    if not matches:
-        # Maybe right name, wrong section (`lr` at top level -> `optimizer.lr`).
-        by_leaf: dict[str, list[str]] = {}
-        for k in _all_keys(root):
-            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
-        for leaf in difflib.get_close_matches(name, list(by_leaf), n=3, cutoff=0.75):
-            matches.extend(by_leaf[leaf])
-        matches = matches[:3]
-    if len(matches) == 1:
-        return f"; did you mean '{matches[0]}'?"
+    """``"; did you mean 'optimizer.lr'?"``, or the valid keys of the section."""
+    prefix, _, name = key.rpartition(".")
+    siblings = list(_hints(section))
+    matches = [_join(prefix, c) for c in difflib.get_close_matches(name, siblings, n=3)]
+    if not matches:  # right name in the wrong section: `lr` -> `optimizer.lr`
+        keys = _all_keys(root)
+        leaves = difflib.get_close_matches(name, {k.rpartition(".")[2] for k in keys}, cutoff=0.75)
+        matches = [k for k in keys if k.rpartition(".")[2] in leaves][:3]
     if matches:
-        return "; did you mean one of " + ", ".join(f"'{m}'" for m in matches) + "?"
-    where = f"'{prefix}'" if prefix else "the top level"
-    shown = ", ".join(siblings[:25]) + (", ..." if len(siblings) > 25 else "")
-    return f"; valid keys at {where}: {shown}"
+        return "; did you mean " + " or ".join(f"'{m}'" for m in matches) + "?"
+    return f"; valid keys at {f'{prefix!r}' if prefix else 'the top level'}: {', '.join(siblings)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,754 +209,409 @@ def _suggest(key: str, section: type, root: type) -> str:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<dict>") -> T:
-    """Build a config tree from a plain (YAML-style) nested dict, strictly.
-
-    Unknown keys, wrong types and missing required keys raise :class:`ConfigError` naming the
-    dotted key; see the module docstring for the coercions allowed. Omitted keys take the
-    dataclass defaults. After construction every dataclass in the tree that defines
-    ``validate()`` is called (children first); its ``ValueError`` becomes a ``ConfigError``.
-
-    Args:
-        cls: the root dataclass type.
-        data: nested mapping of field values (not modified).
-        source: what to call the origin of ``data`` in error messages (e.g. a file name).
-    """
-    _check_dataclass_type(cls)
-    return _build_and_validate(cls, data, _Ctx(cls, source))
+    """Build and validate a config tree from a plain nested dict, strictly (see the module
+    docstring); ``source`` names the origin of ``data`` in error messages."""
+    return _build(cls, data, "", _Origins(source), cls)
 
 
-def _build_and_validate(cls: type[T], data: Any, ctx: _Ctx) -> T:
-    cfg = _build(cls, data, "", ctx)
-    _validate_tree(cfg, "", ctx)
+def _build(cls: type, data: Any, prefix: str, origins: _Origins, root: type) -> Any:
+    """One section: coerce its keys, construct it, then run its ``validate()``."""
+    data = {} if data is None and not prefix else _value(data)
+    if not isinstance(data, Mapping):
+        what = f"'{prefix}'" if prefix else "the config"
+        raise ConfigError(f"{what}: expected a mapping of {cls.__name__} keys, got "
+                          f"{_describe(data)}", key=prefix, where=origins.where(prefix))
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = _join(prefix, str(name))
+        if name not in hints:
+            raise ConfigError(f"unknown key '{key}'" + _suggest(key, cls, root), key=key,
+                              where=origins.where(key))
+        kwargs[name] = _coerce(hints[name], value, key, origins, root)
+    for f in dataclasses.fields(cls):  # sections left at their defaults are validated too
+        if f.name in hints and f.name not in kwargs and f.default_factory is not dataclasses.MISSING \
+                and (sub := _section_type(hints[f.name])) is not None:
+            kwargs[f.name] = _build(sub, {}, _join(prefix, f.name), origins, root)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is f.default_factory is dataclasses.MISSING]
+    if missing:
+        key = _join(prefix, missing[0])
+        raise ConfigError(f"missing required key '{key}' ({_type_name(hints[missing[0]])})",
+                          key=key, where=origins.where(prefix))
+    try:
+        cfg = cls(**kwargs)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise _invalid(cls, prefix, str(e), origins) from e
     return cfg
 
 
-def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
-    """One dataclass from a mapping (no ``validate()`` yet)."""
-    if isinstance(data, cls):
-        return data
-    if isinstance(data, _CliValue):
-        data = data.parsed
-    if data is None and not prefix:
-        data = {}
-    if not isinstance(data, Mapping):
-        what = f"'{prefix}'" if prefix else "the config"
-        raise ConfigError(
-            f"{what}: expected a mapping of {cls.__name__} keys, got {_describe(data)}",
-            key=prefix or None, where=ctx.where(prefix), mismatch=True)
-    fields = _init_fields(cls)
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = _join(prefix, str(name))
-        if not isinstance(name, str):
-            raise ConfigError(f"key {name!r} in '{prefix or 'the top level'}' must be a string",
-                              key=key, where=ctx.where(prefix))
-        if name not in fields:
-            raise ConfigError(f"unknown key '{key}'" + _suggest(key, cls, ctx.root),
-                              key=key, where=ctx.where(key))
-        kwargs[name] = _coerce(hints[name], value, key, ctx)
-    missing = [n for n, f in fields.items() if n not in kwargs and not _has_default(f)]
-    if missing:
-        names = ", ".join(f"'{_join(prefix, n)}' ({_type_name(hints[n])})" for n in missing)
-        raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} {names}",
-                          key=_join(prefix, missing[0]), where=ctx.where(prefix))
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # __post_init__ checks
-        if isinstance(e, ConfigError):
-            raise
-        raise _invalid(prefix, e, ctx) from e
+def _invalid(cls: type, prefix: str, message: str, origins: _Origins) -> ConfigError:
+    """A section's ``ValueError``, located at the field its message starts with
+    (``"warmup_ratio: ..."`` or ``"DatasetConfig.path: ..."``) when there is one, else at the
+    last override into the section: an override's mistake is reported against the override,
+    not the file's section line."""
+    m = re.match(r"(?:\w+\.)?(\w+)\b", message)
+    field = m.group(1) if m and m.group(1) in _hints(cls) else None
+    where = origins.where(_join(prefix, field) if field else prefix)
+    if field is None:  # the section as a whole: the last override into it, if any
+        under = [o for k, o in origins.items() if o.startswith("override ")
+                 and (not prefix or k == prefix or k.startswith(prefix + "."))]
+        where = under[-1] if under else where
+    return ConfigError(f"invalid {f'{prefix!r}' if prefix else 'config'}: {message}",
+                       key=prefix, where=where)
 
 
-def _invalid(prefix: str, e: Exception, ctx: _Ctx) -> ConfigError:
-    what = f"'{prefix}'" if prefix else "config"
-    return ConfigError(f"invalid {what}: {e}", key=prefix or None,
-                       where=ctx.where_section(prefix))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, _CliValue):
-        value = value.parsed
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return f"a list {_fmt_value(list(value))}" if len(value) < 8 else "a list"
-    return f"{type(value).__name__} {_fmt_value(value)}"
-
-
-def _mismatch(tp: Any, value: Any, key: str, ctx: _Ctx, why: str = "") -> ConfigError:
-    return ConfigError(f"'{key}': expected {_type_name(tp)}, got {_describe(value)}{why}",
-                       key=key, where=ctx.where(key), mismatch=True)
-
-
-_SCALARS = (bool, int, float, str)
-
-
-def _exact(tp: Any, value: Any) -> bool:
-    """Does ``value`` already have type ``tp`` (used to pick the Union member first)?"""
-    v = value.parsed if isinstance(value, _CliValue) else value
-    if tp in _SCALARS:
-        return type(v) is tp
-    origin = typing.get_origin(tp) or tp
-    if _is_dataclass_type(tp):
-        return isinstance(v, (Mapping, tp))
-    if origin in (list, tuple):
-        return isinstance(v, (list, tuple))
-    if origin is dict:
-        return isinstance(v, Mapping)
-    return False
-
-
-def _coerce(tp: Any, value: Any, key: str, ctx: _Ctx) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origins: _Origins, root: type) -> Any:
     """Check / convert one value against annotation ``tp``; errors name ``key``."""
-    cli = isinstance(value, _CliValue)
-    parsed = value.parsed if cli else value
-
-    if tp is Any or tp is object:
-        return _plain(parsed)
-
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        if parsed is None and _NONE_TYPE in args:
-            return None
-        members = [a for a in args if a is not _NONE_TYPE]
-        members.sort(key=lambda a: not _exact(a, value))  # stable: exact matches first
-        if len(members) == 1:  # `X | None`: X's own message is the most specific
-            return _coerce(members[0], value, key, ctx)
-        for i, member in enumerate(members):
-            try:
-                return _coerce(member, value, key, ctx)
-            except ConfigError as e:
-                # An error *inside* a member the value clearly meant is the real error.
-                if not (e._mismatch and e.key == key) and i == 0 and _exact(member, value):
-                    raise
-        raise _mismatch(tp, value, key, ctx)
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    if origin is Literal:
-        candidates = [parsed] + ([value.raw] if cli else [])
-        for c in candidates:
-            for a in args:
-                if type(c) is type(a) and c == a:
-                    return a
-        hint = ""
-        strs = [a for a in args if isinstance(a, str)]
-        if isinstance(parsed, str) and strs:
-            close = difflib.get_close_matches(parsed, strs, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-        return _raise(ConfigError(
-            f"'{key}': expected one of {', '.join(_fmt_value(a) for a in args)}, "
-            f"got {_describe(value)}{hint}", key=key, where=ctx.where(key), mismatch=True))
-
-    if tp is _NONE_TYPE:
-        if parsed is None:
-            return None
-        raise _mismatch(tp, value, key, ctx)
-
-    if tp is bool:
-        if isinstance(parsed, bool):
-            return parsed
-        raise _mismatch(tp, value, key, ctx, " (write true or false)")
-
-    if tp is int:
-        if isinstance(parsed, bool):
-            raise _mismatch(tp, value, key, ctx)
-        if isinstance(parsed, int):
-            return parsed
-        if isinstance(parsed, float):
-            if parsed.is_integer():
-                return int(parsed)
-            raise _mismatch(tp, value, key, ctx, " (has a fractional part)")
-        if isinstance(parsed, str):
-            n = _parse_int(parsed)
-            if n is not None:
-                return n
-        raise _mismatch(tp, value, key, ctx)
-
-    if tp is float:
-        if isinstance(parsed, bool):
-            raise _mismatch(tp, value, key, ctx)
-        if isinstance(parsed, (int, float)):
-            return float(parsed)
-        if isinstance(parsed, str):
-            # YAML 1.1 reads `5e-7` (no dot) and `1e-6` as strings.
-            try:
-                return float(parsed.strip())
-            except ValueError:
-                pass
-        raise _mismatch(tp, value, key, ctx)
-
-    if tp is str:
-        if isinstance(parsed, str):
-            return parsed
-        if cli and not isinstance(parsed, (Mapping, list)):
-            return value.raw  # `run_name=2024` / `run_name=no`: the user typed text
-        raise _mismatch(tp, value, key, ctx, " (quote it to make it a string)")
-
-    if _is_dataclass_type(tp):
-        return _build(tp, value, key, ctx)
-
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(parsed, (list, tuple)):
-            raise _mismatch(tp, value, key, ctx)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(parsed) != len(args):
-                raise _mismatch(tp, value, key, ctx, f" (needs exactly {len(args)} items)")
-            return tuple(_coerce(a, v, f"{key}[{i}]", ctx)
-                         for i, (a, v) in enumerate(zip(args, parsed)))
-        elem = args[0] if args else Any
-        items = [_coerce(elem, v, f"{key}[{i}]", ctx) for i, v in enumerate(parsed)]
-        return tuple(items) if (origin or tp) is tuple else items
-
-    if origin is dict or tp is dict:
-        if not isinstance(parsed, Mapping):
-            raise _mismatch(tp, value, key, ctx)
-        kt, vt = args if args else (Any, Any)
-        out = {}
-        for k, v in parsed.items():
-            sub = f"{key}.{k}"
-            out[_coerce(kt, k, sub, ctx)] = _coerce(vt, v, sub, ctx)
-        return out
-
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(parsed, tp):
-            return parsed
-        for m in tp:
-            if (type(parsed) is type(m.value) and parsed == m.value) or parsed == m.name:
-                return m
-        return _raise(ConfigError(
-            f"'{key}': expected one of {', '.join(_fmt_value(m.value) for m in tp)}, "
-            f"got {_describe(value)}", key=key, where=ctx.where(key), mismatch=True))
-
-    if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
-        if isinstance(parsed, (str, os.PathLike)):
-            return tp(parsed)
-        raise _mismatch(tp, value, key, ctx)
-
-    if isinstance(tp, type):
-        if isinstance(parsed, tp):
-            return parsed
-        raise _mismatch(tp, value, key, ctx)
-    raise TypeError(f"'{key}': unsupported config annotation {tp!r}")
-
-
-def _raise(e: Exception) -> Any:
-    raise e
-
-
-def _parse_int(s: str) -> int | None:
-    """``'12'`` -> 12, ``'1e3'`` -> 1000, ``'2.5'`` -> None."""
-    s = s.strip()
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        f = float(s)
-    except ValueError:
+    tp, optional = _optional(tp)
+    v = _value(value)
+    if v is None and optional:
         return None
-    return int(f) if f.is_integer() else None
+    if _is_section(tp):
+        return _build(tp, value, key, origins, root)
 
+    def mismatch(why: str = "") -> ConfigError:
+        return ConfigError(f"'{key}': expected {_type_name(tp)}, got {_describe(value)}{why}",
+                           key=key, where=origins.where(key))
 
-def _validate_tree(obj: Any, prefix: str, ctx: _Ctx) -> None:
-    """Call ``validate()`` on every dataclass in the tree, children first."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            _validate_tree(getattr(obj, f.name), _join(prefix, f.name), ctx)
-        check = getattr(obj, "validate", None)
-        if callable(check):
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        for c in (v, value.raw) if isinstance(value, _Raw) else (v,):
+            if c in choices and not isinstance(c, bool):
+                return c
+        close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"'{key}': expected one of {', '.join(map(_fmt, choices))}, got "
+                          f"{_describe(value)}{hint}", key=key, where=origins.where(key))
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise mismatch(" (write true or false)")
+    if tp in (int, float) and not isinstance(v, bool):
+        number = v
+        if isinstance(v, str):
             try:
-                check()
-            except ConfigError:
-                raise
-            except ValueError as e:
-                raise _invalid(prefix, e, ctx) from e
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _validate_tree(v, f"{prefix}[{i}]", ctx)
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            _validate_tree(v, _join(prefix, str(k)), ctx)
-
-
-def validate_config(cfg: Any, *, source: str = "<config>") -> None:
-    """Run every ``validate()`` in an already-built tree (e.g. one made in Python code)."""
-    _validate_tree(cfg, "", _Ctx(type(cfg), source))
+                number = float(v.strip())
+            except ValueError:
+                raise mismatch() from None
+        if isinstance(number, (int, float)):
+            if tp is float:
+                return float(number)
+            if isinstance(number, int) or number.is_integer():
+                return int(number)
+            raise mismatch(" (has a fractional part)" if number == number else "")
+        raise mismatch()
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(value, _Raw) and not isinstance(v, (Mapping, list)):
+            return value.raw  # `run_name=2024` / `run_name=no`: the user typed text
+        raise mismatch(" (quote it to make it a string)")
+    if tp in (int, float):
+        raise mismatch()
+    raise TypeError(f"'{key}': unsupported config annotation {tp!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # dataclass -> dict / YAML
 
 
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
-    if isinstance(v, _CliValue):
-        return _plain(v.parsed)
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, enum.Enum):
-        return _plain(v.value)
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    return v
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config tree as plain nested dicts/lists/scalars (tuples become lists); YAML-able.
-
-    ``from_dict(type(cfg), to_dict(cfg)) == cfg`` for every tree this module can build.
-    """
-    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
-        raise TypeError(f"to_dict expects a dataclass instance, got {type(cfg).__name__}")
-    return _plain(cfg)
+    """A config tree as plain nested dicts and scalars: ``from_dict(type(c), to_dict(c)) == c``."""
+    return {f.name: (to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v)
+            for f in dataclasses.fields(cfg) if f.init}
 
 
 def dump_yaml(cfg: Any) -> str:
-    """The config tree as YAML text (field order kept; floats written so YAML reads floats)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False,
-                          allow_unicode=True, width=100)
+    """The tree as YAML (field order kept; floats written so that YAML reads floats back)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=100)
 
 
 def save_config(cfg: Any, path: str) -> None:
-    """Write the resolved config as YAML to a local path or a URL (``gs://...``) via fsspec.
-
-    The file loads back with ``load_config(type(cfg), path)``.
-    """
-    import fsspec  # local import: only needed here
+    """Write the resolved config as YAML to a local path or a URL (``gs://...``); it loads back
+    with ``load_config(type(cfg), path)``."""
+    import fsspec
 
     fs, fpath = fsspec.core.url_to_fs(path)
     parent = posixpath.dirname(fpath) if "://" in path else os.path.dirname(fpath)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    text = f"# resolved {type(cfg).__name__}\n" + dump_yaml(cfg)
     with fs.open(fpath, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(f"# resolved {type(cfg).__name__}\n" + dump_yaml(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
-# YAML files with `base:` and key=value overrides
+# YAML files with `base:`
 
 
-def _read_text(path: str) -> str:
-    import fsspec
-
-    with fsspec.open(path, "r", encoding="utf-8") as f:
-        return f.read()
-
-
-def _norm_path(path: str) -> str:
+def _norm(path: str) -> str:
     if "://" in path:
         scheme, rest = path.split("://", 1)
         return f"{scheme}://{posixpath.normpath(rest)}"
     return os.path.normpath(path)
 
 
-def _resolve_base(including: str, base: str) -> str:
-    """``base`` relative to the directory of the including file (absolute / URLs as given)."""
-    if "://" in base or os.path.isabs(base):
-        return _norm_path(base)
-    if "://" in including:
-        return _norm_path(posixpath.join(posixpath.dirname(including), base))
-    return _norm_path(os.path.join(os.path.dirname(including), base))
+def find_config(name: str) -> str:
+    """``name`` itself when it is a URL or an existing file, else the shipped config of that
+    name (``ppo_13b.yaml`` -> ``configs/ppo_13b.yaml``; ``tiny/dpo`` -> ``configs/tiny/dpo.yaml``;
+    ``configs/tiny/dpo.yaml`` from another directory);
+    a :class:`ConfigError` listing the shipped configs when there is none."""
+    if "://" in name or os.path.exists(name):
+        return name
+    bare = name.removeprefix("configs/")
+    for candidate in (bare, f"{bare}.yaml"):
+        if (SHIPPED_CONFIGS / candidate).is_file():
+            return str(SHIPPED_CONFIGS / candidate)
+    shipped = sorted(str(p.relative_to(SHIPPED_CONFIGS)) for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"config file not found: {name} (not a file, nor one of the shipped "
+                      f"configs in {SHIPPED_CONFIGS}: {', '.join(shipped) or 'none'})")
 
 
-def _identity(path: str) -> str:
-    return path if "://" in path else os.path.realpath(path)
-
-
-def _collect_origins(node: yaml.Node, prefix: str, path: str, origins: dict[str, str]) -> None:
-    """Record ``file:line`` of every key (and list item); reject duplicate keys."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
-                _collect_origins(v, prefix, path, origins)  # `<<: *anchor` merges
-                continue
-            key = _join(prefix, k.value)
-            line = k.start_mark.line + 1
-            if k.value in seen:
-                raise ConfigError(f"duplicate key '{key}' (first set at line {seen[k.value]})",
-                                  key=key, where=f"{path}:{line}")
-            seen[k.value] = line
-            origins[key] = f"{path}:{line}"
-            _collect_origins(v, key, path, origins)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            key = f"{prefix}[{i}]"
-            origins[key] = f"{path}:{v.start_mark.line + 1}"
-            _collect_origins(v, key, path, origins)
-
-
-def _parse_yaml(text: str, path: str) -> tuple[Any, dict[str, str]]:
-    """Safe-load one YAML document, with the ``file:line`` of each key."""
+def _parse_yaml(text: str, path: str, origins: dict[str, str]) -> Any:
+    """Safe-load one YAML document, recording the ``file:line`` of every key."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        origins: dict[str, str] = {}
-        if node is None:
-            return None, origins
-        _collect_origins(node, "", path, origins)
-        return loader.construct_document(node), origins
+        if node is not None:
+            _collect_lines(node, "", path, origins)
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"invalid YAML: {problem}", where=where) from e
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', None) or e}", where=where) from e
     finally:
         loader.dispose()
 
 
-def _deep_merge(base: Any, over: Any) -> Any:
+def _collect_lines(node: yaml.Node, prefix: str, path: str, origins: dict[str, str]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for k, v in node.value:
+        key, line = _join(prefix, k.value), k.start_mark.line + 1
+        if k.value in seen:
+            raise ConfigError(f"duplicate key '{key}' (first set at line {seen[k.value]})",
+                              key=key, where=f"{path}:{line}")
+        seen[k.value] = line
+        origins[key] = f"{path}:{line}"
+        _collect_lines(v, key, path, origins)
+
+
+def _merge(base: Any, over: Any) -> Any:
     """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
     if isinstance(base, Mapping) and isinstance(over, Mapping):
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = _deep_merge(base[k], v) if k in base else _copy(v)
-        return out
-    return _copy(over)
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
 
 
-def _copy(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {k: _copy(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_copy(x) for x in v]
-    return v
+def _load_file(path: str, chain: list[str], origins: _Origins, included_at: str | None) -> dict:
+    """One file merged over its ``base:`` chain; fills ``origins``. ``chain``: the files that
+    include this one, to report cycles."""
+    same = os.path.realpath if "://" not in path else str
+    if any(same(p) == same(path) for p in chain):
+        raise ConfigError(f"'{BASE_KEY}' cycle: {' -> '.join([*chain, path])}", key=BASE_KEY,
+                          where=included_at)
+    import fsspec
 
-
-def _load_file(path: str, stack: list[str], origins: dict[str, str],
-               included_at: str | None = None) -> dict[str, Any]:
-    """One file merged over its ``base:`` chain; fills ``origins``. ``stack``: cycle check."""
-    ident = _identity(path)
-    if ident in [_identity(p) for p in stack]:
-        chain = " -> ".join(stack + [path])
-        raise ConfigError(f"'base' cycle: {chain}", key=_BASE_KEY, where=included_at or path)
     try:
-        text = _read_text(path)
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError as e:
-        what = f"base config file not found: {path}" if included_at else \
-            f"config file not found: {path}"
-        raise ConfigError(what, where=included_at) from e
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}", where=included_at) from e
-    data, own = _parse_yaml(text, path)
-    if data is None:
-        data = {}
+        raise ConfigError(f"{'base ' if included_at else ''}config file not found: {path}",
+                          where=included_at) from e
+    own: dict[str, str] = {}
+    data = _parse_yaml(text, path, own)
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys, got {_describe(data)}",
                           where=path)
-    bases = data.pop(_BASE_KEY, None)
-    base_at = own.pop(_BASE_KEY, path)
-    if bases is None:
-        bases = []
-    elif isinstance(bases, str):
-        bases = [bases]
+    bases = data.pop(BASE_KEY, [])
+    base_at = own.pop(BASE_KEY, path)
+    bases = [bases] if isinstance(bases, str) else bases
     if not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
-        raise ConfigError(f"'{_BASE_KEY}' must be a file path or a list of file paths, got "
-                          f"{_describe(bases)}", key=_BASE_KEY, where=base_at)
-    merged: dict[str, Any] = {}
+        raise ConfigError(f"'{BASE_KEY}' must be a file path or a list of file paths, got "
+                          f"{_describe(bases)}", key=BASE_KEY, where=base_at)
+    merged: dict = {}
     for b in bases:
-        merged = _deep_merge(merged, _load_file(_resolve_base(path, b), stack + [path], origins,
-                                                included_at=base_at))
-    _drop_origins_replaced(origins, data, "")
+        if "://" not in b and not os.path.isabs(b):  # relative to the including file
+            b = (posixpath if "://" in path else os.path).join(os.path.dirname(path), b)
+        merged = _merge(merged, _load_file(_norm(b), [*chain, path], origins, base_at))
+    for key in own:  # a non-mapping value replaces what the bases said under its key
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if not isinstance(node, Mapping):
+            origins.drop_under(key)
     origins.update(own)
-    return _deep_merge(merged, data)
+    return _merge(merged, data)
 
 
-def _drop_origins_replaced(origins: dict[str, str], data: Mapping, prefix: str) -> None:
-    """Keys under a value the overlay replaces wholesale no longer come from the base file."""
-    for k, v in data.items():
-        key = _join(prefix, str(k))
-        if isinstance(v, Mapping):
-            _drop_origins_replaced(origins, v, key)
-        else:
-            for o in [o for o in origins if o.startswith(key + ".") or o.startswith(key + "[")]:
-                del origins[o]
+# ---------------------------------------------------------------------------------------------
+# Overrides and load_config
 
 
-def _section_of(tp: Any) -> tuple[str, Any] | None:
-    """What a dotted key can descend into: ('section', cls) / ('dict', value_type) / None."""
-    inner, _ = _strip_optional(tp)
-    if _is_dataclass_type(inner):
-        return "section", inner
-    if typing.get_origin(inner) is dict or inner is dict:
-        args = typing.get_args(inner)
-        return "dict", (args[1] if args else Any)
-    return None
-
-
-def _resolve_key(root: type, key: str, where: str) -> Any:
-    """The annotation of dotted ``key`` in tree ``root``; ConfigError naming the bad part."""
-    parts = key.split(".")
-    if not key or any(not p for p in parts):
-        raise ConfigError(f"malformed key '{key}'", key=key, where=where)
-    kind, cur = "section", root
-    tp: Any = root
-    for i, part in enumerate(parts):
-        dotted = ".".join(parts[: i + 1])
-        if kind == "section":
-            if part not in _init_fields(cur):
-                raise ConfigError(f"unknown key '{dotted}'" + _suggest(dotted, cur, root),
-                                  key=dotted, where=where)
-            tp = _hints(cur)[part]
-        else:
-            tp = cur
-        if i < len(parts) - 1:
-            sec = _section_of(tp)
-            if sec is None:
-                raise ConfigError(
-                    f"cannot set '{key}': '{dotted}' is a {_type_name(tp)} field, not a section",
-                    key=dotted, where=where)
-            kind, cur = sec
-    return tp
-
-
-def _apply_override(root: type, data: dict[str, Any], origins: dict[str, str], text: str) -> None:
-    """Apply one ``dotted.key=value`` (value parsed as YAML) to the nested dict ``data``."""
+def _apply_override(root: type, data: dict, origins: _Origins, text: str) -> None:
+    """Apply one ``dotted.key=value`` (the value read as YAML) to the nested dict ``data``."""
     where = f"override '{text}'"
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError("expected key=value (e.g. optimizer.lr=1e-6)", where=where)
-    _resolve_key(root, key, where)  # unknown keys / non-sections fail here, with suggestions
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"malformed key '{key}'", key=key, where=where)
+    section, node = root, data
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if part not in _hints(section):
+            raise ConfigError(f"unknown key '{dotted}'" + _suggest(dotted, section, root),
+                              key=dotted, where=where)
+        tp = _hints(section)[part]
+        section = _section_type(tp)
+        if i < len(parts) - 1:
+            if section is None:
+                raise ConfigError(f"cannot set '{key}': '{dotted}' is a {_type_name(tp)} field, "
+                                  "not a section", key=dotted, where=where)
+            current = _value(node.get(part))
+            if current is not None and not isinstance(current, Mapping):
+                raise ConfigError(f"cannot set '{key}': '{dotted}' is {_describe(current)} (set "
+                                  f"at {origins.where(dotted)}), not a mapping",
+                                  key=dotted, where=where)
+            node[part] = dict(current or {})  # a null optional section starts from defaults
+            node = node[part]
     try:
         parsed = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"'{key}': cannot parse value {raw!r} as YAML: "
-                          f"{getattr(e, 'problem', e)}", key=key, where=where) from e
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        cur = node.get(part)
-        if isinstance(cur, _CliValue):  # set by an earlier override (`eval=null`)
-            cur = cur.parsed
-        if cur is None:
-            # Absent, or an optional section that is null: start it from its defaults.
-            node[part] = {}
-        elif dataclasses.is_dataclass(cur) and not isinstance(cur, type):
-            node[part] = to_dict(cur)
-        elif not isinstance(cur, Mapping):
-            dotted = ".".join(parts[: i + 1])
-            raise ConfigError(f"cannot set '{key}': '{dotted}' is {_describe(cur)} (set at "
-                              f"{origins.get(dotted, 'an earlier override')}), not a mapping",
-                              key=dotted, where=where)
-        else:
-            node[part] = dict(cur)
-        node = node[part]
-    last = parts[-1]
-    if isinstance(parsed, (Mapping, list)):
-        node[last] = _deep_merge(node.get(last), parsed)
-    else:
-        node[last] = _CliValue(raw.strip(), parsed)
-    for o in [o for o in origins if o.startswith(key + ".") or o.startswith(key + "[")]:
-        del origins[o]
+        raise ConfigError(f"'{key}': cannot parse value {raw!r} as YAML", key=key,
+                          where=where) from e
+    node[parts[-1]] = (_merge(_value(node.get(parts[-1])), parsed) if isinstance(parsed, Mapping)
+                       else _Raw(raw.strip(), parsed))
+    origins.drop_under(key)
     origins[key] = where
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
     """Load a config tree: defaults < ``base:`` chain < YAML file < ``key=value`` overrides.
 
-    Args:
-        cls: root dataclass type.
-        path: YAML file (local or fsspec URL) or None for defaults only. A top-level
-            ``base: other.yaml`` (or a list of files) names files, relative to this one, that
-            are deep-merged *under* this file's keys; bases may have bases; cycles are errors.
-        overrides: ``"optimizer.lr=1e-6"``-style strings, applied in order. Values are parsed
-            with ``yaml.safe_load`` (``use_ipo=true``, ``eval_dataset=null``,
-            ``mesh_dim='1,2,2'``, ``layers=[1, 2]``); a ``str`` field gets the raw text. A
-            dotted key into an optional section that is null creates it from its defaults.
-
-    Raises:
-        ConfigError: naming the file:line (or override) and dotted key at fault.
+    ``path`` is a YAML file (local or fsspec URL), a shipped config's name (see
+    :func:`find_config`), or None for the defaults. A top-level ``base: other.yaml`` (or a list)
+    names files, relative to this one, deep-merged *under* its keys. ``overrides`` are
+    ``"optimizer.lr=1e-6"`` strings applied in order, values read as YAML
+    (``eval_dataset=null``, ``mesh_dim='1,2,2'``); a dotted key into a null optional section
+    creates it from its defaults. Raises :class:`ConfigError` naming file:line or override.
     """
-    _check_dataclass_type(cls)
-    origins: dict[str, str] = {}
+    origins = _Origins()
     data: dict[str, Any] = {}
-    source = "<defaults>"
     if path is not None:
-        path = _norm_path(os.fspath(path))
-        data = _load_file(path, [], origins)
-        source = path
+        origins.source = path = _norm(find_config(os.fspath(path)))
+        data = _load_file(path, [], origins, None)
     for text in overrides:
         _apply_override(cls, data, origins, text)
-    return _build_and_validate(cls, data, _Ctx(cls, source, origins))
+    return _build(cls, data, "", origins, cls)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
-def _default_prog() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train"
-
-
 def _usage(prog: str) -> str:
     return f"usage: {prog} [-h] [--config FILE] [key=value | --key=value | --key value ...]"
 
 
-def _is_bool(tp: Any) -> bool:
-    inner, _ = _strip_optional(tp)
-    return inner is bool
-
-
-def _looks_bool(text: str) -> bool:
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return v is None or isinstance(v, bool)
-
-
-def _cli_key(root: type, key: str) -> str:
-    """``--warmup-ratio`` -> ``warmup_ratio`` when only the underscore spelling exists."""
-    if "-" in key:
-        alt = key.replace("-", "_")
-        try:
-            _resolve_key(root, key, "")
-        except ConfigError:
-            return alt
-    return key
-
-
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
-    """Parse ``[--config FILE] key=value ...`` into a config tree.
-
-    Accepted forms (mixable, applied left to right after the file): ``key=value``,
-    ``--key=value``, ``--key value``, and a bare ``--flag`` for bool fields (= true).
-    ``-h/--help`` prints every key with type, default and docstring and exits 0.
-
-    Raises:
-        ConfigError: bad arguments or config (use :func:`cli_main` for exit-code-2 behaviour).
-        SystemExit(0): after ``--help``.
-    """
-    _check_dataclass_type(cls)
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str = "train") -> T:
+    """``[--config FILE] key=value ...`` into a config tree. Overrides may also be spelled
+    ``--key=value`` or, as EasyLM's flags, ``--key value``. ``-h/--help`` prints every key with
+    its type, default and docstring and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = prog or _default_prog()
-    if any(a in ("-h", "--help") for a in argv):
+    if "-h" in argv or "--help" in argv:
         sys.stdout.write(format_help(cls, prog))
         raise SystemExit(0)
-    config: str | None = None
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        where = f"argument '{tok}'"
-        if tok == "--config" or tok.startswith("--config="):
+    config, overrides = None, []
+    args = iter(argv)
+    for arg in args:
+        where = f"argument '{arg}'"
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not eq and arg.startswith("--"):
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"'{name}' needs a value (--{name} VALUE or --{name}=VALUE)",
+                                  key=name, where=where)
+        elif not eq or arg.startswith("-") and not arg.startswith("--"):
+            raise ConfigError("expected key=value, --key=value, --key value or --config FILE",
+                              where=where)
+        if name == "config":
             if config is not None:
                 raise ConfigError("--config given more than once", where=where)
-            if "=" in tok:
-                config = tok.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                config, i = argv[i + 1], i + 1
-            else:
-                raise ConfigError("--config needs a file name", where=where)
-            if not config:
-                raise ConfigError("--config needs a file name", where=where)
-        elif tok.startswith("--"):
-            body = tok[2:]
-            if "=" in body:
-                k, v = body.split("=", 1)
-                overrides.append(f"{_cli_key(cls, k)}={v}")
-            else:
-                k = _cli_key(cls, body)
-                nxt = argv[i + 1] if i + 1 < len(argv) else None
-                has_value = nxt is not None and not nxt.startswith("--")
-                if _is_bool(_resolve_key(cls, k, where)) and has_value:
-                    # `--use_ipo false` takes the value; `--use_ipo lr=1` is a bare flag.
-                    has_value = _looks_bool(nxt)
-                if has_value:
-                    overrides.append(f"{k}={nxt}")
-                    i += 1
-                elif _is_bool(_resolve_key(cls, k, where)):
-                    overrides.append(f"{k}=true")
-                else:
-                    raise ConfigError(f"'{k}' needs a value (--{k} VALUE or --{k}=VALUE)",
-                                      key=k, where=where)
-        elif "=" in tok and not tok.startswith("-"):
-            overrides.append(tok)
+            config = value
         else:
-            raise ConfigError(
-                "expected key=value, --key=value, --key value or --config FILE", where=where)
-        i += 1
+            overrides.append(f"{name}={value}")
     return load_config(cls, config, overrides)
 
 
-def format_help(cls: type, prog: str | None = None) -> str:
+def format_help(cls: type, prog: str = "train") -> str:
     """The ``--help`` text: every key with its type, default and docstring, by section."""
-    prog = prog or _default_prog()
     out = [_usage(prog), ""]
-    doc = _class_doc(cls)
-    if doc:
+    if doc := _class_doc(cls):
         out += [doc, ""]
     out += [
         "options:",
         "  -h, --help       show this help and exit",
-        "  --config FILE    YAML config file (local or gs://); a top-level `base: other.yaml`",
+        "  --config FILE    YAML config file (local, gs://, or a shipped config's name such as",
+        "                   ppo_13b.yaml or tiny/dpo.yaml); a top-level `base: other.yaml`",
         "                   (relative to the file) is merged under its keys",
         "  key=value        set one key after the file; the value is read as YAML, e.g.",
         "                   optimizer.lr=1e-6 mesh_dim='1,2,2' use_ipo=true eval_dataset=null",
-        "                   (also --key=value and --key value; bare --flag sets a bool to true)",
+        "                   (also --key=value and --key value)",
         "",
         "keys (nest them by section in YAML):",
     ]
-    _help_section(cls, "", out, None, frozenset())
+    _help_section(cls, "", out)
     return "\n".join(out).rstrip() + "\n"
 
 
-def _help_section(cls: type, prefix: str, out: list[str], header: str | None,
-                  seen: frozenset) -> None:
-    if cls in seen:
-        return
-    hints, docs = _hints(cls), field_docs(cls)
-    fields = _init_fields(cls)
+def _class_doc(cls: type) -> str:
+    doc = cls.__dict__.get("__doc__") or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else inspect.cleandoc(doc)
+
+
+def _help_section(cls: type, prefix: str, out: list[str]) -> None:
+    """The section's own keys first, then its subsections, each under a ``[key]`` header."""
+    docs, fields = field_docs(cls), {f.name: f for f in dataclasses.fields(cls)}
     subsections = []
-    leaves = []
-    for name, f in fields.items():
-        sub, _ = _strip_optional(hints[name])
-        (subsections if _is_dataclass_type(sub) else leaves).append((name, f, sub))
-    if header is not None:
-        out += ["", header]
-        cdoc = _class_doc(cls)
-        if cdoc:
-            out += [textwrap.indent(cdoc, "    ")]
-    for name, f, _ in leaves:
-        key = _join(prefix, name)
-        default = _default_of(f)
-        dflt = "(required)" if default is dataclasses.MISSING else f"= {_fmt_value(default)}"
-        out.append(f"  {key}: {_type_name(hints[name])} {dflt}")
+    for name, tp in _hints(cls).items():
+        key, f = _join(prefix, name), fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        if _section_type(tp) is not None:
+            subsections.append((key, tp, default, docs.get(name)))
+            continue
+        shown = "(required)" if default is dataclasses.MISSING else f"= {_fmt(default)}"
+        out.append(f"  {key}: {_type_name(tp)} {shown}")
         if name in docs:
             out.append(textwrap.indent(docs[name], "      "))
-    for name, f, sub in subsections:
-        key = _join(prefix, name)
-        default = _default_of(f)
-        note = ""
-        if default is None:
-            note = f" = null (set any {key}.<key>=... to enable it with these defaults)"
-        elif default is dataclasses.MISSING:
-            note = " (required)"
-        hdr = f"[{key}] {_type_name(hints[name])}{note}"
-        if name in docs:
-            hdr += "\n" + textwrap.indent(docs[name], "    ")
-        _help_section(sub, key, out, hdr, seen | {cls})
+    for key, tp, default, doc in subsections:
+        note = f" = null (set any {key}.<key>=... to enable it with these defaults)" \
+            if default is None else ""
+        out += ["", f"[{key}] {_type_name(tp)}{note}"]
+        if doc:
+            out.append(textwrap.indent(doc, "    "))
+        if cdoc := _class_doc(_section_type(tp)):
+            out.append(textwrap.indent(cdoc, "    "))
+        _help_section(_section_type(tp), key, out)
 
 
 def cli_main(cls: type[T], main_fn: Callable[[T], Any], argv: Sequence[str] | None = None,
-             prog: str | None = None) -> Any:
-    """Entry-point wrapper: parse the command line, run ``main_fn(cfg)``, return its result.
-
-    A :class:`ConfigError` (from parsing or raised by ``main_fn``) prints the usage line and
-    ``prog: error: <message>`` on stderr and exits with status 2, like argparse.
-    """
-    prog = prog or _default_prog()
+             prog: str = "train") -> Any:
+    """Parse the command line and return ``main_fn(cfg)``. A :class:`ConfigError` (from
+    parsing or from ``main_fn``) prints the usage and ``prog: error: ...`` on stderr and exits
+    with status 2, as argparse does."""
     try:
-        cfg = parse_cli(cls, argv, prog=prog)
-        return main_fn(cfg)
+        return main_fn(parse_cli(cls, argv, prog))
     except ConfigError as e:
         print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)

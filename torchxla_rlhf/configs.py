@@ -3,7 +3,8 @@
 Field names follow the seed's EasyLM flags where one exists, so the paper's commands carry
 over: ``mesh_dim``, ``tokenizer_pad_token_id``, ``train_dataset.seq_length``,
 ``optimizer.accumulate_gradient_steps``, ``save_model_freq``, ``max_continuation_len``, ...
-The README maps every seed flag to its key here.
+The README maps every seed flag to its key here. This module imports no torch_xla and no
+model code, so that ``--help`` and config errors come in about two seconds.
 """
 
 from __future__ import annotations
@@ -12,10 +13,183 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torchxla_rlhf.data.config import DatasetConfig
-from torchxla_rlhf.generation import SamplingConfig
-from torchxla_rlhf.models import ModelConfig
-from torchxla_rlhf.optim import AdamWConfig, OptimizerConfig
-from torchxla_rlhf.tracking import LoggingConfig
+
+# The sections below are defined here, not next to the code that uses them (models,
+# optim, generation, tracking re-import them), so that parsing a config or printing --help
+# loads no model code: transformers' Llama import pulls in torch_xla.
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the ``tiny`` model (random init, seeded)."""
+
+    vocab_size: int = 320
+    """Embedding rows; >= the tiny byte-level tokenizer's 259 ids."""
+    hidden_size: int = 64
+    """Model width."""
+    intermediate_size: int = 128
+    """MLP width."""
+    num_hidden_layers: int = 2
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Attention heads (must divide by the mesh's mp)."""
+    num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention; must divide by mp)."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the rotary embedding is set up for."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how to run it."""
+
+    name_or_path: str = "tiny"
+    """Local HF directory, hub name, ``gs://`` directory, or ``tiny`` (random, seeded)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub name."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype parameters (and optimizer state) are kept in. The paper: float32."""
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Dtype of the forward/backward matmuls (autocast). The paper: bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (13B at 4096 tokens needs it)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the model built when ``name_or_path`` is ``tiny``."""
+
+    def validate(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("name_or_path: must name a model directory, hub name or 'tiny'")
+
+
+
+@dataclass
+class AdamWConfig:
+    """AdamW hyper-parameters, clipping and accumulation (spec section 7)."""
+
+    b1: float = 0.9
+    """Adam beta1."""
+    b2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon (added to sqrt(v_hat))."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices (not norms)."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+    accumulate_gradient_steps: int = 1
+    """Micro-batches per optimizer update; the schedule counts updates, not micro-batches."""
+
+    def validate(self) -> None:
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ValueError("b1/b2: must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps}")
+        if self.accumulate_gradient_steps < 1:
+            raise ValueError(
+                f"accumulate_gradient_steps: must be >= 1, got {self.accumulate_gradient_steps}"
+            )
+        if self.max_grad_norm < 0:
+            raise ValueError("max_grad_norm: must be >= 0")
+
+
+@dataclass
+class OptimizerConfig(AdamWConfig):
+    """AdamW plus the DPO/RM schedule: linear warmup from 0, then linear decay to end_lr."""
+
+    lr: float = 5e-7
+    """Peak learning rate."""
+    end_lr: float = 0.0
+    """Learning rate reached by linear decay at the end of training."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer updates spent warming up linearly from 0 to ``lr``."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lr < 0 or self.end_lr < 0:
+            raise ValueError("lr: learning rates must be >= 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
+
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. All fields are Python constants baked into the graph."""
+
+    temperature: float = 0.7
+    """Logits are divided by this before top-k/top-p and sampling (paper default 0.7).
+    Ignored when ``greedy``."""
+
+    top_k: int = 50
+    """Keep only the ``top_k`` largest logits (ties with the k-th kept, as HF does); 0 = off.
+    Paper runs had 50 (the generation library's default)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to more than
+    ``top_p`` (HF ``TopPLogitsWarper`` rule, at least one token kept); 1.0 = off."""
+
+    greedy: bool = False
+    """Take ``argmax`` of the raw logits (no temperature, top-k, top-p or noise)."""
+
+    stop_check_every: int = 0
+    """0: always run all ``max_new_tokens`` steps, with no host sync at all.
+    k > 0: every k tokens, read one device boolean "all rows have emitted eos" to the host and
+    stop early if so. Each read is a host sync: the host waits until the device has run every
+    queued step, so the tracing of the next step no longer overlaps the device's work (about
+    one step's latency lost per check), and it counts in :func:`runtime.host_sync_count`.
+    Worth it only when most batches finish well before ``max_new_tokens``."""
+
+    def __post_init__(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(
+                f"SamplingConfig.temperature={self.temperature!r}: expected a number > 0 "
+                "(use greedy=True for argmax decoding)"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: expected an int >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected 0 < top_p <= 1")
+        if not isinstance(self.stop_check_every, int) or self.stop_check_every < 0:
+            raise ValueError(
+                f"SamplingConfig.stop_check_every={self.stop_check_every!r}: expected an int >= 0"
+            )
+
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often training metrics go."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    """W&B mode: ``online`` syncs to wandb.ai (needs ``WANDB_API_KEY`` or ``wandb login``),
+    ``offline`` writes a run directory to upload later with ``wandb sync``, ``disabled``
+    makes every wandb call a no-op. ``metrics.jsonl`` is written in all modes."""
+
+    project: str = "torchxla_rlhf"
+    """W&B project name."""
+
+    entity: str | None = None
+    """W&B entity (user or team); None uses the account's default."""
+
+    run_name: str | None = None
+    """W&B run name; None lets wandb pick one."""
+
+    log_freq: int = 1
+    """Log device metrics every N optimizer steps (and at the last step). Reading them is
+    cheap (a step closure) but not free: one device-to-host copy per metric."""
+
+    progress_bar: bool = True
+    """Show a tqdm bar over the optimizer steps with the latest few metrics."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(
+                f"logging.wandb_mode={self.wandb_mode!r}: expected 'online', 'offline' or 'disabled'"
+            )
+        if isinstance(self.log_freq, bool) or not isinstance(self.log_freq, int) or self.log_freq < 1:
+            raise ValueError(f"logging.log_freq={self.log_freq!r}: expected an integer >= 1")
 
 
 @dataclass
@@ -58,6 +232,8 @@ class RunConfig:
     has one (else start fresh)."""
     logger: LoggingConfig = field(default_factory=LoggingConfig)
     """wandb, progress bar and metrics.jsonl."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console log level of process 0 on the command line (other processes: WARNING)."""
 
     def validate(self) -> None:
         if not self.output_dir:

@@ -1,6 +1,6 @@
-"""``python -m torchxla_rlhf.dpo --config configs/dpo_13b.yaml [key=value ...]``
+"""``python -m torchxla_rlhf.dpo --config FILE_OR_SHIPPED_NAME [key=value ...]``
 
-parse -> build -> train -> close. ``main(config)`` is importable (the tests call it).
+parse -> run (set up, build, resume, train, close). ``main(config)`` is importable.
 """
 
 from __future__ import annotations
@@ -9,16 +9,13 @@ from torchxla_rlhf.config import cli_main
 from torchxla_rlhf.configs import DPOConfig
 
 
-def main(cfg: DPOConfig) -> dict[str, float]:
+def main(cfg: DPOConfig, *, setup_logging: bool = False) -> dict[str, float]:
     """Train DPO as configured; returns the last logged metrics."""
     from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
-    return run(DPOTrainer, cfg)
+    return run(DPOTrainer, cfg, setup_logging=setup_logging)
 
 
 if __name__ == "__main__":
-    from torchxla_rlhf.trainers.base import setup_logging
-
-    setup_logging()
-    cli_main(DPOConfig, main, prog="python -m torchxla_rlhf.dpo")
+    cli_main(DPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.dpo")

@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-from torchxla_rlhf.rl import position_ids_from_mask  # noqa: F401 (spec section 3; re-exported)
+from torchxla_rlhf.configs import SamplingConfig
+from torchxla_rlhf.rl import position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -55,49 +56,6 @@ _SUPPORTED_ATTENTION = ("eager", "sdpa")
 # ----------------------------------------------------------------------------------------
 # Configuration and output
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingConfig:
-    """How the next token is chosen. All fields are Python constants baked into the graph."""
-
-    temperature: float = 0.7
-    """Logits are divided by this before top-k/top-p and sampling (paper default 0.7).
-    Ignored when ``greedy``."""
-
-    top_k: int = 50
-    """Keep only the ``top_k`` largest logits (ties with the k-th kept, as HF does); 0 = off.
-    Paper runs had 50 (the generation library's default)."""
-
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to more than
-    ``top_p`` (HF ``TopPLogitsWarper`` rule, at least one token kept); 1.0 = off."""
-
-    greedy: bool = False
-    """Take ``argmax`` of the raw logits (no temperature, top-k, top-p or noise)."""
-
-    stop_check_every: int = 0
-    """0: always run all ``max_new_tokens`` steps, with no host sync at all.
-    k > 0: every k tokens, read one device boolean "all rows have emitted eos" to the host and
-    stop early if so. Each read is a host sync: the host waits until the device has run every
-    queued step, so the tracing of the next step no longer overlaps the device's work (about
-    one step's latency lost per check), and it counts in :func:`runtime.host_sync_count`.
-    Worth it only when most batches finish well before ``max_new_tokens``."""
-
-    def __post_init__(self) -> None:
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(
-                f"SamplingConfig.temperature={self.temperature!r}: expected a number > 0 "
-                "(use greedy=True for argmax decoding)"
-            )
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: expected an int >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: expected 0 < top_p <= 1")
-        if not isinstance(self.stop_check_every, int) or self.stop_check_every < 0:
-            raise ValueError(
-                f"SamplingConfig.stop_check_every={self.stop_check_every!r}: expected an int >= 0"
-            )
 
 
 @dataclass
@@ -552,21 +510,3 @@ class Generator:
                 "overflows the noise counter; split the batch"
             )
 
-
-def generate(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    sampling: SamplingConfig | None = None,
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    seed: int = 0,
-    mesh: Any = None,
-) -> GenerationOutput:
-    """One-off :meth:`Generator.generate` (keep a :class:`Generator` to reuse its graphs)."""
-    gen = Generator(
-        model, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mesh=mesh
-    )
-    return gen.generate(input_ids, attention_mask, max_new_tokens, seed=seed)

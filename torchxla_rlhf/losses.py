@@ -83,11 +83,19 @@ def sequence_logps(
     return (token_logps(logits, input_ids) * loss_mask.float()).sum(dim=-1)
 
 
-def _check_batch(fn: str, **tensors: torch.Tensor) -> None:
+def _check_shapes(fn: str, dims: str, **tensors: torch.Tensor) -> None:
+    """All ``tensors`` of one shape with the named dims (``"B"``, ``"B, T"``)."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     first = next(iter(shapes.values()))
-    if len(first) != 1 or any(s != first for s in shapes.values()):
-        raise ValueError(f"{fn}: expected tensors of equal shape [B], got {shapes}")
+    if len(first) != len(dims.split(",")) or any(s != first for s in shapes.values()):
+        raise ValueError(f"{fn}: expected tensors of equal shape [{dims}], got {shapes}")
+
+
+def _check_nonnegative(fn: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:  # NaN fails too
+            raise ValueError(f"{fn}: {name}={value!r}, expected >= 0")
+
 
 
 def dpo_loss(
@@ -115,18 +123,15 @@ def dpo_loss(
     ``score_rejected`` = mean(rejected), ``score_margin`` = mean(chosen - rejected).
     Reference log-probs are detached (the reference is frozen).
     """
-    _check_batch(
-        "dpo_loss",
-        pi_chosen_logps=pi_chosen_logps,
-        pi_rejected_logps=pi_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_shapes("dpo_loss", "B", pi_chosen_logps=pi_chosen_logps,
+                  pi_rejected_logps=pi_rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                  ref_rejected_logps=ref_rejected_logps)
     if not beta > 0:
         raise ValueError(f"dpo_loss: beta={beta!r}, expected beta > 0")
-    if not 0.0 <= label_smoothing <= 0.5:
+    # At 0.5 the loss no longer depends on z (no gradient): the config's bound, too.
+    if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
-            f"dpo_loss: label_smoothing={label_smoothing!r}, expected 0 <= label_smoothing <= 0.5"
+            f"dpo_loss: label_smoothing={label_smoothing!r}, expected 0 <= label_smoothing < 0.5"
         )
     if use_ipo and label_smoothing != 0.0:
         raise ValueError("dpo_loss: label_smoothing applies to the sigmoid loss, not to IPO")
@@ -167,12 +172,8 @@ def pairwise_reward_loss(
     (margin not involved), ``chosen_reward_mean``/``_std``, ``rejected_reward_mean``/``_std``
     (population std, as ``jnp.std``; 0 for B=1), ``margin_mean`` = mean(r_chosen - r_rejected).
     """
-    if margin is None:
-        _check_batch("pairwise_reward_loss", r_chosen=r_chosen, r_rejected=r_rejected)
-    else:
-        _check_batch(
-            "pairwise_reward_loss", r_chosen=r_chosen, r_rejected=r_rejected, margin=margin
-        )
+    margins = {} if margin is None else {"margin": margin}
+    _check_shapes("pairwise_reward_loss", "B", r_chosen=r_chosen, r_rejected=r_rejected, **margins)
     diff = r_chosen - r_rejected
     logits = diff if margin is None else diff - margin.to(diff.dtype)
     loss = -F.logsigmoid(logits).mean()
@@ -188,12 +189,6 @@ def pairwise_reward_loss(
     }
     return loss, metrics
 
-
-def _check_tokens(fn: str, **tensors: torch.Tensor) -> None:
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    first = next(iter(shapes.values()))
-    if len(first) != 2 or any(s != first for s in shapes.values()):
-        raise ValueError(f"{fn}: expected tensors of equal shape [B, T], got {shapes}")
 
 
 def ppo_policy_loss(
@@ -220,15 +215,9 @@ def ppo_policy_loss(
     term is the larger, i.e. the gradient is cut); ``ppo/policy/approxkl`` =
     ``0.5 * masked_mean((pi - old)**2)``; ``ppo/policy/policykl`` = ``masked_mean(old - pi)``.
     """
-    _check_tokens(
-        "ppo_policy_loss",
-        pi_logps=pi_logps,
-        old_logps=old_logps,
-        advantages=advantages,
-        mask=mask,
-    )
-    if not cliprange >= 0:
-        raise ValueError(f"ppo_policy_loss: cliprange={cliprange!r}, expected >= 0")
+    _check_shapes("ppo_policy_loss", "B, T", pi_logps=pi_logps, old_logps=old_logps,
+                  advantages=advantages, mask=mask)
+    _check_nonnegative("ppo_policy_loss", cliprange=cliprange)
     old = old_logps.detach()
     adv = advantages.detach()
     log_ratio = pi_logps - old
@@ -272,15 +261,9 @@ def ppo_value_loss(
     new values); ``ppo/val/error`` = ``masked_mean((phi_v - returns)**2)``;
     ``ppo/val/clipfrac`` (masked fraction where the clipped term is the larger).
     """
-    _check_tokens(
-        "ppo_value_loss",
-        phi_values=phi_values,
-        old_values=old_values,
-        returns=returns,
-        mask=mask,
-    )
-    if not cliprange_value >= 0:
-        raise ValueError(f"ppo_value_loss: cliprange_value={cliprange_value!r}, expected >= 0")
+    _check_shapes("ppo_value_loss", "B, T", phi_values=phi_values, old_values=old_values,
+                  returns=returns, mask=mask)
+    _check_nonnegative("ppo_value_loss", cliprange_value=cliprange_value)
     old = old_values.detach()
     ret = returns.detach()
     v_clipped = old + torch.clamp(phi_values - old, -cliprange_value, cliprange_value)

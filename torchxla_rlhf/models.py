@@ -21,15 +21,15 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from torchxla_rlhf import runtime, sharding
-from torchxla_rlhf.rl import last_token_index, position_ids_from_mask  # noqa: F401 (re-exported)
+from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
+from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -48,58 +48,15 @@ DEBUG_SHAPE = dict(
 ``tiny`` model's shape (``model.tiny.hidden_size=128`` ...) to build one."""
 
 
-@dataclass
-class TinyModelConfig:
-    """Shape of the ``tiny`` model (random init, seeded)."""
-
-    vocab_size: int = 320
-    """Embedding rows; >= the tiny byte-level tokenizer's 259 ids."""
-    hidden_size: int = 64
-    """Model width."""
-    intermediate_size: int = 128
-    """MLP width."""
-    num_hidden_layers: int = 2
-    """Decoder layers."""
-    num_attention_heads: int = 4
-    """Attention heads (must divide by the mesh's mp)."""
-    num_key_value_heads: int = 2
-    """Key/value heads (grouped-query attention; must divide by mp)."""
-    max_position_embeddings: int = 1024
-    """Longest sequence the rotary embedding is set up for."""
-    seed: int = 0
-    """Seed of the random initialisation."""
-
-
-@dataclass
-class ModelConfig:
-    """Which model to load and how to run it."""
-
-    name_or_path: str = "tiny"
-    """Local HF directory, hub name, ``gs://`` directory, or ``tiny`` (random, seeded)."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub name."""
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype parameters (and optimizer state) are kept in. The paper: float32."""
-    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Dtype of the forward/backward matmuls (autocast). The paper: bfloat16."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass (13B at 4096 tokens needs it)."""
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """Shape of the model built when ``name_or_path`` is ``tiny``."""
-
-    def validate(self) -> None:
-        if not self.name_or_path:
-            raise ValueError("name_or_path: must name a model directory, hub name or 'tiny'")
-
-
 # ----------------------------------------------------------------------------------------
 # Config and weight sources
 # ----------------------------------------------------------------------------------------
 
 
-def tiny_llama_config(tiny: TinyModelConfig, pad_token_id: int = 0) -> LlamaConfig:
-    """The ``tiny`` model's ``LlamaConfig`` (LLaMA's special ids: unk/pad 0, bos 1, eos 2)."""
-    return LlamaConfig(
+def tiny_llama_config(tiny: TinyModelConfig, pad_token_id: int = 0, **overrides) -> LlamaConfig:
+    """The ``tiny`` model's ``LlamaConfig`` (LLaMA's special ids: unk/pad 0, bos 1, eos 2);
+    ``overrides`` replace any other ``LlamaConfig`` argument (the tests' variants)."""
+    return LlamaConfig(**{**dict(
         vocab_size=tiny.vocab_size,
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
@@ -112,7 +69,7 @@ def tiny_llama_config(tiny: TinyModelConfig, pad_token_id: int = 0) -> LlamaConf
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
         initializer_range=0.02,
-    )
+    ), **overrides})
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
@@ -492,13 +449,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------
 # Forward helpers
 # ----------------------------------------------------------------------------------------
-
-
-def autocast(compute_dtype: str, param_dtype: str):
-    """Autocast context for bf16 compute over fp32 parameters; a no-op when they agree."""
-    if compute_dtype == param_dtype or compute_dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast("xla", dtype=DTYPES[compute_dtype])
 
 
 def causal_lm_logits(

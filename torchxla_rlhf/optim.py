@@ -29,55 +29,7 @@ from typing import Iterable
 
 import torch
 
-
-@dataclass
-class AdamWConfig:
-    """AdamW hyper-parameters, clipping and accumulation (spec section 7)."""
-
-    b1: float = 0.9
-    """Adam beta1."""
-    b2: float = 0.95
-    """Adam beta2."""
-    eps: float = 1e-8
-    """Adam epsilon (added to sqrt(v_hat))."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay, applied to matrices (not norms)."""
-    max_grad_norm: float = 1.0
-    """Clip gradients to this global L2 norm; 0 disables clipping."""
-    accumulate_gradient_steps: int = 1
-    """Micro-batches per optimizer update; the schedule counts updates, not micro-batches."""
-
-    def validate(self) -> None:
-        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
-            raise ValueError("b1/b2: must be in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"eps: must be > 0, got {self.eps}")
-        if self.accumulate_gradient_steps < 1:
-            raise ValueError(
-                f"accumulate_gradient_steps: must be >= 1, got {self.accumulate_gradient_steps}"
-            )
-        if self.max_grad_norm < 0:
-            raise ValueError("max_grad_norm: must be >= 0")
-
-
-@dataclass
-class OptimizerConfig(AdamWConfig):
-    """AdamW plus the DPO/RM schedule: linear warmup from 0, then linear decay to end_lr."""
-
-    lr: float = 5e-7
-    """Peak learning rate."""
-    end_lr: float = 0.0
-    """Learning rate reached by linear decay at the end of training."""
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer updates spent warming up linearly from 0 to ``lr``."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.lr < 0 or self.end_lr < 0:
-            raise ValueError("lr: learning rates must be >= 0")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
-
+from torchxla_rlhf.configs import AdamWConfig
 
 @dataclass(frozen=True)
 class Schedule:
@@ -176,10 +128,6 @@ class AdamW:
             p.grad = None
         self.count.add_(1.0)
         return {"learning_rate": lr, "gradient_norm": grad_norm, "param_norm": global_norm(self.params)}
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     def state_dict(self) -> dict:
         """Moments and update count (device tensors; the caller decides how to save them)."""

@@ -1,6 +1,6 @@
-"""``python -m torchxla_rlhf.ppo --config configs/ppo_13b.yaml [key=value ...]``
+"""``python -m torchxla_rlhf.ppo --config FILE_OR_SHIPPED_NAME [key=value ...]``
 
-parse -> build -> train -> close. ``main(config)`` is importable (the tests call it).
+parse -> run (set up, build, resume, train, close). ``main(config)`` is importable.
 """
 
 from __future__ import annotations
@@ -9,16 +9,13 @@ from torchxla_rlhf.config import cli_main
 from torchxla_rlhf.configs import PPOConfig
 
 
-def main(cfg: PPOConfig) -> dict[str, float]:
+def main(cfg: PPOConfig, *, setup_logging: bool = False) -> dict[str, float]:
     """Train PPO as configured; returns the last logged metrics."""
     from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.ppo import PPOTrainer
 
-    return run(PPOTrainer, cfg)
+    return run(PPOTrainer, cfg, setup_logging=setup_logging)
 
 
 if __name__ == "__main__":
-    from torchxla_rlhf.trainers.base import setup_logging
-
-    setup_logging()
-    cli_main(PPOConfig, main, prog="python -m torchxla_rlhf.ppo")
+    cli_main(PPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.ppo")

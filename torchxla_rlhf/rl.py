@@ -1,5 +1,5 @@
 """RL math for PPO as pure tensor functions: masked statistics, whitening, GAE, KL-shaped
-rewards, the EOS penalty, the rollout batch container and the rollout metrics.
+rewards, the EOS penalty and the rollout metrics.
 
 Source: ``reference-semantics.md`` section 6 (what the paper's JAX ``llama_train_ppo``
 computed) and section 3 (position ids).
@@ -14,10 +14,6 @@ sequence positions. Masks may be bool, int or float 0/1 tensors.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +30,6 @@ __all__ = [
     "position_ids_from_mask",
     "apply_eos_penalty",
     "scale_scores",
-    "RolloutBatch",
     "ppo_rollout_stats",
 ]
 
@@ -284,121 +279,6 @@ def scale_scores(scores: torch.Tensor, gain: float, bias: float) -> torch.Tensor
     """``scores * gain + bias`` (spec 6.2's ``reward_gain``/``reward_bias``), after the EOS
     penalty. Shapes: ``[B]`` -> ``[B]``."""
     return scores * gain + bias
-
-
-# ----------------------------------------------------------------------------------------
-# Rollout batch
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class RolloutBatch:
-    """One PPO rollout batch: the sampled sequences and everything computed from them.
-
-    Shapes (``B`` rows, ``PL`` prompt length, ``CL`` = ``max_continuation_len``):
-
-    - ``sequences`` ``[B, PL+CL]`` int: left-padded prompt followed by the continuation
-      (pad after eos).
-    - ``attention_mask`` ``[B, PL+CL]``: 1 on real prompt and continuation tokens.
-    - ``continuation_mask`` ``[B, CL]``: 1 on real continuation tokens (eos included);
-      equals ``attention_mask[:, PL:]``.
-    - ``old_logps`` ``[B, CL]``: policy log-probs of the continuation tokens at rollout time.
-    - ``ref_logps`` ``[B, CL]``: reference-model log-probs of the same tokens.
-    - ``values`` ``[B, CL]``: value-model predictions at the positions that predict each
-      continuation token.
-    - ``rewards`` ``[B, CL]``: KL-penalized per-token rewards with the score at the last
-      real token (:func:`kl_penalized_rewards`).
-    - ``scores`` ``[B]``: reward-model scores after the EOS penalty, gain and bias.
-    - ``advantages`` ``[B, CL]``: GAE advantages, whitened.
-    - ``returns`` ``[B, CL]``: ``advantages (before whitening) + values``.
-
-    Shapes are checked on construction (Python ints only: no host sync).
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    continuation_mask: torch.Tensor
-    old_logps: torch.Tensor
-    ref_logps: torch.Tensor
-    values: torch.Tensor
-    rewards: torch.Tensor
-    scores: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    _PER_TOKEN = ("old_logps", "ref_logps", "values", "rewards", "advantages", "returns")
-
-    def __post_init__(self) -> None:
-        if self.sequences.ndim != 2:
-            raise ValueError(
-                f"RolloutBatch.sequences: expected [B, PL+CL], got shape {list(self.sequences.shape)}"
-            )
-        B, full = self.sequences.shape
-        if self.attention_mask.shape != (B, full):
-            raise ValueError(
-                f"RolloutBatch.attention_mask: expected shape {[B, full]} like sequences, "
-                f"got {list(self.attention_mask.shape)}"
-            )
-        if self.continuation_mask.ndim != 2 or self.continuation_mask.shape[0] != B:
-            raise ValueError(
-                f"RolloutBatch.continuation_mask: expected [B, CL] with B={B}, "
-                f"got {list(self.continuation_mask.shape)}"
-            )
-        CL = self.continuation_mask.shape[1]
-        if not 0 < CL <= full:
-            raise ValueError(
-                f"RolloutBatch.continuation_mask: CL={CL} must be in 1..{full} "
-                f"(the sequence length PL+CL)"
-            )
-        for name in self._PER_TOKEN:
-            t = getattr(self, name)
-            if t.shape != (B, CL):
-                raise ValueError(
-                    f"RolloutBatch.{name}: expected shape {[B, CL]} ([B, CL]), got {list(t.shape)}"
-                )
-        if self.scores.shape != (B,):
-            raise ValueError(f"RolloutBatch.scores: expected shape [{B}] ([B]), got {list(self.scores.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.sequences.shape[0]
-
-    @property
-    def continuation_length(self) -> int:
-        """``CL``."""
-        return self.continuation_mask.shape[1]
-
-    @property
-    def prompt_length(self) -> int:
-        """``PL``."""
-        return self.sequences.shape[1] - self.continuation_length
-
-    @property
-    def continuations(self) -> torch.Tensor:
-        """``sequences[:, PL:]``, ``[B, CL]``."""
-        return self.sequences[:, self.prompt_length :]
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RolloutBatch":
-        """A new batch with ``fn`` applied to every tensor (``.to(device)``, ``.detach()``)."""
-        return RolloutBatch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    def slice(self, rows: slice) -> "RolloutBatch":
-        """The rows ``rows`` (a Python slice with int bounds: static, one graph per bound)
-        of every tensor, e.g. a mini-batch."""
-        if not isinstance(rows, slice):
-            raise TypeError(f"RolloutBatch.slice expects a Python slice, got {type(rows).__name__}")
-        return self.map(lambda t: t[rows])
-
-    def minibatches(self, mini_batch_size: int) -> Iterator["RolloutBatch"]:
-        """Consecutive mini-batches of ``mini_batch_size`` rows, in order."""
-        B = self.batch_size
-        if mini_batch_size <= 0 or B % mini_batch_size:
-            raise ValueError(
-                f"mini_batch_size={mini_batch_size} must be positive and divide the rollout "
-                f"batch size {B}"
-            )
-        for start in range(0, B, mini_batch_size):
-            yield self.slice(slice(start, start + mini_batch_size))
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Order matters: :func:`init` must run before any tensor is put on the XLA device,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -358,11 +359,6 @@ def topology() -> tuple[int, int, int]:
             xr.addressable_runtime_device_count())
 
 
-def to_device(tensor: torch.Tensor) -> torch.Tensor:
-    """Put a CPU tensor on the XLA device (replicated)."""
-    return tensor.to(device())
-
-
 # ----------------------------------------------------------------------------------------
 # Graphs, syncs and counters
 # ----------------------------------------------------------------------------------------
@@ -394,8 +390,9 @@ def wait() -> None:
 
 
 def add_step_closure(fn: Callable, args: tuple = ()) -> None:
-    """Run ``fn(*args)`` on the host after the current graph executes; tensors in ``args``
-    are materialized by then, so ``.item()`` inside ``fn`` costs no extra sync."""
+    """Run ``fn(*args)`` on the host after the current graph executes. Tensors in ``args``
+    are materialized by then: ``.item()`` inside ``fn`` is one device-to-host copy (counted
+    by :func:`host_sync_count`) but runs no graph and never stalls the loop's dispatch."""
     import torch_xla.core.xla_model as xm
 
     xm.add_step_closure(fn, args=args, run_async=False)
@@ -444,6 +441,14 @@ def activation_checkpoint_fn() -> Callable:
     import torch_xla.utils.checkpoint as xla_checkpoint
 
     return partial(xla_checkpoint.checkpoint, use_reentrant=True)
+
+
+def autocast(compute_dtype: str, param_dtype: str):
+    """Autocast to ``compute_dtype`` (bf16 matmuls over fp32 parameters) on the XLA device;
+    a no-op when the dtypes agree or compute is float32."""
+    if compute_dtype == param_dtype or compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("xla", dtype=getattr(torch, compute_dtype))
 
 
 def manual_seed(seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Partition rules for HF Llama parameters, as data, and the one function that applies them.
+"""Partition rules for HF Llama parameters, as data, and the function that matches them.
 
 A rule is ``(regex, spec)``: the first rule whose regex matches a parameter's name
 (``re.search``) gives its partition spec, one entry per tensor dim, each a mesh axis name,
@@ -10,7 +10,7 @@ the Megatron-style split of spec section 8 reads:
 - embeddings ``[vocab, hidden]``: vocab over ``fsdp``, hidden over ``mp``
 - norms and the ``[1, hidden]`` reward/value ``score`` head: replicated (they are tiny)
 
-:func:`shard_model` fails when a rule matches no parameter (a stale or misspelled rule) or when
+:func:`match_specs` (which the model loader applies) fails when a rule matches no parameter (a stale or misspelled rule) or when
 a parameter matches no rule, and refuses to leave a large weight fully replicated. There is no
 silent catch-all rule.
 """
@@ -183,26 +183,3 @@ def check_heads_fit(config, mesh: runtime.MeshInfo) -> None:
         _WARNED.add(key)
         logger.warning("%s", cost)
 
-
-def shard_model(
-    model: torch.nn.Module,
-    mesh: runtime.MeshInfo,
-    rules: Sequence[Rule] | None = None,
-    *,
-    large_weight_numel: int = LARGE_WEIGHT_NUMEL,
-) -> dict[str, tuple]:
-    """Annotate every parameter of ``model`` (already on the XLA device) with its partition
-    spec on ``mesh``; returns the specs by name. See :func:`match_specs` for the errors."""
-    rules = rules if rules is not None else rules_for(model)
-    if hasattr(model, "config"):
-        check_heads_fit(model.config, mesh)
-    params = dict(model.named_parameters())
-    specs = match_specs(
-        ((n, tuple(p.shape)) for n, p in params.items()),
-        rules,
-        axis_sizes=mesh.shape,
-        large_weight_numel=large_weight_numel,
-    )
-    for name, spec in specs.items():
-        runtime.mark_sharding(params[name], mesh, spec)
-    return specs

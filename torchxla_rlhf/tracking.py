@@ -3,11 +3,10 @@
 Only the main process writes anything (wandb run, bar, files); every process may call the
 same methods, which keeps trainer code free of ``if is_main`` branches.
 
-Reading device values costs a host sync. In a training loop log device tensors with
-:meth:`Tracker.log_device_metrics`: it registers a step closure
-(:func:`runtime.add_step_closure`) that runs on the host right after the step's graph has
-executed, when the values are already materialized, so ``.item()`` there adds no extra
-device round trip and the loop never waits for the host.
+The trainers log device tensors with :meth:`Tracker.log_device_metrics`: it registers a step
+closure (:func:`runtime.add_step_closure`) that runs on the host right after the step's graph
+has executed, when the values are already materialized. Each value read there is one
+device-to-host copy, but no graph runs for it and the loop never waits for the host.
 
 ``metrics.jsonl`` has one JSON object per logged step: ``{"step": 10, "loss": 0.69, ...}``,
 all values floats (non-finite values are written as ``NaN`` / ``Infinity``, which Python's and
@@ -22,57 +21,25 @@ import math
 import logging
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import fsspec
 import torch
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.configs import LoggingConfig
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass
-class LoggingConfig:
-    """Where and how often training metrics go."""
-
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
-    """W&B mode: ``online`` syncs to wandb.ai (needs ``WANDB_API_KEY`` or ``wandb login``),
-    ``offline`` writes a run directory to upload later with ``wandb sync``, ``disabled``
-    makes every wandb call a no-op. ``metrics.jsonl`` is written in all modes."""
-
-    project: str = "torchxla_rlhf"
-    """W&B project name."""
-
-    entity: str | None = None
-    """W&B entity (user or team); None uses the account's default."""
-
-    run_name: str | None = None
-    """W&B run name; None lets wandb pick one."""
-
-    log_freq: int = 1
-    """Log device metrics every N optimizer steps (and at the last step). Reading them is
-    cheap (a step closure) but not free: one device-to-host copy per metric."""
-
-    progress_bar: bool = True
-    """Show a tqdm bar over the optimizer steps with the latest few metrics."""
-
-    def __post_init__(self) -> None:
-        if self.wandb_mode not in ("online", "offline", "disabled"):
-            raise ValueError(
-                f"logging.wandb_mode={self.wandb_mode!r}: expected 'online', 'offline' or 'disabled'"
-            )
-        if isinstance(self.log_freq, bool) or not isinstance(self.log_freq, int) or self.log_freq < 1:
-            raise ValueError(f"logging.log_freq={self.log_freq!r}: expected an integer >= 1")
-
-
 def _to_float(key: str, value: Any) -> float:
     """A metric value as a Python float. A tensor is read with ``.item()`` (a host sync
-    unless it is already materialized, as inside a step closure)."""
+    unless it is already materialized, as inside a step closure); a list or tuple (one value
+    per update or micro-batch) gives its mean."""
+    if isinstance(value, (list, tuple)):
+        return sum(_to_float(key, v) for v in value) / max(len(value), 1)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
@@ -152,7 +119,7 @@ class Tracker:
         config_dict: the resolved training config, stored with the wandb run.
         is_main_process: only the main process creates the run, the bar and the files.
         total_steps: number of optimizer steps (the bar's length; the last step is always
-            logged by :meth:`log_device_metrics`).
+            a logging step, see :meth:`should_log`).
     """
 
     def __init__(
@@ -174,6 +141,8 @@ class Tracker:
         self._bar: Any = None
         self._files: dict[str, _JsonlFile] = {}
         self._closed = False
+        self.latest: dict[str, float] = {}
+        """The most recently logged value of each metric (on every process)."""
         if not is_main_process:
             return
 
@@ -216,6 +185,7 @@ class Tracker:
         if "step" in metrics:
             raise ValueError("metrics: the key 'step' is reserved (it is the step argument)")
         values = {key: _to_float(key, value) for key, value in metrics.items()}
+        self.latest.update(values)
         if not self.is_main_process or self._closed:
             return
         self._files[METRICS_FILE].append({"step": int(step), **values})
@@ -225,15 +195,17 @@ class Tracker:
             shown = dict(list(values.items())[:4])
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
-    def log_device_metrics(self, step: int, metrics: Mapping[str, torch.Tensor]) -> None:
-        """Log device tensors once the current graph has run, on logging steps only.
+    def log_device_metrics(self, step: int, metrics: Mapping[str, Any], force: bool = False) -> None:
+        """Log device tensors once the current graph has run, on logging steps only (or
+        always with ``force``, as for evaluations).
 
         Registers :meth:`log` as a step closure (:func:`runtime.add_step_closure`): it runs on
         the host at the next graph cut (``runtime.sync()`` / end of a compiled step), when the
-        values are materialized, so this adds no host sync to the training loop. Do not
-        modify the tensors in place before that cut. On other steps only the bar moves.
+        values are materialized, so the loop never waits for them (each read is still one
+        device-to-host copy). Do not modify the tensors in place before that cut. On other
+        steps only the bar moves.
         """
-        if not self.should_log(step):
+        if not (force or self.should_log(step)):
             if self._bar is not None:
                 self._advance(step)
             return
@@ -295,39 +267,3 @@ class Tracker:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-class Timer:
-    """Wall-clock time of named sections, accumulated until :meth:`metrics` is called.
-
-    >>> timer = Timer()
-    >>> with timer.section("rollout"):
-    ...     pass
-    >>> sorted(timer.metrics())
-    ['time/rollout']
-
-    XLA runs asynchronously: without a device wait the time covers tracing and dispatch,
-    not execution. ``sync_device=True`` calls :func:`runtime.wait` at the end of each section
-    (a host sync: use it for measurements, not in every production step).
-    """
-
-    def __init__(self, prefix: str = "time/", sync_device: bool = False):
-        self.prefix = prefix
-        self.sync_device = sync_device
-        self._totals: dict[str, float] = {}
-
-    @contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync_device:
-                runtime.wait()
-            self._totals[name] = self._totals.get(name, 0.0) + time.perf_counter() - start
-
-    def metrics(self, reset: bool = True) -> dict[str, float]:
-        """``{prefix + name: seconds}`` for the sections timed since the last reset."""
-        out = {self.prefix + k: v for k, v in self._totals.items()}
-        if reset:
-            self._totals = {}
-        return out

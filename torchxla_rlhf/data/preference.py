@@ -24,7 +24,7 @@ import torch
 
 from torchxla_rlhf.data.chat import DataError, tokenize_preference_sides, validate_messages
 from torchxla_rlhf.data.config import DatasetConfig
-from torchxla_rlhf.data.sources import SourceStats, iter_records
+from torchxla_rlhf.data.sources import iter_parsed
 
 __all__ = ["PreferenceDataset", "RaggedTokens", "parse_preference_record"]
 
@@ -168,7 +168,6 @@ class PreferenceDataset:
         if pad is None:
             raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
         L = cfg.seq_length
-        src_stats = SourceStats()
         stats = dict(kept=0, dropped_truncated=0, dropped_no_loss_tokens=0, skipped_malformed=0, truncated_kept=0)
         chosen_parts: list[RaggedTokens] = []
         rejected_parts: list[RaggedTokens] = []
@@ -204,21 +203,11 @@ class PreferenceDataset:
             rejected_parts.append(RaggedTokens.from_lists([r[0] for r in kept_r], [r[1] for r in kept_r]))
             pending.clear()
 
-        for record, origin in iter_records(cfg, src_stats):
-            try:
-                chosen, rejected, margin = parse_preference_record(record, origin)
-            except DataError as e:
-                if not cfg.skip_malformed:
-                    raise
-                stats["skipped_malformed"] += 1
-                if stats["skipped_malformed"] <= 5:
-                    logger.warning("skipping %s", e)
-                continue
+        for (chosen, rejected, margin), origin in iter_parsed(cfg, parse_preference_record, stats):
             pending.append((chosen, rejected, margin, origin))
             if len(pending) >= _CHUNK:
                 flush()
         flush()
-        stats["skipped_malformed"] += src_stats["skipped_malformed"]
         stats["kept"] = len(margins)
         logger.info("preference data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
         if stats["kept"] == 0:

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchxla_rlhf.data.chat import DataError, format_prompt, prompt_messages_from_record, special_texts
+from torchxla_rlhf.data.chat import format_prompt, prompt_messages_from_record, special_texts
 from torchxla_rlhf.data.config import DatasetConfig
 from torchxla_rlhf.data.preference import RaggedTokens, _check_index
-from torchxla_rlhf.data.sources import SourceStats, iter_records
+from torchxla_rlhf.data.sources import iter_parsed
 
 __all__ = ["PromptDataset"]
 
@@ -67,7 +67,6 @@ class PromptDataset:
         if add_bos and not bos_text:
             raise ValueError("prompt_add_bos is set but the tokenizer has no bos_token")
         L = cfg.seq_length
-        src_stats = SourceStats()
         stats = dict(kept=0, dropped_truncated=0, truncated_kept=0, skipped_malformed=0)
         ids_kept: list[list[int]] = []
         texts_kept: list[str] = []
@@ -97,22 +96,15 @@ class PromptDataset:
                 origins_kept.append(origin)
             pending.clear()
 
-        for record, origin in iter_records(cfg, src_stats):
-            try:
-                messages = prompt_messages_from_record(record, origin)
-                text = format_prompt(messages, bos_text, eos_text, add_bos=add_bos, origin=origin)
-            except DataError as e:
-                if not cfg.skip_malformed:
-                    raise
-                stats["skipped_malformed"] += 1
-                if stats["skipped_malformed"] <= 5:
-                    logger.warning("skipping %s", e)
-                continue
+        def parse(record, origin):
+            messages = prompt_messages_from_record(record, origin)
+            return format_prompt(messages, bos_text, eos_text, add_bos=add_bos, origin=origin)
+
+        for text, origin in iter_parsed(cfg, parse, stats):
             pending.append((text, origin))
             if len(pending) >= _CHUNK:
                 flush()
         flush()
-        stats["skipped_malformed"] += src_stats["skipped_malformed"]
         stats["kept"] = len(ids_kept)
         logger.info("prompt data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
         if not ids_kept:

@@ -98,3 +98,23 @@ def iter_records(cfg: DatasetConfig, stats: SourceStats | None = None) -> Iterat
             break
         stats["read"] += 1
         yield record, origin
+
+
+def iter_parsed(cfg: DatasetConfig, parse, stats: dict[str, int]) -> Iterator[tuple[Any, str]]:
+    """``(parse(record, origin), origin)`` for each record. A record whose ``parse`` raises
+    :class:`DataError` stops the build, or with ``cfg.skip_malformed`` is counted in
+    ``stats["skipped_malformed"]`` and skipped (the first five are logged); malformed lines
+    the source skipped are added there at the end."""
+    src_stats = SourceStats()
+    for record, origin in iter_records(cfg, src_stats):
+        try:
+            parsed = parse(record, origin)
+        except DataError as e:
+            if not cfg.skip_malformed:
+                raise
+            stats["skipped_malformed"] += 1
+            if stats["skipped_malformed"] <= 5:
+                logger.warning("skipping %s", e)
+            continue
+        yield parsed, origin
+    stats["skipped_malformed"] += src_stats["skipped_malformed"]

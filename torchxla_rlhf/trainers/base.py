@@ -1,9 +1,20 @@
-"""What every trainer shares: run set-up (runtime, mesh, output directory, resolved config,
-tokenizer, tracker), the outer loop (update -> log -> evaluate -> checkpoint), and preemption.
+"""What every trainer shares, and the one place the order of a run is written.
 
-A trainer subclass supplies :meth:`Trainer.train_step` (one optimizer update, returning device
-metric tensors), :meth:`Trainer.evaluate` and :meth:`Trainer.save`; the order of operations
-lives here once.
+:func:`run` (and the trainers' constructor, which it calls) does, in this order:
+
+1. set up the run (:func:`setup_run`: runtime and mesh, output directory with the resolved
+   config, tokenizer);
+2. build the task: the subclass's :meth:`Trainer.build` (its data, models, optimizers and
+   compiled graphs), which returns the number of steps;
+3. resume from ``resume_from`` when asked;
+4. train: a baseline evaluation, then update -> log -> evaluate -> checkpoint until
+   ``total_steps`` or SIGTERM;
+5. close the tracker.
+
+A subclass supplies only what differs: :meth:`Trainer.build`, :meth:`Trainer.train_step`,
+:meth:`Trainer.save` and :meth:`Trainer.trained_models` (plus :meth:`Trainer.evaluate` and the
+data-state pair when it has them). It never defines ``__init__`` and has no call order to
+remember.
 """
 
 from __future__ import annotations
@@ -19,19 +30,11 @@ import torch
 
 from torchxla_rlhf import checkpoint, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
+from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
 logger = logging.getLogger("torchxla_rlhf")
-
-
-def setup_logging() -> None:
-    """Console logging for the entry points (process 0 at INFO, the others at WARNING)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 @dataclass
@@ -65,8 +68,19 @@ def setup_run(cfg: Any) -> RunContext:
     return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
 
 
+def make_loader(dataset, data_cfg, mesh: runtime.MeshInfo, *, train: bool = True) -> BatchLoader:
+    """This host's loader over ``dataset``: seeded shuffled epochs for training, or one
+    ordered pass for evaluation (the loader refuses a dataset smaller than one batch)."""
+    share, count = runtime.data_share(mesh)
+    if not train:
+        return BatchLoader(dataset, data_cfg.batch_size, shuffle=False, seed=0,
+                           process_index=share, process_count=count, num_epochs=1)
+    return BatchLoader(dataset, data_cfg.batch_size, shuffle=data_cfg.shuffle,
+                       seed=data_cfg.seed, process_index=share, process_count=count)
+
+
 class Trainer:
-    """The outer loop shared by all trainers.
+    """The run's lifecycle and outer loop; subclasses supply the task.
 
     Steps are optimizer updates (TRL's ``global_step``), numbered from 1. ``log_freq``,
     ``eval_freq``, ``save_model_freq`` and ``save_milestone_freq`` count them.
@@ -74,28 +88,33 @@ class Trainer:
 
     name = "trainer"
 
-    def __init__(self, ctx: RunContext, total_steps: int):
-        self.ctx = ctx
-        self.cfg = ctx.cfg
-        self.total_steps = total_steps
+    def __init__(self, cfg: Any):
+        """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
+        override this: everything they own is built in :meth:`build`."""
+        self.cfg = cfg
+        self.ctx = setup_run(cfg)
         self.step = 0
-        self.tracker = Tracker(
-            self.cfg.logger, ctx.output_dir, to_dict(self.cfg), ctx.is_main, total_steps
-        )
-        self.ckpt_schedule = checkpoint.CheckpointSchedule(
-            self.cfg.save_model_freq, self.cfg.save_milestone_freq
-        )
-        self._preempted = False
-        self._previous_sigterm = None
         self.compiles_first_step: int | None = None
         """XLA compilations during the first training step: the loop's graphs."""
         self.compiles_after_first_step: int | None = None
         """XLA compilations during training steps 2.. (should stay 0; checkpoints excluded)."""
         self._compiles_at_first_step = 0
-        self.last_metrics: dict[str, float] = {}
-        """The most recently logged values (training and eval), as host floats."""
+        self._preempted = False
+        self._previous_sigterm = None
+        self.total_steps = self.build()
+        self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
+                                                           cfg.save_milestone_freq)
+        self._resume()
+        # Last, so that a failure above leaves no wandb run or progress bar open.
+        self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
+                               self.total_steps)
 
-    # -- subclasses --------------------------------------------------------------------
+    # -- what a subclass supplies ----------------------------------------------------------
+
+    def build(self) -> int:
+        """Build the data, models, optimizers and compiled graphs; return the number of
+        optimizer steps to run. ``self.ctx`` (mesh, tokenizer, output_dir) is ready."""
+        raise NotImplementedError
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimizer update; returns metric tensors still on the device."""
@@ -120,10 +139,17 @@ class Trainer:
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`data_state`."""
 
-    # -- resume ------------------------------------------------------------------------
+    # -- shared helpers --------------------------------------------------------------------
 
-    def maybe_resume(self) -> None:
-        """Load ``resume_from``'s training state (call at the end of the constructor)."""
+    def autocast(self):
+        """The configured compute dtype over the parameters' (bf16 matmuls over fp32)."""
+        model = self.cfg.model
+        return runtime.autocast(model.compute_dtype, model.param_dtype)
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Load ``resume_from``'s training state into what :meth:`build` made."""
         source = self.cfg.resume_from
         if not source:
             return
@@ -140,17 +166,19 @@ class Trainer:
         self.load_data_state(state.get("data", {}))
         logger.info("resumed from %s at step %d", source, self.step)
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
+        """A baseline evaluation (which also compiles the eval graph before training), then
+        run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
         self._install_sigterm_handler()
         eval_freq = getattr(self.cfg, "eval_freq", 0)
-        # Run what set-up left pending (optimizer state, buffers) as its own graph, so that the
-        # first step's graphs are the same as every later step's.
-        runtime.sync()
-        compiles_at_start = runtime.compile_count()
         try:
+            self._log_eval()
+            # Run what set-up left pending (optimizer state, buffers) as its own graph, so
+            # that the first step's graphs are the same as every later step's.
+            runtime.sync()
+            compiles_at_start = runtime.compile_count()
             t_prev = time.perf_counter()
             while self.step < self.total_steps:
                 metrics = dict(self.train_step())
@@ -168,8 +196,7 @@ class Trainer:
                 # Dispatch is asynchronous: in steady state this interval is the step time.
                 metrics["time/step_s"] = now - t_prev
                 t_prev = now
-                if self.tracker.should_log(self.step):
-                    self.log_metrics(self.step, metrics)
+                self.tracker.log_device_metrics(self.step, metrics)
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
@@ -191,6 +218,11 @@ class Trainer:
             self._restore_sigterm_handler()
         return self.last_metrics
 
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The most recently logged values (training and eval), as host floats."""
+        return self.tracker.latest
+
     def _save_uncounted(self, path: str) -> None:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
@@ -204,33 +236,17 @@ class Trainer:
             )
         self._compiles_at_first_step += runtime.compile_count() - before
 
-    def log_metrics(self, step: int, metrics: dict) -> None:
-        """Log device tensors (and host floats) after the current graph has run: a step
-        closure, so reading them adds no host sync to the loop."""
-
-        def scalar(v) -> float:
-            if isinstance(v, (list, tuple)):  # one value per update/micro-batch: the mean
-                return sum(scalar(x) for x in v) / max(len(v), 1)
-            # Inside a step closure the value is already computed: a copy, not a graph run.
-            return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
-
-        def record(step: int, metrics: dict) -> None:
-            values = {k: scalar(v) for k, v in metrics.items()}
-            self.last_metrics.update(values)
-            self.tracker.log(step, values)
-
-        runtime.add_step_closure(record, args=(step, metrics))
-
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
-            self.log_metrics(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            self.tracker.log_device_metrics(
+                self.step, {f"eval/{k}": v for k, v in metrics.items()}, force=True)
             runtime.sync()
 
     def close(self) -> None:
         self.tracker.close()
 
-    # -- preemption --------------------------------------------------------------------
+    # -- preemption ------------------------------------------------------------------------
 
     def _install_sigterm_handler(self) -> None:
         # TPU VMs get SIGTERM before a preemption: finish the current update, save, stop.
@@ -247,8 +263,25 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 
 
-def run(trainer_cls: type[Trainer], cfg: Any) -> dict[str, float]:
-    """Build -> train -> close; returns the last logged metrics (the entry points' ``main``)."""
+def configure_logging(level: str) -> None:
+    """Console logging for the command-line entry points: ``level`` on process 0, WARNING on
+    the others. Starts the runtime first: importing torch_xla logs through the root logger,
+    which configures it at WARNING; ``force=True`` replaces that configuration."""
+    runtime.init()
+    logging.basicConfig(
+        level=level if runtime.is_main_process() else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
+    """The whole run: set up, build, resume (the constructor), train, close; returns the last
+    logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
+    at ``cfg.log_level`` first (command lines; a library caller keeps its own logging)."""
+    if setup_logging:
+        configure_logging(cfg.log_level)
     trainer = trainer_cls(cfg)
     try:
         return trainer.train()

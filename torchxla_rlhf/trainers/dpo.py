@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 from torchxla_rlhf import models, runtime
-from torchxla_rlhf.configs import DPOConfig
 from torchxla_rlhf.losses import dpo_loss, sequence_logps
-from torchxla_rlhf.trainers.base import setup_run
 from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
 
 logger = logging.getLogger(__name__)
@@ -28,15 +26,15 @@ logger = logging.getLogger(__name__)
 class DPOTrainer(PairTrainer):
     name = "dpo"
 
-    def __init__(self, cfg: DPOConfig):
-        ctx = setup_run(cfg)
+    def build_model(self) -> torch.nn.Module:
+        """The policy, and the frozen reference (or its log-probs, computed once)."""
+        cfg, mesh = self.cfg, self.ctx.mesh
         pad_id = cfg.tokenizer_pad_token_id
-        policy = models.load_causal_lm(cfg.model, ctx.mesh, pad_token_id=pad_id)
-        super().__init__(ctx, policy)
+        policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad_id)
         ref_cfg = cfg.model
         if cfg.load_reference_checkpoint:
             ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.load_reference_checkpoint)
-        self.reference = models.freeze(models.load_causal_lm(ref_cfg, ctx.mesh, pad_token_id=pad_id))
+        self.reference = models.freeze(models.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id))
         self.ref_logps: dict[str, np.ndarray] = {}
         if cfg.precalculate_reference_logps:
             self.ref_logps["train"] = self._reference_logps(self.data.train, "train")
@@ -44,9 +42,7 @@ class DPOTrainer(PairTrainer):
                 self.ref_logps["eval"] = self._reference_logps(self.data.eval, "eval")
             # The reference model is no longer needed: free its device memory.
             self.reference = None
-            self.data.augment = lambda b: self._add_ref_logps(b, "train")
-            self.data.eval_augment = lambda b: self._add_ref_logps(b, "eval")
-        self.start()
+        return policy
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -78,7 +74,10 @@ class DPOTrainer(PairTrainer):
 
     # -- precomputed reference log-probs --------------------------------------------------
 
-    def _add_ref_logps(self, batch: dict, split: str) -> dict:
+    def host_fields(self, batch: dict, split: str) -> dict:
+        """The cached reference log-probs of the batch's pairs, when precalculated."""
+        if not self.ref_logps:
+            return batch
         table = self.ref_logps[split]
         idx = batch["index"].numpy()  # a host (CPU) tensor: the batch is not on the device yet
         batch["ref_chosen_logps"] = torch.from_numpy(table[idx, 0])

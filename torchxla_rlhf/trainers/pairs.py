@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.preference import PreferenceDataset
 from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.trainers.base import RunContext, Trainer
+from torchxla_rlhf.trainers.base import Trainer, make_loader
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 class PairData:
-    """Training pairs (and optional held-out pairs) with their loaders."""
+    """Training pairs (and optional held-out pairs) with their loaders; host batches."""
 
     def __init__(self, cfg, tokenizer, mesh: runtime.MeshInfo):
         self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer)
@@ -35,27 +34,11 @@ class PairData:
         if cfg.eval_dataset is not None:
             self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer)
             logger.info("eval pairs: %d (%s)", len(self.eval), self.eval.stats)
-        share, count = runtime.data_share(mesh)
         self.batch_size = cfg.train_dataset.batch_size
-        self.loader = BatchLoader(
-            self.train,
-            self.batch_size,
-            shuffle=cfg.train_dataset.shuffle,
-            seed=cfg.train_dataset.seed,
-            process_index=share,
-            process_count=count,
-        )
-        if self.loader.steps_per_epoch == 0:
-            raise ValueError(
-                f"train_dataset: {len(self.train)} usable pairs is fewer than one batch of "
-                f"batch_size={self.batch_size}"
-            )
+        self.loader = make_loader(self.train, cfg.train_dataset, mesh)
+        self._eval_cfg = cfg.train_dataset  # held-out batches take the training batch size
         self._mesh = mesh
         self._iter: Iterator | None = None
-        self.augment: Callable[[dict], dict] | None = None
-        """Adds host-side fields to each training batch (e.g. cached reference log-probs)."""
-        self.eval_augment: Callable[[dict], dict] | None = None
-        """The same for held-out batches."""
 
     def total_updates(self, cfg) -> int:
         """``total_steps`` if set, else ``num_epochs`` passes counted in optimizer updates."""
@@ -71,68 +54,61 @@ class PairData:
         return updates
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next training micro-batch, on the device (dim 0 sharded over dp, fsdp)."""
+        """The next training micro-batch, on the host."""
         if self._iter is None:
             self._iter = iter(self.loader)
-        batch = next(self._iter)
-        if self.augment is not None:
-            batch = self.augment(batch)
-        return runtime.batch_to_device(batch, self._mesh)
+        return next(self._iter)
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Held-out micro-batches in order; the last partial batch is dropped (static shapes)."""
-        share, count = runtime.data_share(self._mesh)
-        loader = BatchLoader(
-            self.eval, self.batch_size, shuffle=False, seed=0,
-            process_index=share, process_count=count, num_epochs=1,
-        )
-        for batch in loader:
-            if self.eval_augment is not None:
-                batch = self.eval_augment(batch)
-            yield runtime.batch_to_device(batch, self._mesh)
+        """Held-out micro-batches in order, on the host; the last partial batch is dropped
+        (static shapes)."""
+        return iter(make_loader(self.eval, self._eval_cfg, self._mesh, train=False))
 
 
 class PairTrainer(Trainer):
     """A trainer of one model on preference pairs (DPO, reward model).
 
-    Subclasses build ``self.model`` and define :meth:`pair_loss`; this class owns the data,
-    the optimizer and the compiled graphs. One optimizer update = ``accumulate_gradient_steps``
-    compiled micro-steps (loss / K backward into ``.grad``) + one compiled AdamW update.
-    Graphs: first micro-step (grads created), later micro-steps (grads accumulated), the
-    update, and the eval step; the eval graph compiles at step 0 (a baseline evaluation), the
-    others during the first update, none after.
+    Subclasses build the model (:meth:`build_model`) and define :meth:`pair_loss`; this class
+    owns the data, the optimizer and the compiled graphs. One optimizer update =
+    ``accumulate_gradient_steps`` compiled micro-steps (loss / K backward into ``.grad``) + one
+    compiled AdamW update. Graphs: first micro-step (grads created), later micro-steps (grads
+    accumulated), the update, and the eval step; the eval graph compiles at step 0 (a baseline
+    evaluation), the others during the first update, none after.
     """
 
-    def __init__(self, ctx: RunContext, model: torch.nn.Module):
-        cfg = ctx.cfg
-        self.data = PairData(cfg, ctx.tokenizer, ctx.mesh)
-        super().__init__(ctx, self.data.total_updates(cfg))
-        self.model = model
+    def build(self) -> int:
+        cfg = self.cfg
+        self.data = PairData(cfg, self.ctx.tokenizer, self.ctx.mesh)
+        total = self.data.total_updates(cfg)
+        self.model = self.build_model()
         self.model.train()
         self.accumulate = cfg.optimizer.accumulate_gradient_steps
         opt = cfg.optimizer
         self.optimizer = AdamW(
-            model.parameters(), opt,
-            Schedule.linear(opt.lr, opt.end_lr, opt.warmup_ratio, self.total_steps),
+            self.model.parameters(), opt,
+            Schedule.linear(opt.lr, opt.end_lr, opt.warmup_ratio, total),
         )
         self._micro = runtime.compile(self._micro_step, name=f"{self.name}_micro_step")
         self._update = runtime.compile(self._update_step, name=f"{self.name}_update")
         self._eval = runtime.compile(self._eval_step, name=f"{self.name}_eval_step")
+        return total
 
-    def autocast(self):
-        """bf16 compute over fp32 parameters when so configured."""
-        return models.autocast(self.cfg.model.compute_dtype, self.cfg.model.param_dtype)
+    # -- what a pair trainer supplies -----------------------------------------------------
+
+    def build_model(self) -> torch.nn.Module:
+        """The model to train (and anything else the loss needs); ``self.data`` exists."""
+        raise NotImplementedError
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss and metric tensors of one micro-batch (traced into the graphs)."""
         raise NotImplementedError
 
-    def start(self) -> None:
-        """Call at the end of the subclass constructor: resume if asked, then the baseline
-        evaluation (which also compiles the eval graph before training)."""
-        self.maybe_resume()
-        if self.data.eval is not None:
-            self._log_eval()
+    def host_fields(self, batch: dict, split: str) -> dict:
+        """Add host-side fields to a ``"train"`` or ``"eval"`` batch before it goes to the
+        device (DPO: cached reference log-probs). Default: the batch as it is."""
+        return batch
+
+    # -- resume -----------------------------------------------------------------------------
 
     def trained_models(self):
         return {"model": (self.model, self.optimizer)}
@@ -163,8 +139,13 @@ class PairTrainer(Trainer):
 
     # -- loop hooks -----------------------------------------------------------------------
 
+    def _device_batch(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+        """A host batch with its extra fields, on the device (dim 0 sharded over dp, fsdp)."""
+        return runtime.batch_to_device(self.host_fields(batch, split), self.ctx.mesh)
+
     def train_step(self) -> dict[str, torch.Tensor]:
-        micro = [self._micro(self.data.next_batch()) for _ in range(self.accumulate)]
+        micro = [self._micro(self._device_batch(self.data.next_batch(), "train"))
+                 for _ in range(self.accumulate)]
         return self._update(micro)
 
     def evaluate(self) -> dict[str, torch.Tensor]:
@@ -172,7 +153,7 @@ class PairTrainer(Trainer):
             return {}
         was_training = self.model.training
         self.model.eval()
-        results = [self._eval(batch) for batch in self.data.eval_batches()]
+        results = [self._eval(self._device_batch(b, "eval")) for b in self.data.eval_batches()]
         self.model.train(was_training)
         if not results:
             logger.warning("eval_dataset has fewer pairs than one batch: nothing evaluated")

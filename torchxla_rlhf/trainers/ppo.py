@@ -27,8 +27,7 @@ import time
 import torch
 
 from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.configs import ORACLES, PPOConfig
-from torchxla_rlhf.data.loader import BatchLoader
+from torchxla_rlhf.configs import ORACLES
 from torchxla_rlhf.data.prompts import PromptDataset
 from torchxla_rlhf.generation import Generator
 from torchxla_rlhf.losses import label_logps, ppo_policy_loss, ppo_value_loss
@@ -38,10 +37,11 @@ from torchxla_rlhf.rl import (
     gae,
     kl_penalized_rewards,
     masked_whiten,
+    position_ids_from_mask,
     ppo_rollout_stats,
     scale_scores,
 )
-from torchxla_rlhf.trainers.base import Trainer, setup_run
+from torchxla_rlhf.trainers.base import Trainer, make_loader
 
 logger = logging.getLogger(__name__)
 
@@ -51,41 +51,30 @@ ROLLOUT_KEYS = ("sequences", "attention_mask", "continuation_mask")
 class PPOTrainer(Trainer):
     name = "ppo"
 
-    def __init__(self, cfg: PPOConfig):
-        ctx = setup_run(cfg)
-        tok = ctx.tokenizer
+    def build(self) -> int:
+        cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
         self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos)
         logger.info("prompts: %d (%s)", len(self.prompts), self.prompts.stats)
-        share, count = runtime.data_share(ctx.mesh)
-        self.loader = BatchLoader(
-            self.prompts, cfg.train_dataset.batch_size, shuffle=cfg.train_dataset.shuffle,
-            seed=cfg.train_dataset.seed, process_index=share, process_count=count,
-        )
+        self.loader = make_loader(self.prompts, cfg.train_dataset, mesh)
         self.steps_per_epoch = self.loader.steps_per_epoch
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"train_dataset: {len(self.prompts)} prompts is fewer than one batch of "
-                f"batch_size={cfg.train_dataset.batch_size}"
-            )
         total = cfg.total_steps or max(1, math.floor(self.steps_per_epoch * cfg.num_epochs))
-        super().__init__(ctx, total)
 
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
-        self.policy = models.load_causal_lm(cfg.model, ctx.mesh, pad_token_id=pad)
-        self.reference = models.freeze(models.load_causal_lm(cfg.model, ctx.mesh, pad_token_id=pad))
+        self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
+        self.reference = models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad))
         self.reward_model = models.freeze(
-            models.load_sequence_classifier(cfg.reward_model, ctx.mesh, pad_token_id=pad)
+            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad)
         )
         self.value = models.load_sequence_classifier(
-            cfg.value_model or cfg.reward_model, ctx.mesh, pad_token_id=pad, head_seed=cfg.seed
+            cfg.value_model or cfg.reward_model, mesh, pad_token_id=pad, head_seed=cfg.seed
         )
         self.policy.train()
         self.value.train()
         self.generator = Generator(
-            self.policy, cfg.sampling, eos_token_id=self.eos_id, pad_token_id=pad, mesh=ctx.mesh
+            self.policy, cfg.sampling, eos_token_id=self.eos_id, pad_token_id=pad, mesh=mesh
         )
 
         # Shapes of a step: N rollouts = n_mini mini-batches = n_chunks chunks (micro-batches).
@@ -96,7 +85,7 @@ class PPOTrainer(Trainer):
         self.prompt_len = cfg.train_dataset.seq_length
         updates_per_step = cfg.ppo_epochs * self.n_mini
         updates_per_epoch = self.steps_per_epoch * updates_per_step
-        total_updates = self.total_steps * updates_per_step
+        total_updates = total * updates_per_step
         warmup = math.ceil(cfg.warmup_epochs * updates_per_epoch)
         freeze = math.ceil(cfg.policy_freeze_epochs * updates_per_epoch)
         value_lr = cfg.lr if cfg.value_lr is None else cfg.value_lr
@@ -118,7 +107,7 @@ class PPOTrainer(Trainer):
             name="ppo_micro_step",
         )
         self._update = runtime.compile(self._update_step, name="ppo_update")
-        self.maybe_resume()
+        return total
 
     def trained_models(self):
         return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
@@ -135,18 +124,15 @@ class PPOTrainer(Trainer):
 
     # -- model quantities (traced) ----------------------------------------------------------
 
-    def _autocast(self):
-        return models.autocast(self.cfg.model.compute_dtype, self.cfg.model.param_dtype)
-
     def _logps(self, model, chunk) -> torch.Tensor:
         """``[n, CL]`` log-probs of the continuation tokens. The LM head runs only on the CL
         positions that predict them (``PL-1 .. L-2``), not on the prompt."""
         pl = self.prompt_len
         seq, mask = chunk["sequences"], chunk["attention_mask"]
-        with self._autocast():
+        with self.autocast():
             hidden = model.model(
                 input_ids=seq, attention_mask=mask,
-                position_ids=models.position_ids_from_mask(mask), use_cache=False,
+                position_ids=position_ids_from_mask(mask), use_cache=False,
             ).last_hidden_state
             logits = model.lm_head(hidden[:, pl - 1:-1])
         if self.cfg.logprobs_at_temperature:
@@ -155,7 +141,7 @@ class PPOTrainer(Trainer):
 
     def _values(self, chunk) -> torch.Tensor:
         """``phi_values [n, CL]``: the value head at the positions predicting each token."""
-        with self._autocast():
+        with self.autocast():
             v = models.sequence_classifier_scores(
                 self.value, chunk["sequences"], chunk["attention_mask"], every_position=True
             )
@@ -164,7 +150,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def _scores(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """RM reward after the EOS rule ``[n]``, and the score after gain/bias ``[n]``."""
-        with self._autocast():
+        with self.autocast():
             reward = models.sequence_classifier_scores(
                 self.reward_model, chunk["sequences"], chunk["attention_mask"]
             )
@@ -343,7 +329,6 @@ class PPOTrainer(Trainer):
                 columns.append("oracle")
                 rows = [row + [oracle[i]] for i, row in enumerate(rows)]
                 extra = {"oracle/score_mean": sum(oracle) / len(oracle)}
-                self.last_metrics.update(extra)
                 self.tracker.log(step, extra)
             self.tracker.log_table(step, "samples", columns, rows)
 

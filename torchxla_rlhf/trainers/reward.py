@@ -9,22 +9,19 @@ model, and saved as an ordinary HF sequence-classifier directory.
 from __future__ import annotations
 
 from torchxla_rlhf import models
-from torchxla_rlhf.configs import RewardConfig
 from torchxla_rlhf.losses import pairwise_reward_loss
-from torchxla_rlhf.trainers.base import setup_run
 from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
 
 
 class RewardTrainer(PairTrainer):
     name = "reward"
 
-    def __init__(self, cfg: RewardConfig):
-        ctx = setup_run(cfg)
-        model = models.load_sequence_classifier(
-            cfg.model, ctx.mesh, pad_token_id=cfg.tokenizer_pad_token_id, head_seed=cfg.head_seed
+    def build_model(self):
+        cfg = self.cfg
+        return models.load_sequence_classifier(
+            cfg.model, self.ctx.mesh, pad_token_id=cfg.tokenizer_pad_token_id,
+            head_seed=cfg.head_seed,
         )
-        super().__init__(ctx, model)
-        self.start()
 
     def pair_loss(self, batch):
         ids, mask, _ = concat_pairs(batch)
