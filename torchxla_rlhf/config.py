@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
+from torchxla_rlhf.errors import UserError
 
 __all__ = [
     "ConfigError",
@@ -80,7 +81,7 @@ _NONE_TYPE = type(None)
 # Errors
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config value, key or file.
 
     ``str(err)`` is ``"<where>: <message>"`` where ``where`` is ``file:line`` (or the command-line

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -133,12 +134,17 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        name_or_path,
-        revision=revision,
-        token=os.environ.get("HF_TOKEN"),
-        allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
-    )
+    from torchxla_rlhf.remote import hub_error
+
+    try:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            token=os.environ.get("HF_TOKEN"),
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+        )
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing, network: one line naming the id
+        raise hub_error(name_or_path, e) from e
 
 
 def _copy_remote_dir(url: str) -> str:
@@ -416,3 +422,39 @@ def sequence_classifier_scores(
     # The same token the EOS rule (rl.apply_eos_penalty) inspects.
     last = last_token_index(attention_mask)[:, None]  # [B, 1]
     return per_position.gather(1, last).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------
+# Identity of a model's weights (cache keys)
+# ----------------------------------------------------------------------------------------
+
+_SAMPLES_PER_FILE = 16
+_SAMPLE_BYTES = 1 << 16
+
+
+def weights_fingerprint(cfg: ModelConfig) -> str:
+    """A digest that changes whenever the weights ``cfg`` loads change.
+
+    ``tiny``: its shape and seed. A directory: for each weight file, its name, size, the first
+    64 KiB (the safetensors header: names, dtypes, shapes) and 16 evenly spaced 64 KiB samples.
+    Reading all 26 GB of a 13B checkpoint on every host for a cache key would cost a minute;
+    training changes every tensor, so samples tell two checkpoints apart for ~1 MiB per file.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    if cfg.name_or_path == "tiny":
+        h.update(repr(sorted(dataclasses.asdict(cfg.tiny).items())).encode())
+        return h.hexdigest()
+    model_dir = resolve_model_dir(cfg.name_or_path, cfg.revision)
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin")))
+    for name in files:
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            offsets = {0} | {size * k // _SAMPLES_PER_FILE for k in range(1, _SAMPLES_PER_FILE)}
+            for offset in sorted(offsets):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()

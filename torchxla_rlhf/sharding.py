@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import torch
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.errors import UserError
 
 Rule = tuple[str, tuple]
 
@@ -53,7 +54,7 @@ LARGE_WEIGHT_NUMEL = 1 << 20
 mesh has more than one device), so a missing rule cannot silently replicate a big matrix."""
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """Partition rules that do not fit the model or the mesh."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -171,3 +172,16 @@ def load_tokenizer(
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = TULU_CHAT_TEMPLATE
     return tok
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A digest of everything that decides token ids: the fast tokenizer's full JSON (vocab,
+    merges, normalizer, pre-tokenizer: the legacy/non-legacy SentencePiece behaviour included)
+    and the special ids."""
+    import hashlib
+
+    h = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr((tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).encode())
+    return h.hexdigest()
