@@ -1082,14 +1082,21 @@ def cli_main(cls: type[T], main_fn: Callable[[T], Any], argv: Sequence[str] | No
              prog: str | None = None) -> Any:
     """Entry-point wrapper: parse the command line, run ``main_fn(cfg)``, return its result.
 
-    A :class:`ConfigError` (from parsing or raised by ``main_fn``) prints the usage line and
-    ``prog: error: <message>`` on stderr and exits with status 2, like argparse.
+    The command line's error boundary (:func:`torchxla_rlhf.errors.run_guarded`): a config
+    error prints the usage line and ``prog: error: <message>``; any other user error (data,
+    mesh, files, URLs, models, resume, output_dir) prints its one line; both exit 2. A
+    preempted run exits 75. ``--debug`` (or ``TORCHXLA_RLHF_DEBUG=1``) shows tracebacks.
     """
+    from torchxla_rlhf.errors import debug_requested, run_guarded
+
     prog = prog or _default_prog()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     try:
         cfg = parse_cli(cls, argv, prog=prog)
-        return main_fn(cfg)
     except ConfigError as e:
         print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    return run_guarded(lambda: main_fn(cfg), prog, debug)

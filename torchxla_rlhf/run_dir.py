@@ -32,8 +32,13 @@ RESUME_SAFE_KEYS = (
 )
 """Keys a rerun in the same directory may change (how long, how often, how it logs)."""
 
-OWN_FILES = ("reference_logps_*.npz",)
-"""Files a run writes before its config (caches keyed by their own fingerprint)."""
+OWN_FILES = ("reference_logps_*.npz", "wandb")
+"""What a run may leave before its config is written (caches keyed by their own fingerprint,
+wandb's per-run folders): a directory holding only these is free."""
+
+
+RUN_ARTEFACTS = ("checkpoint-*", "final", "final-*", "metrics.jsonl", "samples.jsonl")
+"""What a run writes into its directory besides its config: resumable without a config."""
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -100,6 +105,9 @@ def check_output_dir(output_dir: str, config_kind: str, config: dict[str, Any],
         return
     hint = "set overwrite_output_dir=true to replace it, or choose another output_dir"
     recorded = read_run_config(output_dir)
+    if recorded is None and resume and all(
+            any(fnmatch.fnmatchcase(n, p) for p in RUN_ARTEFACTS) for n in foreign):
+        return  # a run that stopped before recording its config (built outside run())
     if recorded is None:
         problem = (f"output_dir {output_dir} is not empty ({', '.join(foreign[:5])}"
                    f"{', ...' if len(foreign) > 5 else ''}) and holds no run's {CONFIG_FILE}")

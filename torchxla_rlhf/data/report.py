@@ -88,3 +88,11 @@ class DataReport:
         if self.dropped.get("no_loss_token") or self.dropped.get("truncated"):
             fix = f"; seq_length={self.length_to_keep(0.95)} would keep 95 %"
         raise DataError(f"{self.name}: {why}{fix} [" + " | ".join(self.lines()) + "]")
+
+    def check_fills_batch(self, batch_size: int, key: str) -> None:
+        """Raise :class:`DataError` when fewer examples were kept than one global batch,
+        saying how many were dropped and why."""
+        if self.kept >= batch_size:
+            return
+        raise DataError(f"{key}: {self.kept} usable examples, fewer than one batch of "
+                        f"{key}.batch_size={batch_size} [" + " | ".join(self.lines()) + "]")

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 
 from torchxla_rlhf import checkpoint, runtime, train_state
 from torchxla_rlhf.config import save_config, to_dict
+from torchxla_rlhf.errors import Preempted
+from torchxla_rlhf.remote import check_remote_paths
+from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
@@ -48,15 +50,15 @@ class RunContext:
 def setup_run(cfg: Any) -> RunContext:
     """Runtime and mesh first (SPMD must be on before any tensor reaches the device), then
     the output directory with the resolved config (process 0 only), then the tokenizer."""
+    output_dir = cfg.output_dir.rstrip("/")
+    # Before anything is written or loaded: remote paths answer, output_dir is ours.
+    check_remote_paths(cfg, cfg.remote_timeout_s)
+    check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
+                     resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
     mesh = runtime.make_mesh(cfg.mesh_dim)
     is_main = runtime.is_main_process()
-    output_dir = cfg.output_dir.rstrip("/")
-    if is_main:
-        fs, path = fsspec.core.url_to_fs(output_dir)
-        fs.makedirs(path, exist_ok=True)
-        save_config(cfg, f"{output_dir}/config.yaml")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id)
     return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
 
@@ -82,6 +84,10 @@ class Trainer:
             self.cfg.save_model_freq, self.cfg.save_milestone_freq
         )
         self._preempted = False
+        self.preempted_at: int | None = None
+        """The step a SIGTERM stopped the run at (after saving), else None."""
+        self.data_reports: dict[str, Any] = {}
+        """``{name: DataReport}`` of the datasets built (logged once, at step 0)."""
         self._previous_sigterm = None
         self.compiles_first_step: int | None = None
         """XLA compilations during the first training step: the loop's graphs."""
@@ -174,6 +180,7 @@ class Trainer:
                 if self._preempted:
                     logger.warning("SIGTERM: saving at step %d and stopping", self.step)
                     self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                    self.preempted_at = self.step
                     break
             runtime.sync()
             runtime.wait()
@@ -217,6 +224,15 @@ class Trainer:
 
         runtime.add_step_closure(record, args=(step, metrics))
 
+    def log_data_reports(self) -> None:
+        """The data reports' numbers to the tracker (wandb, metrics.jsonl) at step 0; their
+        text was logged when the datasets were built."""
+        values: dict[str, float] = {}
+        for name, report in self.data_reports.items():
+            values.update(report.metrics(f"data/{name}"))
+        if values:
+            self.tracker.log(0, values)
+
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         if metrics:
@@ -244,9 +260,19 @@ class Trainer:
 
 
 def run(trainer_cls: type[Trainer], cfg: Any) -> dict[str, float]:
-    """Build -> train -> close; returns the last logged metrics (the entry points' ``main``)."""
+    """Build -> record the config -> train -> close; returns the last logged metrics (the
+    entry points' ``main``). Raises :class:`~torchxla_rlhf.errors.Preempted` after a
+    preempted run has saved, so no caller mistakes it for a finished one."""
     trainer = trainer_cls(cfg)
     try:
-        return trainer.train()
+        # Written only now that config, data and models have been checked: a run that fails
+        # at start-up leaves an existing run's config.yaml untouched.
+        if trainer.ctx.is_main:
+            save_config(cfg, f"{trainer.ctx.output_dir}/{CONFIG_FILE}")
+        trainer.log_data_reports()
+        metrics = trainer.train()
     finally:
         trainer.close()
+    if trainer.preempted_at is not None:
+        raise Preempted(trainer.preempted_at, f"{trainer.ctx.output_dir}/{trainer.ckpt_schedule.latest_name}")
+    return metrics

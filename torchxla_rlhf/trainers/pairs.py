@@ -33,14 +33,15 @@ class PairData:
     """Training pairs (and optional held-out pairs) with their loaders."""
 
     def __init__(self, cfg, tokenizer, mesh: runtime.MeshInfo):
-        self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer)
-        logger.info("train pairs: %d (%s)", len(self.train), self.train.stats)
+        self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer, name="train_dataset")
+        self.reports = {"train": self.train.report}
         self.eval = None
         if cfg.eval_dataset is not None:
-            self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer)
-            logger.info("eval pairs: %d (%s)", len(self.eval), self.eval.stats)
+            self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer, name="eval_dataset")
+            self.reports["eval"] = self.eval.report
         share, count = runtime.data_share(mesh)
         self.batch_size = cfg.train_dataset.batch_size
+        self.train.report.check_fills_batch(self.batch_size, "train_dataset")
         self.loader = BatchLoader(
             self.train,
             self.batch_size,
@@ -111,6 +112,7 @@ class PairTrainer(Trainer):
         cfg = ctx.cfg
         self.data = PairData(cfg, ctx.tokenizer, ctx.mesh)
         super().__init__(ctx, self.data.total_updates(cfg))
+        self.data_reports = self.data.reports
         self.model = model
         self.model.train()
         self.accumulate = cfg.optimizer.accumulate_gradient_steps

@@ -54,8 +54,9 @@ class PPOTrainer(Trainer):
     def __init__(self, cfg: PPOConfig):
         ctx = setup_run(cfg)
         tok = ctx.tokenizer
-        self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos)
-        logger.info("prompts: %d (%s)", len(self.prompts), self.prompts.stats)
+        self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos,
+                                           name="train_dataset")
+        self.prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
         share, count = runtime.data_share(ctx.mesh)
         self.loader = BatchLoader(
             self.prompts, cfg.train_dataset.batch_size, shuffle=cfg.train_dataset.shuffle,
@@ -71,6 +72,7 @@ class PPOTrainer(Trainer):
             )
         total = cfg.total_steps or max(1, math.floor(self.steps_per_epoch * cfg.num_epochs))
         super().__init__(ctx, total)
+        self.data_reports = {"train": self.prompts.report}
 
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
