@@ -30,6 +30,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from torchxla_rlhf import runtime, sharding
+from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -184,10 +185,18 @@ def safetensors_index(model_dir: str) -> dict[str, str]:
             f"{model_dir!r} holds no model.safetensors or model.safetensors.index.json "
             "(only safetensors checkpoints are supported)"
         )
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+def open_safetensors(path: str):
+    """``safe_open(path)``, with a corrupt or truncated file named in a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class _TensorReader:
@@ -202,11 +211,9 @@ class _TensorReader:
         return name in self.index
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         path = self.index[name]
         if path not in self._files:
-            self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+            self._files[path] = self._stack.enter_context(open_safetensors(path))
         return self._files[path].get_tensor(name)
 
     def close(self) -> None:

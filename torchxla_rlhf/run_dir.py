@@ -96,6 +96,7 @@ def check_output_dir(output_dir: str, config_kind: str, config: dict[str, Any],
     """
     fs, path = fsspec.core.url_to_fs(output_dir)
     if not fs.exists(path):
+        _check_creatable(fs, path, output_dir)
         return
     if not fs.isdir(path):
         raise OutputDirError(f"output_dir {output_dir}: exists and is not a directory")
@@ -127,3 +128,20 @@ def check_output_dir(output_dir: str, config_kind: str, config: dict[str, Any],
         logger.warning("%s: overwrite_output_dir=true, replacing it", problem)
         return
     raise OutputDirError(f"{problem}; {hint}")
+
+
+def _check_creatable(fs: fsspec.AbstractFileSystem, path: str, output_dir: str) -> None:
+    """A local ``output_dir`` that does not exist yet must be creatable: its nearest existing
+    ancestor is a writable directory (checked without writing anything)."""
+    import os
+
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" not in protocols and "local" not in protocols:
+        return
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputDirError(f"output_dir {output_dir}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output_dir {output_dir}: cannot be created, {parent} is not writable")
