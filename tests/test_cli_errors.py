@@ -165,3 +165,47 @@ def test_cli_prints_data_report_and_exits_75_on_sigterm(tmp_path):
     assert "train_dataset: read " in output and "kept " in output and "untruncated tokens p50" in output
     assert "preempted at step" in output and "resume_from=auto" in output
     assert (out / "checkpoint-latest").exists() and not (out / "final").exists()
+
+
+def pipeline(root, *extra):
+    from torchxla_rlhf.__main__ import main
+
+    return main(["pipeline", "--configs", CONFIGS, "--output-root", str(root),
+                 "dpo.logger.progress_bar=false", "reward.logger.progress_bar=false",
+                 "ppo.logger.progress_bar=false", *extra])
+
+
+def test_pipeline_checks_every_stage_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the tiny configs' data paths are relative to the repository
+    fails(lambda argv: pipeline(tmp_path / "p", "ppo.train_dataset.path=data/tiny/nope.jsonl"), [],
+          capsys, "nope.jsonl")
+    assert not (tmp_path / "p" / "dpo").exists()  # DPO never started
+
+
+@pytest.mark.slow
+def test_pipeline_stops_on_preemption_and_resumes(tmp_path, monkeypatch):
+    from torchxla_rlhf.trainers.dpo import DPOTrainer
+
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "p"
+    short = ["dpo.total_steps=3", "dpo.save_training_state=true", "dpo.eval_dataset=null", "dpo.logger.log_freq=1",
+             "reward.total_steps=2", "reward.eval_dataset=null", "ppo.total_steps=1"]
+    original = DPOTrainer.train_step
+
+    def step_then_sigterm(self):
+        metrics = original(self)
+        if self.step == 1:  # during the 2nd update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(DPOTrainer, "train_step", step_then_sigterm)
+    with pytest.raises(SystemExit) as e:
+        pipeline(root, *short)
+    assert e.value.code == EXIT_PREEMPTED
+    assert (root / "dpo" / "checkpoint-latest").exists() and not (root / "reward").exists()
+    monkeypatch.setattr(DPOTrainer, "train_step", original)
+    assert pipeline(root, "--resume", *short) == 0
+    for stage in ("dpo", "reward", "ppo"):
+        assert (root / stage / "final" / "_COMPLETE").exists(), stage
+    rows = [json.loads(l) for l in open(root / "dpo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # resumed at 3, not redone

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip finished stages, continue the others with resume_from=auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. ppo.total_steps=10")
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     from torchxla_rlhf.errors import debug_requested, run_guarded
     from torchxla_rlhf.trainers.base import setup_logging
 
