@@ -134,12 +134,12 @@ def test_preference_truncation_and_no_loss_drops(tok):
         pair("Hello there, long prompt", "Yo", "No"),  # the prompt alone exceeds 30: no loss token
     ]
     path = mem_file(lines)
-    ds = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30), tok)
+    ds = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30, max_dropped_fraction=1.0), tok)
     assert ds.stats == dict(kept=2, dropped_truncated=0, dropped_no_loss_tokens=1, skipped_malformed=0, truncated_kept=1)
     b = ds.get([1])
     assert b["loss_mask"][0].tolist() == [0] * 27 + [1] * 3  # chosen "Yo!" kept, "!" + eos cut
     assert b["attention_mask"][0].sum() == 30
-    ds2 = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30, remove_truncated_samples=True), tok)
+    ds2 = PreferenceDataset.build(DatasetConfig(path=path, seq_length=30, remove_truncated_samples=True, max_dropped_fraction=1.0), tok)
     assert len(ds2) == 1 and ds2.stats["dropped_truncated"] == 1 and ds2.origins == [f"{path}:1"]
 
 

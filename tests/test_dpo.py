@@ -97,7 +97,8 @@ def test_precalculated_reference_logps_match_and_are_cached(tmp_path):
     stamp = cache.stat().st_mtime_ns
     # A restart reuses the cache instead of recomputing it.
     trainer = DPOTrainer(tiny_cfg(str(tmp_path / "precalc"), "total_steps=1", "eval_dataset=null",
-                                  "save_model_freq=0", "precalculate_reference_logps=true"))
+                                  "save_model_freq=0", "train_dataset.shuffle=false",
+                                  "precalculate_reference_logps=true"))
     trainer.close()
     assert cache.stat().st_mtime_ns == stamp
     assert trainer.reference is None
@@ -192,7 +193,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     trainer.train_step = step_then_sigterm
     trainer.train()
     trainer.close()
-    assert trainer.step == 2
+    assert trainer.step == 2 and trainer.preempted_at == 2
     assert os.path.exists(os.path.join(out, "checkpoint-latest", "training_state", "_COMPLETE"))
     assert not os.path.exists(os.path.join(out, "final"))
 

@@ -1,7 +1,7 @@
 """``python -m torchxla_rlhf``: the trainers, and the tiny pipeline in one command.
 
     python -m torchxla_rlhf                       # lists the entry points
-    python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny]
+    python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny] [--resume]
                                      [dpo.KEY=VALUE ...] [reward.KEY=VALUE ...] [ppo.KEY=VALUE ...]
 
 The pipeline runs DPO (the policy), the reward model, then PPO from those two, wiring the
@@ -13,8 +13,10 @@ they apply to.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from typing import Any
 
 from torchxla_rlhf.config import ConfigError, load_config
 
@@ -24,12 +26,39 @@ TRAINERS = {
     "ppo": "PPO with policy, reference, reward and value models",
 }
 STAGES = ("dpo", "reward", "ppo")
+logger = logging.getLogger("torchxla_rlhf")
 
 
-def run_pipeline(configs: str, output_root: str, overrides: list[str], *,
+def check_stage_data(cfg: Any, tokenizer_source: str) -> None:
+    """Build a stage's datasets once (tokenized, counted, checked) without touching a device:
+    bad or mostly-dropped data fails before any stage has trained."""
+    from torchxla_rlhf.configs import PPOConfig
+    from torchxla_rlhf.data import PreferenceDataset, PromptDataset
+    from torchxla_rlhf.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_source, cfg.tokenizer_pad_token_id,
+                         sentencepiece_legacy=cfg.tokenizer_legacy)
+    if isinstance(cfg, PPOConfig):
+        ds = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos, name="train_dataset")
+        ds.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        return
+    ds = PreferenceDataset.build(cfg.train_dataset, tok, name="train_dataset")
+    ds.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+    if cfg.eval_dataset is not None:
+        PreferenceDataset.build(cfg.eval_dataset, tok, name="eval_dataset")
+
+
+def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume: bool = False,
                  setup_logging: bool = False) -> dict[str, dict[str, float]]:
     """DPO -> reward -> PPO with the directories wired; returns each stage's last metrics.
-    ``setup_logging``: console logging at each stage's ``log_level`` (the command line)."""
+    ``setup_logging``: console logging at each stage's ``log_level`` (the command line).
+
+    Every stage's config and data are checked before the first stage trains. A preempted
+    stage raises :class:`~torchxla_rlhf.errors.Preempted` (the pipeline stops there);
+    ``resume`` skips the stages whose ``final`` checkpoint is complete and continues the
+    others with ``resume_from=auto``.
+    """
+    from torchxla_rlhf.checkpoint import is_complete_checkpoint
     from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
     from torchxla_rlhf.trainers.base import run
     from torchxla_rlhf.trainers.dpo import DPOTrainer
@@ -52,13 +81,29 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *,
     }
     kinds = {"dpo": (DPOConfig, DPOTrainer), "reward": (RewardConfig, RewardTrainer),
              "ppo": (PPOConfig, PPOTrainer)}
-    # Parse every stage's config before running any, so a typo fails in seconds.
+    done = {s: resume and is_complete_checkpoint(f"{out[s]}/final") for s in STAGES}
+    resume_keys = {s: ["resume_from=auto"] if resume and not done[s] else [] for s in STAGES}
+    # Parse every stage's config before running any, so a typo fails in seconds...
     cfgs = {
         s: load_config(kinds[s][0], os.path.join(configs, f"{s}.yaml"),
-                       [f"output_dir={out[s]}", *wiring[s], *per_stage[s]])
+                       [f"output_dir={out[s]}", *wiring[s], *resume_keys[s], *per_stage[s]])
         for s in STAGES
     }
-    return {s: run(kinds[s][1], cfgs[s], setup_logging=setup_logging) for s in STAGES}
+    # ...and read every stage's data, so bad PPO prompts do not wait for DPO and the RM.
+    # PPO's model is DPO's output, whose tokenizer is DPO's.
+    dpo = cfgs["dpo"]
+    for s in STAGES:
+        if not done[s]:
+            source = cfgs[s].tokenizer or (
+                dpo.tokenizer or dpo.model.name_or_path if s == "ppo" else cfgs[s].model.name_or_path)
+            check_stage_data(cfgs[s], source)
+    results: dict[str, dict[str, float]] = {}
+    for s in STAGES:
+        if done[s]:
+            logger.info("pipeline --resume: %s/final is complete, skipping %s", out[s], s)
+            continue
+        results[s] = run(kinds[s][1], cfgs[s], setup_logging=setup_logging)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchxla_rlhf pipeline")
     parser.add_argument("--configs", default="configs/tiny", help="directory with dpo/reward/ppo.yaml")
     parser.add_argument("--output-root", default="outputs/tiny")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip finished stages, continue the others with resume_from=auto")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("overrides", nargs="*", help="STAGE.key=value, e.g. ppo.total_steps=10")
-    args = parser.parse_args(argv[1:])
-    try:
-        run_pipeline(args.configs, args.output_root, args.overrides, setup_logging=True)
-    except ConfigError as e:
-        print(f"python -m torchxla_rlhf pipeline: error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_intermixed_args(argv[1:])
+    from torchxla_rlhf.errors import debug_requested, run_guarded
+
+    run_guarded(lambda: run_pipeline(args.configs, args.output_root, args.overrides,
+                                     resume=args.resume, setup_logging=True),
+                "python -m torchxla_rlhf pipeline", args.debug or debug_requested([]))
     return 0
 
 

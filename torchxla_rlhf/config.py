@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+from torchxla_rlhf.errors import UserError
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 """The repository's ``configs/``: a ``--config`` name that is not a file is looked up here."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config value, key or file: ``str(err)`` is ``"<where>: <message>"``, where
     ``where`` is ``file:line`` or ``override '...'``. ``key`` is the dotted key at fault."""
 
@@ -607,12 +608,20 @@ def _help_section(cls: type, prefix: str, out: list[str]) -> None:
 
 def cli_main(cls: type[T], main_fn: Callable[[T], Any], argv: Sequence[str] | None = None,
              prog: str = "train") -> Any:
-    """Parse the command line and return ``main_fn(cfg)``. A :class:`ConfigError` (from
-    parsing or from ``main_fn``) prints the usage and ``prog: error: ...`` on stderr and exits
-    with status 2, as argparse does."""
+    """Parse the command line and return ``main_fn(cfg)``: the command line's error boundary
+    (:func:`torchxla_rlhf.errors.run_guarded`). A :class:`ConfigError` from parsing prints the
+    usage and ``prog: error: ...``; any other user error (data, mesh, files, URLs, models,
+    resume, output_dir) prints its one line; both exit 2, as argparse does. A preempted run
+    exits 75. ``--debug`` (or ``TORCHXLA_RLHF_DEBUG=1``) shows tracebacks."""
+    from torchxla_rlhf.errors import debug_requested, run_guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return main_fn(parse_cli(cls, argv, prog))
+        cfg = parse_cli(cls, argv, prog)
     except ConfigError as e:
         print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    return run_guarded(lambda: main_fn(cfg), prog, debug)

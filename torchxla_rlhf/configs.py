@@ -234,6 +234,12 @@ class RunConfig:
     """wandb, progress bar and metrics.jsonl."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Console log level of process 0 on the command line (other processes: WARNING)."""
+    overwrite_output_dir: bool = False
+    """Replace what output_dir holds even when it is another run's (a different trainer or
+    config); without it such a run is refused before anything is written."""
+    remote_timeout_s: float = 20.0
+    """Start-up probe of every remote URL in the config (gs://...): fail within this many
+    seconds, naming the URL, when the network or credentials are missing."""
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -244,6 +250,8 @@ class RunConfig:
             raise ValueError(f"num_epochs: must be > 0, got {self.num_epochs}")
         if self.save_model_freq < 0 or self.save_milestone_freq < 0:
             raise ValueError("save_model_freq/save_milestone_freq: must be >= 0")
+        if self.remote_timeout_s <= 0:
+            raise ValueError(f"remote_timeout_s: must be > 0, got {self.remote_timeout_s}")
 
 
 @dataclass

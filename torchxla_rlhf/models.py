@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -29,7 +30,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from torchxla_rlhf import runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
+from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
+
+
+class WeightFileError(UserError, ValueError):
+    """A weight file or checkpoint index that cannot be read (the message names the file)."""
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +96,18 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> str:
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
     from huggingface_hub import snapshot_download
 
+    from torchxla_rlhf.remote import hub_error
+
     def fetch(weights: str) -> str:
-        return snapshot_download(
-            name_or_path,
-            revision=revision,
-            token=os.environ.get("HF_TOKEN"),
-            allow_patterns=["*.json", weights, "tokenizer.model", "*.txt"],
-        )
+        try:
+            return snapshot_download(
+                name_or_path,
+                revision=revision,
+                token=os.environ.get("HF_TOKEN"),
+                allow_patterns=["*.json", weights, "tokenizer.model", "*.txt"],
+            )
+        except Exception as e:  # noqa: BLE001 - offline, gated, missing, network: one line naming the id
+            raise hub_error(name_or_path, e) from e
 
     path = fetch("*.safetensors")
     if safetensors_index(path) is None:
@@ -152,9 +163,7 @@ def _format_index(model_dir: str, single_name: str, names_of) -> dict[str, str] 
 
 
 def _safetensors_names(path: str) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return list(f.keys())
 
 
@@ -192,7 +201,7 @@ def _read_index(model_dir: str, index_path: str) -> dict[str, str]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError("weight_map is empty or not an object")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(
+        raise WeightFileError(
             f"{index_path}: not a checkpoint index (expected JSON with a non-empty "
             f"'weight_map' of tensor name -> shard file): {type(e).__name__}: {e}"
         ) from None
@@ -213,13 +222,23 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # zip, pickle and weights_only errors all mean "not readable"
-        raise ValueError(
+        raise WeightFileError(
             f"{path}: cannot read as a PyTorch checkpoint shard (torch.load weights_only=True, "
             f"mmap=True; legacy non-zip .bin files need re-saving): {type(e).__name__}: {e}"
         ) from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+        raise WeightFileError(f"{path}: holds a {type(state).__name__}, expected a state dict")
     return state
+
+
+def open_safetensors(path: str):
+    """``safe_open(path)``, with a corrupt or truncated file named in a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class _TensorReader:
@@ -249,10 +268,8 @@ class _TensorReader:
             if tensor is None:
                 raise KeyError(f"{path}: the index lists tensor {name!r} here, the shard lacks it")
             return tensor
-        from safetensors import safe_open
-
         if path not in self._files:
-            self._files[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+            self._files[path] = self._stack.enter_context(open_safetensors(path))
         return self._files[path].get_tensor(name)
 
     def close(self) -> None:
@@ -276,11 +293,18 @@ def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig
             source.startswith(("/", ".", "~")) or source.count("/") > 1
         ):
             raise FileNotFoundError(f"model directory {source!r} does not exist")
-        config = transformers.AutoConfig.from_pretrained(
-            source, revision=cfg.revision, token=os.environ.get("HF_TOKEN")
-        )
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                source, revision=cfg.revision, token=os.environ.get("HF_TOKEN")
+            )
+        except OSError as e:
+            if os.path.isdir(source):
+                raise WeightFileError(f"model directory {source!r}: {e}") from None
+            from torchxla_rlhf.remote import hub_error
+
+            raise hub_error(source, e) from e
     if config.model_type != "llama":
-        raise ValueError(
+        raise WeightFileError(
             f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
         )
     if pad_token_id is not None:
@@ -490,3 +514,39 @@ def sequence_classifier_scores(
     # The same token the EOS rule (rl.apply_eos_penalty) inspects.
     last = last_token_index(attention_mask)[:, None]  # [B, 1]
     return per_position.gather(1, last).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------
+# Identity of a model's weights (cache keys)
+# ----------------------------------------------------------------------------------------
+
+_SAMPLES_PER_FILE = 16
+_SAMPLE_BYTES = 1 << 16
+
+
+def weights_fingerprint(cfg: ModelConfig) -> str:
+    """A digest that changes whenever the weights ``cfg`` loads change.
+
+    ``tiny``: its shape and seed. A directory: for each weight file, its name, size, the first
+    64 KiB (the safetensors header: names, dtypes, shapes) and 16 evenly spaced 64 KiB samples.
+    Reading all 26 GB of a 13B checkpoint on every host for a cache key would cost a minute;
+    training changes every tensor, so samples tell two checkpoints apart for ~1 MiB per file.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    if cfg.name_or_path == "tiny":
+        h.update(repr(sorted(dataclasses.asdict(cfg.tiny).items())).encode())
+        return h.hexdigest()
+    model_dir = resolve_model_dir(cfg.name_or_path, cfg.revision)
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin")))
+    for name in files:
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            offsets = {0} | {size * k // _SAMPLES_PER_FILE for k in range(1, _SAMPLES_PER_FILE)}
+            for offset in sorted(offsets):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()

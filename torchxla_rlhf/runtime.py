@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def is_main_process() -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh that cannot be built on the available devices."""
 
 

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ LARGE_WEIGHT_NUMEL = 1 << 20
 mesh has more than one device), so a missing rule cannot silently replicate a big matrix."""
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """Partition rules that do not fit the model or the mesh."""
 
 

@@ -25,6 +25,7 @@ import torch
 
 from torchxla_rlhf import runtime, sharding
 from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TRAINED_STATE_FACTOR = 4
 and AdamW's two moments (all in ``param_dtype``). A frozen one costs 1."""
 
 
-class StartupError(ValueError):
+class StartupError(UserError, ValueError):
     """A config that cannot run on this pod (every failed check in the message)."""
 
 

@@ -481,3 +481,16 @@ def save_tokenizer_files(tokenizer: Any, directory: str) -> None:
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False, sort_keys=True)
         f.write("\n")
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A digest of everything that decides token ids: the fast tokenizer's full JSON (vocab,
+    merges, normalizer, pre-tokenizer: the legacy/non-legacy SentencePiece behaviour included)
+    and the special ids."""
+    import hashlib
+
+    h = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr((tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).encode())
+    return h.hexdigest()

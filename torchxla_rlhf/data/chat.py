@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torchxla_rlhf.errors import UserError
 
 __all__ = [
     "ROLES",
@@ -53,7 +54,7 @@ _HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assi
 ASSISTANT_HEADER = _HEADERS["assistant"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record. The message names its origin (file:line or split:index), the field and
     what was expected."""
 
@@ -256,10 +257,11 @@ def tokenize_preference_sides(
     origins: Sequence[str],
     fields: Sequence[str] | None = None,
     validate: bool = True,
-) -> list[tuple[list[int], int, bool]]:
+) -> list[tuple[list[int], int, bool, int]]:
     """Batched core of :func:`tokenize_preference_side`.
 
-    Returns per conversation ``(input_ids[:seq_length], response_start, truncated)``: the loss
+    Returns per conversation ``(input_ids[:seq_length], response_start, truncated,
+    untruncated_length)``: the loss
     mask is 1 on ``[response_start, len(input_ids))``. One call of the fast tokenizer for the
     whole batch (Rust, no per-piece tokenization); offsets come from ``char_to_token``.
     ``validate=False`` skips the message checks for records the caller already validated.
@@ -295,7 +297,7 @@ def tokenize_preference_sides(
     for ids, encoding, boundary in zip(enc["input_ids"], enc.encodings, boundaries):
         start = _first_token_at_or_after(encoding, boundary)
         truncated = len(ids) > seq_length
-        out.append((ids[:seq_length], min(start, seq_length), truncated))
+        out.append((ids[:seq_length], min(start, seq_length), truncated, len(ids)))
     return out
 
 
@@ -309,7 +311,7 @@ def tokenize_preference_side(
     i.e. its char span ends after the content's first char. The last message must be an
     assistant turn.
     """
-    ((ids, start, truncated),) = tokenize_preference_sides(tokenizer, [messages], seq_length, [origin], [field])
+    ((ids, start, truncated, _),) = tokenize_preference_sides(tokenizer, [messages], seq_length, [origin], [field])
     input_ids = np.asarray(ids, dtype=np.int64)
     loss_mask = (np.arange(len(ids)) >= start).astype(np.int64)
     return TokenizedSide(input_ids=input_ids, loss_mask=loss_mask, truncated=truncated)

@@ -53,6 +53,11 @@ class DatasetConfig:
     seed: int = 42
     """Seed of the shuffling permutation."""
 
+    max_dropped_fraction: float = 0.5
+    """Fail (showing the data report) when more than this fraction of the records read is
+    dropped (no loss token left, truncated with ``remove_truncated_samples``, malformed):
+    a short ``seq_length`` should not silently train on a sliver of the data."""
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field."""
         if (self.hf_name is None) == (self.path is None):
@@ -75,6 +80,10 @@ class DatasetConfig:
         ):
             raise ValueError(
                 f"DatasetConfig.max_samples: expected a positive integer or None, got {self.max_samples!r}"
+            )
+        if not 0.0 <= self.max_dropped_fraction <= 1.0:
+            raise ValueError(
+                f"DatasetConfig.max_dropped_fraction: expected a fraction in [0, 1], got {self.max_dropped_fraction!r}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"DatasetConfig.seed: expected a non-negative integer, got {self.seed!r}")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from torchxla_rlhf.data.chat import DataError, tokenize_preference_sides, validate_messages
+from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.data.config import DatasetConfig
 from torchxla_rlhf.data.sources import iter_parsed
 
@@ -150,18 +151,21 @@ class PreferenceDataset:
     margin: np.ndarray
     origins: list[str]
     stats: dict[str, int] = field(default_factory=dict)
+    report: DataReport | None = None
 
     def __len__(self) -> int:
         return len(self.margin)
 
     @classmethod
-    def build(cls, cfg: DatasetConfig, tokenizer: Any) -> "PreferenceDataset":
+    def build(cls, cfg: DatasetConfig, tokenizer: Any, name: str | None = None) -> "PreferenceDataset":
         """Read, validate and tokenize every record of ``cfg`` (batched fast tokenizer).
 
         Per side: ``input_ids = tok(bos + tulu(messages), add_special_tokens=False)[:L]``, loss
         mask on the last assistant message (see :mod:`torchxla_rlhf.data.chat`). A pair is
         dropped when either side has no loss token left after truncation, or (with
-        ``remove_truncated_samples``) when either side was truncated.
+        ``remove_truncated_samples``) when either side was truncated; ``report`` counts each
+        reason, and more than ``cfg.max_dropped_fraction`` dropped is a :class:`DataError`.
+        ``name`` labels the report (default: the source).
         """
         cfg.validate()
         pad = tokenizer.pad_token_id
@@ -169,6 +173,7 @@ class PreferenceDataset:
             raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
         L = cfg.seq_length
         stats = dict(kept=0, dropped_truncated=0, dropped_no_loss_tokens=0, skipped_malformed=0, truncated_kept=0)
+        lengths: list[int] = []
         chosen_parts: list[RaggedTokens] = []
         rejected_parts: list[RaggedTokens] = []
         margins: list[float] = []
@@ -186,7 +191,8 @@ class PreferenceDataset:
             n = len(pending)
             kept_c, kept_r = [], []
             for k, (_, _, margin, origin) in enumerate(pending):
-                c, r = toks[k], toks[n + k]  # (ids, response_start, truncated)
+                c, r = toks[k], toks[n + k]  # (ids, response_start, truncated, full length)
+                lengths.append(max(c[3], r[3]))
                 if c[1] >= len(c[0]) or r[1] >= len(r[0]):
                     stats["dropped_no_loss_tokens"] += 1
                     continue
@@ -209,9 +215,16 @@ class PreferenceDataset:
                 flush()
         flush()
         stats["kept"] = len(margins)
-        logger.info("preference data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
-        if stats["kept"] == 0:
-            raise ValueError(f"preference data {cfg.path or cfg.hf_name}: no usable example ({stats})")
+        report = DataReport(
+            name or f"preference data {cfg.path or f'{cfg.hf_name}[{cfg.hf_split}]'}", L,
+            kept=stats["kept"], truncated_kept=stats["truncated_kept"],
+            dropped={"no_loss_token": stats["dropped_no_loss_tokens"],
+                     "truncated": stats["dropped_truncated"], "malformed": stats["skipped_malformed"]},
+            lengths=np.asarray(lengths, dtype=np.int64),
+        )
+        for line in report.lines():
+            logger.info("%s", line)
+        report.check(cfg.max_dropped_fraction)
         return cls(
             seq_length=L,
             pad_token_id=int(pad),
@@ -220,6 +233,7 @@ class PreferenceDataset:
             margin=np.asarray(margins, dtype=np.float32),
             origins=origins,
             stats=stats,
+            report=report,
         )
 
     def _side(self, side: RaggedTokens, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

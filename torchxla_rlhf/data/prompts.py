@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from torchxla_rlhf.data.chat import format_prompt, prompt_messages_from_record, special_texts
+from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.data.config import DatasetConfig
 from torchxla_rlhf.data.preference import RaggedTokens, _check_index
 from torchxla_rlhf.data.sources import iter_parsed
@@ -52,13 +53,16 @@ class PromptDataset:
     origins: list[str]
     add_bos: bool
     stats: dict[str, int] = field(default_factory=dict)
+    report: DataReport | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @classmethod
-    def build(cls, cfg: DatasetConfig, tokenizer: Any, add_bos: bool) -> "PromptDataset":
-        """Read, render and tokenize every prompt of ``cfg`` (``add_special_tokens=False``)."""
+    def build(cls, cfg: DatasetConfig, tokenizer: Any, add_bos: bool, name: str | None = None) -> "PromptDataset":
+        """Read, render and tokenize every prompt of ``cfg`` (``add_special_tokens=False``);
+        ``report`` counts what was kept, truncated and dropped (see
+        :class:`~torchxla_rlhf.data.report.DataReport`)."""
         cfg.validate()
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -68,6 +72,7 @@ class PromptDataset:
             raise ValueError("prompt_add_bos is set but the tokenizer has no bos_token")
         L = cfg.seq_length
         stats = dict(kept=0, dropped_truncated=0, truncated_kept=0, skipped_malformed=0)
+        lengths: list[int] = []
         ids_kept: list[list[int]] = []
         texts_kept: list[str] = []
         origins_kept: list[str] = []
@@ -85,6 +90,7 @@ class PromptDataset:
                 return_token_type_ids=False,
             )
             for ids, (text, origin) in zip(enc["input_ids"], pending):
+                lengths.append(len(ids))
                 if len(ids) > L:
                     if cfg.remove_truncated_samples:
                         stats["dropped_truncated"] += 1
@@ -106,9 +112,19 @@ class PromptDataset:
                 flush()
         flush()
         stats["kept"] = len(ids_kept)
-        logger.info("prompt data %s: %s", cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]", stats)
-        if not ids_kept:
-            raise ValueError(f"prompt data {cfg.path or cfg.hf_name}: no usable prompt ({stats})")
+        report = DataReport(
+            name or f"prompt data {cfg.path or f'{cfg.hf_name}[{cfg.hf_split}]'}", L,
+            kept=stats["kept"], truncated_kept=stats["truncated_kept"],
+            dropped={"truncated": stats["dropped_truncated"], "malformed": stats["skipped_malformed"]},
+            lengths=np.asarray(lengths, dtype=np.int64),
+        )
+        for line in report.lines():
+            logger.info("%s", line)
+        if stats["truncated_kept"]:
+            logger.warning("%s: %d prompt(s) longer than seq_length=%d kept their last %d tokens "
+                           "(remove_truncated_samples=false); they lose their beginning",
+                           report.name, stats["truncated_kept"], L, L)
+        report.check(cfg.max_dropped_fraction)
         return cls(
             seq_length=L,
             pad_token_id=int(pad),
@@ -117,6 +133,7 @@ class PromptDataset:
             origins=origins_kept,
             add_bos=add_bos,
             stats=stats,
+            report=report,
         )
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:

@@ -25,12 +25,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 
 from torchxla_rlhf import checkpoint, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
+from torchxla_rlhf.errors import Preempted
+from torchxla_rlhf.remote import check_remote_paths
+from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
@@ -49,19 +51,20 @@ class RunContext:
 
 
 def setup_run(cfg: Any) -> RunContext:
-    """Runtime and mesh first (SPMD must be on before any tensor reaches the device), then
-    the output directory with the resolved config (process 0 only), then the tokenizer."""
+    """Checks that need no device first (remote paths answer, ``output_dir`` is this run's
+    to write), then runtime and mesh (SPMD must be on before any tensor reaches the device),
+    the start-up checks on the model's shapes, then the tokenizer. Nothing is written."""
+    output_dir = cfg.output_dir.rstrip("/")
+    # Before anything is written or loaded: remote paths answer, output_dir is ours.
+    check_remote_paths(cfg, cfg.remote_timeout_s)
+    check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
+                     resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
     startup.check_before_loading(cfg)
     mesh = runtime.make_mesh(cfg.mesh_dim)
     is_main = runtime.is_main_process()
-    output_dir = cfg.output_dir.rstrip("/")
-    if is_main:
-        fs, path = fsspec.core.url_to_fs(output_dir)
-        fs.makedirs(path, exist_ok=True)
-        save_config(cfg, f"{output_dir}/config.yaml")
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
     )
@@ -100,14 +103,23 @@ class Trainer:
         """XLA compilations during training steps 2.. (should stay 0; checkpoints excluded)."""
         self._compiles_at_first_step = 0
         self._preempted = False
+        self.preempted_at: int | None = None
+        """The step a SIGTERM stopped the run at (after saving), else None."""
+        self.data_reports: dict[str, Any] = {}
+        """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
         self._previous_sigterm = None
         self.total_steps = self.build()
         self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
                                                            cfg.save_milestone_freq)
         self._resume()
+        # Written only now that config, data and models have been checked: a run that fails
+        # at start-up leaves an existing run's config.yaml untouched.
+        if self.ctx.is_main:
+            save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
                                self.total_steps)
+        self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
 
@@ -205,6 +217,7 @@ class Trainer:
                 if self._preempted:
                     logger.warning("SIGTERM: saving at step %d and stopping", self.step)
                     self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                    self.preempted_at = self.step
                     break
             runtime.sync()
             runtime.wait()
@@ -235,6 +248,15 @@ class Trainer:
                 is_main_process=self.ctx.is_main,
             )
         self._compiles_at_first_step += runtime.compile_count() - before
+
+    def log_data_reports(self) -> None:
+        """The data reports' numbers to the tracker (wandb, metrics.jsonl) at step 0; their
+        text was logged when the datasets were built."""
+        values: dict[str, float] = {}
+        for name, report in self.data_reports.items():
+            values.update(report.metrics(f"data/{name}"))
+        if values:
+            self.tracker.log(0, values)
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()
@@ -279,11 +301,18 @@ def configure_logging(level: str) -> None:
 def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
     """The whole run: set up, build, resume (the constructor), train, close; returns the last
     logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
-    at ``cfg.log_level`` first (command lines; a library caller keeps its own logging)."""
+    at ``cfg.log_level`` first (command lines; a library caller keeps its own logging).
+
+    Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
+    caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
     trainer = trainer_cls(cfg)
     try:
-        return trainer.train()
+        metrics = trainer.train()
     finally:
         trainer.close()
+    if trainer.preempted_at is not None:
+        raise Preempted(trainer.preempted_at,
+                        f"{trainer.ctx.output_dir}/{trainer.ckpt_schedule.latest_name}")
+    return metrics

@@ -18,6 +18,7 @@ import torch
 
 from torchxla_rlhf import models, runtime
 from torchxla_rlhf.losses import dpo_loss, sequence_logps
+from torchxla_rlhf.tokenizers import tokenizer_fingerprint
 from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ class DPOTrainer(PairTrainer):
     def _reference_logps(self, dataset, split: str) -> np.ndarray:
         """``[N, 2]`` reference log-probs (chosen, rejected) per example index, computed in
         one ordered pass and cached in ``output_dir`` so that a restart does not redo it."""
-        key = _fingerprint(dataset, self.cfg.load_reference_checkpoint or self.cfg.model.name_or_path)
+        ref_cfg = self.cfg.model
+        if self.cfg.load_reference_checkpoint:
+            ref_cfg = dataclasses.replace(ref_cfg, name_or_path=self.cfg.load_reference_checkpoint)
+        key = _fingerprint(dataset, ref_cfg, self.ctx.tokenizer)
         path = f"{self.ctx.output_dir}/reference_logps_{split}.npz"
         fs, fpath = fsspec.core.url_to_fs(path)
         if fs.exists(fpath):
@@ -96,7 +100,8 @@ class DPOTrainer(PairTrainer):
                 if str(cached["fingerprint"]) == key:
                     logger.info("reference log-probs for %s: loaded from %s", split, path)
                     return cached["logps"]
-            logger.info("reference log-probs cache %s is for other data: recomputing", path)
+            logger.info("reference log-probs cache %s is for other weights, tokenizer or data: "
+                        "recomputing", path)
         n = len(dataset)
         bs = self.data.batch_size
         share, count = runtime.data_share(self.ctx.mesh)
@@ -122,8 +127,12 @@ class DPOTrainer(PairTrainer):
         return table
 
 
-def _fingerprint(dataset, model_name: str) -> str:
-    h = hashlib.sha256(model_name.encode())
+def _fingerprint(dataset, reference: models.ModelConfig, tokenizer) -> str:
+    """Cache key of the reference log-probs: the reference weights (not just their name: a
+    retrained model at the same path must not reuse the cache), the tokenizer and the data."""
+    h = hashlib.sha256(reference.name_or_path.encode())
+    h.update(models.weights_fingerprint(reference).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(str(dataset.seq_length).encode())
     for side in (dataset.chosen, dataset.rejected):
         for array in (side.tokens, side.offsets, side.starts):

@@ -28,13 +28,14 @@ class PairData:
     """Training pairs (and optional held-out pairs) with their loaders; host batches."""
 
     def __init__(self, cfg, tokenizer, mesh: runtime.MeshInfo):
-        self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer)
-        logger.info("train pairs: %d (%s)", len(self.train), self.train.stats)
+        self.train = PreferenceDataset.build(cfg.train_dataset, tokenizer, name="train_dataset")
+        self.reports = {"train": self.train.report}
         self.eval = None
         if cfg.eval_dataset is not None:
-            self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer)
-            logger.info("eval pairs: %d (%s)", len(self.eval), self.eval.stats)
+            self.eval = PreferenceDataset.build(cfg.eval_dataset, tokenizer, name="eval_dataset")
+            self.reports["eval"] = self.eval.report
         self.batch_size = cfg.train_dataset.batch_size
+        self.train.report.check_fills_batch(self.batch_size, "train_dataset")
         self.loader = make_loader(self.train, cfg.train_dataset, mesh)
         self._eval_cfg = cfg.train_dataset  # held-out batches take the training batch size
         self._mesh = mesh
@@ -80,6 +81,7 @@ class PairTrainer(Trainer):
         cfg = self.cfg
         self.data = PairData(cfg, self.ctx.tokenizer, self.ctx.mesh)
         total = self.data.total_updates(cfg)
+        self.data_reports = self.data.reports
         self.model = self.build_model()
         self.model.train()
         self.accumulate = cfg.optimizer.accumulate_gradient_steps

@@ -53,8 +53,10 @@ class PPOTrainer(Trainer):
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
-        self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos)
-        logger.info("prompts: %d (%s)", len(self.prompts), self.prompts.stats)
+        self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos,
+                                           name="train_dataset")
+        self.prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        self.data_reports = {"train": self.prompts.report}
         self.loader = make_loader(self.prompts, cfg.train_dataset, mesh)
         self.steps_per_epoch = self.loader.steps_per_epoch
         if cfg.max_steps_per_epoch:

@@ -1,0 +1,98 @@
+"""What a dataset build kept and dropped, printed at start-up and logged to wandb.
+
+Nothing is dropped silently: every record read is either kept (possibly truncated) or counted
+under one reason. The untruncated token lengths give percentiles and the ``seq_length`` that
+would keep a given fraction of the data, which is what a user needs when a run drops most of
+its examples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from torchxla_rlhf.data.chat import DataError
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class DataReport:
+    """Counts of one dataset build.
+
+    Attributes:
+      name: what the data is (``train_dataset data/x.jsonl``).
+      seq_length: the configured length examples were cut to.
+      kept: examples kept (``truncated_kept`` of them truncated to ``seq_length``).
+      dropped: ``{reason: count}``; reasons ``no_loss_token`` (the prompt fills
+        ``seq_length``), ``truncated`` (``remove_truncated_samples``), ``malformed``
+        (``skip_malformed``).
+      lengths: untruncated token length of every tokenized example (a pair: its longer side).
+    """
+
+    name: str
+    seq_length: int
+    kept: int = 0
+    truncated_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def read(self) -> int:
+        return self.kept + sum(self.dropped.values())
+
+    @property
+    def dropped_fraction(self) -> float:
+        return sum(self.dropped.values()) / self.read if self.read else 0.0
+
+    def length_to_keep(self, fraction: float) -> int:
+        """The smallest ``seq_length`` under which ``fraction`` of the tokenized examples fit
+        untruncated."""
+        if not len(self.lengths):
+            return 0
+        ordered = np.sort(self.lengths)
+        return int(ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)])
+
+    def lines(self) -> list[str]:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items()) if v) or "none"
+        out = [f"{self.name}: read {self.read}, kept {self.kept} "
+               f"({self.truncated_kept} truncated to seq_length={self.seq_length}), dropped: {dropped}"]
+        if len(self.lengths):
+            pct = np.percentile(self.lengths, PERCENTILES).round().astype(int)
+            out.append(f"{self.name}: untruncated tokens " +
+                       ", ".join(f"p{p} {v}" for p, v in zip(PERCENTILES, pct)) +
+                       f", max {int(self.lengths.max())}; seq_length {self.length_to_keep(0.95)} "
+                       f"keeps 95 %")
+        return out
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Flat numbers for the tracker (wandb), e.g. ``data/train/kept``."""
+        out = {f"{prefix}/read": float(self.read), f"{prefix}/kept": float(self.kept),
+               f"{prefix}/truncated_kept": float(self.truncated_kept)}
+        out.update({f"{prefix}/dropped_{k}": float(v) for k, v in self.dropped.items()})
+        if len(self.lengths):
+            for p, v in zip(PERCENTILES, np.percentile(self.lengths, PERCENTILES)):
+                out[f"{prefix}/length_p{p}"] = float(v)
+        return out
+
+    def check(self, max_dropped_fraction: float) -> None:
+        """Raise :class:`DataError` with the report when too much was dropped (or nothing kept)."""
+        if self.kept and self.dropped_fraction <= max_dropped_fraction:
+            return
+        why = ("no usable example" if not self.kept else
+               f"{self.dropped_fraction:.0%} of the records were dropped "
+               f"(max_dropped_fraction={max_dropped_fraction:g})")
+        fix = ""
+        if self.dropped.get("no_loss_token") or self.dropped.get("truncated"):
+            fix = f"; seq_length={self.length_to_keep(0.95)} would keep 95 %"
+        raise DataError(f"{self.name}: {why}{fix} [" + " | ".join(self.lines()) + "]")
+
+    def check_fills_batch(self, batch_size: int, key: str) -> None:
+        """Raise :class:`DataError` when fewer examples were kept than one global batch,
+        saying how many were dropped and why."""
+        if self.kept >= batch_size:
+            return
+        raise DataError(f"{key}: {self.kept} usable examples, fewer than one batch of "
+                        f"{key}.batch_size={batch_size} [" + " | ".join(self.lines()) + "]")
