@@ -5,3 +5,7 @@ Importing the package starts nothing: the XLA runtime is set up by
 """
 
 __version__ = "0.1.0"
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit code of a trainer that stopped because the pod is being preempted (after saving):
+EX_TEMPFAIL, "try again". The launcher relaunches on it with ``--restart-on-preemption``."""
