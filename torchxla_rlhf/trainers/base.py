@@ -9,7 +9,6 @@ lives here once.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import fsspec
 import torch
 
-from torchxla_rlhf import checkpoint, runtime, train_state
+from torchxla_rlhf import PREEMPTED_EXIT_CODE, checkpoint, runtime, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
@@ -81,8 +80,8 @@ class Trainer:
         self.ckpt_schedule = checkpoint.CheckpointSchedule(
             self.cfg.save_model_freq, self.cfg.save_milestone_freq
         )
-        self._preempted = False
-        self._previous_sigterm = None
+        self.preempted_at: int | None = None
+        """The step at which every process agreed to stop for a preemption (None: not)."""
         self.compiles_first_step: int | None = None
         """XLA compilations during the first training step: the loop's graphs."""
         self.compiles_after_first_step: int | None = None
@@ -140,7 +139,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
-        self._install_sigterm_handler()
+        runtime.start_preemption_sync()  # issue 10: every host stops at the same step
         eval_freq = getattr(self.cfg, "eval_freq", 0)
         # Run what set-up left pending (optimizer state, buffers) as its own graph, so that the
         # first step's graphs are the same as every later step's.
@@ -171,8 +170,9 @@ class Trainer:
                     self._log_eval()
                 for name in self.ckpt_schedule.actions(self.step, is_last):
                     self._save_uncounted(f"{self.ctx.output_dir}/{name}")
-                if self._preempted:
-                    logger.warning("SIGTERM: saving at step %d and stopping", self.step)
+                if runtime.should_stop(self.step):  # issue 10: the same answer on every host
+                    self.preempted_at = self.step
+                    logger.warning("preemption: saving at step %d and stopping", self.step)
                     self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
                     break
             runtime.sync()
@@ -184,7 +184,7 @@ class Trainer:
                     self.compiles_after_first_step,
                 )
         finally:
-            self._restore_sigterm_handler()
+            runtime.stop_preemption_sync()
         return self.last_metrics
 
     def _save_uncounted(self, path: str) -> None:
@@ -198,6 +198,7 @@ class Trainer:
                 {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
                 is_main_process=self.ctx.is_main,
             )
+        runtime.barrier()  # issue 10: no host goes on (or exits) while the save is written
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_metrics(self, step: int, metrics: dict) -> None:
@@ -226,27 +227,14 @@ class Trainer:
     def close(self) -> None:
         self.tracker.close()
 
-    # -- preemption --------------------------------------------------------------------
-
-    def _install_sigterm_handler(self) -> None:
-        # TPU VMs get SIGTERM before a preemption: finish the current update, save, stop.
-        def handler(signum, frame):
-            self._preempted = True
-
-        try:
-            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. called from a worker thread)
-            self._previous_sigterm = None
-
-    def _restore_sigterm_handler(self) -> None:
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-
 
 def run(trainer_cls: type[Trainer], cfg: Any) -> dict[str, float]:
     """Build -> train -> close; returns the last logged metrics (the entry points' ``main``)."""
     trainer = trainer_cls(cfg)
     try:
-        return trainer.train()
+        metrics = trainer.train()
     finally:
         trainer.close()
+    if trainer.preempted_at is not None:  # issue 10: the launcher relaunches on this code
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    return metrics
