@@ -493,3 +493,53 @@ def barrier() -> None:
     total = int(t.sum().cpu())  # deliberate host sync: this is the barrier
     if total != n:
         raise RuntimeError(f"barrier: {total} of {n} devices answered")
+
+
+# ----------------------------------------------------------------------------------------
+# Local shards: what this process holds of a sharded tensor (training state, issue 10)
+# ----------------------------------------------------------------------------------------
+
+Box = tuple  # ((start, stop), ...) per dim: a shard's place in the global tensor
+
+
+def local_shard_boxes(tensor: torch.Tensor) -> list[tuple[int, Box]]:
+    """``(replica id, box)`` of each of this process's device shards of ``tensor``, in local
+    device order, without moving data. Replica 0 of each distinct box exists exactly once
+    across all processes (torch_xla numbers replicas globally), so "write replica 0" writes
+    every piece once. An unsharded tensor is one replicated piece."""
+    import torch_xla
+
+    full = tuple((0, int(d)) for d in tensor.shape)
+    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        return [(0, full)]
+    out = []
+    for replica, indices in torch_xla._XLAC._get_local_shard_replica_and_indices([tensor])[0]:
+        box = full if indices is Ellipsis else tuple((s.start, s.stop) for s in indices)
+        out.append((int(replica), box))
+    return out
+
+
+def local_shard_data(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Host copies of this process's device shards of ``tensor`` (padded to the shard shape),
+    in the order of :func:`local_shard_boxes`. No collective: each host copies its own."""
+    import torch_xla
+
+    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        return [tensor.detach().cpu()]
+    return [data for data, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
+
+
+def load_local_shards(tensor: torch.Tensor, shards: Sequence[torch.Tensor]) -> None:
+    """Write host ``shards`` (padded shard shapes, order of :func:`local_shard_boxes`) into
+    this process's devices of ``tensor``, in place (its sharding and identity are kept)."""
+    import torch_xla
+
+    full = tuple((0, int(d)) for d in tensor.shape)
+    if all(box == full for _, box in local_shard_boxes(tensor)):
+        # Unsharded or replicated (_load_local_shards refuses those): copy_ keeps the sharding.
+        tensor.copy_(shards[0])
+        return
+    devices = torch_xla._XLAC._xla_get_runtime_devices()
+    if len(devices) != len(shards):
+        raise ValueError(f"{len(shards)} shard(s) for {len(devices)} local device(s)")
+    torch_xla._XLAC._load_local_shards(tensor, list(shards), devices)

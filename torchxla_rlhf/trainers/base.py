@@ -52,6 +52,7 @@ def setup_run(cfg: Any) -> RunContext:
     mesh = runtime.make_mesh(cfg.mesh_dim)
     is_main = runtime.is_main_process()
     output_dir = cfg.output_dir.rstrip("/")
+    checkpoint.require_shared_output_dir(output_dir, runtime.process_count())  # issue 10
     if is_main:
         fs, path = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(path, exist_ok=True)
@@ -123,10 +124,19 @@ class Trainer:
         if not source:
             return
         if source == "auto":
-            source = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
-            if not train_state.has_training_state(source):
-                logger.info("resume_from=auto: no training state at %s, starting fresh", source)
+            # issue 10: the latest complete checkpoint (or the one a killed publish left
+            # aside); weights without a training state are an error, not a fresh start.
+            latest = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
+            source = checkpoint.resolve_checkpoint(latest)
+            if source is None:
+                logger.info("resume_from=auto: no checkpoint at %s, starting fresh", latest)
                 return
+            if not train_state.has_training_state(source):
+                raise ValueError(
+                    f"resume_from=auto: {source} holds weights but no training state (saved "
+                    "with save_training_state=false?), so the run cannot continue exactly; "
+                    "set save_training_state=true for new runs, or move the checkpoint away "
+                    "to start fresh")
         state = train_state.load_training_state(source, self.trained_models())
         if state.get("total_steps") != self.total_steps:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
@@ -191,13 +201,20 @@ class Trainer:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
-        self.save(path)
         if self.cfg.save_training_state:
-            train_state.save_training_state(
-                path, self.trained_models(),
-                {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
-                is_main_process=self.ctx.is_main,
-            )
+            # issue 10: each host writes its state shards into the staging dir, then the HF
+            # save adds the weights and _COMPLETE and publishes both together.
+            with checkpoint.staged(path, is_main_process=self.ctx.is_main) as staging:
+                train_state.save_training_state(
+                    staging, self.trained_models(),
+                    {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
+                    is_main_process=self.ctx.is_main, process_index=runtime.process_index(),
+                    process_count=runtime.process_count(),
+                )
+                runtime.barrier()
+                self.save(path)
+        else:
+            self.save(path)
         runtime.barrier()  # issue 10: no host goes on (or exits) while the save is written
         self._compiles_at_first_step += runtime.compile_count() - before
 
