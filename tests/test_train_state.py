@@ -5,6 +5,7 @@ mesh; a checkpoint holds its state iff it is complete."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import run_with_devices
 
@@ -106,3 +107,84 @@ def test_multi_host_needs_a_shared_output_dir():
     require_shared_output_dir("gs://bucket/run", 4)
     with pytest.raises(ValueError, match="output_dir='outputs/run' is a local path.*4 processes"):
         require_shared_output_dir("outputs/run", 4)
+
+
+KILLED_SAVE = r"""
+import importlib, os, signal, sys
+from torchxla_rlhf import checkpoint, configs
+from torchxla_rlhf.config import cli_main
+
+trainer = sys.argv.pop(1)
+cls = {"dpo": configs.DPOConfig, "reward": configs.RewardConfig}[trainer]
+main = importlib.import_module(f"torchxla_rlhf.{trainer}").main
+
+moves = []
+real_move = checkpoint._move_dir
+
+def move_then_die(fs, src, dst):
+    moves.append((src, dst))
+    # Saves at step 2 (one move: nothing to replace) and step 4 (old aside, then new in):
+    # die with the previous checkpoint moved aside and the new one not yet in place.
+    if len(moves) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_move(fs, src, dst)
+
+checkpoint._move_dir = move_then_die
+cli_main(cls, main, sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["dpo", "reward"])
+def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp_path, trainer):
+    """SIGKILL while step 4's checkpoint is being published: resume_from=auto finds step 2's
+    (left aside as ``.old-*``) and the resumed run ends with the uninterrupted run's weights."""
+    import os
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    from helpers import REPO
+
+    def args(out, *extra):
+        return ["--config", f"{REPO}/configs/tiny/{trainer}.yaml", f"output_dir={out}",
+                "logger.progress_bar=false", "eval_dataset=null",
+                f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+                "total_steps=6", "save_model_freq=2", "save_training_state=true",
+                "optimizer.accumulate_gradient_steps=1", *extra]
+
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+
+    def run(argv):
+        return subprocess.run([sys.executable, *argv], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    r = run(["-m", f"torchxla_rlhf.{trainer}", *args(straight)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["-c", KILLED_SAVE, trainer, *args(out)])
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert not (out / "checkpoint-latest").exists()
+    assert any(p.name.startswith("checkpoint-latest.old-") for p in out.iterdir())
+    r = run(["-m", f"torchxla_rlhf.{trainer}", *args(out, "resume_from=auto")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stderr
+    a = safetensors.torch.load_file(str(straight / "final" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_weights_without_state(tmp_path):
+    from helpers import tiny_config
+    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.trainers.dpo import DPOTrainer
+
+    out = str(tmp_path / "run")
+    common = ["total_steps=2", "save_model_freq=1", "eval_dataset=null"]
+    trainer = DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common))
+    trainer.train()
+    trainer.close()
+    with pytest.raises(ValueError, match="holds weights but no training state"):
+        DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common, "resume_from=auto"))
