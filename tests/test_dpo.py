@@ -194,7 +194,9 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     trainer.train()
     trainer.close()
     assert trainer.step == 2 and trainer.preempted_at == 2
-    assert os.path.exists(os.path.join(out, "checkpoint-latest", "training_state", "_COMPLETE"))
+    from torchxla_rlhf.train_state import has_training_state
+
+    assert has_training_state(os.path.join(out, "checkpoint-latest"))
     assert not os.path.exists(os.path.join(out, "final"))
 
     resumed = DPOTrainer(tiny_cfg(out, *common, "resume_from=auto"))

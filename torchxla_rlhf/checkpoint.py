@@ -31,18 +31,17 @@ first, so a half-copied directory never looks complete. After an interruption at
   checkpoint (:func:`resolve_checkpoint` returns it);
 * the next successful save to ``<output_path>`` deletes all ``.tmp-*`` / ``.old-*`` leftovers.
 
-Resume state is ``train_state.py``'s (``<checkpoint dir>/training_state/``, gathered to the
-host tensor by tensor). For 13B+ models the next step is ``torch.distributed.checkpoint`` with
-torch_xla's ``SPMDSavePlanner`` / ``SPMDLoadPlanner`` (each host writes only its own shards).
-Trap (field notes, pytorch/xla#7919, unfixed in 2.9): the SPMD save planner drops partially
-replicated tensors whose replicas all sit on one process (Adam states of replicated params), so
-reload fails with a missing ``exp_avg``; use a planner subclass whose local plan keeps exactly
-one write item per (fqn, offset). ``CheckpointManager`` needs a process group (gloo) and
-``chkpt_on_preemption=False`` off TPU.
+Resume state. With ``save_training_state`` the checkpoint also holds ``training_state/``
+(:mod:`torchxla_rlhf.train_state`): every process writes its own shards into the shared
+staging directory of :func:`staged` before the weights and ``_COMPLETE``, so a checkpoint
+has its state iff it is complete. (Per-process shard files with a manifest rather than
+``torch.distributed.checkpoint``: its 2.9 SPMD save planner drops partially replicated tensors
+whose replicas sit on one process, pytorch/xla#7919, and it needs a process group.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -53,7 +52,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import fsspec
 import safetensors.torch
@@ -135,6 +134,22 @@ def read_json(path: str) -> Any:
         raise FileNotFoundError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def require_shared_output_dir(output_dir: str, num_processes: int) -> None:
+    """With several processes, ``output_dir`` must be one location every host sees (``gs://``
+    or another fsspec URL): process 0 writes checkpoints and caches there and every host reads
+    its decisions back from it (``resume_from: auto``, cached reference log-probs). A local
+    path is a different directory on each host: they would disagree, and wait forever."""
+    if num_processes <= 1:
+        return
+    # The protocol alone decides (instantiating gs:// would need gcsfs here).
+    if fsspec.core.split_protocol(output_dir)[0] in (None, "file", "local"):
+        raise ValueError(
+            f"output_dir={output_dir!r} is a local path, but this run has {num_processes} "
+            "processes (hosts): each would see its own directory. Use a shared location, e.g. "
+            "output_dir=gs://BUCKET/run"
+        )
 
 
 def is_complete_checkpoint(path: str) -> bool:
@@ -495,7 +510,8 @@ def save_hf_checkpoint(
 
     start = time.perf_counter()
     fs, out = _url_to_fs(output_path)
-    tmp = f"{out}{TMP_INFIX}{_stamp()}"
+    # A staged save (training state already written by every process) publishes that dir.
+    tmp = _STAGED.get(out) or f"{out}{TMP_INFIX}{_stamp()}"
     writer = _DirWriter(fs, tmp)
     try:
         for names, filename in zip(plan.shards, plan.filenames):
@@ -542,6 +558,36 @@ def save_hf_checkpoint(
         len(plan.shards),
         time.perf_counter() - start,
     )
+
+
+_STAGED: dict[str, str] = {}
+"""``{checkpoint path: staging dir}`` of the saves inside :func:`staged` (fsspec paths)."""
+
+
+@contextlib.contextmanager
+def staged(output_path: str, *, is_main_process: bool) -> Iterator[str]:
+    """A staging directory shared by every process for the next :func:`save_hf_checkpoint` to
+    ``output_path``: the processes write their training-state shards into it, then the HF
+    save writes the weights and ``_COMPLETE`` there and publishes it, so weights and state
+    appear together or not at all.
+
+    Its name is fixed (``<output_path>.tmp-staged``) because the hosts cannot agree on a
+    random one; process 0 empties it first and a :func:`runtime.barrier` makes the others
+    wait for that. Yields the URL to write into.
+    """
+    fs, out = _url_to_fs(output_path)
+    staging = f"{out}{TMP_INFIX}staged"
+    if is_main_process:
+        _rm_quiet(fs, staging)
+        fs.makedirs(staging, exist_ok=True)
+    runtime.barrier()
+    _STAGED[out] = staging
+    try:
+        yield _display(fs, staging)
+    finally:
+        _STAGED.pop(out, None)
+        if is_main_process and fs.exists(staging):  # the save failed before publishing
+            _rm_quiet(fs, staging)
 
 
 def _publish(fs: fsspec.AbstractFileSystem, tmp: str, out: str) -> None:

@@ -38,6 +38,10 @@ class RemoteError(UserError):
     """A remote path (``gs://``, an fsspec URL, the HF hub) could not be reached or read."""
 
 
+class ResumeError(UserError, ValueError):
+    """``resume_from`` names no usable training state."""
+
+
 class OutputDirError(UserError):
     """``output_dir`` holds another run's results."""
 

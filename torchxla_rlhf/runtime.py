@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -458,3 +459,188 @@ def manual_seed(seed: int) -> None:
 
     torch.manual_seed(seed)
     xm.set_rng_state(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-host: agreeing on preemption, barriers (issue 10)
+# ----------------------------------------------------------------------------------------
+
+COORDINATOR_ENV = "TORCHXLA_RLHF_COORDINATOR"
+"""``host:port`` of a coordinator for :func:`start_preemption_sync` when PJRT does not provide
+one (several single-host CPU processes in the tests); with ``TORCHXLA_RLHF_PROCESS_ID`` and
+``TORCHXLA_RLHF_NUM_PROCESSES``."""
+
+_PREEMPTION: dict[str, Any] = {"mode": None, "flag": False, "previous": None, "stop_step": None,
+                               "group": (0, 1)}
+
+
+def _preemption_group() -> tuple[int, int, str, str] | None:
+    """``(process id, process count, coordinator address, port)`` of the processes that must
+    agree, or None for a single process."""
+    addr = os.environ.get(COORDINATOR_ENV)
+    if addr:
+        host, _, port = addr.rpartition(":")
+        try:
+            pid = int(os.environ["TORCHXLA_RLHF_PROCESS_ID"])
+            count = int(os.environ["TORCHXLA_RLHF_NUM_PROCESSES"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{COORDINATOR_ENV}={addr!r} needs TORCHXLA_RLHF_PROCESS_ID and "
+                             "TORCHXLA_RLHF_NUM_PROCESSES (integers)") from None
+        if not host or not port.isdigit():
+            raise ValueError(f"{COORDINATOR_ENV}={addr!r}: expected host:port")
+        return pid, count, host, port
+    if process_count() > 1:
+        import torch_xla.runtime as xr
+
+        return process_index(), process_count(), xr.get_master_ip(), "8547"
+    return None
+
+
+def start_preemption_sync() -> str:
+    """Arrange for every process to stop at the same step after a preemption notice.
+
+    Each host receives its own SIGTERM, at its own moment; a host that stops alone leaves the
+    others waiting in a collective forever. On several processes this starts torch_xla's
+    preemption sync manager (TSL's, over the distributed runtime coordinator): it catches
+    SIGTERM itself and :func:`should_stop` then returns True on every process at the same
+    step. On one process a plain SIGTERM flag does the same job. Returns the mode
+    (``"sync"``/``"local"``); idempotent.
+    """
+    if _PREEMPTION["mode"] is not None:
+        return _PREEMPTION["mode"]
+    init()
+    group = _preemption_group()
+    if group is None:
+        def handler(signum, frame):
+            _PREEMPTION["flag"] = True
+
+        try:
+            _PREEMPTION["previous"] = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave SIGTERM as it is
+            _PREEMPTION["previous"] = None
+        _PREEMPTION["mode"] = "local"
+        return "local"
+    import torch_xla
+
+    pid, count, host, port = group
+    torch_xla._XLAC._ensure_xla_coordinator_initialized(pid, count, host, port)
+    torch_xla._XLAC._activate_preemption_sync_manager()
+    _PREEMPTION.update(mode="sync", group=(pid, count))
+    logger.info("preemption sync: process %d of %d (coordinator %s:%s)", pid, count, host, port)
+    return "sync"
+
+
+def should_stop(step: int) -> bool:
+    """True when training must save and stop after ``step`` (call once per step on every
+    process, with the same increasing ``step``): the same answer on every process. Latches."""
+    if _PREEMPTION["stop_step"] is not None:
+        return True
+    mode = _PREEMPTION["mode"]
+    if mode == "sync":
+        import torch_xla
+
+        stop = bool(torch_xla._XLAC._sync_point_reached(int(step)))
+    else:
+        stop = bool(_PREEMPTION["flag"])
+    if stop:
+        _PREEMPTION["stop_step"] = int(step)
+    return stop
+
+
+def preemption_step() -> int | None:
+    """The step at which :func:`should_stop` first said stop (None: not preempted)."""
+    return _PREEMPTION["stop_step"]
+
+
+def stop_preemption_sync() -> None:
+    """Undo :func:`start_preemption_sync`'s SIGTERM handler (local mode) and forget the
+    preemption (a later run in the same process starts clean).
+
+    In sync mode the coordinator stays up until the process exits. Its leader (process 0)
+    must exit last: a follower whose coordinator disappears aborts. So process 0 lingers
+    ``TORCHXLA_RLHF_LEADER_LINGER_S`` seconds (default 10) at exit; the others have passed the
+    save barrier by then and exit at once.
+    """
+    if _PREEMPTION["mode"] == "local" and _PREEMPTION["previous"] is not None:
+        signal.signal(signal.SIGTERM, _PREEMPTION["previous"])
+    if _PREEMPTION["mode"] == "sync":
+        if _PREEMPTION["group"][0] == 0 and not _PREEMPTION.get("linger"):
+            import atexit
+            import time
+
+            atexit.register(time.sleep, float(os.environ.get("TORCHXLA_RLHF_LEADER_LINGER_S", "10")))
+            _PREEMPTION["linger"] = True
+        # The sync manager stays active: deactivating and reactivating it is not supported.
+        _PREEMPTION.update(flag=False, stop_step=None)
+        return
+    _PREEMPTION.update(mode=None, flag=False, previous=None, stop_step=None)
+
+
+def barrier() -> None:
+    """Block until every process has reached this point (after a save: no host exits, or
+    starts reading a checkpoint, while process 0 is still writing it). A no-op on one process.
+
+    Under SPMD the processes share no host-side channel that torch_xla exposes, so the
+    barrier is a tiny all-device reduction read back to the host: every process must take
+    part before any can return. Compiled once (a few ms), then cached.
+    """
+    if process_count() == 1:
+        return
+    import torch_xla.distributed.spmd as xs
+
+    n = device_count()
+    flat = MeshInfo(mesh=xs.Mesh(np.arange(n), (n,), ("all",)), dp=1, fsdp=n, mp=1)
+    t = shard_to_device(torch.ones(n, dtype=torch.int32), flat, ("all",))
+    total = int(t.sum().cpu())  # deliberate host sync: this is the barrier
+    if total != n:
+        raise RuntimeError(f"barrier: {total} of {n} devices answered")
+
+
+# ----------------------------------------------------------------------------------------
+# Local shards: what this process holds of a sharded tensor (training state, issue 10)
+# ----------------------------------------------------------------------------------------
+
+Box = tuple  # ((start, stop), ...) per dim: a shard's place in the global tensor
+
+
+def local_shard_boxes(tensor: torch.Tensor) -> list[tuple[int, Box]]:
+    """``(replica id, box)`` of each of this process's device shards of ``tensor``, in local
+    device order, without moving data. Replica 0 of each distinct box exists exactly once
+    across all processes (torch_xla numbers replicas globally), so "write replica 0" writes
+    every piece once. An unsharded tensor is one replicated piece."""
+    import torch_xla
+
+    full = tuple((0, int(d)) for d in tensor.shape)
+    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        return [(0, full)]
+    out = []
+    for replica, indices in torch_xla._XLAC._get_local_shard_replica_and_indices([tensor])[0]:
+        box = full if indices is Ellipsis else tuple((s.start, s.stop) for s in indices)
+        out.append((int(replica), box))
+    return out
+
+
+def local_shard_data(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Host copies of this process's device shards of ``tensor`` (padded to the shard shape),
+    in the order of :func:`local_shard_boxes`. No collective: each host copies its own."""
+    import torch_xla
+
+    if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
+        return [tensor.detach().cpu()]
+    return [data for data, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
+
+
+def load_local_shards(tensor: torch.Tensor, shards: Sequence[torch.Tensor]) -> None:
+    """Write host ``shards`` (padded shard shapes, order of :func:`local_shard_boxes`) into
+    this process's devices of ``tensor``, in place (its sharding and identity are kept)."""
+    import torch_xla
+
+    full = tuple((0, int(d)) for d in tensor.shape)
+    if all(box == full for _, box in local_shard_boxes(tensor)):
+        # Unsharded or replicated (_load_local_shards refuses those): copy_ keeps the sharding.
+        tensor.copy_(shards[0])
+        return
+    devices = torch_xla._XLAC._xla_get_runtime_devices()
+    if len(devices) != len(shards):
+        raise ValueError(f"{len(shards)} shard(s) for {len(devices)} local device(s)")
+    torch_xla._XLAC._load_local_shards(tensor, list(shards), devices)

@@ -20,7 +20,6 @@ remember.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from torchxla_rlhf import checkpoint, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
-from torchxla_rlhf.errors import Preempted
+from torchxla_rlhf.errors import Preempted, ResumeError
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
@@ -65,6 +64,7 @@ def setup_run(cfg: Any) -> RunContext:
     startup.check_before_loading(cfg)
     mesh = runtime.make_mesh(cfg.mesh_dim)
     is_main = runtime.is_main_process()
+    checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
     )
@@ -102,12 +102,10 @@ class Trainer:
         self.compiles_after_first_step: int | None = None
         """XLA compilations during training steps 2.. (should stay 0; checkpoints excluded)."""
         self._compiles_at_first_step = 0
-        self._preempted = False
         self.preempted_at: int | None = None
-        """The step a SIGTERM stopped the run at (after saving), else None."""
+        """The step at which every host agreed to stop for a preemption (after saving)."""
         self.data_reports: dict[str, Any] = {}
         """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
-        self._previous_sigterm = None
         self.total_steps = self.build()
         self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
                                                            cfg.save_milestone_freq)
@@ -166,10 +164,19 @@ class Trainer:
         if not source:
             return
         if source == "auto":
-            source = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
-            if not train_state.has_training_state(source):
-                logger.info("resume_from=auto: no training state at %s, starting fresh", source)
+            # The latest complete checkpoint (or the one a killed publish left aside);
+            # weights without a training state are an error, not a fresh start.
+            latest = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
+            source = checkpoint.resolve_checkpoint(latest)
+            if source is None:
+                logger.info("resume_from=auto: no checkpoint at %s, starting fresh", latest)
                 return
+            if not train_state.has_training_state(source):
+                raise ResumeError(
+                    f"resume_from=auto: {source} holds weights but no training state (saved "
+                    "with save_training_state=false?), so the run cannot continue exactly; "
+                    "set save_training_state=true for new runs, or move the checkpoint away "
+                    "to start fresh")
         state = train_state.load_training_state(source, self.trained_models())
         if state.get("total_steps") != self.total_steps:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
@@ -182,8 +189,9 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """A baseline evaluation (which also compiles the eval graph before training), then
-        run to ``total_steps`` (or until SIGTERM); returns the last logged metrics."""
-        self._install_sigterm_handler()
+        run to ``total_steps`` (or until every host agrees to stop for a preemption); returns
+        the last logged metrics."""
+        runtime.start_preemption_sync()  # every host stops at the same step
         eval_freq = getattr(self.cfg, "eval_freq", 0)
         try:
             self._log_eval()
@@ -214,8 +222,8 @@ class Trainer:
                     self._log_eval()
                 for name in self.ckpt_schedule.actions(self.step, is_last):
                     self._save_uncounted(f"{self.ctx.output_dir}/{name}")
-                if self._preempted:
-                    logger.warning("SIGTERM: saving at step %d and stopping", self.step)
+                if runtime.should_stop(self.step):  # the same answer on every host
+                    logger.warning("preemption: saving at step %d and stopping", self.step)
                     self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
                     self.preempted_at = self.step
                     break
@@ -228,7 +236,7 @@ class Trainer:
                     self.compiles_after_first_step,
                 )
         finally:
-            self._restore_sigterm_handler()
+            runtime.stop_preemption_sync()
         return self.last_metrics
 
     @property
@@ -240,13 +248,21 @@ class Trainer:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
-        self.save(path)
         if self.cfg.save_training_state:
-            train_state.save_training_state(
-                path, self.trained_models(),
-                {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
-                is_main_process=self.ctx.is_main,
-            )
+            # Each host writes its state shards into the staging dir, then the HF
+            # save adds the weights and _COMPLETE and publishes both together.
+            with checkpoint.staged(path, is_main_process=self.ctx.is_main) as staging:
+                train_state.save_training_state(
+                    staging, self.trained_models(),
+                    {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
+                    is_main_process=self.ctx.is_main, process_index=runtime.process_index(),
+                    process_count=runtime.process_count(),
+                )
+                runtime.barrier()
+                self.save(path)
+        else:
+            self.save(path)
+        runtime.barrier()  # no host goes on (or exits) while the save is written
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_data_reports(self) -> None:
@@ -267,22 +283,6 @@ class Trainer:
 
     def close(self) -> None:
         self.tracker.close()
-
-    # -- preemption ------------------------------------------------------------------------
-
-    def _install_sigterm_handler(self) -> None:
-        # TPU VMs get SIGTERM before a preemption: finish the current update, save, stop.
-        def handler(signum, frame):
-            self._preempted = True
-
-        try:
-            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. called from a worker thread)
-            self._previous_sigterm = None
-
-    def _restore_sigterm_handler(self) -> None:
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
 
 
 def configure_logging(level: str) -> None:

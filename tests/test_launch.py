@@ -1,0 +1,252 @@
+"""The pod launcher against a fake ``gcloud`` whose "workers" are local shells.
+
+The fake (written into ``tmp_path``) answers ``tpu-vm describe`` from files in its root and runs
+``tpu-vm ssh --worker=I --command=C`` as ``bash -c C`` with ``HOME=<root>/worker-I`` and a bare
+environment (as ssh would: nothing of the launching machine's environment arrives except what
+the launcher sends). Every call's argv is appended to ``calls.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from torchxla_rlhf.errors import EXIT_PREEMPTED
+from torchxla_rlhf.launch import (
+    LaunchError,
+    command_string,
+    parse_args,
+    parse_env,
+    remote_path,
+    with_resume_auto,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_GCLOUD = r'''#!{python}
+import json, os, subprocess, sys
+root = os.environ["FAKE_GCLOUD_ROOT"]
+with open(os.path.join(root, "calls.log"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+args = sys.argv[1:]
+assert args[:3] == ["compute", "tpus", "tpu-vm"], args
+verb = args[3]
+def read(name, default):
+    p = os.path.join(root, name)
+    return open(p).read().strip() if os.path.exists(p) else default
+state = read("state", "READY")
+if verb == "describe":
+    if state != "READY":
+        # PREEMPTED for as many describes as "preempted_polls" says, then READY again.
+        left = int(read("preempted_polls", "0"))
+        if left <= 0:
+            state = "READY"
+            open(os.path.join(root, "state"), "w").write("READY")
+        else:
+            open(os.path.join(root, "preempted_polls"), "w").write(str(left - 1))
+    n = int(read("workers", "2"))
+    print(json.dumps({"state": state, "networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(n)]}))
+    sys.exit(0)
+if verb == "ssh":
+    worker = next(a.split("=", 1)[1] for a in args if a.startswith("--worker="))
+    command = next(a.split("=", 1)[1] for a in args if a.startswith("--command="))
+    if state != "READY":
+        print("ssh: connect to host: Connection refused", file=sys.stderr)
+        sys.exit(255)
+    home = os.path.join(root, f"worker-{worker}")
+    env = {"HOME": home, "PATH": os.environ["PATH"], "FAKE_GCLOUD_ROOT": root, "FAKE_WORKER": worker}
+    sys.exit(subprocess.run(["bash", "-c", command], env=env, cwd=home).returncode)
+sys.exit(f"fake gcloud: unknown verb {verb}")
+'''
+
+# The "training" command: records its arguments and environment per worker, then behaves as
+# the test's BEHAVIOUR file says for this worker.
+WORKER_SCRIPT = textwrap.dedent('''
+    import os, sys, time, pathlib
+    root = pathlib.Path(os.environ["FAKE_GCLOUD_ROOT"]); w = os.environ["FAKE_WORKER"]
+    with open(root / f"ran-{w}.txt", "a") as f:
+        f.write(" ".join(sys.argv[1:]) + " | token=" + os.environ.get("HF_TOKEN", "-")
+                + " extra=" + os.environ.get("EXTRA", "-") + " pjrt=" + os.environ.get("PJRT_DEVICE", "-") + "\\n")
+    print(f"worker {w} says hello", flush=True)
+    mode = (root / "behaviour").read_text().split()[int(w)]
+    if mode == "ok":
+        sys.exit(0)
+    if mode == "fail":
+        time.sleep(0.5); sys.exit(3)
+    if mode == "hang":
+        time.sleep(600)
+    if mode == "preempt-once":
+        # Worker 0 plays the maintenance event once worker 1 runs: worker 1's VM goes away
+        # (its process group is killed), the TPU reads PREEMPTED for two describes.
+        if "resume_from=auto" in sys.argv:
+            sys.exit(0)
+        if w != "0":
+            time.sleep(600)
+        deadline = time.time() + 60
+        while not (root / "ran-1.txt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        pid_file = root / "worker-1" / ".torchxla_rlhf" / "runs" / "r1" / "pid"
+        os.killpg(int(pid_file.read_text()), 9)
+        (root / "preempted_polls").write_text("2"); (root / "state").write_text("PREEMPTED")
+        sys.exit(143)
+''')
+
+
+@pytest.fixture
+def pod(tmp_path):
+    """A fake two-worker pod: each worker has a clone of one git repository."""
+    root = tmp_path / "pod"
+    root.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD.replace("{python}", sys.executable))
+    gcloud.chmod(0o755)
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "work.py").write_text(WORKER_SCRIPT)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run(git + ["init", "-q", str(origin)], check=True)
+    subprocess.run(git + ["-C", str(origin), "add", "."], check=True)
+    subprocess.run(git + ["-C", str(origin), "commit", "-qm", "x"], check=True)
+    for w in range(2):
+        (root / f"worker-{w}").mkdir()
+        subprocess.run(["git", "clone", "-q", str(origin), str(root / f"worker-{w}" / "torchxla_rlhf")],
+                       check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "WANDB_API_KEY")}
+    env.update(FAKE_GCLOUD_ROOT=str(root), PATH=f"{bin_dir}:{env['PATH']}", PYTHONPATH=str(REPO))
+    return root, env
+
+
+def launch(env, *args, timeout=120):
+    cmd = [sys.executable, "-m", "torchxla_rlhf.launch", "--tpu", "t", "--zone", "z",
+           "--poll-interval", "0.5", "--kill-grace", "3", "--run-id", "r1", *args,
+           "--", sys.executable, "work.py", "output_dir=gs://b/run"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ran(root: Path, w: int) -> list[str]:
+    p = root / f"ran-{w}.txt"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def test_runs_everywhere_streams_worker0_and_keeps_secrets_off_command_lines(pod):
+    root, env = pod
+    (root / "behaviour").write_text("ok ok")
+    env["HF_TOKEN"] = "s3cret-token"
+    r = launch(dict(env, EXTRA_LOCAL="v"), "--env", "EXTRA=x y")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "worker 0 says hello" in r.stdout  # worker 0's log streamed here
+    for w in range(2):
+        (line,) = ran(root, w)
+        assert line == "output_dir=gs://b/run | token=s3cret-token extra=x y pjrt=TPU"
+        log = root / f"worker-{w}" / ".torchxla_rlhf" / "runs" / "r1" / f"worker-{w}.log"
+        assert f"worker {w} says hello" in log.read_text()
+    calls = (root / "calls.log").read_text()
+    assert "s3cret-token" not in calls and "x y" not in calls
+    assert "s3cret-token" not in r.stdout + r.stderr
+    # ~ in the repository path reaches the worker unexpanded: "$HOME" is the worker's home.
+    assert '\\"$HOME\\"/torchxla_rlhf' in calls and str(Path.home()) + "/torchxla_rlhf" not in calls
+
+
+def test_a_failing_worker_stops_the_others(pod):
+    root, env = pod
+    (root / "behaviour").write_text("hang fail")
+    t0 = time.monotonic()
+    r = launch(env)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "worker 1 exited with code 3" in r.stdout
+    assert time.monotonic() - t0 < 60
+    # Worker 0's "training" was killed: its process group is gone.
+    pid = int((root / "worker-0" / ".torchxla_rlhf" / "runs" / "r1" / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_preemption_restarts_with_resume_auto(pod):
+    root, env = pod
+    (root / "behaviour").write_text("preempt-once preempt-once")
+    r = launch(env, "--restart-on-preemption")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PREEMPTED" in r.stdout and "relaunching" in r.stdout
+    for w in range(2):
+        first, second = ran(root, w)
+        assert "resume_from=auto" not in first
+        assert second.startswith("output_dir=gs://b/run resume_from=auto |")
+
+
+@pytest.mark.slow
+def test_preemption_without_restart_exits_with_the_preemption_code(pod):
+    root, env = pod
+    (root / "behaviour").write_text("preempt-once preempt-once")
+    r = launch(env)
+    assert r.returncode == EXIT_PREEMPTED, r.stdout + r.stderr
+    assert [len(ran(root, w)) for w in range(2)] == [1, 1]
+
+
+def test_workers_on_different_commits_are_refused(pod):
+    root, env = pod
+    (root / "behaviour").write_text("ok ok")
+    repo1 = root / "worker-1" / "torchxla_rlhf"
+    (repo1 / "work.py").write_text((repo1 / "work.py").read_text() + "\n# changed\n")
+    subprocess.run(["git", "-C", str(repo1), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-qam", "y"], check=True)
+    r = launch(env)
+    assert r.returncode == 2
+    assert "different commits" in r.stderr and "worker 1" in r.stderr
+    assert not ran(root, 0) and not ran(root, 1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker(pod):
+    root, env = pod
+    (root / "behaviour").write_text("hang hang")
+    cmd = [sys.executable, "-m", "torchxla_rlhf.launch", "--tpu", "t", "--zone", "z",
+           "--poll-interval", "0.5", "--kill-grace", "3", "--run-id", "r1",
+           "--", sys.executable, "work.py"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while len(ran(root, 0)) + len(ran(root, 1)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    for w in range(2):
+        pid = int((root / f"worker-{w}" / ".torchxla_rlhf" / "runs" / "r1" / "pid").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_dry_run_prints_the_commands(pod):
+    root, env = pod
+    r = launch(env, "--dry-run", "--setup", "--project", "p", "--restart-on-preemption")
+    assert r.returncode == 0, r.stderr
+    assert "gcloud compute tpus tpu-vm describe t --zone=z --project=p --format=json" in r.stdout
+    assert "launch/setup_tpu_vm.sh" in r.stdout and "nohup setsid" in r.stdout
+    assert "resume_from=auto" in r.stdout
+    assert not (root / "calls.log").exists()  # nothing ran
+
+
+def test_argument_rules():
+    assert command_string(["python", "-m", "x", "a b"]) == "python -m x 'a b'"
+    assert command_string(["cd x && python y"]) == "cd x && python y"
+    with pytest.raises(LaunchError, match="no command"):
+        command_string([])
+    assert with_resume_auto("python t.py resume_from=gs://x/c a=1") == "python t.py a=1 resume_from=auto"
+    assert with_resume_auto("python t.py") == "python t.py resume_from=auto"
+    assert remote_path("~/r") == '"$HOME"/r' and remote_path("/abs path") == "'/abs path'"
+    env = parse_env(["A=1", "B"], {"B": "2", "HF_TOKEN": "t"})
+    assert env["A"] == "1" and env["B"] == "2" and env["HF_TOKEN"] == "t" and env["PJRT_DEVICE"] == "TPU"
+    with pytest.raises(LaunchError, match="not set"):
+        parse_env(["MISSING"], {})
+    with pytest.raises(LaunchError, match="newline"):
+        parse_env(["A=1\n2"], {})
+    opts = parse_args(["--tpu", "t", "--zone", "z", "--", "echo", "hi"], {})
+    assert opts.command == "echo hi" and opts.repo_dir == "~/torchxla_rlhf"

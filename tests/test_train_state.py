@@ -1,0 +1,191 @@
+"""Sharded training state: each process writes the shards its devices hold (replica 0 of
+each piece, no all-gather), loads only what overlaps its devices, and reshards onto another
+mesh; a checkpoint holds its state iff it is complete."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import read_metrics, run_with_devices
+
+CODE = r"""
+import json, os, tempfile, types
+import torch
+from torchxla_rlhf import runtime, train_state
+from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+
+runtime.init()
+torch.manual_seed(0)
+SHAPES = {"a.weight": (8, 12), "a.bias": (8,), "b.weight": (6, 8)}
+HOST = {k: {kind: torch.randn(s) for kind in ("param", "exp_avg", "exp_avg_sq")}
+        for k, s in SHAPES.items()}
+
+def build(mesh_dim, specs):
+    # A model and an AdamW-shaped state whose tensors carry the given shardings.
+    mesh = runtime.make_mesh(mesh_dim)
+    model = torch.nn.Module()
+    for sub in ("a", "b"):
+        setattr(model, sub, torch.nn.Module())
+    params, m, v = [], [], []
+    for k in SHAPES:
+        sub, attr = k.split(".")
+        t = {kind: runtime.shard_to_device(torch.zeros(SHAPES[k]), mesh, specs[k]) for kind in HOST[k]}
+        p = torch.nn.Parameter(t["param"])
+        setattr(getattr(model, sub), attr, p)
+        params.append(p); m.append(t["exp_avg"]); v.append(t["exp_avg_sq"])
+    count = torch.zeros((), device=runtime.device())
+    return model, types.SimpleNamespace(params=params, exp_avg=m, exp_avg_sq=v, count=count)
+
+def fill(model, opt):
+    with torch.no_grad():
+        for (k, p), a, b in zip(model.named_parameters(), opt.exp_avg, opt.exp_avg_sq):
+            p.copy_(HOST[k]["param"]); a.copy_(HOST[k]["exp_avg"]); b.copy_(HOST[k]["exp_avg_sq"])
+        opt.count.fill_(7.0)
+    runtime.sync()
+
+def equal(model, opt):
+    ok = float(opt.count.cpu()) == 7.0
+    for (k, p), a, b in zip(model.named_parameters(), opt.exp_avg, opt.exp_avg_sq):
+        ok &= torch.equal(p.cpu(), HOST[k]["param"]) and torch.equal(a.cpu(), HOST[k]["exp_avg"])
+        ok &= torch.equal(b.cpu(), HOST[k]["exp_avg_sq"])
+    return bool(ok)
+
+# fsdp-sharded and partially replicated (over mp, on this one process: pytorch/xla#7919's case).
+specs = {"a.weight": ("fsdp", None), "a.bias": (None,), "b.weight": ("mp", "fsdp")}
+model, opt = build("1,2,2", specs)
+fill(model, opt)
+d = tempfile.mkdtemp()
+train_state.save_training_state(d, {"policy": (model, opt)}, {"step": 3}, is_main_process=True)
+open(os.path.join(d, COMPLETE_MARKER), "w").close()
+manifest = json.load(open(os.path.join(d, "training_state", "policy", "process-00000-of-00001.json")))
+stored = {k: sum(__import__("math").prod(b - a for a, b in p["box"]) for p in e["pieces"])
+          for k, e in manifest["tensors"].items()}
+expected = {"count": 1, **{f"{kind}.{k}": __import__("math").prod(s) for k, s in SHAPES.items()
+                           for kind in HOST[k]}}
+size = os.path.getsize(os.path.join(d, "training_state", "policy", "process-00000-of-00001.bin"))
+
+with torch.no_grad():
+    for t in [*model.parameters(), *opt.exp_avg, *opt.exp_avg_sq, opt.count]:
+        t.zero_()
+runtime.sync()
+same = train_state.load_training_state(d, {"policy": (model, opt)})
+same_ok = equal(model, opt)
+
+# Another mesh and other shardings: the state reshards.
+other = {"a.weight": (None, "fsdp"), "a.bias": ("fsdp",), "b.weight": (None, None)}
+model2, opt2 = build("1,4,1", other)
+train_state.load_training_state(d, {"policy": (model2, opt2)})
+print(json.dumps({"stored": stored == expected, "bytes": size == 4 * sum(expected.values()),
+                  "step": same["step"], "same_ok": same_ok, "resharded_ok": equal(model2, opt2)}))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_state_roundtrip_and_reshard():
+    r = run_with_devices(CODE, 4)
+    assert r == {"stored": True, "bytes": True, "step": 3, "same_ok": True, "resharded_ok": True}
+
+
+def test_incomplete_or_stateless_checkpoints(tmp_path):
+    from torchxla_rlhf import train_state
+    from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+
+    ckpt = tmp_path / "checkpoint-latest"
+    write_json(str(ckpt / train_state.STATE_DIR / train_state.TRAINER_STATE), {"step": 1})
+    assert not train_state.has_training_state(str(ckpt))  # no _COMPLETE: never published
+    (ckpt / COMPLETE_MARKER).write_text("")
+    assert train_state.has_training_state(str(ckpt))
+    with pytest.raises(FileNotFoundError, match="no training-state shards"):
+        train_state.load_training_state(str(ckpt), {"policy": (None, None)})
+
+
+def test_multi_host_needs_a_shared_output_dir():
+    from torchxla_rlhf.checkpoint import require_shared_output_dir
+
+    require_shared_output_dir("outputs/run", 1)
+    require_shared_output_dir("gs://bucket/run", 4)
+    with pytest.raises(ValueError, match="output_dir='outputs/run' is a local path.*4 processes"):
+        require_shared_output_dir("outputs/run", 4)
+
+
+KILLED_SAVE = r"""
+import importlib, os, signal, sys
+from torchxla_rlhf import checkpoint, configs
+from torchxla_rlhf.config import cli_main
+
+trainer = sys.argv.pop(1)
+cls = {"dpo": configs.DPOConfig, "reward": configs.RewardConfig}[trainer]
+main = importlib.import_module(f"torchxla_rlhf.{trainer}").main
+
+moves = []
+real_move = checkpoint._move_dir
+
+def move_then_die(fs, src, dst):
+    moves.append((src, dst))
+    # Saves at step 2 (one move: nothing to replace) and step 4 (old aside, then new in):
+    # die with the previous checkpoint moved aside and the new one not yet in place.
+    if len(moves) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_move(fs, src, dst)
+
+checkpoint._move_dir = move_then_die
+cli_main(cls, main, sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["dpo", "reward"])
+def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp_path, trainer):
+    """SIGKILL while step 4's checkpoint is being published: resume_from=auto finds step 2's
+    (left aside as ``.old-*``) and the resumed run ends with the uninterrupted run's weights."""
+    import os
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    from helpers import REPO
+
+    def args(out, *extra):
+        return ["--config", f"{REPO}/configs/tiny/{trainer}.yaml", f"output_dir={out}",
+                "logger.progress_bar=false", "logger.log_freq=1", "eval_dataset=null",
+                f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+                "total_steps=6", "save_model_freq=2", "save_training_state=true",
+                "optimizer.accumulate_gradient_steps=1", *extra]
+
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+
+    def run(argv):
+        return subprocess.run([sys.executable, *argv], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    r = run(["-m", f"torchxla_rlhf.{trainer}", *args(straight)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["-c", KILLED_SAVE, trainer, *args(out)])
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert not (out / "checkpoint-latest").exists()
+    assert any(p.name.startswith("checkpoint-latest.old-") for p in out.iterdir())
+    r = run(["-m", f"torchxla_rlhf.{trainer}", *args(out, "resume_from=auto")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [row["step"] for row in read_metrics(str(out))]
+    assert steps.count(1) == 1 and steps[-4:] == [3, 4, 5, 6], steps  # resumed after step 2
+    a = safetensors.torch.load_file(str(straight / "final" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_weights_without_state(tmp_path):
+    from helpers import tiny_config
+    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.trainers.dpo import DPOTrainer
+
+    out = str(tmp_path / "run")
+    common = ["total_steps=2", "save_model_freq=1", "eval_dataset=null"]
+    trainer = DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common))
+    trainer.train()
+    trainer.close()
+    with pytest.raises(ValueError, match="holds weights but no training state"):
+        DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common, "resume_from=auto"))

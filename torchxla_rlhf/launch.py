@@ -1,0 +1,543 @@
+"""``python -m torchxla_rlhf.launch``: run one command on every worker of a TPU pod.
+
+What torch_xla's removed ``xla_dist`` did, the PJRT way (one process per host; PJRT finds the
+topology, so the command is the same everywhere)::
+
+    python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [--project P] [--env K=V ...]
+        [--setup] [--restart-on-preemption] [--dry-run] -- python -m torchxla_rlhf.dpo ...
+
+Per run it
+
+1. asks ``gcloud`` how many workers the TPU has (``tpu-vm describe``);
+2. with ``--setup``, installs the package on every worker (``launch/setup_tpu_vm.sh``);
+3. checks that every worker's ``--repo-dir`` is at the same git commit (a pod running two
+   versions of the code fails in confusing ways, or silently computes something else);
+4. starts the command on every worker *in the background* (``nohup setsid``: an ssh drop does
+   not kill the run), each writing ``~/.torchxla_rlhf/runs/<run id>/worker-<i>.log`` on its VM;
+5. streams worker 0's log here and polls every worker's status;
+6. stops every worker (SIGTERM, then SIGKILL after ``--kill-grace`` seconds) when one fails
+   or on Ctrl-C; a worker left waiting in a collective for a dead peer never exits by itself;
+7. with ``--restart-on-preemption``: when the TPU leaves ``READY`` (or every worker stopped
+   with :data:`EXIT_PREEMPTED`), waits for it to come back and relaunches the command
+   with ``resume_from=auto``.
+
+Secrets. The values of ``--env`` (and ``HF_TOKEN`` / ``WANDB_API_KEY`` when set here) travel
+on ssh's standard input, read into the environment by the remote shell: they never appear on
+a command line (visible in ``ps`` on both machines), in a file, or in a log. Only their names
+do.
+
+Only ``gcloud`` is needed on the launching machine (this module imports neither torch nor
+torch_xla). ``--dry-run`` prints the exact ``gcloud`` commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from torchxla_rlhf.errors import EXIT_PREEMPTED
+
+logger = logging.getLogger("torchxla_rlhf.launch")
+
+SECRET_ENV = ("HF_TOKEN", "WANDB_API_KEY")
+"""Passed to the workers when set on the launching machine (on stdin, never on a command line)."""
+
+SEED_LIBTPU_INIT_ARGS = (
+    "--xla_jf_spmd_threshold_for_windowed_einsum_mib=0 "
+    "--xla_tpu_spmd_threshold_for_allgather_cse=10000 "
+    "--xla_tpu_spmd_rewrite_einsum_with_reshape=true "
+    "--xla_tpu_enable_latency_hiding_scheduler=true TPU_MEGACORE=MEGACORE_DENSE"
+)
+"""The seed's XLA flags for v3 pods; ``--env LIBTPU_INIT_ARGS=...`` replaces them."""
+
+RUNS_DIR = "$HOME/.torchxla_rlhf/runs"
+"""Per-run state on each worker (expanded by the worker's shell, never here)."""
+
+STATUS_TAG = "torchxla_rlhf-status"
+COMMIT_TAG = "torchxla_rlhf-commit"
+
+
+class LaunchError(RuntimeError):
+    """The pod cannot run the command as asked (bad arguments, workers out of step, gcloud)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """Everything the launcher was asked to do, parsed and checked."""
+
+    tpu: str
+    zone: str
+    command: str
+    project: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    setup: bool = False
+    restart_on_preemption: bool = False
+    dry_run: bool = False
+    repo_dir: str = "~/torchxla_rlhf"
+    repo_url: str | None = None
+    run_id: str = ""
+    poll_interval: float = 30.0
+    kill_grace: float = 60.0
+    preemption_timeout: float = 6 * 3600.0
+    max_restarts: int = 100
+    gcloud: str = "gcloud"
+
+
+def parse_env(pairs: Sequence[str], environ: dict[str, str]) -> dict[str, str]:
+    """``K=V`` pairs (a bare ``K`` takes this machine's value), plus :data:`SECRET_ENV` when
+    set here; ``PJRT_DEVICE=TPU`` and the seed's ``LIBTPU_INIT_ARGS`` unless given."""
+    env = {"PJRT_DEVICE": "TPU", "LIBTPU_INIT_ARGS": SEED_LIBTPU_INIT_ARGS}
+    env.update({k: environ[k] for k in SECRET_ENV if environ.get(k)})
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key not in environ:
+                raise LaunchError(f"--env {key}: no '=' and {key} is not set on this machine")
+            value = environ[key]
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise LaunchError(f"--env {pair!r}: {key!r} is not a valid environment variable name")
+        if "\n" in value:
+            raise LaunchError(f"--env {key}: values cannot contain a newline (sent one per line)")
+        env[key] = value
+    return env
+
+
+def command_string(argv: Sequence[str]) -> str:
+    """The worker command: the words after ``--``, shell-quoted; one word is taken as a shell
+    command line as it stands (``-- "cd x && python ..."``)."""
+    if not argv:
+        raise LaunchError("no command: put it after '--', e.g. -- python -m torchxla_rlhf.dpo ...")
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
+def with_resume_auto(command: str) -> str:
+    """``command`` with ``resume_from=auto`` (replacing any ``resume_from=...`` word)."""
+    words = shlex.split(command)
+    kept = [w for w in words if not w.startswith("resume_from=")]
+    if len(kept) != len(words):
+        return shlex.join(kept + ["resume_from=auto"])
+    return f"{command} resume_from=auto"
+
+
+def remote_path(path: str) -> str:
+    """``path`` for the worker's shell: a leading ``~`` becomes ``$HOME`` (expanded THERE,
+    not on the launching machine); the rest is quoted."""
+    if path == "~" or path.startswith("~/"):
+        return '"$HOME"' + (shlex.quote(path[1:]) if len(path) > 1 else "")
+    return shlex.quote(path)
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Options:
+    environ = dict(os.environ if environ is None else environ)
+    if "--" in argv:
+        cut = list(argv).index("--")
+        own, command = list(argv[:cut]), list(argv[cut + 1:])
+    else:
+        own, command = list(argv), []
+    p = argparse.ArgumentParser(
+        prog="python -m torchxla_rlhf.launch",
+        description="Run COMMAND on every worker of a TPU pod (in the background, per-worker "
+                    "logs, worker 0's log streamed here).",
+        usage="%(prog)s --tpu NAME --zone ZONE [options] -- COMMAND ...",
+    )
+    p.add_argument("--tpu", required=True, help="TPU VM name")
+    p.add_argument("--zone", required=True)
+    p.add_argument("--project")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment for the command (values sent on stdin, never logged); "
+                        "a bare K takes this machine's value")
+    p.add_argument("--setup", action="store_true",
+                   help="install the package on every worker first (launch/setup_tpu_vm.sh)")
+    p.add_argument("--repo-url", help="with --setup: git clone this into --repo-dir where missing")
+    p.add_argument("--repo-dir", default="~/torchxla_rlhf",
+                   help="the repository on the workers (~ is the worker's home)")
+    p.add_argument("--restart-on-preemption", action="store_true",
+                   help="when the TPU is preempted, wait for it and relaunch with resume_from=auto")
+    p.add_argument("--dry-run", action="store_true", help="print the gcloud commands only")
+    p.add_argument("--run-id", default="", help="names the per-run log directory on the workers")
+    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between status polls")
+    p.add_argument("--kill-grace", type=float, default=60.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping the workers")
+    p.add_argument("--preemption-timeout", type=float, default=6 * 3600.0,
+                   help="give up when a preempted TPU is not READY again after this many seconds")
+    p.add_argument("--max-restarts", type=int, default=100)
+    a = p.parse_args(own)
+    try:
+        cmd = command_string(command)
+    except LaunchError as e:
+        p.error(str(e))
+    return Options(
+        tpu=a.tpu, zone=a.zone, project=a.project, command=cmd,
+        env=parse_env(a.env, environ), setup=a.setup, repo_url=a.repo_url,
+        restart_on_preemption=a.restart_on_preemption, dry_run=a.dry_run, repo_dir=a.repo_dir,
+        run_id=a.run_id or time.strftime("%Y%m%d-%H%M%S"), poll_interval=a.poll_interval,
+        kill_grace=a.kill_grace, preemption_timeout=a.preemption_timeout,
+        max_restarts=a.max_restarts, gcloud=environ.get("TORCHXLA_RLHF_GCLOUD", "gcloud"),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Remote shell snippets (pure functions: what --dry-run prints is what runs)
+# ----------------------------------------------------------------------------------------
+
+
+def run_dir(run_id: str) -> str:
+    return f"{RUNS_DIR}/{shlex.quote(run_id)}"
+
+
+def env_prelude(names: Sequence[str]) -> str:
+    """Shell that reads one value per name from stdin and exports it (values never in argv)."""
+    return "".join(f"IFS= read -r {n} && export {n}; " for n in names)
+
+
+def env_stdin(env: dict[str, str]) -> str:
+    """What goes to ssh's stdin for :func:`env_prelude` of ``env``'s names (same order)."""
+    return "".join(f"{v}\n" for v in env.values())
+
+
+def start_script(opts: Options, worker: int, command: str) -> str:
+    """Start ``command`` on ``worker`` in the background, detached from the ssh session, with
+    its output in ``worker-<i>.log`` and its exit status in ``rc`` (pid in ``pid``)."""
+    rd = run_dir(opts.run_id)
+    inner = (
+        f"cd {remote_path(opts.repo_dir)} && "
+        "{ [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } && "
+        f"{command}; echo $? > \"$RUN/rc\""
+    )
+    return (
+        f"set -e; {env_prelude(list(opts.env))}"
+        f"export RUN={rd}; mkdir -p \"$RUN\"; rm -f \"$RUN/rc\"; "
+        f"nohup setsid bash -c {shlex.quote(inner)} > \"$RUN/worker-{worker}.log\" 2>&1 "
+        "< /dev/null & echo $! > \"$RUN/pid\"; "
+        f"echo started worker {worker} in \"$RUN\""
+    )
+
+
+def status_script(run_id: str) -> str:
+    """Print ``<tag> exited <rc>``, ``<tag> running`` or ``<tag> lost`` (no process, no rc:
+    killed with the VM)."""
+    rd = run_dir(run_id)
+    return (
+        f"RUN={rd}; if [ -f \"$RUN/rc\" ]; then echo {STATUS_TAG} exited $(cat \"$RUN/rc\"); "
+        f"elif [ -f \"$RUN/pid\" ] && kill -0 $(cat \"$RUN/pid\") 2>/dev/null; "
+        f"then echo {STATUS_TAG} running; else echo {STATUS_TAG} lost; fi"
+    )
+
+
+def stop_script(run_id: str, sig: str) -> str:
+    """Signal the worker's whole process group (``setsid`` made the command its leader)."""
+    return (
+        f"RUN={run_dir(run_id)}; [ -f \"$RUN/pid\" ] && "
+        f"kill -{sig} -- -$(cat \"$RUN/pid\") 2>/dev/null; true"
+    )
+
+
+def commit_script(repo_dir: str) -> str:
+    return (
+        f"cd {remote_path(repo_dir)} && echo {COMMIT_TAG} $(git rev-parse HEAD) "
+        "$(git status --porcelain --untracked-files=no | wc -l)"
+    )
+
+
+def setup_script(repo_dir: str, repo_url: str | None) -> str:
+    clone = (
+        f"[ -d {remote_path(repo_dir)} ] || git clone {shlex.quote(repo_url)} {remote_path(repo_dir)}; "
+        if repo_url else ""
+    )
+    return f"set -e; {clone}cd {remote_path(repo_dir)} && bash launch/setup_tpu_vm.sh"
+
+
+def tail_script(run_id: str) -> str:
+    rd = run_dir(run_id)
+    # Wait for the file: the worker may not have created it yet when the stream starts.
+    return (f"RUN={rd}; while [ ! -f \"$RUN/worker-0.log\" ]; do sleep 1; done; "
+            "exec tail -n +1 -F \"$RUN/worker-0.log\"")
+
+
+# ----------------------------------------------------------------------------------------
+# gcloud
+# ----------------------------------------------------------------------------------------
+
+
+class Pod:
+    """The ``gcloud compute tpus tpu-vm`` calls the launcher makes (one place to fake)."""
+
+    def __init__(self, opts: Options, echo: Callable[[str], None] = print):
+        self.opts = opts
+        self.echo = echo
+
+    def _base(self, verb: str) -> list[str]:
+        cmd = [self.opts.gcloud, "compute", "tpus", "tpu-vm", verb, self.opts.tpu,
+               f"--zone={self.opts.zone}"]
+        if self.opts.project:
+            cmd.append(f"--project={self.opts.project}")
+        return cmd
+
+    def ssh_argv(self, worker: int, script: str) -> list[str]:
+        return self._base("ssh") + [f"--worker={worker}", f"--command={script}"]
+
+    def describe(self) -> dict:
+        """``tpu-vm describe`` as JSON (``state``, ``networkEndpoints``: one per worker)."""
+        argv = self._base("describe") + ["--format=json"]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode:
+            raise LaunchError(f"{shlex.join(argv)} failed ({out.returncode}): {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+    def state(self) -> str:
+        """The TPU's state (``READY``, ``PREEMPTED``, ...); ``UNKNOWN`` if gcloud fails."""
+        try:
+            return str(self.describe().get("state", "UNKNOWN"))
+        except (LaunchError, json.JSONDecodeError):
+            return "UNKNOWN"
+
+    def num_workers(self) -> int:
+        endpoints = self.describe().get("networkEndpoints") or []
+        if not endpoints:
+            raise LaunchError(f"TPU {self.opts.tpu}: describe lists no workers (networkEndpoints)")
+        return len(endpoints)
+
+    def ssh(self, worker: int, script: str, stdin: str = "", timeout: float | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run(self.ssh_argv(worker, script), input=stdin, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def on_all(self, workers: int, script: Callable[[int], str] | str, stdin: str = ""
+               ) -> list[subprocess.CompletedProcess]:
+        """One ssh per worker, in parallel (like ``--worker=all``, but each result is kept)."""
+        def one(i: int) -> subprocess.CompletedProcess:
+            s = script(i) if callable(script) else script
+            try:
+                return self.ssh(i, s, stdin, timeout=max(120.0, self.opts.poll_interval * 4))
+            except subprocess.TimeoutExpired:
+                return subprocess.CompletedProcess(self.ssh_argv(i, s), 255, "", "ssh timed out")
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, 64)) as ex:
+            return list(ex.map(one, range(workers)))
+
+
+# ----------------------------------------------------------------------------------------
+# The launcher
+# ----------------------------------------------------------------------------------------
+
+
+def parse_status(result: subprocess.CompletedProcess) -> tuple[str, int | None]:
+    """``("running"|"exited"|"lost"|"unreachable", rc)`` from :func:`status_script`'s output."""
+    m = re.search(rf"{STATUS_TAG} (running|exited|lost)(?: (-?\d+))?", result.stdout or "")
+    if result.returncode or not m:
+        return "unreachable", None
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
+def check_commits(results: Sequence[subprocess.CompletedProcess]) -> str:
+    """The commit every worker is at; :class:`LaunchError` naming who differs otherwise."""
+    commits: dict[int, str] = {}
+    for i, r in enumerate(results):
+        m = re.search(rf"{COMMIT_TAG} ([0-9a-f]{{7,40}}) (\d+)", r.stdout or "")
+        if r.returncode or not m:
+            raise LaunchError(f"worker {i}: cannot read the repository's commit "
+                              f"({(r.stderr or r.stdout).strip()[-300:]})")
+        commits[i] = m.group(1)
+        if int(m.group(2)):
+            logger.warning("worker %d: %s uncommitted change(s) in the repository", i, m.group(2))
+    if len(set(commits.values())) > 1:
+        listing = ", ".join(f"worker {i}: {c[:12]}" for i, c in commits.items())
+        raise LaunchError(f"the workers run different commits ({listing}); check out the same "
+                          "commit everywhere (git -C REPO checkout COMMIT via the launcher)")
+    return commits[0]
+
+
+class Launcher:
+    """One launch (and its restarts after preemption)."""
+
+    def __init__(self, opts: Options, pod: Pod | None = None, echo: Callable[[str], None] = print):
+        self.opts = opts
+        self.pod = pod or Pod(opts, echo)
+        self.echo = echo
+        self._tail: subprocess.Popen | None = None
+
+    # -- dry run ----------------------------------------------------------------------
+
+    def dry_run(self, workers: int = 1) -> list[str]:
+        """The commands a run would make (worker 0's shown; the others differ by ``--worker``)."""
+        o, pod = self.opts, self.pod
+        lines = [shlex.join(pod._base("describe") + ["--format=json"])]
+        if o.setup:
+            lines.append(shlex.join(pod.ssh_argv(0, setup_script(o.repo_dir, o.repo_url))))
+        lines.append(shlex.join(pod.ssh_argv(0, commit_script(o.repo_dir))))
+        lines.append(shlex.join(pod.ssh_argv(0, start_script(o, 0, o.command)))
+                     + f"   # stdin: the values of {', '.join(o.env)}")
+        lines.append(shlex.join(pod.ssh_argv(0, tail_script(o.run_id))))
+        lines.append(shlex.join(pod.ssh_argv(0, status_script(o.run_id))) + "   # every poll")
+        lines.append(shlex.join(pod.ssh_argv(0, stop_script(o.run_id, "TERM")))
+                     + "   # on failure / Ctrl-C, then KILL")
+        if o.restart_on_preemption:
+            lines.append("# after a preemption: " + shlex.join(
+                pod.ssh_argv(0, start_script(o, 0, with_resume_auto(o.command)))))
+        return lines
+
+    # -- run --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Launch, watch, restart after preemptions; the exit code of the run."""
+        if self.opts.dry_run:
+            for line in self.dry_run():
+                self.echo(line)
+            return 0
+        command, restarts = self.opts.command, 0
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            while True:
+                workers = self.pod.num_workers()
+                if self.opts.setup:
+                    self._setup(workers)
+                commit = check_commits(self.pod.on_all(workers, commit_script(self.opts.repo_dir)))
+                self.echo(f"[launch] {workers} worker(s) at commit {commit[:12]}; run "
+                          f"{self.opts.run_id}; logs in ~/.torchxla_rlhf/runs/{self.opts.run_id}/ "
+                          "on each worker")
+                outcome, rc = self._run_once(workers, command)
+                if outcome != "preempted":
+                    return rc
+                if not self.opts.restart_on_preemption:
+                    self.echo("[launch] the TPU was preempted; rerun with resume_from=auto "
+                              "(or use --restart-on-preemption)")
+                    return rc or EXIT_PREEMPTED
+                restarts += 1
+                if restarts > self.opts.max_restarts:
+                    self.echo(f"[launch] preempted {restarts} times; giving up")
+                    return rc or EXIT_PREEMPTED
+                self._wait_ready()
+                command = with_resume_auto(self.opts.command)
+                self.echo(f"[launch] relaunching (restart {restarts}): {command}")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _setup(self, workers: int) -> None:
+        self.echo(f"[launch] setting up {workers} worker(s)")
+        results = self.pod.on_all(workers, setup_script(self.opts.repo_dir, self.opts.repo_url))
+        failed = [i for i, r in enumerate(results) if r.returncode]
+        if failed:
+            r = results[failed[0]]
+            raise LaunchError(f"setup failed on worker(s) {failed}; worker {failed[0]}:\n"
+                              f"{(r.stdout + r.stderr)[-2000:]}")
+
+    def _run_once(self, workers: int, command: str) -> tuple[str, int]:
+        """Start, stream, poll. ``("done"|"failed"|"preempted"|"interrupted", rc)``."""
+        o = self.opts
+        started = self.pod.on_all(workers, lambda i: start_script(o, i, command), env_stdin(o.env))
+        bad = [i for i, r in enumerate(started) if r.returncode]
+        if bad:
+            self._stop_all(workers)
+            if self._preempted_state():
+                return "preempted", EXIT_PREEMPTED
+            raise LaunchError(f"could not start on worker(s) {bad}: {started[bad[0]].stderr[-500:]}")
+        self._start_tail()
+        try:
+            while True:
+                time.sleep(o.poll_interval)
+                statuses = [parse_status(r) for r in self.pod.on_all(workers, status_script(o.run_id))]
+                outcome = self._judge(statuses)
+                if outcome is None:
+                    continue
+                kind, rc = outcome
+                if kind != "done":
+                    self._stop_all(workers)
+                return kind, rc
+        except KeyboardInterrupt:
+            self.echo("[launch] Ctrl-C: stopping every worker")
+            self._stop_all(workers)
+            return "interrupted", 130
+        finally:
+            self._stop_tail()
+
+    def _judge(self, statuses: list[tuple[str, int | None]]) -> tuple[str, int] | None:
+        """None while the run goes on; otherwise how it ended."""
+        exited = [rc for s, rc in statuses if s == "exited"]
+        if len(exited) == len(statuses):
+            if all(rc == EXIT_PREEMPTED for rc in exited):
+                return "preempted", EXIT_PREEMPTED
+            first_bad = next((rc for rc in exited if rc), 0)
+            if first_bad and self._preempted_state():
+                return "preempted", first_bad
+            return ("failed" if first_bad else "done"), first_bad
+        broken = [(i, s, rc) for i, (s, rc) in enumerate(statuses)
+                  if s in ("lost", "unreachable") or (s == "exited" and rc not in (0, EXIT_PREEMPTED))]
+        if not broken:
+            return None
+        if self._preempted_state():
+            return "preempted", EXIT_PREEMPTED
+        i, s, rc = broken[0]
+        self.echo(f"[launch] worker {i} {s}" + (f" with code {rc}" if rc is not None else "")
+                  + "; stopping every worker")
+        return "failed", rc if rc else 1
+
+    def _preempted_state(self) -> bool:
+        state = self.pod.state()
+        if state not in ("READY", "UNKNOWN"):
+            self.echo(f"[launch] TPU {self.opts.tpu} is {state}")
+            return True
+        return False
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.opts.preemption_timeout
+        while (state := self.pod.state()) != "READY":
+            if time.monotonic() > deadline:
+                raise LaunchError(f"TPU {self.opts.tpu} still {state} after "
+                                  f"{self.opts.preemption_timeout:.0f}s")
+            time.sleep(self.opts.poll_interval)
+        self.echo(f"[launch] TPU {self.opts.tpu} is READY again")
+
+    def _stop_all(self, workers: int) -> None:
+        """SIGTERM every worker's command (the trainers save on it), SIGKILL after the grace."""
+        self.pod.on_all(workers, stop_script(self.opts.run_id, "TERM"))
+        deadline = time.monotonic() + self.opts.kill_grace
+        while time.monotonic() < deadline:
+            statuses = [parse_status(r) for r in self.pod.on_all(workers, status_script(self.opts.run_id))]
+            if all(s != "running" for s, _ in statuses):
+                return
+            time.sleep(min(self.opts.poll_interval, 5.0))
+        self.pod.on_all(workers, stop_script(self.opts.run_id, "KILL"))
+
+    def _start_tail(self) -> None:
+        self._tail = subprocess.Popen(self.pod.ssh_argv(0, tail_script(self.opts.run_id)),
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _stop_tail(self) -> None:
+        if self._tail is not None and self._tail.poll() is None:
+            # Its own session: end the ssh (or the fake's shell) and the tail it runs.
+            os.killpg(self._tail.pid, signal.SIGTERM)
+            try:
+                self._tail.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._tail.pid, signal.SIGKILL)
+        self._tail = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[launch] %(message)s")
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+        return Launcher(opts, echo=lambda s: print(s, flush=True)).run()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
