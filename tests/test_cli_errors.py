@@ -166,6 +166,8 @@ def test_cli_prints_data_report_and_exits_75_on_sigterm(tmp_path):
     assert "train_dataset: read " in output and "kept " in output and "untruncated tokens p50" in output
     assert "preempted at step" in output and "resume_from=auto" in output
     assert (out / "checkpoint-latest").exists() and not (out / "final").exists()
+    report = [json.loads(l) for l in open(out / "data_report.jsonl")]
+    assert [r["dataset"] for r in report] == ["train_dataset", "eval_dataset"] and report[0]["kept"] > 0
 
 
 def pipeline(root, *extra):

@@ -54,8 +54,8 @@ def test_report_counts_percentiles_and_suggestion():
     text = "\n".join(r.lines())
     assert "read 5, kept 3 (1 truncated to seq_length=10)" in text
     assert "malformed 1, no_loss_token 1" in text and "p50 8" in text
-    m = r.metrics("data/train")
-    assert m["data/train/kept"] == 3 and m["data/train/dropped_no_loss_token"] == 1
+    row = dict(zip(DataReport.COLUMNS, r.row()))
+    assert row["kept"] == 3 and row["dropped_no_loss_token"] == 1 and row["seq_length_for_95pct"] == 30
     r.check(0.5)  # 40 % dropped: fine
     with pytest.raises(DataError, match=r"40% of the records were dropped .*seq_length=30 would keep 95 %"):
         r.check(0.3)

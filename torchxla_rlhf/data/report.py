@@ -67,15 +67,18 @@ class DataReport:
                        f"keeps 95 %")
         return out
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        """Flat numbers for the tracker (wandb), e.g. ``data/train/kept``."""
-        out = {f"{prefix}/read": float(self.read), f"{prefix}/kept": float(self.kept),
-               f"{prefix}/truncated_kept": float(self.truncated_kept)}
-        out.update({f"{prefix}/dropped_{k}": float(v) for k, v in self.dropped.items()})
-        if len(self.lengths):
-            for p, v in zip(PERCENTILES, np.percentile(self.lengths, PERCENTILES)):
-                out[f"{prefix}/length_p{p}"] = float(v)
-        return out
+    COLUMNS = ("dataset", "seq_length", "read", "kept", "truncated_kept", "dropped_no_loss_token",
+               "dropped_truncated", "dropped_malformed", "length_p50", "length_p95", "length_max",
+               "seq_length_for_95pct")
+
+    def row(self) -> list:
+        """One row of the ``data_report`` table (columns :attr:`COLUMNS`) for wandb and
+        ``data_report.jsonl``."""
+        lengths = self.lengths if len(self.lengths) else np.zeros(1, np.int64)
+        return [self.name, self.seq_length, self.read, self.kept, self.truncated_kept,
+                self.dropped.get("no_loss_token", 0), self.dropped.get("truncated", 0),
+                self.dropped.get("malformed", 0), float(np.percentile(lengths, 50)),
+                float(np.percentile(lengths, 95)), int(lengths.max()), self.length_to_keep(0.95)]
 
     def check(self, max_dropped_fraction: float) -> None:
         """Raise :class:`DataError` with the report when too much was dropped (or nothing kept)."""

@@ -29,6 +29,7 @@ import torch
 from torchxla_rlhf import checkpoint, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
+from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.errors import Preempted, ResumeError
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
@@ -266,13 +267,11 @@ class Trainer:
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_data_reports(self) -> None:
-        """The data reports' numbers to the tracker (wandb, metrics.jsonl) at step 0; their
-        text was logged when the datasets were built."""
-        values: dict[str, float] = {}
-        for name, report in self.data_reports.items():
-            values.update(report.metrics(f"data/{name}"))
-        if values:
-            self.tracker.log(0, values)
+        """The data reports as a ``data_report`` table (wandb, ``data_report.jsonl``) at
+        step 0; their text was logged when the datasets were built."""
+        if self.data_reports:
+            rows = [report.row() for report in self.data_reports.values()]
+            self.tracker.log_table(0, "data_report", DataReport.COLUMNS, rows)
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()
