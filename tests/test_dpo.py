@@ -149,9 +149,11 @@ def test_cli_logs_the_projects_info_lines(tmp_path):
     proc = _cli("--config", "tiny/dpo.yaml", f"output_dir={tmp_path}", "eval_dataset=null",
                 f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
                 "train_dataset.batch_size=100000")
-    assert proc.returncode == 1 and "fewer than one global batch" in proc.stderr
+    assert proc.returncode == 2 and "fewer than one batch of train_dataset.batch_size=100000" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert " INFO torchxla_rlhf.runtime: Mesh dp=1 fsdp=1 mp=1" in proc.stderr, proc.stderr[-3000:]
-    assert " INFO torchxla_rlhf.trainers.pairs: train pairs: 2000" in proc.stderr
+    # The data report, always printed: what was read, kept and dropped.
+    assert " INFO torchxla_rlhf.data.preference: train_dataset: read 2000, kept 2000" in proc.stderr
 
 
 def test_missing_model_checkpoint_is_a_clear_error(tmp_path):
