@@ -201,21 +201,15 @@ class Trainer:
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_metrics(self, step: int, metrics: dict) -> None:
-        """Log device tensors (and host floats) after the current graph has run: a step
-        closure, so reading them adds no host sync to the loop."""
+        """Log device tensors (and host floats; lists are averaged) after the current graph
+        has run: one batched read on a background thread, so logging adds no host sync and
+        no wait to the loop (``runtime.wait()`` flushes it)."""
 
-        def scalar(v) -> float:
-            if isinstance(v, (list, tuple)):  # one value per update/micro-batch: the mean
-                return sum(scalar(x) for x in v) / max(len(v), 1)
-            # Inside a step closure the value is already computed: a copy, not a graph run.
-            return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
-
-        def record(step: int, metrics: dict) -> None:
-            values = {k: scalar(v) for k, v in metrics.items()}
+        def record(values: dict) -> None:
             self.last_metrics.update(values)
             self.tracker.log(step, values)
 
-        runtime.add_step_closure(record, args=(step, metrics))
+        runtime.read_scalars_after_step(metrics, record)
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()
