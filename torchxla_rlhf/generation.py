@@ -20,13 +20,22 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   mask builders then return early, which removes their hidden host syncs (the ``sdpa`` builder
   does Python ``.all()`` checks). Use ``attn_implementation="eager"`` (``"sdpa"`` also accepts a
   4-D mask).
-* Graphs: ``prefill`` (prompt forward + first token) and ``decode_step`` (one token). The
-  prefill and the first decode step are traced under :func:`runtime.compile`
-  (``torch_xla.compile(full_graph=True)``: a host sync inside raises); later steps, the same
-  graph, end with an asynchronous :func:`runtime.sync` so that the host traces step t+1 while
-  the device runs step t. The host never waits for the device (unless
-  ``stop_check_every > 0``). Observed on XLA:CPU: 2 compilations on the first call for a
+* Graphs: ``prefill`` (prompt forward + first token), traced under :func:`runtime.compile`
+  (``full_graph=True``: a host sync inside raises), and ``decode_step`` (one token), traced
+  ONCE per rollout and then replayed for every later token (:class:`runtime.GraphReplay`:
+  the cached executable runs on the new state without re-running the model's Python code,
+  so the host's cost per rollout hardly grows with the number of new tokens; the KV cache
+  buffers are donated, so they are updated in place). Every launch is asynchronous: the host
+  never waits for the device (unless ``stop_check_every > 0``), and ``generate()`` returns
+  while the last steps still run. Observed on XLA:CPU: 2 compilations on the first call for a
   given ``(B, PL, CL)`` and sampling config, 0 after.
+* Why not a compiled loop: torch_xla 2.9's ``while_loop`` (``torch._higher_order_ops``,
+  which ``fori_loop`` wraps) failed here on a body that closes over a weight (the lowering
+  mis-orders the parameters: "condition and body ... must all have the same shape") and on an
+  integer vector carry updated by ``argmax`` (``s64[]`` inferred for ``s64[2]``); it only
+  worked with float carries and every weight passed as an explicit carry. Putting the HF
+  model, its in-place ``StaticCache`` updates and the sampler under those limits was not
+  workable; replaying the traced graph gives the same one-trace-per-rollout host cost.
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.

@@ -571,22 +571,38 @@ class GraphReplay:
                 sources.append(("input", input_pos[id(out)]))
             else:
                 sources.append(("const", out))
-        graph_hash = xlac._get_graph_hash(roots)
         ids, values = xlac._get_tensors_xla_device_data_node(roots)
         # Graph parameter j is input slot_of[id] when it is one of `inputs`, else a value frozen
         # now (a weight, a traced constant).
         params = [slot_of.get(tid, value) for tid, value in zip(ids, values)]
         write_back = [(input_pos[id(r)], k) for k, r in enumerate(roots) if id(r) in input_pos]
+        # Inputs updated in place (a KV cache) donate their buffers, so that XLA updates them
+        # in place instead of copying them every call (what a step-marker sync does for
+        # in-place updates by itself; here the donation must be asked for).
+        donated = {i for i, _ in write_back}
+        for j, p in enumerate(params):
+            if isinstance(p, int) and p in donated:
+                xlac._set_buffer_donation(values[j], True)
         # Compile under the hash `_run_cached_graph` looks up (a plain sync caches the same
         # graph under another key), then run this first call through the replay path too: the
         # traced values of every parameter, inputs included, are `values` (in-place updates
         # traced on an input leave its original data in the graph's device-data node).
-        xlac._xla_warm_up_cache(roots, [])
+        saved = xlac._xla_get_enable_alias_with_buffer_donor_config()
+        xlac._xla_set_enable_alias_with_buffer_donor_config(True)
+        try:
+            graph_hash = xlac._get_graph_hash(roots)
+            xlac._xla_warm_up_cache(roots, [])
+        finally:
+            xlac._xla_set_enable_alias_with_buffer_donor_config(saved)
         self._plan = (graph_hash, params, sources, write_back)
         return self._launch(list(values), inputs)
 
     def _replay(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        _, params, _, _ = self._plan
+        import torch_xla
+
+        _, params, _, write_back = self._plan
+        for i, _ in write_back:
+            torch_xla._XLAC._set_buffer_donation(inputs[i], True)
         return self._launch([inputs[p] if isinstance(p, int) else p for p in params], inputs)
 
     def _launch(self, args: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
