@@ -419,6 +419,32 @@ def test_graph_replay_semantics_and_checks(dev):
     runtime.sync()
 
 
+def test_runtime_compile_without_opening_sync_keeps_graphs_and_checks(dev):
+    """Calls with nothing pending skip torch_xla.compile's (waiting) opening sync; pending
+    work before a call still runs as its own graph, so the step graph never recompiles; a
+    host sync inside raises on every path."""
+    w = torch.randn(16, 16).to(dev)
+    x = torch.randn(4, 16).to(dev)
+    runtime.sync()
+    step = runtime.compile(lambda t: (t @ w).tanh(), name="test_step")
+    c0 = runtime.compile_count()
+    for i in range(4):
+        x = step(x)
+        if i == 1:
+            x1, extra = x, x * 2  # pending before the next call: flushed as its own graph
+    assert runtime.compile_count() - c0 == 2
+    torch.testing.assert_close(extra.cpu(), 2 * x1.cpu())
+    bad = runtime.compile(lambda t: t * float(t.sum().item()), name="test_bad")
+    runtime.sync()
+    with pytest.raises(RuntimeError, match="Unexpected execution"):
+        bad(x)  # nothing pending: the trace-then-launch path
+    runtime.sync()
+    pending = x + 1
+    with pytest.raises(RuntimeError, match="Unexpected execution"):
+        bad(pending)  # pending work: the torch_xla.compile path
+    runtime.sync()
+
+
 def test_read_scalars_after_step(dev):
     """Metrics arrive (list entries averaged) only after a sync, in one background read."""
     a = torch.tensor(2.0).to(dev) * 3

@@ -279,22 +279,22 @@ def compile(fn: Callable, name: str | None = None, full_graph: bool = True) -> C
     With ``full_graph=True`` a host sync inside ``fn`` (``.item()``, ``if tensor``, a CPU
     fallback that executes) raises instead of silently splitting the graph.
 
-    The first call goes through ``torch_xla.compile``, which first flushes pending work with a
-    sync. Any sync waits for the device to finish the graph it is running (it takes the
-    device lock), so that opening sync would stop the host from tracing step t+1 while the
-    device runs step t. Later calls therefore skip it: trace with execution disallowed (the
-    same ``full_graph`` check), then one asynchronous sync that launches the graph. Work left
-    pending before a later call joins its graph (callers keep their call pattern the same
-    from step to step, so the graph, and its compiled executable, stay the same).
+    ``torch_xla.compile`` first flushes pending work with a sync. Any sync waits for the
+    device to finish the graph it is running (it takes the device lock), so that opening sync
+    stops the host from tracing step t+1 while the device runs step t. So when no live tensor
+    holds pending work (the usual case between steps) the wrapper skips it: trace with
+    execution disallowed (the same ``full_graph`` check), then one asynchronous sync that
+    launches the graph. When work is pending it goes through ``torch_xla.compile`` as is, so
+    that the pending work stays its own graph and the step's graph (and its compiled
+    executable) is the same either way.
     """
     import torch_xla
 
     checked = torch_xla.compile(fn, full_graph=full_graph, name=name)
-    calls = [0]
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        if calls[0] == 1:
+        # One bool per live XLA tensor (C++ walk; microseconds for thousands of tensors).
+        if any(torch_xla._XLAC._check_device_tensor_need_materialization("")):
             return checked(*args, **kwargs)
         return _trace_then_launch(fn, full_graph, name, args, kwargs)
 
