@@ -405,6 +405,14 @@ def test_graph_replay_semantics_and_checks(dev):
     assert torch.equal(x.cpu(), ex) and torch.equal(acc.cpu(), eacc)
     assert compiles == 1
 
+    # write_back=False: the updated input comes back as a new tensor, threaded by the caller
+    carry = runtime.GraphReplay(lambda i: [i[0].add_(1), i[1] * 2], name="t", write_back=False)
+    a, b = torch.zeros(3).to(dev), torch.ones(3).to(dev)
+    runtime.sync()
+    for _ in range(3):
+        a, b = carry([a, b])
+    assert a.cpu().tolist() == [3.0] * 3 and b.cpu().tolist() == [8.0] * 3
+
     pending = torch.ones(3).to(dev) * 2
     with pytest.raises(ValueError, match="un-executed"):
         runtime.GraphReplay(lambda i: [i[0] + 1], name="t")([pending])

@@ -447,10 +447,15 @@ class Generator:
             new = self._decode_step(_State(**fields, cache=state.cache))
             return [getattr(new, f) for f in _STATE_FIELDS] + cache_tensors
 
-        replay = runtime.GraphReplay(step_flat, name="generation_decode_step")
+        # The cache's tensors travel from one call's outputs to the next call's inputs
+        # (`carry`) instead of being written back into `state.cache` at every token; the
+        # StaticCache object is stale after the first step and is dropped with the rollout.
+        replay = runtime.GraphReplay(step_flat, name="generation_decode_step", write_back=False)
+        carry = list(cache_tensors)
 
         def step(s: _State) -> _State:
-            out = replay([getattr(s, f) for f in _STATE_FIELDS] + cache_tensors)
+            out = replay([getattr(s, f) for f in _STATE_FIELDS] + carry)
+            carry[:] = out[n_fields:]
             return _State(**dict(zip(_STATE_FIELDS, out[:n_fields])), cache=s.cache)
 
         return step

@@ -516,9 +516,15 @@ class GraphReplay:
     launches it once the device is free (each launch takes the device lock).
     """
 
-    def __init__(self, fn: Callable[[list], list], name: str) -> None:
+    def __init__(self, fn: Callable[[list], list], name: str, write_back: bool = True) -> None:
+        """``write_back=False``: on replays, inputs updated in place are NOT updated; their
+        outputs are new tensors and the old input tensors must not be used again (their
+        buffers were donated). Saves one ``_replace_xla_tensor`` per such input per call, for
+        a caller that threads the outputs into the next call (a decode loop's KV cache). The
+        capture always writes back (the traced in-place ops must be resolved)."""
         self.fn = fn
         self.name = name
+        self.write_back = write_back
         self._plan: Any = None
 
     @property
@@ -595,7 +601,7 @@ class GraphReplay:
         finally:
             xlac._xla_set_enable_alias_with_buffer_donor_config(saved)
         self._plan = (graph_hash, params, sources, write_back)
-        return self._launch(list(values), inputs)
+        return self._launch(list(values), inputs, True)
 
     def _replay(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch_xla
@@ -603,16 +609,20 @@ class GraphReplay:
         _, params, _, write_back = self._plan
         for i, _ in write_back:
             torch_xla._XLAC._set_buffer_donation(inputs[i], True)
-        return self._launch([inputs[p] if isinstance(p, int) else p for p in params], inputs)
+        args = [inputs[p] if isinstance(p, int) else p for p in params]
+        return self._launch(args, inputs, self.write_back)
 
-    def _launch(self, args: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _launch(
+        self, args: list[torch.Tensor], inputs: list[torch.Tensor], write_back: bool
+    ) -> list[torch.Tensor]:
         """Run the cached executable on ``args`` (asynchronously), write in-place results back
-        into their input tensors and assemble the outputs in ``fn``'s order."""
+        into their input tensors (if ``write_back``) and assemble the outputs in ``fn``'s
+        order."""
         import torch_xla
 
-        graph_hash, _, sources, write_back = self._plan
+        graph_hash, _, sources, updated = self._plan
         results = list(torch_xla._XLAC._run_cached_graph(graph_hash, args))
-        for i, k in write_back:
+        for i, k in updated if write_back else ():
             torch_xla._XLAC._replace_xla_tensor(inputs[i], results[k])
             results[k] = inputs[i]
         return [
