@@ -346,6 +346,118 @@ def test_bad_inputs_raise_clear_errors():
         Generator(bad, eos_token_id=EOS, pad_token_id=PAD)
 
 
+def test_new_weights_reach_the_next_rollout(dev):
+    """The replayed decode graph freezes the weights it read at capture; it is recaptured per
+    rollout, so an in-place weight update (an optimizer step) shows in the next rollout."""
+    model = tiny_model(3)
+    ids, mask = left_padded([6, 2, 5], 6, seed=4)
+    xla_model = copy.deepcopy(model).to(dev)
+    gen = Generator(xla_model, SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD)
+    first = gen.generate(ids.to(dev), mask.to(dev), 12, seed=2).sequences.cpu()
+    with torch.no_grad():
+        for m in (model, xla_model):
+            m.lm_head.weight.mul_(-1.0)  # reverses every logit ranking
+    runtime.sync()
+    c0 = runtime.compile_count()
+    second = gen.generate(ids.to(dev), mask.to(dev), 12, seed=2).sequences.cpu()
+    runtime.wait()
+    assert runtime.compile_count() == c0
+    ref = Generator(model, SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD).generate(
+        ids, mask, 12, seed=2
+    )
+    assert torch.equal(second, ref.sequences) and not torch.equal(second, first)
+
+
+def test_graph_replay_semantics_and_checks(dev):
+    """In-place updates of inputs reach the caller's tensors on replays, unchanged inputs pass
+    through, closed-over tensors are frozen at capture; one compilation; bad uses raise."""
+    x = torch.arange(6.0).reshape(2, 3).to(dev)
+    w, acc = torch.ones(3).to(dev), torch.zeros(2, 3).to(dev)
+    runtime.sync()
+
+    def fn(inputs):
+        x, acc = inputs
+        acc.add_(x)
+        return [x * w + 1.5, acc, x]
+
+    replay = runtime.GraphReplay(fn, name="test_replay")
+    ex, eacc = torch.arange(6.0).reshape(2, 3), torch.zeros(2, 3)
+    compiles = 0
+    for i in range(4):
+        prev, c0 = x, runtime.compile_count()
+        x, out_acc, passed = replay([x, acc])
+        compiles += runtime.compile_count() - c0
+        ex, eacc = ex + 1.5, eacc + ex
+        assert out_acc is acc and passed is prev
+        if i == 0:
+            with torch.no_grad():
+                w.mul_(2.0)  # frozen at capture: no effect on the replays
+            runtime.sync()
+    assert torch.equal(x.cpu(), ex) and torch.equal(acc.cpu(), eacc)
+    assert compiles == 1
+
+    # write_back=False: the updated input comes back as a new tensor, threaded by the caller
+    carry = runtime.GraphReplay(lambda i: [i[0].add_(1), i[1] * 2], name="t", write_back=False)
+    a, b = torch.zeros(3).to(dev), torch.ones(3).to(dev)
+    runtime.sync()
+    for _ in range(3):
+        a, b = carry([a, b])
+    assert a.cpu().tolist() == [3.0] * 3 and b.cpu().tolist() == [8.0] * 3
+
+    pending = torch.ones(3).to(dev) * 2
+    with pytest.raises(ValueError, match="un-executed"):
+        runtime.GraphReplay(lambda i: [i[0] + 1], name="t")([pending])
+    runtime.sync()
+    with pytest.raises(ValueError, match="in place without"):
+        runtime.GraphReplay(lambda i: [i[0].add_(1) * 2], name="t")([torch.ones(3).to(dev)])
+    runtime.sync()
+    with pytest.raises(RuntimeError):  # a host sync inside the captured function
+        runtime.GraphReplay(lambda i: [i[0] * float(i[0].sum().item())], name="t")(
+            [torch.ones(3).to(dev)]
+        )
+    runtime.sync()
+
+
+def test_runtime_compile_without_opening_sync_keeps_graphs_and_checks(dev):
+    """Calls with nothing pending skip torch_xla.compile's (waiting) opening sync; pending
+    work before a call still runs as its own graph, so the step graph never recompiles; a
+    host sync inside raises on every path."""
+    w = torch.randn(16, 16).to(dev)
+    x = torch.randn(4, 16).to(dev)
+    runtime.sync()
+    step = runtime.compile(lambda t: (t @ w).tanh(), name="test_step")
+    c0 = runtime.compile_count()
+    for i in range(4):
+        x = step(x)
+        if i == 1:
+            x1, extra = x, x * 2  # pending before the next call: flushed as its own graph
+    assert runtime.compile_count() - c0 == 2
+    torch.testing.assert_close(extra.cpu(), 2 * x1.cpu())
+    bad = runtime.compile(lambda t: t * float(t.sum().item()), name="test_bad")
+    runtime.sync()
+    with pytest.raises(RuntimeError, match="Unexpected execution"):
+        bad(x)  # nothing pending: the trace-then-launch path
+    runtime.sync()
+    pending = x + 1
+    with pytest.raises(RuntimeError, match="Unexpected execution"):
+        bad(pending)  # pending work: the torch_xla.compile path
+    runtime.sync()
+
+
+def test_read_scalars_after_step(dev):
+    """Metrics arrive (list entries averaged) only after a sync, in one background read."""
+    a = torch.tensor(2.0).to(dev) * 3
+    parts = [torch.tensor(1.0).to(dev) + 0, torch.tensor(4.0).to(dev) + 0]
+    got = []
+    runtime.read_scalars_after_step({"a": a, "parts": parts, "host": 0.5}, got.append)
+    assert got == []
+    s0 = runtime.host_sync_count()
+    runtime.sync()
+    runtime.wait()
+    assert got == [{"a": 6.0, "parts": 2.5, "host": 0.5}]
+    assert runtime.host_sync_count() == s0
+
+
 # ----------------------------------------------------------------------------------------
 # 4-device mesh (subprocess: the device count is fixed per process)
 # ----------------------------------------------------------------------------------------

@@ -199,17 +199,17 @@ class Tracker:
         """Log device tensors once the current graph has run, on logging steps only (or
         always with ``force``, as for evaluations).
 
-        Registers :meth:`log` as a step closure (:func:`runtime.add_step_closure`): it runs on
-        the host at the next graph cut (``runtime.sync()`` / end of a compiled step), when the
-        values are materialized, so the loop never waits for them (each read is still one
-        device-to-host copy). Do not modify the tensors in place before that cut. On other
-        steps only the bar moves.
+        The values are read by :func:`runtime.read_scalars_after_step`: after the current
+        graph is launched, every tensor of the step is copied in ONE batched transfer on a
+        background thread (lists are averaged), and :meth:`log` runs on this thread at a later
+        ``runtime.sync()``/``runtime.wait()``, so the loop never waits for them. Do not modify
+        the tensors in place before the next cut. On other steps only the bar moves.
         """
         if not (force or self.should_log(step)):
             if self._bar is not None:
                 self._advance(step)
             return
-        runtime.add_step_closure(self.log, args=(step, dict(metrics)))
+        runtime.read_scalars_after_step(dict(metrics), lambda values: self.log(step, values))
 
     def _advance(self, step: int) -> None:
         if step > self._bar.n:
