@@ -61,6 +61,8 @@ def test_one_command_tiny_pipeline(tmp_path):
 def test_pipeline_overrides_need_a_stage_prefix(tmp_path):
     from torchxla_rlhf.__main__ import main
 
-    assert main(["pipeline", "--configs", os.path.join(REPO, "configs", "tiny"),
-                 "--output-root", str(tmp_path), "total_steps=2"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--configs", os.path.join(REPO, "configs", "tiny"),
+              "--output-root", str(tmp_path), "total_steps=2"])
+    assert e.value.code == 2
     assert main([]) == 0
