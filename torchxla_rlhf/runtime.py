@@ -357,3 +357,29 @@ def manual_seed(seed: int) -> None:
 
     torch.manual_seed(seed)
     xm.set_rng_state(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Device memory (issue 9: the start-up memory check)
+# ----------------------------------------------------------------------------------------
+
+HBM_ENV = "TORCHXLA_RLHF_HBM_GIB"
+"""Environment variable that sets the memory per device (GiB) the start-up check uses,
+overriding what PJRT reports (and giving one where it reports none)."""
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one device (``bytes_limit`` of PJRT's allocator stats), or None where the
+    runtime keeps no allocator stats (XLA:CPU raises ``GetAllocatorStats is not supported``).
+    Under SPMD the stats of the first physical device stand for all (they are identical)."""
+    if os.environ.get(HBM_ENV):
+        return int(float(os.environ[HBM_ENV]) * (1 << 30))
+    init()
+    import torch_xla.core.xla_model as xm
+
+    try:
+        info = xm.get_memory_info(device())
+    except Exception:  # noqa: BLE001 - any runtime without allocator stats
+        return None
+    limit = info.get("bytes_limit") if isinstance(info, dict) else None
+    return int(limit) if limit else None

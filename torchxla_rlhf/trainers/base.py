@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 import torch
 
-from torchxla_rlhf import checkpoint, runtime, train_state
+from torchxla_rlhf import checkpoint, memory_plan, runtime, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
@@ -51,6 +51,8 @@ def setup_run(cfg: Any) -> RunContext:
     runtime.init()
     runtime.manual_seed(cfg.seed)
     mesh = runtime.make_mesh(cfg.mesh_dim)
+    # Issue 9: stop before loading any weights when the run cannot fit (logs the plan).
+    memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
     is_main = runtime.is_main_process()
     output_dir = cfg.output_dir.rstrip("/")
     if is_main:
