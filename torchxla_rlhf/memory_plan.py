@@ -196,9 +196,10 @@ def score_layers(shape: Shape, checkpointing: bool) -> int:
 
 
 def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backward: bool) -> float:
-    """LM-head logits (vocab over ``mp``): the ``c`` logits, their fp32 copy and log-softmax,
-    and in training the fp32 gradient."""
-    return rows * seq * shape.vocab / mesh.mp * (c + 8 + (4 if backward else 0))
+    """LM-head logits (vocab over ``mp``): the ``c`` logits plus fp32 copies (upcast,
+    log-softmax; in training also its exponent, the gradient and a frozen reference's logits:
+    five ``[rows, S, V/mp]`` fp32 buffers are alive at the DPO proxy's peak)."""
+    return rows * seq * shape.vocab / mesh.mp * (c + (16 if backward else 8))
 
 
 @dataclass
@@ -253,8 +254,9 @@ def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int) -> T
 
 
 def _train_terms(prefix: str, shape: Shape, mesh: Mesh, rows: float, seq: int, model_cfg: Any,
-                 lm_head: bool) -> list[Term]:
-    """A training forward + backward's transient terms (activations, scores, logits)."""
+                 lm_head: bool, logit_positions: int | None = None) -> list[Term]:
+    """A training forward + backward's transient terms (activations, scores, logits at
+    ``logit_positions`` positions a row, default every position)."""
     c, r = BYTES[model_cfg.compute_dtype], BYTES[model_cfg.param_dtype]
     ckpt = model_cfg.gradient_checkpointing
     other = activation_bytes(shape, mesh, rows, seq, c, r, not ckpt)
@@ -269,8 +271,9 @@ def _train_terms(prefix: str, shape: Shape, mesh: Mesh, rows: float, seq: int, m
              f"{_gib(score_layers(shape, not ckpt) * scores)})"),
     ]
     if lm_head:
-        terms.append(Term(f"{prefix} logits", logits_bytes(shape, mesh, rows, seq, c, True),
-                          f"vocab/{mesh.mp}"))
+        positions = logit_positions or seq
+        terms.append(Term(f"{prefix} logits", logits_bytes(shape, mesh, rows, positions, c, True),
+                          f"{positions} positions, vocab/{mesh.mp}"))
     return terms
 
 
@@ -347,7 +350,7 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
     ]
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True)
+    train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
              + _train_terms("value", value_shape, mesh, chunk, t, value_cfg, False))
     return Plan("ppo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
                 notes)
