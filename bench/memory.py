@@ -98,31 +98,40 @@ def attention_probe(attn: str) -> int:
 
 
 SEED_RUNS = {
-    # pod: (devices, GiB per device, {config: mesh_dim})
-    "v3-128": (128, 16, {"dpo_13b": "-1,16,8", "reward_13b": "-1,16,8", "ppo_13b": "1,32,4"}),
-    "v3-256": (256, 16, {"dpo_13b": "-1,16,16", "reward_13b": "-1,32,8", "ppo_13b": "1,64,4"}),
-    "v4-64": (32, 32, {"dpo_13b": "-1,4,8", "reward_13b": "-1,4,8", "ppo_13b": "1,8,4"}),
-    "v5p-32": (16, 95, {"dpo_13b": "-1,2,8", "reward_13b": "-1,2,8", "ppo_13b": "1,4,4"}),
+    # pod: (devices, GiB per device, {config: overrides})
+    "v3-128": (128, 16, {"dpo_13b": ["mesh_dim=-1,16,8"], "reward_13b": ["mesh_dim=-1,32,4"],
+                         "ppo_13b": ["mesh_dim=1,32,4"]}),
+    "v3-256": (256, 16, {"dpo_13b": ["mesh_dim=-1,16,16"], "reward_13b": ["mesh_dim=-1,32,8"],
+                         "ppo_13b": ["mesh_dim=1,64,4"]}),
+    "v4-64": (32, 32, {"dpo_13b": ["mesh_dim=-1,4,8"], "reward_13b": ["mesh_dim=-1,4,8"],
+                       "ppo_13b": ["mesh_dim=1,8,4"],
+                       "ppo_13b ": ["mesh_dim=1,8,4", "rollout_micro_batch_size=128",
+                                    "optimizer.accumulate_gradient_steps=4"]}),
+    "v5p-32": (16, 95, {"dpo_13b": ["mesh_dim=-1,2,8"], "reward_13b": ["mesh_dim=-1,2,8"],
+                        "ppo_13b": ["mesh_dim=1,4,4"],
+                        "ppo_13b ": ["mesh_dim=1,4,4", "rollout_micro_batch_size=128"]}),
 }
-"""The seed's configs on each pod: devices (v4/v5p chips; a v4-64 has 32 chips), memory per
-device, and the mesh given on the command line (the seed's where its device count matches)."""
+"""The seed's configs on each pod: devices (v4/v5p: chips; a v4-64 has 32), memory per
+device, and the command-line overrides (the seed's mesh where its device count matches; a
+second PPO line with the rollout generated in pieces where the whole batch does not fit)."""
 
 
 def seed_table() -> list[str]:
-    rows = [f"{'pod':<8} {'run':<11} {'mesh':<10} {'peak GiB':>9} {'of':>4}  {'fits':<5} dominant term"]
+    rows = [f"{'pod':<7} {'run':<11} {'overrides':<72} {'peak GiB':>8} {'of':>3}  {'fits':<4} dominant term"]
     for pod, (devices, gib, runs) in SEED_RUNS.items():
-        for name, mesh in runs.items():
+        for name, overrides in runs.items():
+            name = name.strip()
             kind = name.split("_")[0]
-            cfg = load_config(KINDS[kind], os.path.join(REPO, "configs", f"{name}.yaml"),
-                              [f"mesh_dim={mesh}"])
+            cfg = load_config(KINDS[kind], os.path.join(REPO, "configs", f"{name}.yaml"), overrides)
+            shown = " ".join(overrides)
             try:
                 p = memory_plan.plan(cfg, devices, gib * (1 << 30))
             except memory_plan.PlanError as e:
-                rows.append(f"{pod:<8} {name:<11} {mesh:<10} cannot plan: {e}")
+                rows.append(f"{pod:<7} {name:<11} {shown:<72} cannot plan: {e}")
                 continue
             d = p.dominant
-            rows.append(f"{pod:<8} {name:<11} {mesh:<10} {p.peak / (1 << 30):>9.2f} {gib:>4}  "
-                        f"{'yes' if p.fits else 'NO':<5} {d.name} ({d.bytes / (1 << 30):.2f} GiB)")
+            rows.append(f"{pod:<7} {name:<11} {shown:<72} {p.peak / (1 << 30):>8.2f} {gib:>3}  "
+                        f"{'yes' if p.fits else 'NO':<4} {d.name} ({d.bytes / (1 << 30):.2f} GiB)")
     return rows
 
 

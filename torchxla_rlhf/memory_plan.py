@@ -17,9 +17,8 @@ proxies by ``bench/memory.py``):
   the KV cache of a rollout and its prefill.
 
 Rows per device are a micro-batch's rows over ``dp * fsdp``. The residual stream and the
-per-layer checkpoints are split over ``mp`` as well (the hidden dimension stays sharded
-between layers under the partition rules of sharding.py: the HLO shows the layer input
-all-gathered over ``mp`` at each column-parallel matmul).
+per-layer checkpoints are whole on each device of an ``mp`` group (what the optimized HLO of
+the proxies holds); what the column-parallel matmuls produce is split over ``mp``.
 """
 
 from __future__ import annotations
@@ -162,14 +161,16 @@ def layer_working_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, c: int, r
     what a training forward keeps for backward (and a checkpointed layer recomputes).
     ``c``: compute dtype bytes, ``r``: residual (param) dtype bytes.
 
-    Counted per token, split over ``mp``: the residual stream, its norms and the residual
-    sums (``3 H`` in ``r``); the normed inputs, q/k/v, rotated q/k, attention output and
-    o-projection (``5 H + 3 kv`` in ``c``); the MLP's gate, up, activation and product
-    (``4 I`` in ``c``) and down-projection (``H``).
+    Counted per token. Whole on every device of an ``mp`` group (the optimized HLO holds them
+    as full-hidden ``[rows * S, H]`` buffers: the row-parallel o/down projections all-reduce
+    over ``mp``): the residual stream, its norms and the residual sums (``3 H`` in ``r``) and
+    the o/down projections' outputs (``2 H`` in ``c``). Split over ``mp``: the normed inputs
+    as the column-parallel matmuls read them, q/k/v, rotated q/k and the attention output
+    (``4 H + 3 kv`` in ``c``), the MLP's gate, up, activation and product (``4 I`` in ``c``).
     """
     kv = shape.kv_heads * shape.head_dim
     h, i = shape.hidden, shape.intermediate
-    return rows * q * (3 * h * r + (6 * h + 3 * kv + 4 * i) * c) / mesh.mp
+    return rows * q * (3 * h * r + 2 * h * c + (4 * h + 3 * kv + 4 * i) * c / mesh.mp)
 
 
 def scores_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, k: int, c: int) -> float:
@@ -182,17 +183,19 @@ def activation_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, r:
                      checkpointing: bool) -> float:
     """What a training forward keeps for backward (scores apart), per device, at the peak of
     backward: with checkpointing one ``[rows, S, H]`` layer input per layer plus one layer
-    recomputed with its gradients; without, every layer's tensors plus one layer's gradients."""
+    recomputed with its gradients; without, every layer's tensors plus one layer's gradients.
+    The saved layer inputs are whole over ``mp`` (the residual stream is)."""
     layer = layer_working_bytes(shape, mesh, rows, seq, c, r)
     if checkpointing:
-        return shape.layers * rows * seq * shape.hidden * r / mesh.mp + 2 * layer
+        return shape.layers * rows * seq * shape.hidden * r + 2 * layer
     return (shape.layers + 1) * layer
 
 
 def score_layers(shape: Shape, checkpointing: bool) -> int:
-    """How many layers' scores are alive at the peak: the recomputed layer and its gradient
-    with checkpointing, every layer plus one gradient without."""
-    return 2 if checkpointing else shape.layers + 1
+    """How many layers' scores are alive at the peak: the one recomputed layer with
+    checkpointing (its backward reuses those buffers: the 1-layer probe of bench/memory.py
+    holds one layer's scores, not two); every layer plus one gradient without."""
+    return 1 if checkpointing else shape.layers + 1
 
 
 def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backward: bool) -> float:
@@ -200,6 +203,16 @@ def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backwa
     log-softmax; in training also its exponent, the gradient and a frozen reference's logits:
     five ``[rows, S, V/mp]`` fp32 buffers are alive at the DPO proxy's peak)."""
     return rows * seq * shape.vocab / mesh.mp * (c + (16 if backward else 8))
+
+
+def gathered_weights_bytes(shape: Shape, mesh: Mesh, lm_head: bool, dtype: str,
+                           linear_dtype: str | None = None) -> float:
+    """Weights a device holds whole over ``fsdp`` while a model runs: FSDP all-gathers each
+    matrix before its matmul; XLA keeps about two layers' worth in flight, plus the
+    embedding and the LM head (each split over ``mp`` only)."""
+    layers = min(shape.layers, 2) * shape.layer_linear * BYTES[linear_dtype or dtype]
+    vocab = shape.vocab * shape.hidden * (BYTES[dtype] + (BYTES[linear_dtype or dtype] if lm_head else 0))
+    return (layers + vocab) / mesh.mp
 
 
 @dataclass
@@ -251,6 +264,12 @@ def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int) -> T
     linear = frozen_dtype(model_cfg)
     return Term(f"{name} (frozen)", model_bytes(shape, lm_head, model_cfg.param_dtype, linear) / n,
                 f"matmul weights {linear}")
+
+
+def _frozen_gathered(shape: Shape, mesh: Mesh, lm_head: bool, model_cfg: Any) -> float:
+    from torchxla_rlhf.models import frozen_dtype
+
+    return gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype, frozen_dtype(model_cfg))
 
 
 def _train_terms(prefix: str, shape: Shape, mesh: Mesh, rows: float, seq: int, model_cfg: Any,
@@ -313,7 +332,12 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
     persistent = _trained("model", shape, is_dpo, cfg.model.param_dtype, n)
     if is_dpo and not cfg.precalculate_reference_logps:
         persistent.append(_frozen("reference", shape, True, cfg.model, n))
-    phases = {"train micro-step": _train_terms("train", shape, mesh, rows, seq, cfg.model, is_dpo)}
+    train = _train_terms("train", shape, mesh, rows, seq, cfg.model, is_dpo)
+    gathered = gathered_weights_bytes(shape, mesh, is_dpo, cfg.model.param_dtype)
+    if is_dpo and not cfg.precalculate_reference_logps:
+        gathered += _frozen_gathered(shape, mesh, True, cfg.model)
+    train.append(Term("gathered weights", gathered, "2 layers + embeddings, whole over fsdp"))
+    phases = {"train micro-step": train}
     return Plan("dpo" if is_dpo else "reward", mesh, hbm_bytes, persistent, phases, notes)
 
 
@@ -344,6 +368,8 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
     prefill = (layer_working_bytes(shape, mesh, micro, pl, c, BYTES[cfg.model.param_dtype])
                + scores_bytes(shape, mesh, micro, pl, t, c))
     rollout = [
+        Term("gathered weights", gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype),
+             "policy: 2 layers + embeddings, whole over fsdp"),
         Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}"),
         Term("prefill (one layer) + logits", prefill + micro * shape.vocab / mesh.mp * (c + 8),
              f"{micro:g} rows x {pl} prompt tokens"),
@@ -352,6 +378,11 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
                   "mini_batch_size / accumulate_gradient_steps")
     train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
              + _train_terms("value", value_shape, mesh, chunk, t, value_cfg, False))
+    gathered = (gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype)
+                + gathered_weights_bytes(value_shape, mesh, False, value_cfg.param_dtype)
+                + _frozen_gathered(shape, mesh, True, cfg.model)
+                + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
+    train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
     return Plan("ppo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
                 notes)
 

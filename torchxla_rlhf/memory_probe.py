@@ -72,8 +72,7 @@ def run(spec: ProbeSpec) -> dict:
     gen = torch.Generator().manual_seed(0)
     if spec.train:
         model.train()
-        ids = torch.randint(3, spec.vocab, (spec.batch, spec.seq), generator=gen)
-        batch = runtime.batch_to_device({"ids": ids, "mask": torch.ones_like(ids)}, mesh)
+        batch = _random_rows(spec.vocab, spec.batch, spec.seq, mesh, gen)
         runtime.sync()
 
         def step(ids, mask):
@@ -87,8 +86,7 @@ def run(spec: ProbeSpec) -> dict:
         runtime.sync()
     if spec.decode:
         b, pl, cl = spec.decode["batch"], spec.decode["prompt"], spec.decode["new"]
-        ids = torch.randint(3, spec.vocab, (b, pl), generator=gen)
-        prompts = runtime.batch_to_device({"ids": ids, "mask": torch.ones_like(ids)}, mesh)
+        prompts = _random_rows(spec.vocab, b, pl, mesh, gen)
         generator = Generator(model, SamplingConfig(), eos_token_id=2, pad_token_id=0, mesh=mesh)
         with models.autocast(spec.compute_dtype, spec.param_dtype):
             generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)

@@ -10,9 +10,11 @@ devices; the model skeleton is built on the ``meta`` device, so the host never h
 model (what lets 13B and 70B load on a TPU VM host). ``"tiny"`` names a seeded random Llama of
 :class:`TinyModelConfig`'s shape, built locally for the CPU configs and the tests.
 
-Attention is HF's ``eager`` implementation with an explicit 2-D attention mask and explicit
-position ids: transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e.
-hidden host syncs in every forward (field notes).
+Attention is ``ModelConfig.attn_implementation``: by default attention.py's einsum form
+(registered through transformers' ``AttentionInterface``; it keeps heads split over ``mp``),
+or HF's ``eager``; always with an explicit 2-D attention mask and explicit position ids:
+transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e. hidden host
+syncs in every forward (field notes).
 """
 
 from __future__ import annotations
