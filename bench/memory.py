@@ -104,16 +104,22 @@ SEED_RUNS = {
     "v3-256": (256, 16, {"dpo_13b": ["mesh_dim=-1,16,16"], "reward_13b": ["mesh_dim=-1,32,8"],
                          "ppo_13b": ["mesh_dim=1,64,4"]}),
     "v4-64": (32, 32, {"dpo_13b": ["mesh_dim=-1,4,8"], "reward_13b": ["mesh_dim=-1,4,8"],
+                       "reward_13b ": ["mesh_dim=-1,4,8", "train_dataset.batch_size=4",
+                                       "optimizer.accumulate_gradient_steps=128"],
                        "ppo_13b": ["mesh_dim=1,8,4"],
                        "ppo_13b ": ["mesh_dim=1,8,4", "rollout_micro_batch_size=128",
                                     "optimizer.accumulate_gradient_steps=4"]}),
     "v5p-32": (16, 95, {"dpo_13b": ["mesh_dim=-1,2,8"], "reward_13b": ["mesh_dim=-1,2,8"],
+                        "reward_13b ": ["mesh_dim=-1,2,8", "train_dataset.batch_size=8",
+                                        "optimizer.accumulate_gradient_steps=64"],
                         "ppo_13b": ["mesh_dim=1,4,4"],
-                        "ppo_13b ": ["mesh_dim=1,4,4", "rollout_micro_batch_size=128"]}),
+                        "ppo_13b ": ["mesh_dim=1,4,4", "rollout_micro_batch_size=128",
+                                     "optimizer.accumulate_gradient_steps=4"]}),
 }
 """The seed's configs on each pod: devices (v4/v5p: chips; a v4-64 has 32), memory per
 device, and the command-line overrides (the seed's mesh where its device count matches; a
-second PPO line with the rollout generated in pieces where the whole batch does not fit)."""
+second line, where the seed's batch does not fit, with the same rows per update in smaller
+micro-batches and the rollout generated in pieces)."""
 
 
 def seed_table() -> list[str]:

@@ -59,12 +59,13 @@ def head_violations(dump_dir: str) -> list[str]:
 
 
 def cache_dtypes(dump_dir: str) -> set[str]:
-    """Dtypes of the per-device KV-cache arrays [rows, kv/mp, T, head_dim] in the decode step."""
+    """Dtypes of the decode step's per-device KV-cache buffers [rows, kv/mp, T, head_dim] (its
+    entry parameters: inside fusions XLA:CPU upcasts bf16 dot operands to f32)."""
     d = SPEC["decode"]
     cache = (d["batch"] // (MESH[0] * MESH[1]), SPEC["kv_heads"] // MESH[2],
              d["prompt"] + d["new"], HEAD_DIM)
     hlo = xla_dump.optimized_hlo(dump_dir, "generation_decode_step")
-    return {dtype for dtype, dims in xla_dump.array_shapes(hlo) if dims == cache}
+    return {dtype for dtype, dims in xla_dump.entry_parameters(hlo) if dims == cache}
 
 
 @pytest.mark.slow
@@ -99,3 +100,5 @@ def test_parse_all_gather_and_shapes():
     (ag,) = xla_dump.all_gathers(hlo, 8)
     assert ag.dims == (4, 8, 512, 40) and set(ag.groups) == xla_dump.mesh_axis_groups(MESH, 2)
     assert ("bf16", (2, 1, 26, 40)) in xla_dump.array_shapes(hlo)
+    entry = "ENTRY %main (p: f32[2]) -> f32[2] {\n  %p = bf16[2,1,26,40]{3,2,1,0} parameter(0), sharding={replicated}\n}\n"
+    assert xla_dump.entry_parameters("%f {\n}\n" + entry) == [("bf16", (2, 1, 26, 40))]

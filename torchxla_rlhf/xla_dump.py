@@ -20,7 +20,7 @@ _TOTAL = re.compile(r"^Total bytes used: (\d+)", re.M)
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*)$", re.M)
 _ARRAY = re.compile(r"\b(pred|s8|s16|s32|s64|u8|u16|u32|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
 _ALL_GATHER = re.compile(
-    r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(.*?replica_groups=(\{[{}\d,]*\}|\[[^ ,]*\][^ ,]*)"
+    r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(.*?replica_groups=(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
 )
 
 
@@ -109,3 +109,15 @@ def mesh_axis_groups(shape: tuple[int, ...], axis: int) -> set[tuple[int, ...]]:
 
     ids = np.moveaxis(np.arange(int(np.prod(shape))).reshape(shape), axis, -1)
     return {tuple(int(x) for x in row) for row in ids.reshape(-1, shape[axis])}
+
+
+def entry_parameters(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, dims)`` of the entry computation's parameters: the buffers the program reads
+    from device memory (model weights, a KV cache), as opposed to the values inside fusions
+    (on XLA:CPU those include f32 upcasts of bf16 operands: it has no bf16 dot)."""
+    start = hlo.find("\nENTRY ")
+    if start < 0:
+        raise ValueError("HLO text has no ENTRY computation")
+    body = hlo[start: hlo.find("\n}", start)]
+    return [(d, _dims(s)) for d, s in re.findall(
+        r"= (\w+)\[([\d,]*)\][^ ]* parameter\(\d+\)", body)]
