@@ -130,6 +130,21 @@ def test_compilations_do_not_grow_with_continuation_length(tmp_path, tiny_models
     assert after == 0 and first <= 8, counts
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rollout_in_pieces_compiles_like_one_batch(tmp_path, tiny_models):
+    """rollout_micro_batch_size (issue 9): 16 rollouts generated as 2 pieces of 8 run the same
+    compiled graphs, so the compile counts equal the one-piece run's."""
+    counts = {}
+    for micro in (None, 8):
+        extra = [] if micro is None else [f"rollout_micro_batch_size={micro}"]
+        overrides = ppo_overrides(str(tmp_path / f"micro{micro}"), tiny_models, "total_steps=2",
+                                  "save_model_freq=0", "logger.log_freq=1", *extra)
+        counts[micro] = run_with_devices(_COUNT.format(cfg=f"{CONFIGS}/ppo.yaml", overrides=overrides), 1)
+    assert counts[8] == counts[None], counts
+    assert counts[8][1] == 0, counts
+
+
 @pytest.mark.multiprocess
 def test_mesh_1_2_2_matches_single_device_first_step(tmp_path, tiny_models):
     keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/val/vpred", "tokens/responses_len_mean"]

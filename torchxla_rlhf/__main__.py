@@ -3,6 +3,7 @@
     python -m torchxla_rlhf                       # lists the entry points
     python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny] [--resume]
                                      [dpo.KEY=VALUE ...] [reward.KEY=VALUE ...] [ppo.KEY=VALUE ...]
+    python -m torchxla_rlhf plan --config FILE [--devices N] [--hbm-gib G] [KEY=VALUE ...]
 
 The pipeline runs DPO (the policy), the reward model, then PPO from those two, wiring the
 output directories together: PPO's ``model.name_or_path`` is DPO's ``final`` and its
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  python -m torchxla_rlhf.{name:<7} --config FILE [key=value ...]   {what}")
         print("  python -m torchxla_rlhf pipeline [--configs DIR] [--output-root DIR] "
               "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
+        print("  python -m torchxla_rlhf plan --config FILE [--devices N] [--hbm-gib G] "
+              "[key=value ...]   per-device memory plan: each term and whether it fits")
         return 0
+    if argv[0] == "plan":
+        return plan_main(argv[1:])
     if argv[0] != "pipeline":
         print(f"unknown command {argv[0]!r}; try: python -m torchxla_rlhf --help", file=sys.stderr)
         return 2
@@ -132,6 +137,55 @@ def main(argv: list[str] | None = None) -> int:
                                      resume=args.resume, setup_logging=True),
                 "python -m torchxla_rlhf pipeline", args.debug or debug_requested([]))
     return 0
+
+
+# --- memory plan (issue 9) ---------------------------------------------------------------
+
+
+def plan_main(argv: list[str]) -> int:
+    """``plan``: print the per-device memory plan of a trainer config (no devices touched).
+    The trainer is told by the config's keys (PPO has max_continuation_len, DPO beta)."""
+    from torchxla_rlhf import memory_plan
+    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+
+    parser = argparse.ArgumentParser(prog="python -m torchxla_rlhf plan")
+    parser.add_argument("--config", required=True, help="a dpo/reward/ppo YAML config")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="device count (default: the mesh_dim's product, which must be fixed)")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="memory per device, GiB")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    kind = _config_kind(args.config)
+    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+        devices = args.devices or _fixed_mesh_devices(cfg.mesh_dim)
+        p = memory_plan.plan(cfg, devices, None if args.hbm_gib is None else args.hbm_gib * 2**30)
+    except (ConfigError, memory_plan.PlanError) as e:
+        print(f"python -m torchxla_rlhf plan: error: {e}", file=sys.stderr)
+        return 2
+    print(memory_plan.format_plan(p))
+    return 1 if p.fits is False else 0
+
+
+def _config_kind(path: str) -> str:
+    """dpo, reward or ppo, from the keys only that trainer has."""
+    import yaml
+
+    with open(path) as f:
+        keys = set((yaml.safe_load(f) or {}).keys())
+    if keys & {"max_continuation_len", "reward_model", "mini_batch_size", "kl_coef"}:
+        return "ppo"
+    if keys & {"beta", "use_ipo", "label_smoothing", "load_reference_checkpoint"}:
+        return "dpo"
+    return "reward"
+
+
+def _fixed_mesh_devices(mesh_dim: str) -> int:
+    dims = [int(x) for x in str(mesh_dim).split(",")]
+    if -1 in dims:
+        raise ConfigError(f"mesh_dim={mesh_dim!r} has a -1 axis: pass --devices N")
+    return dims[0] * dims[1] * dims[2]
 
 
 if __name__ == "__main__":

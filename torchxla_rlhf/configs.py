@@ -58,6 +58,14 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the model built when ``name_or_path`` is ``tiny``."""
 
+    attn_implementation: Literal["auto", "eager", "xla_einsum"] = "auto"
+    """Attention: auto = xla_einsum (keeps heads split over mp; attention.py); eager = HF's
+    (all-gathers q/k/v over mp and computes every head's scores on every device)."""
+    frozen_dtype: Literal["compute", "param"] = "compute"
+    """Dtype the matmul weights of a frozen copy of this model (reference, reward) are stored
+    in: compute_dtype (it never trains; under autocast the outputs are the same) or param_dtype
+    (keep fp32)."""
+
     def validate(self) -> None:
         if not self.name_or_path:
             raise ValueError("name_or_path: must name a model directory, hub name or 'tiny'")
@@ -333,6 +341,11 @@ class PPOConfig(RunConfig):
     """CL: new tokens sampled per rollout (static; rows stop at eos and are padded)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Rollout sampling: temperature 0.7, top-k 50, top-p 1.0 as the paper's runs."""
+    # --- per-device memory (issue 9) ---
+    rollout_micro_batch_size: int | None = None
+    """Rollouts generated at once (over all hosts; default: the whole rollout batch). Smaller
+    pieces shrink the KV cache and decode activations; each piece runs the same compiled
+    graphs. Must divide train_dataset.batch_size * rollouts_per_prompt."""
     logprobs_at_temperature: bool = False
     """Take log-probs from logits / temperature (the paper's runs: no, raw logits)."""
     mode: Literal["standard", "interleaved"] = "standard"
@@ -398,6 +411,12 @@ class PPOConfig(RunConfig):
             )
         if self.ppo_epochs < 1:
             raise ValueError("ppo_epochs: must be >= 1")
+        micro = self.rollout_micro_batch_size
+        if micro is not None and (micro < 1 or rollouts % micro):
+            raise ValueError(
+                f"rollout_micro_batch_size: {micro} must divide the rollouts per step "
+                f"(train_dataset.batch_size * rollouts_per_prompt = {rollouts})"
+            )
         for name in ("warmup_epochs", "policy_freeze_epochs", "kl_coef", "lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0")

@@ -59,7 +59,7 @@ from torchxla_rlhf.rl import position_ids_from_mask
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
-_SUPPORTED_ATTENTION = ("eager", "sdpa")
+_SUPPORTED_ATTENTION = ("eager", "sdpa", "xla_einsum")  # xla_einsum: attention.NAME (issue 9)
 
 
 # ----------------------------------------------------------------------------------------
@@ -437,13 +437,13 @@ class Generator:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, seed: int
     ) -> _State:
         """Prompt forward into a fresh cache, then the first continuation token (column PL)."""
-        from transformers import StaticCache
+        from .attention import static_cache
 
         b, pl = input_ids.shape
         total = pl + max_new_tokens
         dev = input_ids.device
         prompt_mask = attention_mask.long()
-        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        cache = static_cache(self.model.config, total)  # compute-dtype KV cache (issue 9)
         bias = prefill_mask(prompt_mask, total, self._mask_dtype())
         logits = self._forward_last_logits(
             input_ids.long(), bias, position_ids_from_mask(prompt_mask), cache

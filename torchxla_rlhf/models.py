@@ -10,9 +10,11 @@ devices; the model skeleton is built on the ``meta`` device, so the host never h
 model (what lets 13B and 70B load on a TPU VM host). ``"tiny"`` names a seeded random Llama of
 :class:`TinyModelConfig`'s shape, built locally for the CPU configs and the tests.
 
-Attention is HF's ``eager`` implementation with an explicit 2-D attention mask and explicit
-position ids: transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e.
-hidden host syncs in every forward (field notes).
+Attention is ``ModelConfig.attn_implementation``: by default attention.py's einsum form
+(registered through transformers' ``AttentionInterface``; it keeps heads split over ``mp``),
+or HF's ``eager``; always with an explicit 2-D attention mask and explicit position ids:
+transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e. hidden host
+syncs in every forward (field notes).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from torchxla_rlhf import runtime, sharding
+from torchxla_rlhf import attention, runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
 from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
@@ -352,7 +354,7 @@ def _build_sharded(
 ) -> torch.nn.Module:
     """Skeleton on ``meta``; each parameter read by ``get_tensor(name)`` (CPU), cast to
     ``param_dtype``, moved to the device and sharded, one at a time."""
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention.resolve(cfg.attn_implementation)  # issue 9
     # use_cache stays as the source config has it (exported config.json keeps it, so vLLM and
     # HF generate cache keys/values); every training forward passes use_cache=False itself.
     with torch.device("meta"):
@@ -463,11 +465,37 @@ def load_sequence_classifier(
                  {"score.weight": fresh_head})
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen model: no gradients (so no optimizer state), eval mode."""
+def freeze(
+    model: torch.nn.Module, cfg: ModelConfig | None = None, mesh: runtime.MeshInfo | None = None
+) -> torch.nn.Module:
+    """A frozen model: no gradients (so no optimizer state), eval mode.
+
+    With ``cfg`` and ``mesh`` (issue 9), the weights of its ``nn.Linear`` layers (all but the
+    embeddings and norms, >97 % of a Llama's bytes) are stored in ``frozen_dtype(cfg)``: under
+    bf16 autocast a matmul casts its fp32 weight to bf16 anyway, so the outputs are the same
+    bits while the frozen model takes half the memory. Embeddings and norms stay as loaded
+    (their outputs feed the residual stream, which autocast leaves in fp32). Each cast weight
+    is re-annotated with its partition spec.
+    """
     model.requires_grad_(False)
     model.eval()
+    if cfg is not None and mesh is not None:
+        dtype = DTYPES[frozen_dtype(cfg)]
+        tied = model.get_input_embeddings().weight  # a tied LM head stays with the embedding
+        for module in model.modules():
+            if (isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype
+                    and module.weight is not tied):
+                module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        sharding.shard_model(model, mesh)
     return model
+
+
+def frozen_dtype(cfg: ModelConfig) -> str:
+    """The dtype name a frozen copy of ``cfg``'s matmul weights is stored in: the compute dtype
+    only where :func:`autocast` is on (else the forward's activations stay in param_dtype and a
+    bf16 weight would not match them)."""
+    autocast_on = cfg.compute_dtype != cfg.param_dtype and cfg.compute_dtype != "float32"
+    return cfg.compute_dtype if cfg.frozen_dtype == "compute" and autocast_on else cfg.param_dtype
 
 
 # ----------------------------------------------------------------------------------------

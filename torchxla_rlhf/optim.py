@@ -95,10 +95,11 @@ class AdamW:
             raise ValueError("AdamW: no trainable parameters")
         self.cfg = cfg
         self.schedule = schedule
-        # The state is allocated now, on the parameters' devices and shardings (zeros_like keeps
-        # the sharding annotation), so the first step traces the same graph as every later one.
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # The state is allocated now, on the parameters' devices and shardings, so the first
+        # step traces the same graph as every later one. Plain zeros_like would drop the
+        # sharding and leave the moments replicated on every device (issue 9).
+        self.exp_avg = [_zeros_like_sharded(p) for p in self.params]
+        self.exp_avg_sq = [_zeros_like_sharded(p) for p in self.params]
         self.count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         """Updates done so far (a device scalar)."""
 
@@ -143,3 +144,12 @@ class AdamW:
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``sqrt(sum_i ||t_i||^2)`` in float32, as one scalar tensor."""
     return torch.sqrt(sum(t.float().pow(2).sum() for t in tensors))
+
+
+def _zeros_like_sharded(p: torch.Tensor) -> torch.Tensor:
+    """Zeros with ``p``'s sharding on XLA (runtime.zeros_like_sharded); plain zeros on CPU."""
+    if p.device.type != "xla":
+        return torch.zeros_like(p)
+    from torchxla_rlhf import runtime
+
+    return runtime.zeros_like_sharded(p)

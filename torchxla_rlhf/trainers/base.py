@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchxla_rlhf import checkpoint, runtime, startup, train_state
+from torchxla_rlhf import checkpoint, memory_plan, runtime, startup, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
@@ -64,6 +64,8 @@ def setup_run(cfg: Any) -> RunContext:
     # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
     startup.check_before_loading(cfg)
     mesh = runtime.make_mesh(cfg.mesh_dim)
+    # Issue 9: stop before loading any weights when the run cannot fit (logs the plan).
+    memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
     tokenizer = load_tokenizer(

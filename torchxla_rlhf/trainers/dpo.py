@@ -35,7 +35,9 @@ class DPOTrainer(PairTrainer):
         ref_cfg = cfg.model
         if cfg.load_reference_checkpoint:
             ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.load_reference_checkpoint)
-        self.reference = models.freeze(models.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id))
+        self.reference = models.freeze(
+            models.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id), ref_cfg, mesh
+        )
         self.ref_logps: dict[str, np.ndarray] = {}
         if cfg.precalculate_reference_logps:
             self.ref_logps["train"] = self._reference_logps(self.data.train, "train")

@@ -66,9 +66,12 @@ class PPOTrainer(Trainer):
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
         self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
-        self.reference = models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad))
+        self.reference = models.freeze(
+            models.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh
+        )
         self.reward_model = models.freeze(
-            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad)
+            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad),
+            cfg.reward_model, mesh,
         )
         self.value = models.load_sequence_classifier(
             cfg.value_model or cfg.reward_model, mesh, pad_token_id=pad, head_seed=cfg.seed
@@ -84,6 +87,7 @@ class PPOTrainer(Trainer):
         self.accumulate = cfg.optimizer.accumulate_gradient_steps
         self.n_mini = self.n_rollouts // cfg.mini_batch_size
         self.n_chunks = self.n_mini * self.accumulate
+        self.rollout_micro = cfg.rollout_micro_batch_size or self.n_rollouts  # issue 9
         self.prompt_len = cfg.train_dataset.seq_length
         updates_per_step = cfg.ppo_epochs * self.n_mini
         updates_per_epoch = self.steps_per_epoch * updates_per_step
@@ -179,11 +183,17 @@ class PPOTrainer(Trainer):
 
     # -- compiled bodies ---------------------------------------------------------------------
 
-    def _split_rollout(self, rollout: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """``n_chunks`` row blocks as separate buffers (clones), so the graphs that consume
-        them are the same graph for every chunk (a slice offset would be baked in)."""
+    def _split_rollout(
+        self, pieces: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """The rollout (its generated pieces joined, in one graph) and its ``n_chunks`` row
+        blocks as separate buffers (clones), so the graphs that consume them are the same graph
+        for every chunk (a slice offset would be baked in)."""
+        keys = ROLLOUT_KEYS + ("index",)
+        rollout = {k: pieces[0][k] if len(pieces) == 1 else torch.cat([p[k] for p in pieces])
+                   for k in keys}
         parts = {k: torch.chunk(rollout[k], self.n_chunks, dim=0) for k in ROLLOUT_KEYS}
-        return [{k: parts[k][i].clone() for k in ROLLOUT_KEYS} for i in range(self.n_chunks)]
+        return rollout, [{k: parts[k][i].clone() for k in ROLLOUT_KEYS} for i in range(self.n_chunks)]
 
     @torch.no_grad()
     def _score_chunk(self, chunk) -> dict[str, torch.Tensor]:
@@ -258,25 +268,39 @@ class PPOTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _prompt_batch(self) -> dict[str, torch.Tensor]:
+    def _prompt_pieces(self) -> list[dict[str, torch.Tensor]]:
+        """This step's prompts on the device, in ``rollout_micro_batch_size``-row pieces
+        (one piece when unset): every piece has the same shape, so the rollout graphs compile
+        once whatever the number of pieces."""
         epoch, s = divmod(self.step, self.steps_per_epoch)
         host = self.prompts.get(self.loader.local_indices(epoch, s))
         r = self.cfg.rollouts_per_prompt
         batch = {k: host[k].repeat_interleave(r, dim=0) for k in ("input_ids", "attention_mask", "index")}
-        return runtime.batch_to_device(batch, self.ctx.mesh)
+        n = self.n_rollouts // self.rollout_micro
+        return [runtime.batch_to_device({k: v.chunk(n)[i] for k, v in batch.items()}, self.ctx.mesh)
+                for i in range(n)]
+
+    def _generate(self, pieces: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Roll out every piece under the compute dtype's autocast (bf16 matmuls, bf16 KV
+        cache: issue 9). Piece ``i`` draws its noise from seed + i * golden-ratio constant, so
+        pieces never repeat each other's samples; piece 0 keeps the unchunked run's seed."""
+        cfg = self.cfg
+        out = []
+        with self._autocast():
+            for i, p in enumerate(pieces):
+                gen = self.generator.generate(
+                    p["input_ids"], p["attention_mask"], cfg.max_continuation_len,
+                    seed=(cfg.seed * 1_000_003 + self.step + i * 0x9E3779B1) & 0xFFFFFFFF,
+                )
+                out.append({"sequences": gen.sequences, "attention_mask": gen.attention_mask,
+                            "continuation_mask": gen.continuation_mask, "index": p["index"]})
+        return out
 
     def train_step(self) -> dict:
         cfg = self.cfg
         timed = self.tracker.should_log(self.step + 1)
         t0 = time.perf_counter()
-        prompts = self._prompt_batch()
-        gen = self.generator.generate(
-            prompts["input_ids"], prompts["attention_mask"], cfg.max_continuation_len,
-            seed=cfg.seed * 1_000_003 + self.step,
-        )
-        rollout = {"sequences": gen.sequences, "attention_mask": gen.attention_mask,
-                   "continuation_mask": gen.continuation_mask}
-        chunks = self._split(rollout)
+        rollout, chunks = self._split(self._generate(self._prompt_pieces()))
         metrics: dict = {}
         if timed:
             runtime.wait()  # deliberate host sync on logging steps: the rollout time
@@ -308,10 +332,10 @@ class PPOTrainer(Trainer):
         if timed:
             runtime.wait()  # deliberate: the training time, logging steps only
             metrics["time/train_s"] = time.perf_counter() - t1
-            self._log_samples(self.step + 1, prompts, rollout, row_rewards)
+            self._log_samples(self.step + 1, rollout, row_rewards)
         return metrics
 
-    def _log_samples(self, step: int, prompts, rollout, row_rewards) -> None:
+    def _log_samples(self, step: int, rollout, row_rewards) -> None:
         """The (prompt, response, reward) table, and the oracle's mean score over all
         responses, read on the host in a step closure once the graphs have run."""
         n = min(self.cfg.num_logged_samples, self.n_rollouts)
@@ -335,7 +359,7 @@ class PPOTrainer(Trainer):
             self.tracker.log_table(step, "samples", columns, rows)
 
         runtime.add_step_closure(
-            record, args=(rollout["sequences"], rollout["continuation_mask"], prompts["index"], row_rewards)
+            record, args=(rollout["sequences"], rollout["continuation_mask"], rollout["index"], row_rewards)
         )
 
     def save(self, path: str) -> None:

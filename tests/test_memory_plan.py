@@ -1,0 +1,103 @@
+"""The memory planner (memory_plan.py), its ``plan`` command and the start-up check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from helpers import REPO
+from torchxla_rlhf import memory_plan, models
+from torchxla_rlhf.__main__ import main as cli
+from torchxla_rlhf.config import load_config
+from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+
+CONFIGS = os.path.join(REPO, "configs")
+GIB = 1 << 30
+
+
+def _cfg(cls, name, *overrides):
+    return load_config(cls, os.path.join(CONFIGS, name), list(overrides))
+
+
+def _term(p: memory_plan.Plan, name: str) -> float:
+    (t,) = [t for t in p.persistent + [t for ts in p.phases.values() for t in ts] if t.name == name]
+    return t.bytes
+
+
+def test_parameter_terms_count_the_real_models_bytes():
+    """Parameters, gradients and moments per device equal the HF models' bytes / devices."""
+    cfg = _cfg(DPOConfig, "tiny/dpo.yaml", "mesh_dim=1,2,2")
+    p = memory_plan.plan(cfg, 4)
+    model = LlamaForCausalLM(models.tiny_llama_config(cfg.model.tiny))
+    fp32 = sum(t.numel() for t in model.parameters()) * 4
+    assert _term(p, "model parameters") == pytest.approx(fp32 / 4)
+    assert _term(p, "model AdamW moments") == pytest.approx(2 * fp32 / 4)
+    assert _term(p, "reference (frozen)") == pytest.approx(fp32 / 4)  # fp32 compute: no cast
+    rm_config = models.tiny_llama_config(cfg.model.tiny)
+    rm_config.num_labels = 1  # as models.load_sequence_classifier builds it
+    rm = LlamaForSequenceClassification(rm_config)
+    rcfg = _cfg(RewardConfig, "tiny/reward.yaml", "mesh_dim=1,2,2")
+    assert _term(memory_plan.plan(rcfg, 4), "model parameters") == pytest.approx(
+        sum(t.numel() for t in rm.parameters()) * 4 / 4)
+
+
+def test_frozen_models_in_compute_dtype_unless_kept():
+    bf16 = ["model.compute_dtype=bfloat16", "reward_model.compute_dtype=bfloat16"]
+    half = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", *bf16), 256)
+    kept = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", *bf16, "model.frozen_dtype=param"), 256)
+    assert _term(half, "reference (frozen)") < 0.55 * _term(kept, "reference (frozen)")
+
+
+def test_heads_split_only_when_mp_divides_them():
+    shape = memory_plan.LLAMA2["13b"]
+    assert memory_plan.heads_per_device(shape, 8) == 5
+    assert memory_plan.heads_per_device(shape, 16) == 40  # 40 heads do not split 16 ways
+    p = memory_plan.plan(_cfg(DPOConfig, "dpo_13b.yaml", "mesh_dim=-1,16,16"), 256)
+    assert any("does not divide heads" in n for n in p.notes)
+
+
+def test_rollout_micro_batch_shrinks_only_the_kv_cache():
+    whole = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml"), 256)
+    piece = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", "rollout_micro_batch_size=128"), 256)
+    assert _term(piece, "KV cache") == pytest.approx(_term(whole, "KV cache") / 4)
+    assert _term(piece, "rollout buffers") == _term(whole, "rollout buffers")
+
+
+@pytest.mark.parametrize("config,devices,mesh", [
+    ("dpo_13b.yaml", 256, "-1,16,16"), ("dpo_13b.yaml", 128, "-1,16,8"),
+    ("reward_13b.yaml", 256, "-1,32,8"), ("reward_13b.yaml", 128, "-1,32,4"),
+    ("ppo_13b.yaml", 256, "1,64,4"),
+])
+def test_seed_13b_runs_fit_on_v3(config, devices, mesh):
+    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[config.split("_")[0]]
+    p = memory_plan.plan(_cfg(cls, config, f"mesh_dim={mesh}"), devices, 16 * GIB)
+    assert p.fits, memory_plan.format_plan(p)
+
+
+def test_check_fits_stops_a_run_that_does_not_fit():
+    """The RM at seq 4096 with 4 rows per device on a v3-128 does not fit in 16 GiB (the
+    checkpointed layer inputs alone are 15.7 GiB); with 2 rows per device it does."""
+    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,16,8")
+    with pytest.raises(memory_plan.DoesNotFit, match="DOES NOT FIT"):
+        memory_plan.check_fits(cfg, 128, 16 * GIB)
+    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,32,4")
+    assert memory_plan.check_fits(cfg, 128, 16 * GIB).fits
+    assert memory_plan.check_fits(cfg, 128, None).fits is None  # unknown memory: logged only
+
+
+def test_plan_command(capsys):
+    assert cli(["plan", "--config", f"{CONFIGS}/ppo_13b.yaml", "--devices", "256",
+                "--hbm-gib", "16"]) == 0
+    out = capsys.readouterr().out
+    for term in ("policy parameters", "policy AdamW moments", "reference (frozen)", "KV cache",
+                 "policy activations", "policy attention scores", "policy logits",
+                 "rollout buffers", "gathered weights", "FITS", "dominant term:"):
+        assert term in out, term
+    assert cli(["plan", "--config", f"{CONFIGS}/dpo_13b.yaml", "--devices", "256",
+                "--hbm-gib", "1"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert cli(["plan", "--config", f"{CONFIGS}/reward_13b.yaml", "--devices", "256"]) == 2
+    assert "mesh_dim" in capsys.readouterr().err

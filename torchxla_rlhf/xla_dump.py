@@ -1,0 +1,123 @@
+"""Read what XLA wrote with ``XLA_FLAGS=--xla_dump_to=DIR``: per-device memory and the
+collectives of each compiled module. Pure text parsing (no torch_xla).
+
+Why dumps: on XLA:CPU ``xm.get_memory_info`` raises ``GetAllocatorStats is not supported``, but
+every compiled module's buffer assignment is dumped as ``*-memory-usage-report.txt``, whose
+first line ``Total bytes used: N`` is the size of all buffers the per-device program allocates
+(parameters, outputs and the temp arena). Under SPMD the module is the partitioned,
+per-device program, so this is the per-device peak of that graph; the run's peak is the
+largest over its graphs (everything a graph touches is among its parameters).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+
+_TOTAL = re.compile(r"^Total bytes used: (\d+)", re.M)
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*)$", re.M)
+_ARRAY = re.compile(r"\b(pred|s8|s16|s32|s64|u8|u16|u32|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ALL_GATHER = re.compile(
+    r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(.*?replica_groups=(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+)
+
+
+def module_name(path: str) -> str:
+    """``module_0003.probe.123.cpu_after_...txt`` -> ``probe``: the graph's name."""
+    parts = os.path.basename(path).split(".")
+    return parts[1] if len(parts) > 2 else parts[0]
+
+
+def peak_bytes_by_module(dump_dir: str) -> dict[str, int]:
+    """Per-device bytes of every module in ``dump_dir``, keyed ``"<index>.<name>"``."""
+    out: dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt"))):
+        with open(path) as f:
+            m = _TOTAL.search(f.read(200))
+        if m:
+            base = os.path.basename(path).split(".")
+            out[f"{base[0]}.{base[1]}"] = int(m.group(1))
+    return out
+
+
+def optimized_hlo(dump_dir: str, name: str) -> str:
+    """Text of the (last) optimized per-device HLO module whose graph is called ``name``."""
+    paths = sorted(p for p in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+                   if module_name(p) == name)
+    if not paths:
+        found = sorted({module_name(p) for p in glob.glob(os.path.join(dump_dir, "*.txt"))})
+        raise FileNotFoundError(f"no optimized HLO module named {name!r} in {dump_dir} ({found})")
+    with open(paths[-1]) as f:
+        return f.read()
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def array_shapes(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, dims)`` of every array an instruction in ``hlo`` produces (tuple elements
+    included)."""
+    shapes = []
+    for m in _INSTR.finditer(hlo):
+        lhs = m.group(1).split(" ", 1)[0] if not m.group(1).startswith("(") else m.group(1).split(")", 1)[0]
+        shapes.extend((d, _dims(s)) for d, s in _ARRAY.findall(lhs))
+    return shapes
+
+
+def expand_replica_groups(text: str, n_devices: int) -> list[tuple[int, ...]]:
+    """Replica groups in either HLO spelling: explicit ``{{0,1},{2,3}}`` or iota
+    ``[G,S]<=[d0,d1,...]T(perm)`` (devices ``arange`` reshaped to ``d``, transposed by
+    ``perm``, flattened into G groups of S)."""
+    if text.startswith("{"):
+        return [tuple(int(x) for x in g.split(",") if x) for g in re.findall(r"\{([\d,]*)\}", text)]
+    import numpy as np
+
+    m = re.match(r"\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if not m:
+        raise ValueError(f"unrecognised replica_groups {text!r}")
+    g, s = int(m.group(1)), int(m.group(2))
+    ids = np.arange(n_devices).reshape(_dims(m.group(3)))
+    if m.group(4):
+        ids = ids.transpose(_dims(m.group(4)))
+    return [tuple(int(x) for x in row) for row in ids.reshape(g, s)]
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One all-gather: its output array and device groups."""
+
+    dtype: str
+    dims: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+
+
+def all_gathers(hlo: str, n_devices: int) -> list[Collective]:
+    """Every all-gather in ``hlo`` with its output shape and expanded replica groups."""
+    return [
+        Collective(d, _dims(s), tuple(expand_replica_groups(g, n_devices)))
+        for d, s, g in _ALL_GATHER.findall(hlo)
+    ]
+
+
+def mesh_axis_groups(shape: tuple[int, ...], axis: int) -> set[tuple[int, ...]]:
+    """Device groups along one axis of a mesh built as ``arange(n).reshape(shape)`` (what
+    runtime.make_mesh builds): e.g. the ``mp`` groups of ``(1, 2, 4)`` are ``{0..3}, {4..7}``."""
+    import numpy as np
+
+    ids = np.moveaxis(np.arange(int(np.prod(shape))).reshape(shape), axis, -1)
+    return {tuple(int(x) for x in row) for row in ids.reshape(-1, shape[axis])}
+
+
+def entry_parameters(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(dtype, dims)`` of the entry computation's parameters: the buffers the program reads
+    from device memory (model weights, a KV cache), as opposed to the values inside fusions
+    (on XLA:CPU those include f32 upcasts of bf16 operands: it has no bf16 dot)."""
+    start = hlo.find("\nENTRY ")
+    if start < 0:
+        raise ValueError("HLO text has no ENTRY computation")
+    body = hlo[start: hlo.find("\n}", start)]
+    return [(d, _dims(s)) for d, s in re.findall(
+        r"= (\w+)\[([\d,]*)\][^ ]* parameter\(\d+\)", body)]
