@@ -184,3 +184,29 @@ def check_heads_fit(config, mesh: runtime.MeshInfo) -> None:
         _WARNED.add(key)
         logger.warning("%s", cost)
 
+
+
+def shard_model(
+    model: torch.nn.Module,
+    mesh: runtime.MeshInfo,
+    rules: Sequence[Rule] | None = None,
+    *,
+    large_weight_numel: int = LARGE_WEIGHT_NUMEL,
+) -> dict[str, tuple]:
+    """Annotate every parameter of ``model`` (already on the XLA device) with its partition
+    spec on ``mesh``; returns the specs by name. See :func:`match_specs` for the errors.
+    (Used where parameters are replaced after loading: :func:`models.freeze`'s dtype cast
+    makes new tensors without the annotation.)"""
+    rules = rules if rules is not None else rules_for(model)
+    if hasattr(model, "config"):
+        check_heads_fit(model.config, mesh)
+    params = dict(model.named_parameters())
+    specs = match_specs(
+        ((n, tuple(p.shape)) for n, p in params.items()),
+        rules,
+        axis_sizes=mesh.shape,
+        large_weight_numel=large_weight_numel,
+    )
+    for name, spec in specs.items():
+        runtime.mark_sharding(params[name], mesh, spec)
+    return specs
