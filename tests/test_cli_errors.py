@@ -140,7 +140,7 @@ def test_a_run_never_overwrites_another(tmp_path, capsys):
     assert "config.yaml" in before and any(k.startswith("final") for k in before)
     fails(dpo_cli, tiny_args(rm), capsys, "RewardConfig", "DPOConfig", "overwrite_output_dir")
     typo = ["--config", f"{CONFIGS}/reward.yaml", f"output_dir={rm}", f"train_dataset.path={DATA}/typo.jsonl"]
-    fails(reward_cli, typo, capsys, "RewardConfig run with another config", "train_dataset.path")
+    fails(reward_cli, typo, capsys, "RewardConfig run with another config", "resume_from=auto")
     fails(reward_cli, typo + ["overwrite_output_dir=true"], capsys, "typo.jsonl")
     assert snapshot(rm) == before
 

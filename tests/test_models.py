@@ -38,7 +38,7 @@ def test_tiny_model_is_seeded_and_loads_back_from_a_local_dir(mesh, saved_lm):
     ref = _logits(lm, ids, mask)
     torch.testing.assert_close(_logits(again, ids, mask), ref)
     torch.testing.assert_close(_logits(loaded, ids, mask), ref)
-    assert loaded.config._attn_implementation == "eager"
+    assert loaded.config._attn_implementation == "xla_einsum"  # the default on XLA (attention.py)
 
 
 def test_fsspec_directory_is_copied_to_a_local_cache(mesh, saved_lm, tmp_path, monkeypatch):

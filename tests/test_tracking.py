@@ -124,18 +124,20 @@ def test_log_freq_on_device_metrics_via_step_closures(tmp_path):
             assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
             syncs = runtime.host_sync_count()
         runtime.sync()
-        if step == 3:
+        if step == 4:
+            # Step 3's values were copied in the background and written at a later sync.
+            runtime.wait()
             assert len(read_jsonl(os.path.join(out, "metrics.jsonl"))) == 1
-        assert tracker._bar.n == step
+        assert tracker._bar.n >= step - 1  # a logged step moves the bar when its values arrive
     tracker.close()
     assert read_jsonl(os.path.join(out, "metrics.jsonl")) == [
         {"step": 3, "w": 4.5, "w2": 9.0},
         {"step": 6, "w": 9.0, "w2": 18.0},
         {"step": 7, "w": 10.5, "w2": 21.0},
     ]
-    # The closures read materialized values: one scalar transfer per metric (counted as a
-    # host sync), no extra graph and no wait in the loop.
-    assert runtime.host_sync_count() - syncs == 2 * 3
+    # The values of a logged step are read in one batched transfer on a background thread
+    # (no per-metric .item()), no extra graph and no wait in the loop.
+    assert runtime.host_sync_count() - syncs <= 3
 
 
 def test_step_closure_adds_no_graph_execution(tmp_path):

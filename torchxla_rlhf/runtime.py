@@ -433,6 +433,12 @@ def wait() -> None:
     _READER.drain()
 
 
+def drain_scalar_reads() -> None:
+    """Run every :func:`read_scalars_after_step` callback queued so far (waiting for their
+    reads; no wait for other device work): what a tracker does before it closes its files."""
+    _READER.drain()
+
+
 class _BackgroundReader:
     """One worker thread that copies finished device tensors to the host in submission order,
     so that the training loop never waits on a read; the callbacks then run on the MAIN

@@ -253,6 +253,8 @@ class Tracker:
         """Flush the files, close the bar and finish the wandb run (idempotent)."""
         if self._closed:
             return
+        # Metric reads still in flight (read_scalars_after_step) are delivered first.
+        runtime.drain_scalar_reads()
         self._closed = True
         for f in self._files.values():
             f.flush()
