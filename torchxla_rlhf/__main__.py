@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --- memory plan (issue 9) ---------------------------------------------------------------
+# --- memory plan ---------------------------------------------------------------
 
 
 def plan_main(argv: list[str]) -> int:

@@ -341,7 +341,6 @@ class PPOConfig(RunConfig):
     """CL: new tokens sampled per rollout (static; rows stop at eos and are padded)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Rollout sampling: temperature 0.7, top-k 50, top-p 1.0 as the paper's runs."""
-    # --- per-device memory (issue 9) ---
     rollout_micro_batch_size: int | None = None
     """Rollouts generated at once (over all hosts; default: the whole rollout batch). Smaller
     pieces shrink the KV cache and decode activations; each piece runs the same compiled

@@ -59,7 +59,7 @@ from torchxla_rlhf.rl import position_ids_from_mask
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
-_SUPPORTED_ATTENTION = ("eager", "sdpa", "xla_einsum")  # xla_einsum: attention.NAME (issue 9)
+_SUPPORTED_ATTENTION = ("eager", "sdpa", "xla_einsum")  # xla_einsum: attention.NAME
 
 
 # ----------------------------------------------------------------------------------------
@@ -443,7 +443,7 @@ class Generator:
         total = pl + max_new_tokens
         dev = input_ids.device
         prompt_mask = attention_mask.long()
-        cache = static_cache(self.model.config, total)  # compute-dtype KV cache (issue 9)
+        cache = static_cache(self.model.config, total)  # compute-dtype KV cache
         bias = prefill_mask(prompt_mask, total, self._mask_dtype())
         logits = self._forward_last_logits(
             input_ids.long(), bias, position_ids_from_mask(prompt_mask), cache

@@ -354,7 +354,7 @@ def _build_sharded(
 ) -> torch.nn.Module:
     """Skeleton on ``meta``; each parameter read by ``get_tensor(name)`` (CPU), cast to
     ``param_dtype``, moved to the device and sharded, one at a time."""
-    config._attn_implementation = attention.resolve(cfg.attn_implementation)  # issue 9
+    config._attn_implementation = attention.resolve(cfg.attn_implementation)
     # use_cache stays as the source config has it (exported config.json keeps it, so vLLM and
     # HF generate cache keys/values); every training forward passes use_cache=False itself.
     with torch.device("meta"):
@@ -470,7 +470,7 @@ def freeze(
 ) -> torch.nn.Module:
     """A frozen model: no gradients (so no optimizer state), eval mode.
 
-    With ``cfg`` and ``mesh`` (issue 9), the weights of its ``nn.Linear`` layers (all but the
+    With ``cfg`` and ``mesh``, the weights of its ``nn.Linear`` layers (all but the
     embeddings and norms, >97 % of a Llama's bytes) are stored in ``frozen_dtype(cfg)``: under
     bf16 autocast a matmul casts its fp32 weight to bf16 anyway, so the outputs are the same
     bits while the frozen model takes half the memory. Embeddings and norms stay as loaded

@@ -97,7 +97,7 @@ class AdamW:
         self.schedule = schedule
         # The state is allocated now, on the parameters' devices and shardings, so the first
         # step traces the same graph as every later one. Plain zeros_like would drop the
-        # sharding and leave the moments replicated on every device (issue 9).
+        # sharding and leave the moments replicated on every device.
         self.exp_avg = [_zeros_like_sharded(p) for p in self.params]
         self.exp_avg_sq = [_zeros_like_sharded(p) for p in self.params]
         self.count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)

@@ -601,7 +601,7 @@ def manual_seed(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Multi-host: agreeing on preemption, barriers (issue 10)
+# Multi-host: agreeing on preemption, barriers
 # ----------------------------------------------------------------------------------------
 
 COORDINATOR_ENV = "TORCHXLA_RLHF_COORDINATOR"
@@ -736,7 +736,7 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Local shards: what this process holds of a sharded tensor (training state, issue 10)
+# Local shards: what this process holds of a sharded tensor (training state)
 # ----------------------------------------------------------------------------------------
 
 Box = tuple  # ((start, stop), ...) per dim: a shard's place in the global tensor
@@ -925,7 +925,7 @@ class GraphReplay:
 
 
 # ----------------------------------------------------------------------------------------
-# Device memory (issue 9: the start-up memory check)
+# Device memory (the start-up memory check)
 # ----------------------------------------------------------------------------------------
 
 HBM_ENV = "TORCHXLA_RLHF_HBM_GIB"

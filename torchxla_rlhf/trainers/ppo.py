@@ -87,7 +87,7 @@ class PPOTrainer(Trainer):
         self.accumulate = cfg.optimizer.accumulate_gradient_steps
         self.n_mini = self.n_rollouts // cfg.mini_batch_size
         self.n_chunks = self.n_mini * self.accumulate
-        self.rollout_micro = cfg.rollout_micro_batch_size or self.n_rollouts  # issue 9
+        self.rollout_micro = cfg.rollout_micro_batch_size or self.n_rollouts
         self.prompt_len = cfg.train_dataset.seq_length
         updates_per_step = cfg.ppo_epochs * self.n_mini
         updates_per_epoch = self.steps_per_epoch * updates_per_step
@@ -282,7 +282,7 @@ class PPOTrainer(Trainer):
 
     def _generate(self, pieces: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Roll out every piece under the compute dtype's autocast (bf16 matmuls, bf16 KV
-        cache: issue 9). Piece ``i`` draws its noise from seed + i * golden-ratio constant, so
+        cache). Piece ``i`` draws its noise from seed + i * golden-ratio constant, so
         pieces never repeat each other's samples; piece 0 keeps the unchunked run's seed."""
         cfg = self.cfg
         out = []
