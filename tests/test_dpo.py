@@ -153,7 +153,7 @@ def test_cli_logs_the_projects_info_lines(tmp_path):
     assert "Traceback" not in proc.stderr
     assert " INFO torchxla_rlhf.runtime: Mesh dp=1 fsdp=1 mp=1" in proc.stderr, proc.stderr[-3000:]
     # The data report, always printed: what was read, kept and dropped.
-    assert " INFO torchxla_rlhf.data.preference: train_dataset: read 2000, kept 2000" in proc.stderr
+    assert " INFO torchxla_rlhf.data.report: train_dataset: read 2000, kept 2000" in proc.stderr
 
 
 def test_missing_model_checkpoint_is_a_clear_error(tmp_path):

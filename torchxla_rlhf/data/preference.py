@@ -215,15 +215,7 @@ class PreferenceDataset:
                 flush()
         flush()
         stats["kept"] = len(margins)
-        report = DataReport(
-            name or f"preference data {cfg.path or f'{cfg.hf_name}[{cfg.hf_split}]'}", L,
-            kept=stats["kept"], truncated_kept=stats["truncated_kept"],
-            dropped={"no_loss_token": stats["dropped_no_loss_tokens"],
-                     "truncated": stats["dropped_truncated"], "malformed": stats["skipped_malformed"]},
-            lengths=np.asarray(lengths, dtype=np.int64),
-        )
-        for line in report.lines():
-            logger.info("%s", line)
+        report = DataReport.from_build("preference data", cfg, name, stats, lengths)
         report.check(cfg.max_dropped_fraction)
         return cls(
             seq_length=L,

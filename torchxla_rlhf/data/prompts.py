@@ -112,14 +112,7 @@ class PromptDataset:
                 flush()
         flush()
         stats["kept"] = len(ids_kept)
-        report = DataReport(
-            name or f"prompt data {cfg.path or f'{cfg.hf_name}[{cfg.hf_split}]'}", L,
-            kept=stats["kept"], truncated_kept=stats["truncated_kept"],
-            dropped={"truncated": stats["dropped_truncated"], "malformed": stats["skipped_malformed"]},
-            lengths=np.asarray(lengths, dtype=np.int64),
-        )
-        for line in report.lines():
-            logger.info("%s", line)
+        report = DataReport.from_build("prompt data", cfg, name, stats, lengths)
         if stats["truncated_kept"]:
             logger.warning("%s: %d prompt(s) longer than seq_length=%d kept their last %d tokens "
                            "(remove_truncated_samples=false); they lose their beginning",

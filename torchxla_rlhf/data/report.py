@@ -8,12 +8,15 @@ its examples.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from torchxla_rlhf.data.chat import DataError
+
+logger = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -38,6 +41,24 @@ class DataReport:
     truncated_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @classmethod
+    def from_build(cls, kind: str, cfg, name: str | None, stats: dict[str, int],
+                   lengths: list[int]) -> "DataReport":
+        """The report of a dataset build from its ``stats`` counters (``kept``,
+        ``truncated_kept``, ``dropped_*``, ``skipped_malformed``), logged line by line.
+        ``kind`` names the data when no ``name`` is given (``preference data <path>``)."""
+        dropped = {"truncated": stats.get("dropped_truncated", 0),
+                   "malformed": stats.get("skipped_malformed", 0)}
+        if "dropped_no_loss_tokens" in stats:
+            dropped["no_loss_token"] = stats["dropped_no_loss_tokens"]
+        source = cfg.path or f"{cfg.hf_name}[{cfg.hf_split}]"
+        report = cls(name or f"{kind} {source}", cfg.seq_length, kept=stats["kept"],
+                     truncated_kept=stats["truncated_kept"], dropped=dropped,
+                     lengths=np.asarray(lengths, dtype=np.int64))
+        for line in report.lines():
+            logger.info("%s", line)
+        return report
 
     @property
     def read(self) -> int:
