@@ -286,7 +286,7 @@ class PPOTrainer(Trainer):
         pieces never repeat each other's samples; piece 0 keeps the unchunked run's seed."""
         cfg = self.cfg
         out = []
-        with self._autocast():
+        with self.autocast():
             for i, p in enumerate(pieces):
                 gen = self.generator.generate(
                     p["input_ids"], p["attention_mask"], cfg.max_continuation_len,
