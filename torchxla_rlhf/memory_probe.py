@@ -76,7 +76,7 @@ def run(spec: ProbeSpec) -> dict:
         runtime.sync()
 
         def step(ids, mask):
-            with models.autocast(spec.compute_dtype, spec.param_dtype):
+            with runtime.autocast(spec.compute_dtype, spec.param_dtype):
                 logits = models.causal_lm_logits(model, ids, mask)
             loss = logits.float().logsumexp(-1).mean()
             loss.backward()
@@ -88,7 +88,7 @@ def run(spec: ProbeSpec) -> dict:
         b, pl, cl = spec.decode["batch"], spec.decode["prompt"], spec.decode["new"]
         prompts = _random_rows(spec.vocab, b, pl, mesh, gen)
         generator = Generator(model, SamplingConfig(), eos_token_id=2, pad_token_id=0, mesh=mesh)
-        with models.autocast(spec.compute_dtype, spec.param_dtype):
+        with runtime.autocast(spec.compute_dtype, spec.param_dtype):
             generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)
         runtime.sync()
     return {"spec": spec.__dict__}
@@ -142,7 +142,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     mesh = runtime.make_mesh(cfg.mesh_dim)
     gen = torch.Generator().manual_seed(0)
     vocab = cfg.model.tiny.vocab_size
-    ac = models.autocast(cfg.model.compute_dtype, cfg.model.param_dtype)
+    ac = runtime.autocast(cfg.model.compute_dtype, cfg.model.param_dtype)
     opt_cfg = cfg.optimizer
 
     def trained(model):
