@@ -887,12 +887,15 @@ class GraphReplay:
         # traced values of every parameter, inputs included, are `values` (in-place updates
         # traced on an input leave its original data in the graph's device-data node).
         saved = xlac._xla_get_enable_alias_with_buffer_donor_config()
+        saved_name = xlac._get_current_graph_name()
         xlac._xla_set_enable_alias_with_buffer_donor_config(True)
+        xlac._set_current_graph_name(self.name)  # the HLO module's name in dumps and profiles
         try:
             graph_hash = xlac._get_graph_hash(roots)
             xlac._xla_warm_up_cache(roots, [])
         finally:
             xlac._xla_set_enable_alias_with_buffer_donor_config(saved)
+            xlac._set_current_graph_name(saved_name)
         self._plan = (graph_hash, params, sources, write_back)
         return self._launch(list(values), inputs, True)
 
