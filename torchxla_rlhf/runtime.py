@@ -526,7 +526,7 @@ def read_scalars_after_step(
 
     if tensors and tensors[0].device.type == "xla":
         add_step_closure(enqueue)
-    else:
+    else:  # host (CPU) tensors: a copy, no device sync
         finish([t.detach().cpu() for t in tensors])
 
 
@@ -764,6 +764,7 @@ def local_shard_data(tensor: torch.Tensor) -> list[torch.Tensor]:
     in the order of :func:`local_shard_boxes`. No collective: each host copies its own."""
     import torch_xla
 
+    # Deliberate host transfers, once per checkpoint save (never in the training loop).
     if not torch_xla._XLAC._get_xla_sharding_spec(tensor):
         return [tensor.detach().cpu()]
     return [data for data, _ in torch_xla._XLAC._get_local_shards([tensor])[0]]
