@@ -79,8 +79,6 @@ def _traced_generate(gen, ids, mask, cl: int, seed: int):
 
 
 def rollout_worker(layers: int, cl: int, repeats: int) -> dict:
-    import torch
-
     from torchxla_rlhf import runtime
     from torchxla_rlhf.generation import Generator, SamplingConfig
 

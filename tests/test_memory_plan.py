@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from helpers import REPO

@@ -17,7 +17,6 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 import transformers
