@@ -124,7 +124,7 @@ class DPOTrainer(PairTrainer):
             buf = io.BytesIO()
             np.savez(buf, logps=table, fingerprint=np.array(key))
             # The run's directory may not exist yet: the config is written after the build.
-            fs.makedirs(fs._parent(fpath), exist_ok=True)
+            fs.makedirs(fpath.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(fpath, "wb") as f:
                 f.write(buf.getvalue())
         logger.info("reference log-probs for %s: computed for %d pairs", split, n)
