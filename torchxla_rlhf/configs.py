@@ -142,12 +142,12 @@ class SamplingConfig:
     """Take ``argmax`` of the raw logits (no temperature, top-k, top-p or noise)."""
 
     stop_check_every: int = 0
-    """0: always run all ``max_new_tokens`` steps, with no host sync at all.
-    k > 0: every k tokens, read one device boolean "all rows have emitted eos" to the host and
-    stop early if so. Each read is a host sync: the host waits until the device has run every
-    queued step, so the tracing of the next step no longer overlaps the device's work (about
-    one step's latency lost per check), and it counts in :func:`runtime.host_sync_count`.
-    Worth it only when most batches finish well before ``max_new_tokens``."""
+    """0: always run all ``max_new_tokens`` steps.
+    k > 0: stop once every row has emitted eos. On XLA the decode loop checks this on the
+    device before every step (no host sync; the k only needs to be > 0). On the eager CPU path
+    one boolean is read to the host every k tokens. The output is the same either way (the
+    skipped steps would only write pad); what is saved is device time when most batches finish
+    well before ``max_new_tokens``."""
 
     def __post_init__(self) -> None:
         if not self.greedy and not self.temperature > 0:

@@ -21,21 +21,22 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   does Python ``.all()`` checks). Use ``attn_implementation="eager"`` (``"sdpa"`` also accepts a
   4-D mask).
 * Graphs: ``prefill`` (prompt forward + first token), traced under :func:`runtime.compile`
-  (``full_graph=True``: a host sync inside raises), and ``decode_step`` (one token), traced
-  ONCE per rollout and then replayed for every later token (:class:`runtime.GraphReplay`:
-  the cached executable runs on the new state without re-running the model's Python code,
-  so the host's cost per rollout hardly grows with the number of new tokens; the KV cache
-  buffers are donated, so they are updated in place). Every launch is asynchronous: the host
-  never waits for the device (unless ``stop_check_every > 0``), and ``generate()`` returns
-  while the last steps still run. Observed on XLA:CPU: 2 compilations on the first call for a
-  given ``(B, PL, CL)`` and sampling config, 0 after.
-* Why not a compiled loop: torch_xla 2.9's ``while_loop`` (``torch._higher_order_ops``,
-  which ``fori_loop`` wraps) failed here on a body that closes over a weight (the lowering
-  mis-orders the parameters: "condition and body ... must all have the same shape") and on an
-  integer vector carry updated by ``argmax`` (``s64[]`` inferred for ``s64[2]``); it only
-  worked with float carries and every weight passed as an explicit carry. Putting the HF
-  model, its in-place ``StaticCache`` updates and the sampler under those limits was not
-  workable; replaying the traced graph gives the same one-trace-per-rollout host cost.
+  (``full_graph=True``: a host sync inside raises), and ``decode`` (every later token): the
+  one-token decode step runs inside ONE compiled XLA ``While`` (:class:`runtime.DeviceLoop`),
+  as the JAX code's ``while_loop`` did. The step is traced once per ``(B, PL, CL)`` for the
+  Generator's lifetime (the weights are loop inputs, so PPO's updated policy is not
+  re-traced), so the host's cost of a rollout does not grow with the number of new tokens,
+  and the KV cache is updated in place inside the loop. Both launches are asynchronous: the
+  host never waits for the device, and ``generate()`` returns while the loop still runs.
+  Observed on XLA:CPU: 2 compilations on the first call for a given ``(B, PL, CL)`` and
+  sampling config, 0 after.
+* Why not ``torch_xla``'s ``while_loop``/``fori_loop`` (``torch._higher_order_ops``): in 2.9
+  they failed here on a body that closes over a weight (the lowering mis-orders the
+  parameters: "condition and body ... must all have the same shape") and on an integer vector
+  carry updated by ``argmax`` (``s64[]`` inferred for ``s64[2]``). ``DeviceLoop`` lowers the
+  traced body itself and maps each body parameter (carry, weight or constant) to its loop
+  slot by identity, which has neither problem. (Before it, the traced step's executable was
+  replayed once per token: ~0.5 ms of host work per token, and no overlap.)
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
@@ -84,6 +85,10 @@ class GenerationOutput:
 
     prompt_length: int
     """``PL``: the continuation starts at column ``PL``."""
+
+    decode_steps: torch.Tensor | None = None
+    """Device ``int64`` scalar: decode steps run after the first token (``CL - 1`` unless the
+    rollout stopped early). Reading it is a host sync. None on the eager CPU path."""
 
     @property
     def continuation(self) -> torch.Tensor:
@@ -268,14 +273,14 @@ _STATE_FIELDS = ("sequences", "mask", "continuation_mask", "last_token", "done",
 """The tensor fields of :class:`_State`, in the order the replayed decode graph takes them."""
 
 
-def _cache_tensors(cache: Any) -> list[torch.Tensor]:
-    """Every tensor a ``StaticCache`` updates in place (per layer: keys, values and the write
-    position ``cumulative_length``), in a fixed order."""
+def _cache_slots(cache: Any) -> list[tuple[Any, str]]:
+    """``(layer, attribute)`` of every tensor a ``StaticCache`` updates in place (per layer:
+    keys, values and the write position ``cumulative_length``), in a fixed order."""
     return [
-        t
+        (layer, name)
         for layer in cache.layers
-        for t in (getattr(layer, name) for name in sorted(vars(layer)))
-        if isinstance(t, torch.Tensor)
+        for name in sorted(vars(layer))
+        if isinstance(getattr(layer, name), torch.Tensor)
     ]
 
 
@@ -319,6 +324,8 @@ class Generator:
         self.pad_token_id = int(pad_token_id)
         self.mesh = mesh
         self._compiled: dict[str, Any] = {}
+        self._loop: Any = None  # runtime.DeviceLoop of the decode step, made on first use
+        self._loop_cache: Any = None  # the rollout's StaticCache while the loop is called
 
     # -- public ----------------------------------------------------------------------------
 
@@ -349,12 +356,16 @@ class Generator:
             state = self._run(
                 "prefill", self._prefill, input_ids, attention_mask, max_new_tokens, seed
             )
-            every = self.sampling.stop_check_every
-            step = self._decode_stepper(state)
-            for t in range(1, max_new_tokens):
-                if every and t % every == 0 and bool(state.all_done.item()):  # host sync
-                    break
-                state = step(state)
+            if input_ids.device.type == "xla":
+                # Every later token in ONE compiled device loop; nothing here waits for it.
+                decode_steps = self._decode_loop(state, max_new_tokens - 1)
+            else:
+                decode_steps = None
+                every = self.sampling.stop_check_every
+                for t in range(1, max_new_tokens):
+                    if every and t % every == 0 and bool(state.all_done.item()):  # host sync
+                        break
+                    state = self._decode_step(state)
         finally:
             self.model.train(was_training)
         return GenerationOutput(
@@ -362,6 +373,7 @@ class Generator:
             attention_mask=state.mask,
             continuation_mask=state.continuation_mask,
             prompt_length=input_ids.shape[1],
+            decode_steps=decode_steps,
         )
 
     # -- graphs ----------------------------------------------------------------------------
@@ -378,45 +390,50 @@ class Generator:
             self._compiled[name] = runtime.compile(fn, name=f"generation_{name}", full_graph=True)
         return self._compiled[name](*args)
 
-    def _decode_stepper(self, state: _State) -> Any:
-        """``state -> next state``, one decode step.
-
-        On XLA the step is traced ONCE per rollout and its compiled graph replayed for every
-        later token (:class:`runtime.GraphReplay`): the host's cost per token is one launch,
-        not a re-trace of every layer's Python code (measured ~3 ms per layer per token at the
-        debug width, 129 ms per token at 40 layers). The capture checks for host syncs as
-        ``full_graph=True`` does; each launch is asynchronous, so the host runs ahead of the
-        device. The graph is recaptured per rollout because the weights enter it as values
-        frozen at capture (they change between PPO steps); its compiled executable is cached,
-        so later rollouts compile nothing.
-
-        Tried first (torch_xla 2.9, XLA:CPU), not used: ``torch_xla.experimental.fori_loop`` /
-        ``while_loop`` and ``scan`` over the decode step (see the module docstring).
-        """
-        if state.sequences.device.type != "xla":
-            return self._decode_step
+    def _decode_loop(self, state: _State, steps: int) -> torch.Tensor:
+        """Run ``steps`` decode steps on ``state`` (updated in place) inside one device loop
+        (:class:`runtime.DeviceLoop`, an XLA ``While``): the host traces the decode step once
+        per ``(B, PL, CL)`` for the Generator's lifetime, not once per token, and the cost of a
+        rollout to the host does not grow with the number of new tokens. The model's weights
+        and buffers enter the loop as inputs at every call, so PPO's updated policy needs no
+        re-trace. With ``stop_check_every > 0`` the loop also ends as soon as every row has
+        emitted eos (checked on the device at every step, with no host sync; the output is the
+        same, since the remaining steps would only write pad)."""
         from . import runtime
 
-        cache_tensors = _cache_tensors(state.cache)
-        n_fields = len(_STATE_FIELDS)
+        n = len(_STATE_FIELDS)
+        slots = _cache_slots(state.cache)
+        if self._loop is None:
+            stop = _STATE_FIELDS.index("all_done") if self.sampling.stop_check_every else None
+            self._loop = runtime.DeviceLoop(
+                self._decode_flat, name="generation_decode_loop", stop_slot=stop
+            )
+        self._loop_cache = state.cache  # what _decode_flat swaps the carried tensors into
+        try:
+            return self._loop(
+                [getattr(state, f) for f in _STATE_FIELDS] + [getattr(o, a) for o, a in slots],
+                steps,
+                invariants=[*self.model.parameters(), *self.model.buffers()],
+            )
+        finally:
+            self._loop_cache = None
 
-        def step_flat(flat: list) -> list:
-            fields = dict(zip(_STATE_FIELDS, flat[:n_fields]))
-            new = self._decode_step(_State(**fields, cache=state.cache))
-            return [getattr(new, f) for f in _STATE_FIELDS] + cache_tensors
-
-        # The cache's tensors travel from one call's outputs to the next call's inputs
-        # (`carry`) instead of being written back into `state.cache` at every token; the
-        # StaticCache object is stale after the first step and is dropped with the rollout.
-        replay = runtime.GraphReplay(step_flat, name="generation_decode_step", write_back=False)
-        carry = list(cache_tensors)
-
-        def step(s: _State) -> _State:
-            out = replay([getattr(s, f) for f in _STATE_FIELDS] + carry)
-            carry[:] = out[n_fields:]
-            return _State(**dict(zip(_STATE_FIELDS, out[:n_fields])), cache=s.cache)
-
-        return step
+    def _decode_flat(self, flat: list) -> list:
+        """One decode step on the flat carry ``[state fields..., cache tensors...]`` (the
+        traced body of the device loop). The cache object's tensors are swapped for the
+        carried ones while the step is traced, then put back."""
+        n = len(_STATE_FIELDS)
+        cache = self._loop_cache
+        slots = _cache_slots(cache)
+        originals = [getattr(o, a) for o, a in slots]
+        for (o, a), t in zip(slots, flat[n:]):
+            setattr(o, a, t)
+        try:
+            new = self._decode_step(_State(**dict(zip(_STATE_FIELDS, flat[:n])), cache=cache))
+            return [getattr(new, f) for f in _STATE_FIELDS] + [getattr(o, a) for o, a in slots]
+        finally:
+            for (o, a), t in zip(slots, originals):
+                setattr(o, a, t)
 
     def _forward_last_logits(
         self, ids: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor, cache: Any

@@ -786,146 +786,163 @@ def load_local_shards(tensor: torch.Tensor, shards: Sequence[torch.Tensor]) -> N
     torch_xla._XLAC._load_local_shards(tensor, list(shards), devices)
 
 
-class GraphReplay:
-    """Trace a function of XLA tensors once, then re-run its compiled graph on new inputs of
-    the same shapes and shardings without running the Python code again.
+class DeviceLoop:
+    """``carry = body(carry)`` repeated on the device inside ONE compiled XLA ``While``: the
+    host traces ``body`` once, and a call costs the host the same whatever the trip count.
 
     Why: lazy-tensor tracing re-runs every Python op of the model at every call (about 3 ms
     per LLaMA layer here), so a one-token decode step traced per token costs the host
-    ``tokens x layers``. Replaying the cached executable costs one ``_run_cached_graph`` call.
-    This is the mechanism torch_xla's dynamo bridge uses (``extract_graph_helper``:
-    ``_get_graph_hash`` + ``_get_tensors_xla_device_data_node`` + ``_run_cached_graph``),
-    without dynamo. (``torch_xla.experimental.scan`` / ``while_loop`` were tried first, see
-    ``generation.py``.)
+    ``tokens x layers``; even replaying a cached one-step executable costs one launch per
+    token (~0.5 ms of host work each in torch_xla 2.9). The JAX code it replaces runs its
+    decode in one ``while_loop``; this is the same, built from torch_xla's own pieces:
+    ``body`` is traced once on the XLA device and lowered (``LoweringContext``) to an HLO
+    computation, which ``xla_builder`` wraps in a ``While`` (with a trip counter and an
+    optional early exit) and ``_xla_user_computation`` puts into the lazy graph as one op.
+    The computation is cached: later calls with the same carry shapes and invariant tensors
+    trace nothing. (torch_xla's ``while_loop``/``fori_loop`` wrappers were tried first; see
+    ``generation.py`` for why they were not usable for a model.)
 
-    Contract: ``fn(inputs) -> outputs``, flat lists of XLA tensors. On the first call (the
-    capture) ``fn`` is traced with execution disallowed (a host sync inside raises, as
-    ``full_graph=True`` does), then launched asynchronously. Inputs ``fn`` modifies in place
-    must be among its outputs (the same objects); on a replay they receive the new values
-    (``_replace_xla_tensor``), as the in-place op would have given them. Anything ``fn`` reads
-    that is not in ``inputs`` (weights, constants) is frozen at its capture-time value: keep one
-    instance per period in which those do not change (one rollout).
-
-    Every call dispatches without waiting for the previous graph's result; the runtime
-    launches it once the device is free (each launch takes the device lock).
+    Contract:
+      * ``body(carry: list[Tensor]) -> list[Tensor]``: same length, shapes and dtypes. It must
+        read the carry ONLY through its argument (the capture hands it fresh aliases) and
+        must be free of host syncs (execution is disallowed while it is traced).
+      * ``invariants``: tensors ``body`` reads that may hold other values at a later call (a
+        policy's weights between PPO steps); they are passed in at every call. Anything else
+        ``body`` reads (constants made while tracing) is frozen at the capture.
+      * ``__call__`` launches the loop (asynchronously: it does not wait for the result) and
+        updates the carry tensors IN PLACE with its results; their old buffers are donated to
+        the outputs (a KV cache is updated in place, not copied), so no other tensor may share
+        them. It returns the number of iterations run, a device ``int64`` scalar.
+      * ``stop_slot``: index of a ``bool`` scalar in the carry; the loop also ends once it is
+        true (checked on the device before every iteration, no host sync).
     """
 
-    def __init__(self, fn: Callable[[list], list], name: str, write_back: bool = True) -> None:
-        """``write_back=False``: on replays, inputs updated in place are NOT updated; their
-        outputs are new tensors and the old input tensors must not be used again (their
-        buffers were donated). Saves one ``_replace_xla_tensor`` per such input per call, for
-        a caller that threads the outputs into the next call (a decode loop's KV cache). The
-        capture always writes back (the traced in-place ops must be resolved)."""
-        self.fn = fn
+    def __init__(self, body: Callable[[list], list], name: str, stop_slot: int | None = None):
+        self.body = body
         self.name = name
-        self.write_back = write_back
-        self._plan: Any = None
+        self.stop_slot = stop_slot
+        self._plans: dict[Any, tuple] = {}
 
     @property
-    def captured(self) -> bool:
-        return self._plan is not None
+    def captures(self) -> int:
+        """How many distinct loops were traced (one per carry signature and trip count)."""
+        return len(self._plans)
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        inputs = list(inputs)
-        if self._plan is None:
-            return self._capture(inputs)
-        return self._replay(inputs)
-
-    def _capture(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(
+        self, carry: Sequence[torch.Tensor], n: int, invariants: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
         import torch_xla
+
+        carry, invariants = list(carry), list(invariants)
+        key = (int(n), tuple((tuple(t.shape), t.dtype) for t in carry),
+               tuple(id(t) for t in invariants))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._capture(carry, invariants, int(n))
+        computation, invariant_slots, frozen = plan
+        xlac = torch_xla._XLAC
+        args = carry + [invariants[j] for j in invariant_slots] + frozen
+        for t in carry:
+            xlac._set_buffer_donation(t, True)
+        results = xlac._xla_user_computation(f"xla::{self.name}", args, computation)
+        for t, r in zip(carry, results[1:]):
+            t.copy_(r)
+        steps = results[0]
+        # Launch now (asynchronously), donating the carry's buffers to the loop's outputs so
+        # that XLA updates them in place (a KV cache is not copied). The donation is asked for
+        # explicitly (buffer-donor config, a non-step-marker sync of just these tensors): the
+        # step marker's own in-place aliasing depends on which tensor last wrapped each buffer,
+        # which the capture changes, so the first call would compile a different graph.
+        saved = (xlac._xla_get_enable_alias_with_buffer_donor_config(),
+                 xlac._get_current_graph_name())
+        xlac._xla_set_enable_alias_with_buffer_donor_config(True)
+        xlac._set_current_graph_name(self.name)
+        try:
+            xlac._xla_sync_multi(carry + [steps], [], wait=False, sync_xla_data=False)
+        finally:
+            xlac._xla_set_enable_alias_with_buffer_donor_config(saved[0])
+            xlac._set_current_graph_name(saved[1])
+        return steps
+
+    def _capture(self, carry: list, invariants: list, n: int) -> tuple:
+        import torch_xla
+        import torch_xla.core.xla_builder as xb
 
         xlac = torch_xla._XLAC
-        pending = [i for i, p in enumerate(xlac._check_tensor_need_materialization(inputs)) if p]
-        if pending:
-            raise ValueError(
-                f"GraphReplay({self.name}): inputs {pending} hold un-executed operations; "
-                "call runtime.sync() first (graph inputs must be device data)"
-            )
-        slot_of = {xlac._xla_get_tensor_id(t): i for i, t in enumerate(inputs)}
+        for what, ts in (("carry", carry), ("invariants", invariants)):
+            pending = [i for i, p in enumerate(xlac._check_tensor_need_materialization(ts)) if p]
+            if pending:
+                raise ValueError(
+                    f"DeviceLoop({self.name}): {what} {pending} hold un-executed operations; "
+                    "call runtime.sync() first (loop inputs must be device data)"
+                )
+        # The body is traced on clones of shadows (new tensors over the carry's device
+        # buffers): in-place updates inside the body (a StaticCache write) leave the shadows
+        # plain device data, which identifies each body parameter, and nothing of the capture
+        # lingers on the carry tensors themselves (clone() annotates its source; on the carry
+        # that would make the first call's graph hash differ from later calls').
+        # Deliberate wait, once per capture: reading a device buffer's bookkeeping while the
+        # graph producing it still runs races with the runtime filling it in (a segfault was
+        # seen with sharded placeholders on a 4-device mesh).
+        wait()
+        ids, shadows = xlac._get_tensors_xla_device_data_node(carry)
+        if len(set(ids)) != len(carry):
+            raise ValueError(f"DeviceLoop({self.name}): two carry tensors share a buffer")
         allowed = xlac._get_allow_execution()
-        xlac._set_allow_execution(False)  # a host sync inside fn raises
+        xlac._set_allow_execution(False)  # a host sync inside the body raises
         try:
-            outputs = list(self.fn(inputs))
+            out = list(self.body([t.clone() for t in shadows]))
         finally:
             xlac._set_allow_execution(allowed)
-        mutated = xlac._check_tensor_need_materialization(inputs)
-        out_ids = {id(o) for o in outputs}
-        lost = [i for i, m in enumerate(mutated) if m and id(inputs[i]) not in out_ids]
-        if lost:
+        got = [(tuple(t.shape), t.dtype) for t in out]
+        want = [(tuple(t.shape), t.dtype) for t in carry]
+        if got != want:
             raise ValueError(
-                f"GraphReplay({self.name}): fn modified inputs {lost} in place without "
-                "returning them; a replay would lose those updates"
+                f"DeviceLoop({self.name}): body returned {got}, expected the carry's {want}"
             )
-        input_pos = {id(t): i for i, t in enumerate(inputs)}
-        needs = xlac._check_tensor_need_materialization(outputs)
-        roots: list[torch.Tensor] = []
-        root_pos: dict[int, int] = {}
-        sources: list[tuple[str, Any]] = []  # per output: ("root", k) | ("input", i) | ("const", t)
-        for out, need in zip(outputs, needs):
-            if need:
-                if id(out) not in root_pos:
-                    root_pos[id(out)] = len(roots)
-                    roots.append(out)
-                sources.append(("root", root_pos[id(out)]))
-            elif id(out) in input_pos:
-                sources.append(("input", input_pos[id(out)]))
-            else:
-                sources.append(("const", out))
-        ids, values = xlac._get_tensors_xla_device_data_node(roots)
-        # Graph parameter j is input slot_of[id] when it is one of `inputs`, else a value frozen
-        # now (a weight, a traced constant).
-        params = [slot_of.get(tid, value) for tid, value in zip(ids, values)]
-        write_back = [(input_pos[id(r)], k) for k, r in enumerate(roots) if id(r) in input_pos]
-        # Inputs updated in place (a KV cache) donate their buffers, so that XLA updates them
-        # in place instead of copying them every call (what a step-marker sync does for
-        # in-place updates by itself; here the donation must be asked for).
-        donated = {i for i, _ in write_back}
-        for j, p in enumerate(params):
-            if isinstance(p, int) and p in donated:
-                xlac._set_buffer_donation(values[j], True)
-        # Compile under the hash `_run_cached_graph` looks up (a plain sync caches the same
-        # graph under another key), then run this first call through the replay path too: the
-        # traced values of every parameter, inputs included, are `values` (in-place updates
-        # traced on an input leave its original data in the graph's device-data node).
-        saved = xlac._xla_get_enable_alias_with_buffer_donor_config()
-        saved_name = xlac._get_current_graph_name()
-        xlac._xla_set_enable_alias_with_buffer_donor_config(True)
-        xlac._set_current_graph_name(self.name)  # the HLO module's name in dumps and profiles
-        try:
-            graph_hash = xlac._get_graph_hash(roots)
-            xlac._xla_warm_up_cache(roots, [])
-        finally:
-            xlac._xla_set_enable_alias_with_buffer_donor_config(saved)
-            xlac._set_current_graph_name(saved_name)
-        self._plan = (graph_hash, params, sources, write_back)
-        return self._launch(list(values), inputs, True)
+        ctx = xlac.lowering.LoweringContext()
+        ctx.set_name_string(f"{self.name}_body")
+        ctx.build(out)
+        del out  # pending IR: must not be executed by the next sync
+        body = xb.computation_from_module_proto(f"{self.name}_body", ctx.hlo())
+        params = ctx.device_parameter_id_tensor_mapping()  # body parameter id -> its value
+        k = len(carry)
+        # Loop-tuple position of every body parameter: [counter, carry..., invariants...,
+        # frozen...]; invariants and frozen values ride along unchanged.
+        where: dict[int, int] = {}
+        for c, t in enumerate(shadows):
+            pid = ctx.tensor_parameter_id(t)
+            if pid >= 0:
+                where[pid] = 1 + c
+        invariant_slots = []
+        for j, t in enumerate(invariants):
+            pid = ctx.tensor_parameter_id(t)
+            if pid >= 0 and pid not in where:
+                where[pid] = 1 + k + len(invariant_slots)
+                invariant_slots.append(j)
+        frozen_ids = sorted(set(params) - set(where))
+        for pid in frozen_ids:
+            where[pid] = 1 + k + len(invariant_slots) + frozen_ids.index(pid)
+        frozen = [params[pid] for pid in frozen_ids]
+        args = carry + [invariants[j] for j in invariant_slots] + frozen
+        n_body_params = len(params)
+        stop = None if self.stop_slot is None else 1 + self.stop_slot
 
-    def _replay(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        import torch_xla
+        def loop_body(*el: Any) -> list:
+            r = xb.Op.call(body, [el[where[p]] for p in range(n_body_params)])
+            new = [r.get_tuple_element(i) for i in range(k)]
+            return [el[0] + el[0].scalar_like(1), *new, *el[1 + k:]]
 
-        _, params, _, write_back = self._plan
-        for i, _ in write_back:
-            torch_xla._XLAC._set_buffer_donation(inputs[i], True)
-        args = [inputs[p] if isinstance(p, int) else p for p in params]
-        return self._launch(args, inputs, self.write_back)
+        def loop_cond(*el: Any) -> Any:
+            go = el[0] < el[0].scalar_like(n)
+            return go if stop is None else go & el[stop].__not__()
 
-    def _launch(
-        self, args: list[torch.Tensor], inputs: list[torch.Tensor], write_back: bool
-    ) -> list[torch.Tensor]:
-        """Run the cached executable on ``args`` (asynchronously), write in-place results back
-        into their input tensors (if ``write_back``) and assemble the outputs in ``fn``'s
-        order."""
-        import torch_xla
-
-        graph_hash, _, sources, updated = self._plan
-        results = list(torch_xla._XLAC._run_cached_graph(graph_hash, args))
-        for i, k in updated if write_back else ():
-            torch_xla._XLAC._replace_xla_tensor(inputs[i], results[k])
-            results[k] = inputs[i]
-        return [
-            results[ref] if kind == "root" else inputs[ref] if kind == "input" else ref
-            for kind, ref in sources
-        ]
+        builder = xb.create_builder(self.name)
+        ops = [xb.mkparam(builder, i, s) for i, s in enumerate(xb.tensor_shape(args))]
+        counter = xb.Op.scalar(builder, 0, dtype=xb.Type.S64)
+        loop = xb.Op.tuple([counter, *ops]).while_loop(loop_cond, loop_body)
+        root = xb.Op.tuple([loop.get_tuple_element(i) for i in range(1 + k)])
+        return root.build(self.name), invariant_slots, frozen
 
 
 # ----------------------------------------------------------------------------------------
