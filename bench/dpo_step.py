@@ -318,7 +318,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     first_s, first_metrics = timed_step()
     compiles_first = runtime.compile_count() - compiles0
-    first_loss = float(runtime.to_cpu(first_metrics["loss"]))
+    first_loss = runtime.host_float(first_metrics["loss"])
     for _ in range(args.warmup):
         timed_step()
     compiles_warm = runtime.compile_count() - compiles0

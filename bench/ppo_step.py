@@ -126,7 +126,7 @@ def _host_mean(value: Any) -> float | None:
     if isinstance(value, (list, tuple)):
         vals = [_host_mean(v) for v in value]
         return sum(vals) / len(vals) if vals else None
-    return float(runtime.to_cpu(value)) if hasattr(value, "device") else float(value)
+    return runtime.host_float(value)
 
 
 def _last_graph_size() -> int:

@@ -475,6 +475,36 @@ def test_read_scalars_after_step(dev):
     assert runtime.host_sync_count() == s0
 
 
+def test_pack_scalars_one_buffer_per_graph(dev, monkeypatch):
+    """A step's scalar metrics leave its graph as ONE vector, read as one buffer per call;
+    the reader averages packed entries over calls; non-scalar entries are left alone."""
+    def step(x):
+        return runtime.pack_scalars(
+            {"sum": x.sum(), "max": x.max(), "rows": x.sum(-1), "lr": torch.tensor(0.5).to(dev)}
+        )
+
+    traced = runtime.compile(step, name="test_pack")
+    outs = [traced(torch.full((2, 3), float(i + 1)).to(dev)) for i in range(2)]
+    for out in outs:
+        assert isinstance(out["sum"], runtime.PackedScalar)
+        assert out["sum"].vector is out["max"].vector is out["lr"].vector
+        assert isinstance(out["rows"], torch.Tensor) and out["rows"].shape == (2,)
+    got, submitted = [], []
+    submit = runtime._READER.submit
+    monkeypatch.setattr(
+        runtime._READER, "submit", lambda ts, cb: (submitted.append(len(ts)), submit(ts, cb))
+    )
+    runtime.read_scalars_after_step(
+        {k: [o[k] for o in outs] for k in ("sum", "max", "lr")}, got.append
+    )
+    runtime.sync()
+    runtime.wait()
+    assert got == [{"sum": 9.0, "max": 1.5, "lr": 0.5}]
+    assert submitted == [2]  # two calls, one buffer each (not 2 x 3 scalars)
+    assert runtime.host_float(outs[1]["sum"]) == 12.0
+    assert runtime.host_float(outs[0]["rows"][0]) == 3.0 and runtime.host_float(2) == 2.0
+
+
 # ----------------------------------------------------------------------------------------
 # 4-device mesh (subprocess: the device count is fixed per process)
 # ----------------------------------------------------------------------------------------

@@ -491,6 +491,41 @@ class _BackgroundReader:
 _READER = _BackgroundReader()
 
 
+@dataclass(frozen=True)
+class PackedScalar:
+    """One named metric of a vector of scalar metrics stacked inside a graph
+    (:func:`pack_scalars`): ``vector[index]``."""
+
+    vector: torch.Tensor
+    index: int
+
+
+def pack_scalars(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Call at the end of a traced step: stack the 0-dim tensors of ``values`` into ONE float32
+    vector (so the graph has one metrics output instead of one per metric, and a logged step
+    reads one buffer per graph) and return ``values`` with each of them replaced by a
+    :class:`PackedScalar`; other entries are returned unchanged. Only for values that are
+    logged (read by :func:`read_scalars_after_step` or :func:`host_float`), not for tensors a
+    later graph computes with."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor) and v.ndim == 0]
+    if not names:
+        return dict(values)
+    vector = torch.stack([values[k].detach().float() for k in names])
+    out = dict(values)
+    out.update({k: PackedScalar(vector, i) for i, k in enumerate(names)})
+    return out
+
+
+def host_float(value: Any) -> float:
+    """A metric as a host float: a Python number, a scalar tensor or a :class:`PackedScalar`.
+    A host sync for device values: for tests and benchmarks, never in the training loop."""
+    if isinstance(value, PackedScalar):
+        return float(value.vector.detach().cpu()[value.index])
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().cpu())
+    return float(value)
+
+
 def read_scalars_after_step(
     values: Mapping[str, Any], callback: Callable[[dict[str, float]], None]
 ) -> None:
@@ -498,36 +533,45 @@ def read_scalars_after_step(
     blocking the caller (the callback runs on this thread at a later :func:`sync` or
     :func:`wait`).
 
-    ``values``: name -> a scalar device tensor, a Python number, or a list/tuple of those (one
-    per micro-batch or update: the mean is reported). All device tensors are copied in ONE
-    batched transfer on a background thread (instead of one blocking ``.item()`` per value
-    per micro-batch: ~200 reads per PPO step at the 13B shapes), after the graph that
-    computes them was launched. The tensors must not hold pending operations when the graph
-    is launched: call this after the step's sync, or before the next one (the copy is queued
-    by a step closure that runs right after the next sync's launch).
+    ``values``: name -> a scalar device tensor, a :class:`PackedScalar`, a Python number, or a
+    list/tuple of those (one per micro-batch or update: the mean is reported). All device
+    buffers are copied in ONE batched transfer on a background thread (instead of one blocking
+    ``.item()`` per value per micro-batch: ~200 reads per PPO step at the 13B shapes), after the
+    graph that computes them was launched; the metrics a graph packed (:func:`pack_scalars`)
+    are one buffer. The tensors must not hold pending operations when the graph is launched:
+    call this after the step's sync, or before the next one (the copy is queued by a step
+    closure that runs right after the next sync's launch).
     """
     names: list[str] = []
     groups: list[list[Any]] = []
     for name, v in values.items():
         names.append(name)
         groups.append(list(v) if isinstance(v, (list, tuple)) else [v])
-    tensors = [x for g in groups for x in g if isinstance(x, torch.Tensor)]
+    buffers: list[torch.Tensor] = []
+    slot: dict[int, int] = {}  # id(device tensor) -> position in `buffers`
+    for x in (x for g in groups for x in g):
+        t = x.vector if isinstance(x, PackedScalar) else x
+        if isinstance(t, torch.Tensor) and id(t) not in slot:
+            slot[id(t)] = len(buffers)
+            buffers.append(t)
 
     def finish(host: list[torch.Tensor]) -> None:
-        it = iter(host)
-        floats = {}
-        for name, g in zip(names, groups):
-            xs = [float(next(it)) if isinstance(x, torch.Tensor) else float(x) for x in g]
-            floats[name] = sum(xs) / max(len(xs), 1)
-        callback(floats)
+        def value(x: Any) -> float:
+            if isinstance(x, PackedScalar):
+                return float(host[slot[id(x.vector)]][x.index])
+            if isinstance(x, torch.Tensor):
+                return float(host[slot[id(x)]])
+            return float(x)
+
+        callback({name: sum(map(value, g)) / max(len(g), 1) for name, g in zip(names, groups)})
 
     def enqueue() -> None:
-        _READER.submit(tensors, finish)
+        _READER.submit(buffers, finish)
 
-    if tensors and tensors[0].device.type == "xla":
+    if buffers and buffers[0].device.type == "xla":
         add_step_closure(enqueue)
     else:  # host (CPU) tensors: a copy, no device sync
-        finish([t.detach().cpu() for t in tensors])
+        finish([t.detach().cpu() for t in buffers])
 
 
 def add_step_closure(fn: Callable, args: tuple = ()) -> None:

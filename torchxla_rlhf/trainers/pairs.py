@@ -132,7 +132,7 @@ class PairTrainer(Trainer):
         out = self.optimizer.step()
         for key in micro_metrics[0]:
             out[key] = torch.stack([m[key] for m in micro_metrics]).mean()
-        return out
+        return runtime.pack_scalars(out)  # the step's metrics: one buffer, read once
 
     @torch.no_grad()
     def _eval_step(self, batch) -> dict[str, torch.Tensor]:

@@ -225,7 +225,7 @@ class PPOTrainer(Trainer):
                 **chunk, "old_logps": s["old_logps"], "old_values": s["old_values"],
                 "advantages": adv[i].clone(), "returns": ret[i].clone(),
             })
-        return out, stats
+        return out, runtime.pack_scalars(stats)
 
     def _losses(self, chunk, pi_logps, phi_values, old_logps, old_values, advantages, returns):
         cfg = self.cfg
@@ -240,8 +240,9 @@ class PPOTrainer(Trainer):
     def _standard_micro(self, chunk) -> dict[str, torch.Tensor]:
         pi_logps = self._logps(self.policy, chunk)
         phi_values = self._values(chunk).float()
-        return self._losses(chunk, pi_logps, phi_values, chunk["old_logps"], chunk["old_values"],
-                            chunk["advantages"], chunk["returns"])
+        return runtime.pack_scalars(self._losses(
+            chunk, pi_logps, phi_values, chunk["old_logps"], chunk["old_values"],
+            chunk["advantages"], chunk["returns"]))
 
     def _interleaved_micro(self, chunk) -> dict[str, torch.Tensor]:
         """The paper's JAX step: reward, "old" log-probs (= current, so the ratio is 1),
@@ -255,16 +256,16 @@ class PPOTrainer(Trainer):
         old_logps, old_values = pi_logps.detach(), phi_values.detach() * mask
         advantages, returns, stats = self._targets(old_logps, ref_logps, old_values, reward, score, mask)
         metrics = self._losses(chunk, pi_logps, phi_values, old_logps, old_values, advantages, returns)
-        return {**metrics, **stats, "rows/reward": reward}
+        return runtime.pack_scalars({**metrics, **stats, "rows/reward": reward})
 
     def _update_step(self) -> dict[str, torch.Tensor]:
         pm = self.policy_opt.step()
         vm = self.value_opt.step()
-        return {
+        return runtime.pack_scalars({
             "lr/policy": pm["learning_rate"], "lr/value": vm["learning_rate"],
             "ppo/policy/gradient_norm": pm["gradient_norm"],
             "ppo/val/gradient_norm": vm["gradient_norm"],
-        }
+        })
 
     # -- the step ----------------------------------------------------------------------------
 
