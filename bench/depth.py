@@ -6,14 +6,19 @@ Part 1, rollouts (``Generator``, sampling T=0.7 top-k 50; the seed code's ``debu
 hidden 128, MLP 256, 4/2 heads, vocab 32000, fp32; 8 prompts left-padded to 128), for each
 depth and for 16 and 64 new tokens, each in a fresh subprocess:
   * ``first``: the first call, compilation included, until the result is on the host;
-  * ``returns``: steady state (median), seconds until ``generate()`` returns: the host's own
-    cost, since every launch is asynchronous;
+  * ``returns``: steady state (median of ``--repeats`` calls after one untimed warm-up call),
+    seconds until ``generate()`` returns: the host's own cost, since every launch is
+    asynchronous;
   * ``on host``: seconds until the sequences are on the host (``.cpu()`` after the return);
   * ``host CPU``: CPU seconds of the calling thread inside ``generate()`` (the host's own
-    work: tracing, launches; steadier than wall time on a loaded machine), and per token;
-  * ``traced``: the previous engine's loop for comparison: the same prefill, then the decode
-    step re-traced in Python for every token, each followed by an asynchronous sync (what
-    ``Generator.generate`` did before the decode graph was replayed).
+    work: tracing, launches; steadier than wall time on a loaded machine), and per token.
+    The CL 64 / CL 16 ratio is printed for the medians and for the minima (the least
+    disturbed call: on 2 cores the device's threads and the previous rollout's buffers being
+    freed disturb the host thread by +-30 % from call to call);
+  * ``traced``: the first engine's loop for comparison: the same prefill, then the decode
+    step re-traced in Python for every token, each followed by an asynchronous sync. Skipped
+    (nan) where layers x CL > ``--traced-max``: at 40 layers x 64 tokens it exhausted this
+    machine's 24 GiB.
 Part 2, PPO (``bench/ppo_step.py``'s worker with ``model``/``reward_model`` at the given depth,
 standard mode, 64 new tokens): first step (compilation included) and the median later step,
 with its rollout and training parts, and compilations after step 1.
@@ -78,7 +83,7 @@ def _traced_generate(gen, ids, mask, cl: int, seed: int):
     return state.sequences
 
 
-def rollout_worker(layers: int, cl: int, repeats: int) -> dict:
+def rollout_worker(layers: int, cl: int, repeats: int, traced_too: bool = True) -> dict:
     from torchxla_rlhf import runtime
     from torchxla_rlhf.generation import Generator, SamplingConfig
 
@@ -103,19 +108,24 @@ def rollout_worker(layers: int, cl: int, repeats: int) -> dict:
     c0 = runtime.compile_count()
     _, first, _ = call(0)
     first_compiles = runtime.compile_count() - c0
+    call(1)  # warm-up, untimed: the first call after compiling still pays one-time host costs
     c1 = runtime.compile_count()
-    steady = [call(i + 1) for i in range(repeats)]
+    steady = [call(i + 2) for i in range(repeats)]
     steady_compiles = runtime.compile_count() - c1
-    call(0, traced=True)  # the traced loop's own graphs (compiled here, not timed)
-    c2 = runtime.compile_count()
-    traced = [call(i + 1, traced=True) for i in range(max(1, repeats // 2))]
-    traced_compiles = runtime.compile_count() - c2
+    nan = (float("nan"),) * 3
+    traced, traced_compiles = [nan], 0
+    if traced_too:
+        call(0, traced=True)  # the traced loop's own graphs (compiled here, not timed)
+        c2 = runtime.compile_count()
+        traced = [call(i + 1, traced=True) for i in range(max(1, repeats // 2))]
+        traced_compiles = runtime.compile_count() - c2
     return {
         "layers": layers, "cl": cl, "first_s": first, "first_compiles": first_compiles,
         "steady_compiles": steady_compiles, "traced_compiles": traced_compiles,
         "returns_s": statistics.median(r[0] for r in steady),
         "on_host_s": statistics.median(r[1] for r in steady),
         "host_cpu_s": statistics.median(r[2] for r in steady),
+        "host_cpu_min_s": min(r[2] for r in steady),
         "traced_returns_s": statistics.median(r[0] for r in traced),
         "traced_on_host_s": statistics.median(r[1] for r in traced),
         "traced_host_cpu_s": statistics.median(r[2] for r in traced),
@@ -155,16 +165,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", default="2,40")
     p.add_argument("--lengths", default="16,64")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ppo-layers", default="2", help="'' to skip the PPO part")
     p.add_argument("--ppo-steps", type=int, default=3)
+    p.add_argument("--traced-max", type=int, default=40 * 16,
+                   help="run the traced comparison only where layers x CL <= this (the traced "
+                        "loop at 40 layers x 64 tokens exhausted this machine's 24 GiB)")
+    p.add_argument("--no-traced", action="store_true")
     p.add_argument("--json")
     p.add_argument("--worker", choices=("rollout", "ppo"))
     p.add_argument("--n", type=int)
     p.add_argument("--cl", type=int)
     a = p.parse_args()
     if a.worker == "rollout":
-        print(TAG + json.dumps(rollout_worker(a.n, a.cl, a.repeats)), flush=True)
+        print(TAG + json.dumps(rollout_worker(a.n, a.cl, a.repeats, not a.no_traced)), flush=True)
         return
     if a.worker == "ppo":
         print(TAG + json.dumps(ppo_worker(a.n, a.ppo_steps)), flush=True)
@@ -178,7 +192,8 @@ def main() -> None:
     for n in [int(x) for x in a.layers.split(",") if x]:
         for cl in [int(x) for x in a.lengths.split(",") if x]:
             r = _spawn(["--worker", "rollout", "--n", str(n), "--cl", str(cl),
-                        "--repeats", str(a.repeats)])
+                        "--repeats", str(a.repeats)]
+                       + (["--no-traced"] if a.no_traced or n * cl > a.traced_max else []))
             if r is None:
                 continue
             results["rollout"].append(r)
@@ -194,8 +209,9 @@ def main() -> None:
         if len(lens) >= 2:
             lo, hi = by[(n, lens[0])], by[(n, lens[-1])]
             print(f"  {n} layers: host CPU per rollout CL {lens[-1]} / CL {lens[0]} = "
-                  f"{hi['host_cpu_s'] / lo['host_cpu_s']:.2f} (target 0.8-1.2); traced loop "
-                  f"{hi['traced_host_cpu_s'] / lo['traced_host_cpu_s']:.2f}")
+                  f"{hi['host_cpu_s'] / lo['host_cpu_s']:.2f} (medians; minima "
+                  f"{hi['host_cpu_min_s'] / lo['host_cpu_min_s']:.2f}; target 0.8-1.2); traced "
+                  f"loop {hi['traced_host_cpu_s'] / lo['traced_host_cpu_s']:.2f}")
 
     ppo_layers = [int(x) for x in a.ppo_layers.split(",") if x]
     if ppo_layers:
