@@ -82,7 +82,7 @@ def measure_proxy(kind: str, mesh: str, devices: int) -> tuple[float, float, str
         measured = graph_bytes(dump, "proxy_train")
         if kind == "ppo":
             rollout = max(graph_bytes(dump, "generation_prefill"),
-                          graph_bytes(dump, "generation_decode_step"))
+                          graph_bytes(dump, "generation_decode_loop"))
             measured = max(measured, rollout + out["outside"]["generation"])
     plan = memory_plan.plan(load_config(KINDS[kind], config, overrides), devices)
     return measured, plan.peak, plan.peak_phase

@@ -44,7 +44,7 @@ def head_violations(dump_dir: str) -> list[str]:
     """What keeps heads from being split over mp, in words (empty: nothing)."""
     mp_groups = xla_dump.mesh_axis_groups(MESH, 2)
     problems = []
-    for graph in ("probe_train", "generation_prefill", "generation_decode_step"):
+    for graph in ("probe_train", "generation_prefill", "generation_decode_loop"):
         hlo = xla_dump.optimized_hlo(dump_dir, graph)
         for ag in xla_dump.all_gathers(hlo, math.prod(MESH)):
             if set(ag.groups) == mp_groups and HEAD_DIM in ag.dims:
@@ -64,7 +64,7 @@ def cache_dtypes(dump_dir: str) -> set[str]:
     d = SPEC["decode"]
     cache = (d["batch"] // (MESH[0] * MESH[1]), SPEC["kv_heads"] // MESH[2],
              d["prompt"] + d["new"], HEAD_DIM)
-    hlo = xla_dump.optimized_hlo(dump_dir, "generation_decode_step")
+    hlo = xla_dump.optimized_hlo(dump_dir, "generation_decode_loop")
     return {dtype for dtype, dims in xla_dump.entry_parameters(hlo) if dims == cache}
 
 

@@ -7,7 +7,7 @@ its per-device programs: what tests/test_attention_hlo.py and bench/memory.py re
 
 The device count is fixed per process, so callers run this in a subprocess. Graph names in
 the dump: ``probe_train`` (forward + backward of ``logsumexp(logits)``, checkpointing as
-configured), ``generation_prefill`` and ``generation_decode_step`` (under the compute dtype's
+configured), ``generation_prefill`` and ``generation_decode_loop`` (under the compute dtype's
 autocast, through the same :class:`~torchxla_rlhf.generation.Generator` PPO uses).
 """
 
