@@ -370,6 +370,21 @@ def test_new_weights_reach_the_next_rollout(dev):
     assert torch.equal(second, ref.sequences) and not torch.equal(second, first)
 
 
+def test_decode_loop_recaptured_under_autocast(dev):
+    """The autocast state is traced into the decode loop, so a call under bf16 autocast gets
+    its own loop (PPO's rollouts), and the plain call's loop is reused afterwards."""
+    model = tiny_model(2).to(dev)
+    ids, mask = left_padded([5, 3], 5, seed=6)
+    ids, mask = ids.to(dev), mask.to(dev)
+    gen = Generator(model, SamplingConfig(), eos_token_id=EOS, pad_token_id=PAD)
+    plain = gen.generate(ids, mask, 4, seed=1).sequences.cpu()
+    with torch.autocast("xla", dtype=torch.bfloat16):
+        gen.generate(ids, mask, 4, seed=1)
+    assert gen._loop.captures == 2
+    assert torch.equal(gen.generate(ids, mask, 4, seed=1).sequences.cpu(), plain)
+    assert gen._loop.captures == 2
+
+
 def test_device_loop_semantics_and_checks(dev):
     """carry = body(carry) n times in one XLA While: results equal the Python loop, integer
     vector carries and in-place updates of the carry work, invariants are read fresh at every

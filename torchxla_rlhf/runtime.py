@@ -869,7 +869,8 @@ class DeviceLoop:
 
     @property
     def captures(self) -> int:
-        """How many distinct loops were traced (one per carry signature and trip count)."""
+        """How many distinct loops were traced (one per trip count, carry signature, set of
+        invariant tensors and autocast state)."""
         return len(self._plans)
 
     def __call__(
@@ -878,8 +879,10 @@ class DeviceLoop:
         import torch_xla
 
         carry, invariants = list(carry), list(invariants)
+        # The autocast state is traced into the body (bf16 matmuls under PPO's rollouts).
         key = (int(n), tuple((tuple(t.shape), t.dtype) for t in carry),
-               tuple(id(t) for t in invariants))
+               tuple(id(t) for t in invariants),
+               torch.is_autocast_enabled("xla") and torch.get_autocast_dtype("xla"))
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._capture(carry, invariants, int(n))
