@@ -23,7 +23,8 @@ def test_batch_upload_from_addressable_shards_with_mp():
         dev = runtime.batch_to_device(batch, mesh)
         grid = np.asarray(mesh.mesh.device_ids).reshape(2, 2, 2)
         ok_shards = []
-        for o, shard in runtime.local_shards(dev["input_ids"]):
+        local = zip(runtime.local_device_ordinals(), runtime.local_shard_data(dev["input_ids"]))
+        for o, shard in local:
             coords = runtime.device_coords(grid, o)
             want = ids[runtime.shard_slices((4, 6), runtime.batch_spec(2), mesh.shape, coords)]
             ok_shards.append(bool(torch.equal(shard, want)) and shard.shape == (1, 6))
@@ -33,7 +34,7 @@ def test_batch_upload_from_addressable_shards_with_mp():
             "ids_ok": bool(torch.equal(runtime.to_cpu(dev["input_ids"]), ids)),
             "mask_ok": bool(torch.equal(runtime.to_cpu(dev["attention_mask"]), ids % 2)),
             "margin": runtime.to_cpu(dev["margin"]).tolist(),
-            "margin_shards": [s.tolist() for _, s in runtime.local_shards(dev["margin"])],
+            "margin_shards": [s.tolist() for s in runtime.local_shard_data(dev["margin"])],
             "note": dev["note"],
             "host_rows": runtime.host_rows(4, (2, 2, 2), np.arange(8), runtime.local_device_ordinals()),
         }))

@@ -333,15 +333,6 @@ def host_rows(
     return merged
 
 
-def local_shards(tensor: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """``(device ordinal, CPU copy)`` of each of this host's shards of a device tensor (a
-    host transfer: for tests and debugging)."""
-    import torch_xla
-
-    shards = torch_xla._XLAC._get_local_shards([tensor])[0]
-    return [(int(dev.rsplit(":", 1)[1]), t.cpu()) for t, dev in shards]
-
-
 def data_share(mesh: MeshInfo) -> tuple[int, int]:
     """``(index, count)`` of this host's share of each global batch for the loaders:
     ``(0, 1)`` on every host, i.e. each host builds the whole global batch from the same
