@@ -270,7 +270,7 @@ class _State:
 
 
 _STATE_FIELDS = ("sequences", "mask", "continuation_mask", "last_token", "done", "all_done", "step", "seed")
-"""The tensor fields of :class:`_State`, in the order the replayed decode graph takes them."""
+"""The tensor fields of :class:`_State`, in the order the decode loop carries them."""
 
 
 def _cache_slots(cache: Any) -> list[tuple[Any, str]]:
@@ -401,7 +401,6 @@ class Generator:
         same, since the remaining steps would only write pad)."""
         from . import runtime
 
-        n = len(_STATE_FIELDS)
         slots = _cache_slots(state.cache)
         if self._loop is None:
             stop = _STATE_FIELDS.index("all_done") if self.sampling.stop_check_every else None
