@@ -5,7 +5,7 @@
 1. Trainer proxies (DPO, reward model, PPO) with the 13B model's ratios (head_dim 128,
    intermediate/hidden 2.7, vocab/hidden 6.25, bf16 compute over fp32 parameters,
    checkpointing on), 2 layers and 256-token sequences, on 4- and 8-device meshes. Each is
-   compiled by ``torchxla_rlhf.memory_probe`` in a subprocess with ``--xla_dump_to``; the
+   compiled by ``tools.memory_probe`` in a subprocess with ``--xla_dump_to``; the
    measured per-device peak is the buffer assignment's "Total bytes used" of the step's
    graph (forward, backward and AdamW in one graph); for PPO's rollout graphs, plus the bytes
    of the shards that stay resident meanwhile (value model, optimizer state, frozen models),
@@ -28,7 +28,8 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from torchxla_rlhf import memory_plan, xla_dump  # noqa: E402
+from tools import xla_dump  # noqa: E402
+from torchxla_rlhf import memory_plan  # noqa: E402
 from torchxla_rlhf.config import load_config  # noqa: E402
 from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig  # noqa: E402
 
@@ -58,7 +59,7 @@ def proxy_overrides(kind: str, mesh: str) -> list[str]:
 def run_probe(args: list[str], devices: int, dump: str) -> dict:
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), PYTHONPATH=REPO,
                XLA_FLAGS=f"--xla_dump_to={dump}")
-    proc = subprocess.run([sys.executable, "-m", "torchxla_rlhf.memory_probe", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tools.memory_probe", *args], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-4000:])

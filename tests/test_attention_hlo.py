@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO
-from torchxla_rlhf import xla_dump
+from tools import xla_dump
 
 MESH = (1, 2, 4)
 SPEC = dict(mesh="1,2,4", hidden=320, heads=8, kv_heads=4, layers=1, intermediate=640,
@@ -31,11 +31,11 @@ ROWS = SPEC["batch"] // (MESH[0] * MESH[1])
 
 
 def compile_probe(attn: str, dump_dir: str) -> None:
-    """Run torchxla_rlhf.memory_probe with 8 devices, dumping to ``dump_dir``."""
+    """Run tools.memory_probe with 8 devices, dumping to ``dump_dir``."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8", PYTHONPATH=REPO,
                XLA_FLAGS=f"--xla_dump_to={dump_dir}")
     spec = json.dumps({**SPEC, "attn_implementation": attn})
-    proc = subprocess.run([sys.executable, "-m", "torchxla_rlhf.memory_probe", spec], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tools.memory_probe", spec], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
 

@@ -149,7 +149,20 @@ class SamplingConfig:
     skipped steps would only write pad); what is saved is device time when most batches finish
     well before ``max_new_tokens``."""
 
+    gather_weights: Literal["per_layer", "hoisted"] = "per_layer"
+    """How the rollout's decode loop gets FSDP-sharded weights. ``per_layer``: each layer's
+    weights are all-gathered inside the loop when that layer runs, at every token (a device
+    holds about two layers gathered, as in training; weight traffic grows with tokens).
+    ``hoisted``: every weight is gathered once before the loop and held whole over ``fsdp``
+    for the whole rollout (no per-token traffic; the whole model / mp per device: does not
+    fit a 13B model on 16 GiB devices). The memory plan counts the chosen one."""
+
     def __post_init__(self) -> None:
+        if self.gather_weights not in ("per_layer", "hoisted"):
+            raise ValueError(
+                f"SamplingConfig.gather_weights={self.gather_weights!r}: expected 'per_layer' "
+                "or 'hoisted'"
+            )
         if not self.greedy and not self.temperature > 0:
             raise ValueError(
                 f"SamplingConfig.temperature={self.temperature!r}: expected a number > 0 "

@@ -37,6 +37,14 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   traced body itself and maps each body parameter (carry, weight or constant) to its loop
   slot by identity, which has neither problem. (Before it, the traced step's executable was
   replayed once per token: ~0.5 ms of host work per token, and no overlap.)
+* Weights in the loop (``SamplingConfig.gather_weights``): FSDP-sharded weights are loop
+  invariants, and XLA's loop-invariant code motion would hoist every all-gather out of the
+  ``While``, so that a device holds the whole model (over ``mp``) for the whole rollout.
+  ``per_layer`` (the default) makes each layer's weights (and the embedding's and LM head's)
+  depend on that layer's input while the step is traced (adding a ``-0.0`` computed from
+  it): the gathers then depend on the iteration and on the layers before, so they stay in
+  the loop body, one layer at a time, at every token. ``hoisted`` leaves the compiler free to
+  gather everything once before the loop. The tokens are the same bit for bit either way.
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
@@ -47,6 +55,7 @@ rollout and put back in its previous training mode afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -428,11 +437,67 @@ class Generator:
         for (o, a), t in zip(slots, flat[n:]):
             setattr(o, a, t)
         try:
-            new = self._decode_step(_State(**dict(zip(_STATE_FIELDS, flat[:n])), cache=cache))
+            with self._weights_gathered_per_layer():
+                new = self._decode_step(_State(**dict(zip(_STATE_FIELDS, flat[:n])), cache=cache))
             return [getattr(new, f) for f in _STATE_FIELDS] + [getattr(o, a) for o, a in slots]
         finally:
             for (o, a), t in zip(slots, originals):
                 setattr(o, a, t)
+
+    def _weight_blocks(self) -> list[torch.nn.Module]:
+        """The modules whose weights ``per_layer`` gathers one at a time: the input
+        embedding, every decoder layer, the LM head."""
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(
+                f"Generator: {type(self.model).__name__} has no .model.layers; "
+                "sampling.gather_weights=per_layer needs a decoder-layer stack (a Llama)"
+            )
+        blocks = [self.model.get_input_embeddings(), *layers, self.model.get_output_embeddings()]
+        return [b for b in blocks if b is not None]
+
+    @contextlib.contextmanager
+    def _weights_gathered_per_layer(self):
+        """While the decode step is traced (``gather_weights=per_layer``): each weight block
+        runs on ``weight + z`` with ``z = -(|s| * 0) = -0.0`` computed from ``s``, the
+        largest entry of the block's first input (token ids or hidden states; ``s`` is
+        taken as 0 where it is not finite). ``w + (-0.0) == w`` bit for bit, and XLA does not
+        fold ``x * 0`` for floats (NaN), so each weight, and its FSDP all-gather, depends on
+        the iteration and on the layers before: the gathers can be neither hoisted out of
+        the ``While`` nor scheduled ahead of their layer. (An optimization barrier would not
+        do: XLA:CPU removes barriers before it schedules, and then gathers every layer at the
+        top of the body.) Costs per layer and token: one scalar max over the devices and one
+        elementwise add over the weight shards. The model's own parameters are put back
+        afterwards, untouched."""
+        if self.sampling.gather_weights != "per_layer":
+            yield
+            return
+        swapped: dict[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]] = {}
+
+        def before(block: torch.nn.Module, args: tuple) -> None:
+            s = args[0].detach().max().float()
+            zero = -(torch.where(torch.isfinite(s), s, torch.zeros_like(s)).abs() * 0.0)
+            slots = [(m, name, p) for m in block.modules()
+                     for name, p in m._parameters.items() if p is not None]
+            for m, name, p in slots:
+                m._parameters[name] = p + zero.to(p.dtype)
+            swapped[block] = slots
+
+        def after(block: torch.nn.Module, args: tuple, output: Any) -> None:
+            for m, name, p in swapped.pop(block, []):
+                m._parameters[name] = p
+
+        handles = []
+        try:
+            for block in self._weight_blocks():
+                handles.append(block.register_forward_pre_hook(before))
+                handles.append(block.register_forward_hook(after, always_call=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for block in list(swapped):
+                after(block, (), None)
 
     def _forward_last_logits(
         self, ids: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor, cache: Any

@@ -926,12 +926,17 @@ class DeviceLoop:
         ids, shadows = xlac._get_tensors_xla_device_data_node(carry)
         if len(set(ids)) != len(carry):
             raise ValueError(f"DeviceLoop({self.name}): two carry tensors share a buffer")
-        allowed = xlac._get_allow_execution()
+        allowed, cast_cache = xlac._get_allow_execution(), torch.is_autocast_cache_enabled()
         xlac._set_allow_execution(False)  # a host sync inside the body raises
+        # Autocast caches its bf16 casts of trainable weights for the whole autocast region;
+        # casts made earlier (by the prefill) are device data by now, and the body would
+        # freeze them as constants: a later call would decode with the capture's weights.
+        torch.set_autocast_cache_enabled(False)
         try:
             out = list(self.body([t.clone() for t in shadows]))
         finally:
             xlac._set_allow_execution(allowed)
+            torch.set_autocast_cache_enabled(cast_cache)
         got = [(tuple(t.shape), t.dtype) for t in out]
         want = [(tuple(t.shape), t.dtype) for t in carry]
         if got != want:

@@ -2,8 +2,8 @@
 its per-device programs: what tests/test_attention_hlo.py and bench/memory.py read.
 
     XLA_FLAGS=--xla_dump_to=DIR CPU_NUM_DEVICES=8 PJRT_DEVICE=CPU \\
-        python -m torchxla_rlhf.memory_probe '{"mesh": "1,2,4", "hidden": 320, ...}'
-        python -m torchxla_rlhf.memory_probe dpo|reward|ppo CONFIG.yaml [key=value ...]
+        python -m tools.memory_probe '{"mesh": "1,2,4", "hidden": 320, ...}'
+        python -m tools.memory_probe dpo|reward|ppo CONFIG.yaml [key=value ...]
 
 The device count is fixed per process, so callers run this in a subprocess. Graph names in
 the dump: ``probe_train`` (forward + backward of ``logsumexp(logits)``, checkpointing as
@@ -40,6 +40,8 @@ class ProbeSpec:
     train: bool = True
     decode: dict = field(default_factory=dict)
     """``{"batch": B, "prompt": PL, "new": CL}`` to also compile a rollout (empty: none)."""
+    gather_weights: str = "per_layer"
+    """The rollout's ``SamplingConfig.gather_weights``."""
 
 
 def model_config(spec: ProbeSpec):
@@ -87,7 +89,8 @@ def run(spec: ProbeSpec) -> dict:
     if spec.decode:
         b, pl, cl = spec.decode["batch"], spec.decode["prompt"], spec.decode["new"]
         prompts = _random_rows(spec.vocab, b, pl, mesh, gen)
-        generator = Generator(model, SamplingConfig(), eos_token_id=2, pad_token_id=0, mesh=mesh)
+        generator = Generator(model, SamplingConfig(gather_weights=spec.gather_weights),
+                              eos_token_id=2, pad_token_id=0, mesh=mesh)
         with runtime.autocast(spec.compute_dtype, spec.param_dtype):
             generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)
         runtime.sync()
@@ -134,7 +137,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     from torchxla_rlhf import models, runtime
     from torchxla_rlhf.config import load_config
     from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
-    from torchxla_rlhf.generation import Generator, SamplingConfig
+    from torchxla_rlhf.generation import Generator
     from torchxla_rlhf.optim import AdamW, Schedule
 
     cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
@@ -210,7 +213,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     outside["generation"] = _device_bytes(resident)
     n_roll = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     prompts = _random_rows(vocab, n_roll, pl, mesh, gen)
-    generator = Generator(policy, SamplingConfig(), eos_token_id=2, pad_token_id=pad, mesh=mesh)
+    generator = Generator(policy, cfg.sampling, eos_token_id=2, pad_token_id=pad, mesh=mesh)
     with ac:
         generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=2)
     runtime.sync()
