@@ -121,3 +121,44 @@ def entry_parameters(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
     body = hlo[start: hlo.find("\n}", start)]
     return [(d, _dims(s)) for d, s in re.findall(
         r"= (\w+)\[([\d,]*)\][^ ]* parameter\(\d+\)", body)]
+
+
+def computations(hlo: str) -> dict[str, str]:
+    """Body text of every computation in an HLO module, keyed by name (the entry's too)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if head:
+            current = out.setdefault(head.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
+
+
+def while_body_computations(hlo: str) -> set[str]:
+    """Names of the computations that run inside a ``While`` body: every ``body=`` and
+    whatever those call, transitively (fusions, reductions, nested loops)."""
+    comps = computations(hlo)
+    todo = [b for text in comps.values() for b in re.findall(r"\bbody=%?([\w.\-]+)", text)]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)",
+                           comps[name])
+    return seen
+
+
+def all_gathers_in_and_out_of_loops(hlo: str, n_devices: int) -> tuple[list[Collective], list[Collective]]:
+    """The module's all-gathers split into (inside a ``While`` body, everywhere else)."""
+    comps = computations(hlo)
+    body = while_body_computations(hlo)
+    inside = [ag for name in body for ag in all_gathers(comps[name], n_devices)]
+    outside = [ag for name, text in comps.items() if name not in body
+               for ag in all_gathers(text, n_devices)]
+    return inside, outside
