@@ -207,13 +207,24 @@ def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backwa
 
 
 def gathered_weights_bytes(shape: Shape, mesh: Mesh, lm_head: bool, dtype: str,
-                           linear_dtype: str | None = None) -> float:
+                           linear_dtype: str | None = None, in_flight: int | None = None) -> float:
     """Weights a device holds whole over ``fsdp`` while a model runs: FSDP all-gathers each
-    matrix before its matmul; XLA keeps about two layers' worth in flight, plus the
-    embedding and the LM head (each split over ``mp`` only)."""
-    layers = min(shape.layers, 2) * shape.layer_linear * BYTES[linear_dtype or dtype]
+    matrix before its matmul; XLA keeps about two layers' worth in flight (``in_flight``
+    layers when given), plus the embedding and the LM head (each split over ``mp`` only)."""
+    n = min(shape.layers, 2) if in_flight is None else in_flight
+    layers = n * shape.layer_linear * BYTES[linear_dtype or dtype]
     vocab = shape.vocab * shape.hidden * (BYTES[dtype] + (BYTES[linear_dtype or dtype] if lm_head else 0))
     return (layers + vocab) / mesh.mp
+
+
+def rollout_gathered_weights_bytes(shape: Shape, mesh: Mesh, gather_weights: str,
+                                   dtype: str) -> float:
+    """The policy's weights a device holds whole over ``fsdp`` during a rollout
+    (``sampling.gather_weights``): ``per_layer`` gathers each layer inside the decode loop
+    when it runs (about two layers in flight, as in training); ``hoisted`` gathers every
+    layer once before the loop and keeps them for the whole rollout."""
+    in_flight = None if gather_weights == "per_layer" else shape.layers
+    return gathered_weights_bytes(shape, mesh, True, dtype, in_flight=in_flight)
 
 
 @dataclass
@@ -369,8 +380,11 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
     prefill = (layer_working_bytes(shape, mesh, micro, pl, c, BYTES[cfg.model.param_dtype])
                + scores_bytes(shape, mesh, micro, pl, t, c))
     rollout = [
-        Term("gathered weights", gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype),
-             "policy: 2 layers + embeddings, whole over fsdp"),
+        Term("gathered weights", rollout_gathered_weights_bytes(
+            shape, mesh, cfg.sampling.gather_weights, cfg.model.param_dtype),
+             f"policy, sampling.gather_weights={cfg.sampling.gather_weights}: "
+             f"{'2 layers' if cfg.sampling.gather_weights == 'per_layer' else 'every layer'} "
+             "+ embeddings, whole over fsdp"),
         Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}"),
         Term("prefill (one layer) + logits", prefill + micro * shape.vocab / mesh.mp * (c + 8),
              f"{micro:g} rows x {pl} prompt tokens"),
