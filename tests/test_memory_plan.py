@@ -65,6 +65,22 @@ def test_rollout_micro_batch_shrinks_only_the_kv_cache():
     assert _term(piece, "rollout buffers") == _term(whole, "rollout buffers")
 
 
+def test_rollout_gathered_weights_follow_the_decode_policy():
+    """per_layer: two layers + embeddings whatever the depth; hoisted: every layer, so a 13B
+    rollout on 1,64,4 does not fit a v3 core (which is why per_layer is the default)."""
+    per_layer = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml"), 256, 16 * GIB)
+    hoisted = memory_plan.plan(
+        _cfg(PPOConfig, "ppo_13b.yaml", "sampling.gather_weights=hoisted"), 256, 16 * GIB)
+    shape, mesh = memory_plan.LLAMA2["13b"], per_layer.mesh
+    layer = shape.layer_linear * 4 / mesh.mp  # fp32 parameters, whole over fsdp
+    rollout = [t.name for t in per_layer.phases["rollout"]]
+    assert "gathered weights" in rollout
+    gathered = [t for t in hoisted.phases["rollout"] if t.name == "gathered weights"][0].bytes - [
+        t for t in per_layer.phases["rollout"] if t.name == "gathered weights"][0].bytes
+    assert gathered == pytest.approx((shape.layers - 2) * layer)
+    assert hoisted.fits is False
+
+
 @pytest.mark.parametrize("config,devices,mesh", [
     ("dpo_13b.yaml", 256, "-1,16,16"), ("dpo_13b.yaml", 128, "-1,16,8"),
     ("reward_13b.yaml", 256, "-1,32,8"), ("reward_13b.yaml", 128, "-1,32,4"),
