@@ -41,7 +41,7 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   invariants, and XLA's loop-invariant code motion would hoist every all-gather out of the
   ``While``, so that a device holds the whole model (over ``mp``) for the whole rollout.
   ``per_layer`` (the default) makes each layer's weights (and the embedding's and LM head's)
-  depend on that layer's input while the step is traced (adding a ``-0.0`` computed from
+  depend on that layer's input while the step (and the prefill) is traced (adding a ``-0.0`` computed from
   it): the gathers then depend on the iteration and on the layers before, so they stay in
   the loop body, one layer at a time, at every token. ``hoisted`` leaves the compiler free to
   gather everything once before the loop. The tokens are the same bit for bit either way.
@@ -362,9 +362,10 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            state = self._run(
-                "prefill", self._prefill, input_ids, attention_mask, max_new_tokens, seed
-            )
+            with self._weights_gathered_per_layer(input_ids.device.type == "xla"):
+                state = self._run(
+                    "prefill", self._prefill, input_ids, attention_mask, max_new_tokens, seed
+                )
             if input_ids.device.type == "xla":
                 # Every later token in ONE compiled device loop; nothing here waits for it.
                 decode_steps = self._decode_loop(state, max_new_tokens - 1)
@@ -457,8 +458,10 @@ class Generator:
         return [b for b in blocks if b is not None]
 
     @contextlib.contextmanager
-    def _weights_gathered_per_layer(self):
-        """While the decode step is traced (``gather_weights=per_layer``): each weight block
+    def _weights_gathered_per_layer(self, on: bool = True):
+        """While the prefill or the decode step is traced (``gather_weights=per_layer``; the
+        prefill too: XLA:CPU otherwise gathers every layer at the top of that graph, so its
+        per-device peak held the whole model over ``mp``): each weight block
         runs on ``weight + z`` with ``z = -(|s| * 0) = -0.0`` computed from ``s``, the
         largest entry of the block's first input (token ids or hidden states; ``s`` is
         taken as 0 where it is not finite). ``w + (-0.0) == w`` bit for bit, and XLA does not
@@ -469,7 +472,7 @@ class Generator:
         top of the body.) Costs per layer and token: one scalar max over the devices and one
         elementwise add over the weight shards. The model's own parameters are put back
         afterwards, untouched."""
-        if self.sampling.gather_weights != "per_layer":
+        if not on or self.sampling.gather_weights != "per_layer":
             yield
             return
         swapped: dict[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]] = {}
