@@ -220,11 +220,24 @@ def gathered_weights_bytes(shape: Shape, mesh: Mesh, lm_head: bool, dtype: str,
 def rollout_gathered_weights_bytes(shape: Shape, mesh: Mesh, gather_weights: str,
                                    dtype: str) -> float:
     """The policy's weights a device holds whole over ``fsdp`` during a rollout
-    (``sampling.gather_weights``): ``per_layer`` gathers each layer inside the decode loop
-    when it runs (about two layers in flight, as in training); ``hoisted`` gathers every
-    layer once before the loop and keeps them for the whole rollout."""
-    in_flight = None if gather_weights == "per_layer" else shape.layers
-    return gathered_weights_bytes(shape, mesh, True, dtype, in_flight=in_flight)
+    (``sampling.gather_weights``), and the LM head (split over ``mp``; the embedding lookup
+    reads its shards and sums over the devices, it gathers no table). ``per_layer``: the
+    generation engine makes each layer's gather wait for that layer's input, in the prefill
+    and inside the decode loop, so one layer is whole at a time; ``hoisted``: every layer is
+    gathered once before the loop and held for the whole rollout."""
+    layers = 1 if gather_weights == "per_layer" else shape.layers
+    return (layers * shape.layer_linear + shape.vocab * shape.hidden) * BYTES[dtype] / mesh.mp
+
+
+def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int, c: int,
+                  r: int) -> float:
+    """The prefill's largest working set per device besides weights and the KV cache: an
+    inference forward frees each layer's tensors as it goes, so one layer's MLP (the residual
+    input in ``r``; gate, up and their product over ``mp`` in ``c``), that layer's attention
+    scores against the ``total``-slot cache, and the last position's logits."""
+    mlp = rows * prompt * (shape.hidden * r + 3 * shape.intermediate * c / mesh.mp)
+    logits = rows * shape.vocab / mesh.mp * (c + 8)
+    return mlp + scores_bytes(shape, mesh, rows, prompt, total, c) + logits
 
 
 @dataclass
@@ -377,16 +390,15 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
     micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     kv = heads_per_device(shape, mesh.mp) * shape.kv_heads // shape.heads * shape.head_dim
     cache = 2 * shape.layers * micro * t * kv * c
-    prefill = (layer_working_bytes(shape, mesh, micro, pl, c, BYTES[cfg.model.param_dtype])
-               + scores_bytes(shape, mesh, micro, pl, t, c))
     rollout = [
         Term("gathered weights", rollout_gathered_weights_bytes(
             shape, mesh, cfg.sampling.gather_weights, cfg.model.param_dtype),
              f"policy, sampling.gather_weights={cfg.sampling.gather_weights}: "
-             f"{'2 layers' if cfg.sampling.gather_weights == 'per_layer' else 'every layer'} "
-             "+ embeddings, whole over fsdp"),
+             f"{'1 layer' if cfg.sampling.gather_weights == 'per_layer' else 'every layer'} "
+             "+ LM head, whole over fsdp"),
         Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}"),
-        Term("prefill (one layer) + logits", prefill + micro * shape.vocab / mesh.mp * (c + 8),
+        Term("prefill (one layer) + logits",
+             prefill_bytes(shape, mesh, micro, pl, t, c, BYTES[cfg.model.param_dtype]),
              f"{micro:g} rows x {pl} prompt tokens"),
     ]
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
@@ -398,8 +410,12 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
                 + _frozen_gathered(shape, mesh, True, cfg.model)
                 + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
     train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
-    return Plan("ppo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
-                notes)
+    # Gradients live from the first micro-batch's backward to the optimizer step, which
+    # clears them: the rollouts run without them.
+    grads = [t for t in persistent if t.name.endswith(" gradients")]
+    persistent = [t for t in persistent if t not in grads]
+    return Plan("ppo", mesh, hbm_bytes, persistent,
+                {"rollout": rollout, "train micro-step": train + grads}, notes)
 
 
 # ----------------------------------------------------------------------------------------
