@@ -41,10 +41,11 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   invariants, and XLA's loop-invariant code motion would hoist every all-gather out of the
   ``While``, so that a device holds the whole model (over ``mp``) for the whole rollout.
   ``per_layer`` (the default) makes each layer's weights (and the embedding's and LM head's)
-  depend on that layer's input while the step (and the prefill) is traced (adding a ``-0.0`` computed from
-  it): the gathers then depend on the iteration and on the layers before, so they stay in
-  the loop body, one layer at a time, at every token. ``hoisted`` leaves the compiler free to
-  gather everything once before the loop. The tokens are the same bit for bit either way.
+  depend on that layer's input while the step and the prefill are traced (adding a ``-0.0``
+  computed from it): the gathers then depend on the iteration and on the layers before, so
+  they stay in the loop body, one layer at a time, at every token. ``hoisted`` leaves the
+  compiler free to gather everything once before the loop. The tokens are the same bit for
+  bit either way.
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
@@ -461,9 +462,9 @@ class Generator:
     def _weights_gathered_per_layer(self, on: bool = True):
         """While the prefill or the decode step is traced (``gather_weights=per_layer``; the
         prefill too: XLA:CPU otherwise gathers every layer at the top of that graph, so its
-        per-device peak held the whole model over ``mp``): each weight block
-        runs on ``weight + z`` with ``z = -(|s| * 0) = -0.0`` computed from ``s``, the
-        largest entry of the block's first input (token ids or hidden states; ``s`` is
+        per-device peak held the whole model over ``mp``): each weight block runs on
+        ``weight + z`` with ``z = -(|s| * 0) = -0.0`` computed from ``s``, the largest
+        entry of the block's first input (token ids or hidden states; ``s`` is
         taken as 0 where it is not finite). ``w + (-0.0) == w`` bit for bit, and XLA does not
         fold ``x * 0`` for floats (NaN), so each weight, and its FSDP all-gather, depends on
         the iteration and on the layers before: the gathers can be neither hoisted out of
