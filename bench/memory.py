@@ -94,7 +94,8 @@ def measure_proxy(kind: str, mesh: str, devices: int, layers: int) -> list[tuple
             rollout = max(graph_bytes(dump, "generation_prefill"),
                           graph_bytes(dump, "generation_decode_loop"))
             rows.append(("rollout", rollout + out["outside"]["generation"]))
-    return [(phase, measured, *planned(kind, mesh, devices, layers, phase)) for phase, measured in rows]
+    return [(phase, measured, *planned(kind, mesh, devices, layers, phase))
+            for phase, measured in rows]
 
 
 def planned(kind: str, mesh: str, devices: int, layers: int, phase: str) -> tuple[float, float]:
@@ -177,10 +178,12 @@ def main() -> None:
                 for phase, measured, plan, plan_off in measure_proxy(kind, mesh, devices, layers):
                     err = plan / measured - 1
                     ok &= abs(err) <= 0.15
-                    off = (f", checkpointing off {plan_off / MIB:7.1f} MiB {plan_off / measured - 1:+.0%}"
-                           if phase != "rollout" else "")
+                    off = "" if phase == "rollout" else (
+                        f", checkpointing off {plan_off / MIB:7.1f} MiB "
+                        f"{plan_off / measured - 1:+.0%}")
                     print(f"  {kind:<6} {phase:<16} mesh {mesh} L={layers:<2}: measured "
-                          f"{measured / MIB:7.1f} MiB, planner {plan / MIB:7.1f} MiB {err:+.0%}{off}",
+                          f"{measured / MIB:7.1f} MiB, planner {plan / MIB:7.1f} MiB "
+                          f"{err:+.0%}{off}",
                           flush=True)
     print("== 1-layer attention probe (mesh 1,2,4, 8 heads, seq 512, fwd+bwd, checkpointing)")
     eager, einsum = attention_probe("eager"), attention_probe("auto")

@@ -154,7 +154,9 @@ def while_body_computations(hlo: str) -> set[str]:
     return seen
 
 
-def all_gathers_in_and_out_of_loops(hlo: str, n_devices: int) -> tuple[list[Collective], list[Collective]]:
+def all_gathers_in_and_out_of_loops(
+    hlo: str, n_devices: int
+) -> tuple[list[Collective], list[Collective]]:
     """The module's all-gathers split into (inside a ``While`` body, everywhere else)."""
     comps = computations(hlo)
     body = while_body_computations(hlo)
