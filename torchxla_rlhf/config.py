@@ -516,6 +516,16 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     return _build(cls, data, "", origins, cls)
 
 
+def declared_value(path: str, key: str) -> tuple[Any, str]:
+    """``(value, where)`` of top-level ``key`` in config file ``path`` (a shipped name works)
+    merged over its ``base:`` chain, without building a config tree: ``(None, path)`` when
+    no file of the chain sets it. How ``plan`` learns which trainer a file is for."""
+    origins = _Origins()
+    origins.source = path = _norm(find_config(os.fspath(path)))
+    data = _load_file(path, [], origins, None)
+    return data.get(key), origins.where(key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

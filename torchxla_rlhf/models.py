@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from torchxla_rlhf import attention, runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
 from torchxla_rlhf.errors import UserError
+from torchxla_rlhf.preflight.shapes import frozen_dtype  # one rule for the pre-flight and the loader
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
 
@@ -279,41 +280,6 @@ class _TensorReader:
         self._stack.close()
 
 
-def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig:
-    """The model's HF config without fetching weights (``config.json`` only): what the
-    start-up checks need before anything loads."""
-    if cfg.name_or_path == "tiny":
-        return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0)
-    if "://" in cfg.name_or_path:
-        import fsspec
-
-        with fsspec.open(cfg.name_or_path.rstrip("/") + "/config.json") as f:
-            config = LlamaConfig.from_dict(json.load(f))
-    else:
-        source = cfg.name_or_path
-        if not os.path.isdir(source) and (
-            source.startswith(("/", ".", "~")) or source.count("/") > 1
-        ):
-            raise FileNotFoundError(f"model directory {source!r} does not exist")
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                source, revision=cfg.revision, token=os.environ.get("HF_TOKEN")
-            )
-        except OSError as e:
-            if os.path.isdir(source):
-                raise WeightFileError(f"model directory {source!r}: {e}") from None
-            from torchxla_rlhf.remote import hub_error
-
-            raise hub_error(source, e) from e
-    if config.model_type != "llama":
-        raise WeightFileError(
-            f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
-        )
-    if pad_token_id is not None:
-        config.pad_token_id = pad_token_id
-    return config
-
-
 # ----------------------------------------------------------------------------------------
 # Building models
 # ----------------------------------------------------------------------------------------
@@ -488,14 +454,6 @@ def freeze(
                 module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
         sharding.shard_model(model, mesh)
     return model
-
-
-def frozen_dtype(cfg: ModelConfig) -> str:
-    """The dtype name a frozen copy of ``cfg``'s matmul weights is stored in: the compute dtype
-    only where :func:`autocast` is on (else the forward's activations stay in param_dtype and a
-    bf16 weight would not match them)."""
-    autocast_on = cfg.compute_dtype != cfg.param_dtype and cfg.compute_dtype != "float32"
-    return cfg.compute_dtype if cfg.frozen_dtype == "compute" and autocast_on else cfg.param_dtype
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from torchxla_rlhf import checkpoint, memory_plan, runtime, startup, train_state
+from torchxla_rlhf import checkpoint, runtime, train_state
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.errors import Preempted, ResumeError
+from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
@@ -61,11 +62,11 @@ def setup_run(cfg: Any) -> RunContext:
                      resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
-    # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
-    startup.check_before_loading(cfg)
-    mesh = runtime.make_mesh(cfg.mesh_dim)
-    # Issue 9: stop before loading any weights when the run cannot fit (logs the plan).
-    memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
+    # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
+    devices, processes, per_host = runtime.topology()
+    report = checks.check_before_loading(cfg, devices, processes, per_host,
+                                         runtime.device_memory_bytes())
+    mesh = runtime.make_mesh(report.mesh)
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
     tokenizer = load_tokenizer(
@@ -123,6 +124,12 @@ class Trainer:
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
+
+    @classmethod
+    def check_data(cls, cfg: Any, tokenizer: Any) -> None:
+        """Build the run's datasets once (tokenized, counted, checked) without touching a
+        device, so that bad data fails before an earlier pipeline stage trains."""
+        raise NotImplementedError
 
     def build(self) -> int:
         """Build the data, models, optimizers and compiled graphs; return the number of
