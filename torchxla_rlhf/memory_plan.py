@@ -219,14 +219,15 @@ def read_shapes(cfg: Any) -> dict[str, Shape]:
 
 
 def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
-         shapes: Mapping[str, Shape] | None = None) -> Plan:
+         shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None) -> Plan:
     """The per-device plan of a trainer config on ``n_devices`` devices: the trainer's own
     memory terms (registered with it in ``trainers/registry.py``). ``shapes``: the models'
-    shapes by config key (default: read from their config.json)."""
+    shapes by config key (default: read from their config.json); ``mesh``: another mesh than
+    the config's ``mesh_dim`` (the start-up checks try them all)."""
     from torchxla_rlhf.trainers import registry
 
     spec = registry.spec_for(cfg)
-    mesh = _mesh(cfg, n_devices)
+    mesh = mesh or _mesh(cfg, n_devices)
     shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
     shape = shapes["model"]
     notes = []

@@ -126,7 +126,7 @@ def check_memory(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: f
                  report: StartupReport) -> None:
     """The memory plan's verdict as a check (an unknown device memory passes)."""
     try:
-        p = memory_plan.plan(cfg, mesh.devices, hbm_bytes, shapes)
+        p = memory_plan.plan(cfg, mesh.devices, hbm_bytes, shapes, mesh)
     except memory_plan.PlanError as e:  # e.g. an uneven chunk the run pads: not sized
         report.add("memory per device", "mesh_dim", True, f"not planned: {e}", warning=True)
         return
@@ -160,6 +160,8 @@ def fitting_meshes(cfg: Any, shapes: Mapping[str, Shape], devices: int,
             check_mesh_fit(cfg, models, mesh, report)
             if report.ok and hbm_bytes is not None:
                 check_memory(cfg, shapes, mesh, hbm_bytes, report)
+                if report.plan is None:  # not sized: not offered as fitting
+                    continue
             if report.ok:
                 found.append((bool(report.warnings), mesh.dp, mp, str(mesh)))
     return [text for *_, text in sorted(found)][:limit]
