@@ -128,7 +128,7 @@ def test_roles_follow_the_config():
     data = "train_dataset.path=x.jsonl"
     ppo = PPOConfig()
     assert [r.key for r in ppo.model_roles()] == ["model", "model", "reward_model", "reward_model"]
-    ppo = load_config(PPOConfig, None, [data, "value_model.name_or_path=tiny"])
+    ppo = load_config(PPOConfig, None, [data, "mini_batch_size=8", "value_model.name_or_path=tiny"])
     assert ppo.model_roles()[-1].key == "value_model"
     dpo = load_config(DPOConfig, None, [data, "precalculate_reference_logps=true"])
     assert [r.resident for r in dpo.model_roles()] == [True, False]
