@@ -63,15 +63,18 @@ def preflight(pod_name: str, config: str, overrides: list[str], model: str):
     cfg = registry.load(config, overrides + [f"{k}.name_or_path={model}" for k in sorted(keys)])
     pod = tpu_pod(pod_name)
     try:
-        report = checks.check_run(cfg, memory_plan.read_shapes(cfg), pod.devices, pod.hosts,
-                                  pod.devices_per_host, hbm_bytes=pod.hbm_bytes)
+        shapes = memory_plan.read_shapes(cfg)
+        report = checks.check_run(cfg, shapes, pod.devices, pod.hosts, pod.devices_per_host,
+                                  hbm_bytes=pod.hbm_bytes)
     except UserError as e:
         return False, None, str(e)
     p = report.plan
     if report.ok and p is not None:
         return True, p, ""
     if p is not None and p.fits is False:
-        return False, p, f"{p.peak / GIB:.2f} of {p.hbm_bytes / GIB:g} GiB per device"
+        meshes = checks.fitting_meshes(cfg, shapes, pod.devices, pod.hbm_bytes)
+        return False, p, (f"{p.peak / GIB:.2f} of {p.hbm_bytes / GIB:g} GiB per device; meshes "
+                          f"that fit these batches: {' '.join(f'`{m}`' for m in meshes) or 'none'}")
     return False, p, report.failures_line()
 
 
@@ -88,12 +91,12 @@ def main() -> None:
             fit.append(f"| {pod} | `{config}` | `{shown}` | {p.peak / GIB:.2f} | "
                        f"{p.hbm_bytes / GIB:g} | {d.name} ({d.bytes / GIB:.2f}) |")
         else:
-            misfit.append(f"- {pod} `{config}` `{shown}`: does not fit: {why}")
+            misfit.append(f"- {pod} `{config}` `{shown}`: {why}")
     print("| pod | config | overrides | peak GiB per device | of GiB | dominant term (GiB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(fit))
     if misfit:
-        print("\nDoes not fit:\n" + "\n".join(misfit))
+        print("\nDoes not fit (the planner's peak):\n" + "\n".join(misfit))
 
 
 if __name__ == "__main__":
