@@ -1,9 +1,11 @@
 """Per-device memory plan of a run, from its config: each term, the peak, and whether it fits.
 
-    python -m torchxla_rlhf plan --config configs/dpo_13b.yaml --devices 256 --hbm-gib 16
+    python -m torchxla_rlhf plan --config dpo_13b.yaml --tpu v3-256
 
-Every trainer calls :func:`check_fits` at start-up (before loading any weights) and stops with
-the table when the run cannot fit. The figures are what the compiled per-device programs hold,
+Every trainer runs the plan in its pre-flight (``preflight/checks.py``, before loading any
+weights) and stops with the table when the run cannot fit. Each trainer's terms are a function
+registered with it (``trainers/registry.py``): :func:`plan_pairs`, :func:`plan_ppo`; the terms
+below are what they are built from. The figures are what the compiled per-device programs hold,
 counted the way XLA lays them out (checked against XLA:CPU's buffer assignment on scaled-down
 proxies by ``bench/memory.py``):
 

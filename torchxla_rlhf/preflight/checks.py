@@ -98,6 +98,7 @@ def run_models(cfg: Any, shapes: Mapping[str, Shape]) -> list[ModelShapes]:
 def check_mesh_fit(cfg: Any, models: list[ModelShapes], mesh: Mesh, report: StartupReport) -> None:
     """The checks that depend on the mesh: weight dims, heads, batch rows."""
     dp, fsdp, mp = mesh
+    heads: dict[tuple[int, int], list[str]] = {}
     for m in models:
         try:
             sharding.match_specs(m.params, m.rules, axis_sizes=mesh.sizes)
@@ -105,9 +106,11 @@ def check_mesh_fit(cfg: Any, models: list[ModelShapes], mesh: Mesh, report: Star
             report.add("weights split over the mesh", f"mesh_dim / {m.key}", False,
                        f"{m.role}: {e}")
             continue
-        cost = sharding.heads_split_cost(m.shape.heads, m.shape.kv_heads, mp)
+        heads.setdefault((m.shape.heads, m.shape.kv_heads), []).append(m.role)
+    for (n_heads, n_kv), roles in heads.items():  # one line per head count, not per model
+        cost = sharding.heads_split_cost(n_heads, n_kv, mp)
         report.add("attention heads over mp", "mesh_dim", True,
-                   f"{m.role}: {cost or f'{m.shape.heads} heads split {mp} ways'}",
+                   f"{', '.join(roles)}: {cost or f'{n_heads} heads split {mp} ways'}",
                    warning=cost is not None)
     for b in cfg.batches():
         even = b.rows % (dp * fsdp) == 0
