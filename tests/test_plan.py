@@ -134,3 +134,26 @@ def test_roles_follow_the_config():
     assert [r.resident for r in dpo.model_roles()] == [True, False]
     dpo = load_config(DPOConfig, None, [data, "train_dataset.batch_size=8"])
     assert [b.rows for b in dpo.batches()] == [16]
+
+
+def test_no_trainer_kind_switch_and_one_mesh_parse_outside_their_homes():
+    """Trainer kinds are known by trainers/ and the registry only; ``mesh_dim`` is parsed by
+    preflight/mesh.py only."""
+    import re
+
+    package = os.path.join(REPO, "torchxla_rlhf")
+    kind_switch = re.compile(r"isinstance\([^)]*(DPO|PPO|Reward)Config")
+    parsers = []
+    for root, _, files in os.walk(package):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, package)
+            with open(path) as f:
+                text = f.read()
+            if not rel.startswith("trainers" + os.sep):
+                assert not kind_switch.search(text), rel
+            if re.search(r"def parse_mesh_dim|mesh_dim\)?\.split\(", text):
+                parsers.append(rel)
+    assert parsers == [os.path.join("preflight", "mesh.py")]
