@@ -67,7 +67,9 @@ def test_a_config_with_only_base_and_overrides_plans_its_trainer(capsys):
     (["--config", "tiny/dpo.yaml"], "mesh_dim='1,-1,1' has a -1 axis: pass --tpu TYPE or --devices N"),
     (["--config", "tiny/dpo.yaml", "--tpu", "v3-8", "mesh_dim=1,2,2"], "uses 4 device"),
     (["--config", "tiny/dpo.yaml", "--devices", "4", "trainer=grpc"], "unknown trainer 'grpc'"),
-    (["--config", "ppo_13b.yaml", "--tpu", "v3-256"], "reward_model.name_or_path='outputs/reward_13b/final': no such model directory"),
+    (["--config", "ppo_13b.yaml", "--tpu", "v3-256"], "reward_model.name_or_path='outputs/reward_13b/final': "
+     "no such model directory (to plan before it exists, e.g. the output of an earlier stage, set "
+     "reward_model.name_or_path to a model of the same shape)"),
 ])
 def test_every_error_is_one_line_with_exit_2(args, match, capsys):
     extra = [AS_13B[0]] if "ppo_13b.yaml" in args else []

@@ -147,12 +147,17 @@ def plan_main(argv: list[str]) -> int:
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()
+    from torchxla_rlhf.preflight.shapes import NoSuchModel
+
     try:
         return _plan(args)
     except UserError as e:
         if args.debug:
             raise
-        print(f"{PLAN_PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        hint = (f" (to plan before it exists, e.g. the output of an earlier stage, set "
+                f"{e.key}.name_or_path to a model of the same shape)"
+                if isinstance(e, NoSuchModel) else "")
+        print(f"{PLAN_PROG}: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
         return 2
 
 

@@ -247,15 +247,15 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     roles = cfg.model_roles()
     trained = next(r for r in roles if r.trained)
     frozen = [r for r in roles if not r.trained and r.resident]
-    shape = shapes[trained.key]
+    shape, model_cfg = shapes[trained.key], getattr(cfg, trained.key)
     lm_head = trained.head == "causal"
     seq = cfg.train_dataset.seq_length
     rows = _rows(2 * cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size (x2: chosen, rejected)")
-    persistent = _trained(trained.key, shape, lm_head, cfg.model.param_dtype, n)
+    persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
     for r in frozen:
         persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
-    train = _train_terms("train", shape, mesh, rows, seq, cfg.model, lm_head)
-    gathered = gathered_weights_bytes(shape, mesh, lm_head, cfg.model.param_dtype)
+    train = _train_terms("train", shape, mesh, rows, seq, model_cfg, lm_head)
+    gathered = gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype)
     for r in frozen:
         gathered += _frozen_gathered(shapes[r.key], mesh, r.head == "causal", getattr(cfg, r.key))
     train.append(Term("gathered weights", gathered, "2 layers + embeddings, whole over fsdp"))

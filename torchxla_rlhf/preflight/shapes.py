@@ -31,6 +31,14 @@ class ShapeError(UserError, ValueError):
     """A model whose shape cannot be read (no config.json, not a Llama, a key missing)."""
 
 
+class NoSuchModel(ShapeError, FileNotFoundError):
+    """A local model directory that does not exist (yet)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 def frozen_dtype(model_cfg: Any) -> str:
     """The dtype a frozen copy of ``model_cfg``'s matmul weights is stored in: the compute dtype
     only where autocast is on (else the forward's activations stay in param_dtype and a bf16
@@ -161,10 +169,7 @@ def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0) -> S
             raise ShapeError(f"{where}: the directory has no config.json")
         return shape_from_config(_read_json(path, where), where)
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ShapeError(
-            f"{where}: no such model directory (to plan before it exists, e.g. a model a "
-            f"previous stage will write, set {key}.name_or_path to a model of the same shape)"
-        )
+        raise NoSuchModel(f"{where}: no such model directory", key)
     return shape_from_config(_read_hub(name, model_cfg.revision, where, timeout_s), where)
 
 
