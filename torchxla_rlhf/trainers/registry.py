@@ -84,6 +84,8 @@ def declared_kind(config_cls: type) -> str:
 
 
 def register(spec: TrainerSpec) -> TrainerSpec:
+    if not spec.kind:
+        raise ValueError(f"{spec.config.__name__} declares no trainer (its 'trainer' default)")
     if spec.kind in TRAINERS:
         raise ValueError(f"trainer {spec.kind!r} is registered twice")
     TRAINERS[spec.kind] = spec
