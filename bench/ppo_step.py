@@ -108,9 +108,9 @@ def _overrides(mode: str, steps: int, out_dir: str) -> list[str]:
 
 def _metric_sum(name: str) -> tuple[int, float]:
     """``(samples, total seconds)`` of a torch_xla timing metric (nanoseconds accumulated)."""
-    import torch_xla.debug.metrics as met  # benchmark-only; the library goes through runtime.py
+    from torchxla_rlhf import runtime
 
-    data = met.metric_data(name)
+    data = runtime.metric_data(name)
     if not data:
         return 0, 0.0
     return int(data[0]), float(data[1]) / 1e9
@@ -131,9 +131,9 @@ def _host_mean(value: Any) -> float | None:
 
 def _last_graph_size() -> int:
     """IR nodes of the most recently synced graph (last ``TensorsGraphSize`` sample)."""
-    import torch_xla.debug.metrics as met
+    from torchxla_rlhf import runtime
 
-    data = met.metric_data("TensorsGraphSize")
+    data = runtime.metric_data("TensorsGraphSize")
     return int(data[2][-1][1]) if data and data[2] else 0
 
 
