@@ -118,11 +118,17 @@ def local_shard_boxes(tensor: torch.Tensor) -> list[tuple[int, Box]]:
     device order, without moving data. Replica 0 of each distinct box exists exactly once
     across all processes (torch_xla numbers replicas globally), so "write replica 0" writes
     every piece once. An unsharded tensor is one replicated piece."""
+    import torch_xla.core.xla_model as xm
     from torchxla_rlhf.runtime._xlac import xlac
 
     full = tuple((0, int(d)) for d in tensor.shape)
     if not xlac._get_xla_sharding_spec(tensor):
         return [(0, full)]
+    # Deliberate wait (checkpoint save/load only, never in the loop): reading the shards'
+    # bookkeeping while the graph producing the tensor still runs fails ("Trying to access XLA
+    # data ... while an async operation is in flight") when the read wins the race. Free when
+    # the device is idle.
+    xm.wait_device_ops()
     out = []
     for replica, indices in xlac._get_local_shard_replica_and_indices([tensor])[0]:
         box = full if indices is Ellipsis else tuple((s.start, s.stop) for s in indices)
