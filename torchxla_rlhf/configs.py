@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.data.config import DataSource, DatasetConfig
 
 # The sections below are defined here, not next to the code that uses them (models,
 # optim, generation, tracking re-import them), so that parsing a config or printing --help
@@ -268,8 +268,10 @@ class PairRunConfig(RunConfig):
 
     train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """Preference pairs (chosen/rejected message lists, optional numeric margin)."""
-    eval_dataset: DatasetConfig | None = None
-    """Held-out preference pairs (optional): reward accuracy for DPO, accuracy for the RM."""
+    eval_dataset: DataSource | None = None
+    """Held-out preference pairs (optional): reward accuracy for DPO, accuracy for the RM.
+    Evaluated in order, in ``train_dataset.batch_size`` batches (no batch size or shuffling
+    of its own)."""
     eval_freq: int = 0
     """Evaluate every N updates and at the end (0: only at start and end, if eval_dataset)."""
 
