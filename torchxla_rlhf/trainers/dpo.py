@@ -1,4 +1,4 @@
-"""DPO / IPO / cDPO (spec section 4): the loss of a pair batch, and the reference model.
+"""DPO / IPO / cDPO (docs/dpo.md): the loss of a pair batch, and the reference model.
 
 Chosen and rejected run as one concatenated forward of the policy; the reference's
 log-probs come from a frozen sharded model in the same graph, or from a table computed once

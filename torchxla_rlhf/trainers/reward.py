@@ -1,4 +1,4 @@
-"""Reward model (spec section 5): a Llama backbone with a bias-free scalar ``score`` head read
+"""Reward model (docs/reward.md): a Llama backbone with a bias-free scalar ``score`` head read
 at the last real token, trained with ``-logsigmoid(r_chosen - r_rejected [- margin])``.
 
 The model is transformers' ``LlamaForSequenceClassification`` (``num_labels=1``), started from
