@@ -90,8 +90,8 @@ class DeviceLoop:
     computation, which ``xla_builder`` wraps in a ``While`` (with a trip counter and an
     optional early exit) and ``_xla_user_computation`` puts into the lazy graph as one op.
     The computation is cached: later calls with the same carry shapes and invariant tensors
-    trace nothing. (torch_xla's ``while_loop``/``fori_loop`` wrappers were tried first; see
-    ``generation.py`` for why they were not usable for a model.)
+    trace nothing. (torch_xla's own ``while_loop``/``fori_loop`` wrappers cannot hold a
+    model in 2.9; ``generation.py`` says why.)
 
     Contract:
       * ``body(carry: list[Tensor]) -> list[Tensor]``: same length, shapes and dtypes. It must
