@@ -85,12 +85,19 @@ def test_shim_lists_every_private_entry_point_the_runtime_uses():
 
 
 def test_runtime_import_loads_no_torch_xla():
-    """``import torchxla_rlhf.runtime`` is cheap: torch_xla loads at ``runtime.init()``."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from torchxla_rlhf import runtime; "
-            "print('torch_xla' in sys.modules, callable(runtime.device))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=PACKAGE.parent, timeout=120)
-    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+    """Importing ``torchxla_rlhf.runtime`` loads no torch_xla (``--help`` stays cheap, and
+    ``init()`` picks ``PJRT_DEVICE`` before torch_xla starts): outside the shim, torch_xla and
+    the shim are imported only inside functions, never at a module's top level."""
+    top_level = {}
+    for p in sorted(RUNTIME.glob("*.py")):
+        if p.name == "_xlac.py":
+            continue
+        for node in ast.parse(p.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names += [f"{node.module}.{a.name}" for a in getattr(node, "names", [])
+                      if isinstance(node, ast.ImportFrom)]
+            bad = [n for n in names if n.startswith("torch_xla") or "_xlac" in n]
+            if bad:
+                top_level[p.name] = bad
+    assert top_level == {}
