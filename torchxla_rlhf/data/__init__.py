@@ -14,6 +14,7 @@ _EXPORTS = {
     "format_prompt": "chat",
     "prompt_messages_from_record": "chat",
     "tokenize_preference_side": "chat",
+    "DataSource": "config",
     "DatasetConfig": "config",
     "BatchLoader": "loader",
     "PreferenceDataset": "preference",
