@@ -159,3 +159,20 @@ def test_no_trainer_kind_switch_and_one_mesh_parse_outside_their_homes():
             if re.search(r"def parse_mesh_dim|mesh_dim\)?\.split\(", text):
                 parsers.append(rel)
     assert parsers == [os.path.join("preflight", "mesh.py")]
+
+
+def test_train_runs_the_trainer_the_file_names(tmp_path, capsys):
+    """``python -m torchxla_rlhf train --config FILE``: the declared trainer's command line
+    (here its --help and its errors; the runs themselves are the trainers' tests)."""
+    with pytest.raises(SystemExit) as e:
+        cli(["train", "--config", "tiny_llama2/reward.yaml", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "use_margin: bool" in out and "use_ipo: bool" not in out
+    path = tmp_path / "mine.yaml"
+    path.write_text("beta: 0.2\n")
+    assert cli(["train", "--config", str(path)]) == 2
+    assert "declares no trainer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli(["train", "--config=tiny/dpo.yaml", "beta=-1"])
+    assert e.value.code == 2 and "beta: must be > 0" in capsys.readouterr().err

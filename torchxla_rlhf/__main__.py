@@ -1,6 +1,7 @@
 """``python -m torchxla_rlhf``: the trainers, and the tiny pipeline in one command.
 
     python -m torchxla_rlhf                       # lists the entry points
+    python -m torchxla_rlhf train --config FILE [KEY=VALUE ...]   # the trainer FILE names
     python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny] [--resume]
                                      [dpo.KEY=VALUE ...] [reward.KEY=VALUE ...] [ppo.KEY=VALUE ...]
     python -m torchxla_rlhf plan --config FILE [--tpu v3-256 | --devices N --hbm-gib G] [KEY=VALUE ...]
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print("torchxla_rlhf: DPO, reward models and PPO for HF Llama models on PyTorch/XLA\n")
         for name, spec in TRAINERS.items():
             print(f"  python -m torchxla_rlhf.{name:<7} --config FILE [key=value ...]   {spec.summary}")
+        print("  python -m torchxla_rlhf train --config FILE [key=value ...]   "
+              "the trainer the config names (trainer: KIND)")
         print("  python -m torchxla_rlhf pipeline [--configs DIR] [--output-root DIR] "
               "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
         print("  python -m torchxla_rlhf plan --config FILE [--tpu v3-256] [key=value ...]   "
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "plan":
         return plan_main(argv[1:])
+    if argv[0] == "train":
+        return train_main(argv[1:])
     if argv[0] != "pipeline":
         print(f"unknown command {argv[0]!r}; try: python -m torchxla_rlhf --help", file=sys.stderr)
         return 2
@@ -113,6 +118,37 @@ def main(argv: list[str] | None = None) -> int:
     run_guarded(lambda: run_pipeline(args.configs, args.output_root, args.overrides,
                                      resume=args.resume, setup_logging=True),
                 "python -m torchxla_rlhf pipeline", args.debug or debug_requested([]))
+    return 0
+
+
+# --- train ---------------------------------------------------------------------
+
+
+TRAIN_PROG = "python -m torchxla_rlhf train"
+
+
+def train_main(argv: list[str]) -> int:
+    """``train --config FILE [key=value ...]``: run the trainer the config declares
+    (``trainer: KIND``), with that trainer's command line (``--help`` lists its keys)."""
+    from torchxla_rlhf.config import cli_main
+    from torchxla_rlhf.trainers import registry
+    from torchxla_rlhf.trainers.base import run
+
+    config = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), None)
+    if config is None and "--config" in argv[:-1]:
+        config = argv[argv.index("--config") + 1]
+    if config is None:
+        print(f"usage: {TRAIN_PROG} --config FILE [key=value ...] (FILE names its trainer: "
+              f"trainer: {'|'.join(registry.TRAINERS)})", file=sys.stderr)
+        return 0 if {"-h", "--help"} & set(argv) else 2
+    overrides = [a.removeprefix("--") for a in argv if "=" in a and not a.startswith("--config")]
+    try:
+        spec = registry.get(registry.kind_of_file(config, overrides))
+    except ConfigError as e:
+        print(f"{TRAIN_PROG}: error: {e}", file=sys.stderr)
+        return 2
+    cli_main(spec.config, lambda cfg: run(spec.trainer_class(), cfg, setup_logging=True),
+             argv, prog=f"{TRAIN_PROG} ({spec.kind})")
     return 0
 
 
