@@ -77,6 +77,13 @@ def test_every_error_is_one_line_with_exit_2(args, match, capsys):
     assert match in _err_line(capsys)
 
 
+def test_option_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["plan", "--devices", "4"])
+    assert e.value.code == 2
+    assert "the following arguments are required: --config" in _err_line(capsys)
+
+
 def test_a_file_that_declares_no_trainer(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text("mesh_dim: '1,2,2'\nbeta: 0.2\nmodel: {name_or_path: tiny}\ntrain_dataset: {path: pairs.jsonl}\n")

@@ -158,6 +158,13 @@ def train_main(argv: list[str]) -> int:
 PLAN_PROG = "python -m torchxla_rlhf plan"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (exit 2) as every other error of ``plan``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def plan_main(argv: list[str]) -> int:
     """``plan``: the pre-flight a trainer runs at start-up (mesh, weight splits, batch rows,
     the per-device memory plan), without a device. The trainer is the one the config declares
@@ -165,7 +172,7 @@ def plan_main(argv: list[str]) -> int:
     bad config, mesh or option (one line, as the trainers' errors)."""
     from torchxla_rlhf.errors import UserError
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=PLAN_PROG, description="The start-up checks and per-device memory plan of a "
         "trainer config on a pod, without a device.")
     parser.add_argument("--config", required=True,
