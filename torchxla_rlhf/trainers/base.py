@@ -93,7 +93,10 @@ class Trainer:
     ``eval_freq``, ``save_model_freq`` and ``save_milestone_freq`` count them.
     """
 
-    name = "trainer"
+    @property
+    def name(self) -> str:
+        """The trainer's kind, as its config declares it (``dpo``, ``reward``, ``ppo``)."""
+        return self.cfg.trainer
 
     def __init__(self, cfg: Any):
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not

@@ -49,8 +49,6 @@ ROLLOUT_KEYS = ("sequences", "attention_mask", "continuation_mask")
 
 
 class PPOTrainer(Trainer):
-    name = "ppo"
-
     @classmethod
     def check_data(cls, cfg, tokenizer) -> None:
         prompts = PromptDataset.build(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
