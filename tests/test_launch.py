@@ -385,3 +385,46 @@ def test_argument_rules():
         parse_env(["A=1\n2"], {})
     opts = parse_args(["--tpu", "t", "--zone", "z", "--", "echo", "hi"], {})
     assert opts.command == "echo hi" and opts.repo_dir == "~/torchxla_rlhf"
+
+
+def _libtpu_so() -> str | None:
+    """The pinned libtpu's shared library: installed, or unpacked from the wheel
+    (``pip download --no-deps libtpu==<torch_xla[tpu]'s pin>``) into TORCHXLA_RLHF_LIBTPU_SO."""
+    from torchxla_rlhf.libtpu_flags import libtpu_library
+
+    path = os.environ.get("TORCHXLA_RLHF_LIBTPU_SO") or libtpu_library()
+    return path if path and os.path.isfile(path) else None
+
+
+@pytest.mark.skipif(_libtpu_so() is None, reason="no libtpu.so here: install libtpu (torch_xla[tpu]) "
+                    "or set TORCHXLA_RLHF_LIBTPU_SO to one unpacked from its wheel")
+def test_default_libtpu_flags_exist_in_the_pinned_libtpu():
+    from torchxla_rlhf.launch import SEED_LIBTPU_INIT_ARGS
+    from torchxla_rlhf.libtpu_flags import filter_init_args
+
+    kept, dropped = filter_init_args(SEED_LIBTPU_INIT_ARGS, _libtpu_so())
+    assert dropped == [] and kept == SEED_LIBTPU_INIT_ARGS
+    # The seed's flags that 2.9's libtpu no longer defines (the first is only a reserved
+    # protobuf field name there), a made-up one, a stray word, a prefix of a real flag.
+    kept, dropped = filter_init_args(
+        "--xla_tpu_spmd_rewrite_einsum_with_reshape=true --xla_no_such_flag_anywhere=1 "
+        "TPU_MEGACORE=MEGACORE_DENSE --xla_tpu_enable_latency_hiding=true "
+        "--xla_tpu_enable_latency_hiding_scheduler=true", _libtpu_so())
+    assert kept == "--xla_tpu_enable_latency_hiding_scheduler=true"
+    assert len(dropped) == 4
+
+
+def test_unknown_libtpu_flags_are_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+    from torchxla_rlhf import libtpu_flags
+
+    lib = tmp_path / "libtpu.so"
+    lib.write_bytes(b"\0\x7fELF\0xla_known_flag\0R(xla_gone\0xla_gone_too_long\0")
+    monkeypatch.setattr(libtpu_flags, "libtpu_library", lambda: str(lib))
+    env = {"LIBTPU_INIT_ARGS": "--xla_known_flag=1 --xla_gone=2 --gone_too_long MEGACORE"}
+    with caplog.at_level("WARNING"):
+        assert libtpu_flags.drop_unknown_init_args(env) == ["--xla_gone=2", "--gone_too_long", "MEGACORE"]
+    assert env["LIBTPU_INIT_ARGS"] == "--xla_known_flag=1"
+    assert "dropping '--xla_gone=2'" in caplog.text
+    monkeypatch.setattr(libtpu_flags, "libtpu_library", lambda: None)  # XLA:CPU: untouched
+    env = {"LIBTPU_INIT_ARGS": "--anything"}
+    assert libtpu_flags.drop_unknown_init_args(env) == [] and env["LIBTPU_INIT_ARGS"] == "--anything"
