@@ -12,8 +12,9 @@ from helpers import read_metrics, run_with_devices
 CODE = r"""
 import json, os, tempfile, types
 import torch
-from torchxla_rlhf import runtime, train_state
+from torchxla_rlhf import runtime
 from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+from torchxla_rlhf.checkpoint import state as train_state
 
 runtime.init()
 torch.manual_seed(0)
@@ -88,8 +89,8 @@ def test_sharded_state_roundtrip_and_reshard():
 
 
 def test_incomplete_or_stateless_checkpoints(tmp_path):
-    from torchxla_rlhf import train_state
     from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+    from torchxla_rlhf.checkpoint import state as train_state
 
     ckpt = tmp_path / "checkpoint-latest"
     write_json(str(ckpt / train_state.STATE_DIR / train_state.TRAINER_STATE), {"step": 1})
@@ -111,7 +112,8 @@ def test_multi_host_needs_a_shared_output_dir():
 
 KILLED_SAVE = r"""
 import importlib, os, signal, sys
-from torchxla_rlhf import checkpoint, configs
+from torchxla_rlhf import configs
+from torchxla_rlhf.checkpoint import fsio
 from torchxla_rlhf.config import cli_main
 
 trainer = sys.argv.pop(1)
@@ -119,7 +121,7 @@ cls = {"dpo": configs.DPOConfig, "reward": configs.RewardConfig}[trainer]
 main = importlib.import_module(f"torchxla_rlhf.{trainer}").main
 
 moves = []
-real_move = checkpoint._move_dir
+real_move = fsio.move_dir
 
 def move_then_die(fs, src, dst):
     moves.append((src, dst))
@@ -129,7 +131,7 @@ def move_then_die(fs, src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real_move(fs, src, dst)
 
-checkpoint._move_dir = move_then_die
+fsio.move_dir = move_then_die
 cli_main(cls, main, sys.argv[1:])
 """
 
