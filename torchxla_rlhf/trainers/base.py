@@ -134,7 +134,7 @@ class Trainer:
             save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
-                               self.total_steps)
+                               self.total_steps, resume_step=self.step if cfg.resume_from else None)
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
