@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from torchxla_rlhf import checkpoint, memory_plan, runtime, startup
+from torchxla_rlhf import checkpoint, memory_plan, models, runtime, startup
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
@@ -119,6 +119,8 @@ class Trainer:
         self.data_reports: dict[str, Any] = {}
         """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
         self.total_steps = self.build()
+        # Remote models: every host trains against the version process 0 loaded.
+        models.check_hosts_loaded_the_same_models(self.ctx.output_dir)
         self.checkpoints = checkpoint.CheckpointManager(
             self.ctx.output_dir,
             schedule=checkpoint.CheckpointSchedule(cfg.save_model_freq, cfg.save_milestone_freq),
