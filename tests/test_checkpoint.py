@@ -525,3 +525,18 @@ def test_purge_drops_a_superseded_state_only_checkpoint(tmp_path):
     assert (tmp_path / "training-state-latest").exists()
     m.save(5)  # checkpoint-latest with a newer state
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-latest"]
+
+
+@pytest.mark.parametrize("name,cls", [("dpo_13b", "DPOConfig"), ("reward_13b", "RewardConfig"),
+                                      ("ppo_13b", "PPOConfig")])
+def test_13b_configs_bound_the_lost_work(name, cls):
+    """Every 13B config saves its training state at most 30 minutes apart (a crash loses at
+    most that plus one step), and its header says what a preemption writes per host."""
+    from torchxla_rlhf import configs
+    from torchxla_rlhf.config import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
+    cfg = load_config(getattr(configs, cls), path)
+    assert 0 < cfg.save_every_minutes <= 30
+    header = open(path).read().split("\n\n")[0]
+    assert "loses at most 30 minutes plus one step" in header and "GB per host" in header
