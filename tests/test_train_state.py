@@ -191,3 +191,69 @@ def test_resume_auto_refuses_weights_without_state(tmp_path):
     trainer.close()
     with pytest.raises(ValueError, match="holds weights but no training state"):
         DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common, "resume_from=auto"))
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newest(tmp_path):
+    """dpo_13b's save settings scaled to a tiny run: HF exports with save_model_freq, the
+    training state alone every save_every_minutes (here seconds), kill -9 at a random moment
+    (inside a save or not). resume_from=auto continues from the newest complete checkpoint with
+    a state: never from step 0 while one exists; metrics.jsonl then has each step once."""
+    import os
+    import random
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from torchxla_rlhf.checkpoint import CheckpointManager, CheckpointSchedule
+    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs import DPOConfig
+
+    real = load_config(DPOConfig, f"{REPO}/configs/dpo_13b.yaml")
+    total = 16
+    # 13B: HF export every 250 of ~3 epochs' updates, state every 30 minutes; here every 6
+    # steps and every 2 seconds (a few steps of the tiny model).
+    scaled = ["save_model_freq=6", f"save_every_minutes={real.save_every_minutes / 900}",
+              f"save_milestone_freq={real.save_milestone_freq}",
+              f"save_training_state={str(real.save_training_state).lower()}"]
+    out = tmp_path / "run"
+    args = ["-m", "torchxla_rlhf.dpo", "--config", f"{REPO}/configs/tiny/dpo.yaml",
+            f"output_dir={out}", "logger.progress_bar=false", "logger.log_freq=1",
+            "eval_dataset=null", f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+            f"total_steps={total}", "num_epochs=100", "optimizer.accumulate_gradient_steps=1",
+            *scaled]
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    kill_after = random.Random(seed).uniform(0.5, 8.0)  # seconds after the first step
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != -9:
+        pytest.skip(f"the run finished before the kill (seed {seed}); nothing to test")
+
+    manager = CheckpointManager(str(out), schedule=CheckpointSchedule(6, 0), save_every_minutes=0,
+                                save_training_state=False, is_main=True, export=print,
+                                trained=dict, trainer_state=dict)
+    usable = [c.step for c in manager.candidates() if c.step is not None]
+    r = subprocess.run([sys.executable, *args, "resume_from=auto"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    context = f"seed {seed}, killed {kill_after:.2f}s in, usable steps {usable}:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, context
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", r.stderr)
+    if usable:
+        assert resumed and int(resumed.group(2)) == max(usable), context
+    else:
+        assert resumed is None and "starting fresh" in r.stderr, context
+    steps = [row["step"] for row in read_metrics(str(out))]
+    assert steps == list(range(1, total + 1)), (steps, context)
