@@ -257,3 +257,32 @@ def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newe
         assert resumed is None and "starting fresh" in r.stderr, context
     steps = [row["step"] for row in read_metrics(str(out))]
     assert steps == list(range(1, total + 1)), (steps, context)
+
+
+def test_process_0_leaves_after_every_other_process(tmp_path, monkeypatch):
+    """Process 0 (the coordinator) waits for every other process's exit marker before it
+    leaves: a host left running without its coordinator aborts."""
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.trainers import base
+
+    monkeypatch.setattr(runtime, "process_count", lambda: 3)
+    # Process 1 finishes: it writes its marker and returns at once.
+    monkeypatch.setattr(runtime, "is_main_process", lambda: False)
+    monkeypatch.setattr(runtime, "process_index", lambda: 1)
+    base.leave_together(str(tmp_path))
+    monkeypatch.setattr(runtime, "is_main_process", lambda: True)
+    now = {"t": 0.0}
+    waited = []
+
+    def sleep(s):  # process 2 finishes while process 0 waits
+        waited.append(s)
+        now["t"] += s
+        if len(waited) == 3:
+            (tmp_path / base.EXIT_MARKERS / "process-2").write_text("done\n")
+
+    base.leave_together(str(tmp_path), clock=lambda: now["t"], sleep=sleep)
+    assert len(waited) == 3 and not (tmp_path / base.EXIT_MARKERS).exists()
+    # A host that never finishes: process 0 gives up after the timeout, with a warning.
+    now["t"], waited[:] = 0.0, []
+    base.leave_together(str(tmp_path), clock=lambda: now["t"], sleep=lambda s: now.update(t=now["t"] + s))
+    assert now["t"] >= base.LEAVE_TIMEOUT_S

@@ -309,9 +309,41 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) ->
         metrics = trainer.train()
     finally:
         trainer.close()
+    leave_together(trainer.ctx.output_dir)
     if trainer.preempted_at is not None:
         raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
     return metrics
+
+
+EXIT_MARKERS = "exit-markers"
+LEAVE_TIMEOUT_S = 600.0
+
+
+def leave_together(output_dir: str, *, clock=time.monotonic, sleep=time.sleep) -> None:
+    """On several hosts, make process 0 leave last. It runs the coordinator of the preemption
+    sync; a host still running when it is gone aborts (a finished run then reads as failed).
+    Every other process writes ``<output_dir>/exit-markers/process-<i>`` as it finishes;
+    process 0 waits for all of them (at most :data:`LEAVE_TIMEOUT_S`: a crashed host never
+    writes one), removes them and returns; at exit it still lingers a few seconds while the
+    others' runtimes shut down (:func:`runtime.stop_preemption_sync`)."""
+    count = runtime.process_count()
+    if count == 1:
+        return
+    fs, root = checkpoint.fsio.url_to_fs(f"{output_dir.rstrip('/')}/{EXIT_MARKERS}")
+    if not runtime.is_main_process():
+        fs.makedirs(root, exist_ok=True)
+        checkpoint.fsio.write_bytes(fs, f"{root}/process-{runtime.process_index()}", b"done\n")
+        return
+    deadline = clock() + LEAVE_TIMEOUT_S
+    waiting = set(range(1, count))
+    while waiting and clock() < deadline:
+        waiting = {i for i in waiting if not fs.exists(f"{root}/process-{i}")}
+        if waiting:
+            sleep(1.0)
+    if waiting:
+        logger.warning("process(es) %s did not finish within %.0f s; leaving anyway",
+                       sorted(waiting), LEAVE_TIMEOUT_S)
+    checkpoint.fsio.rm_quiet(fs, root)
 
 
 def _exit_preempted_on_sigterm() -> Any:
