@@ -353,10 +353,10 @@ def test_ctrl_c_stops_every_worker(pod):
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out
+    assert "exit codes: worker 0: 143, worker 1: 143" in out
     for w in range(2):
-        pid = int((root / f"worker-{w}" / ".torchxla_rlhf" / "runs" / "r1" / "pid").read_text())
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+        wrapper = int((root / f"worker-{w}" / ".torchxla_rlhf" / "runs" / "r1" / "pid").read_text())
+        assert gone(trainer_pid(root, w)) and gone(wrapper)
 
 
 def test_dry_run_prints_the_commands(pod):
