@@ -189,7 +189,7 @@ def test_resume_auto_refuses_weights_without_state(tmp_path):
     trainer = DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common))
     trainer.train()
     trainer.close()
-    with pytest.raises(ValueError, match="holds weights but no training state"):
+    with pytest.raises(ValueError, match="none can be resumed from .checkpoint-latest: weights only"):
         DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common, "resume_from=auto"))
 
 
