@@ -286,3 +286,35 @@ def test_process_0_leaves_after_every_other_process(tmp_path, monkeypatch):
     now["t"], waited[:] = 0.0, []
     base.leave_together(str(tmp_path), clock=lambda: now["t"], sleep=lambda s: now.update(t=now["t"] + s))
     assert now["t"] >= base.LEAVE_TIMEOUT_S
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_exits_75_at_once(tmp_path):
+    """A preemption notice during start-up (weights loading on a pod) ends the run at once
+    with the code the launcher relaunches on, having written no checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from torchxla_rlhf.errors import EXIT_PREEMPTED
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchxla_rlhf.dpo", "--config", f"{REPO}/configs/tiny/dpo.yaml",
+         f"output_dir={out}", "logger.progress_bar=false", "eval_dataset=null",
+         f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl", "total_steps=50"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the trainer is being built: set-up has started
+        if "start-up checks passed" in line:
+            break
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, rest[-3000:]
+    assert time.monotonic() - t0 < 10
+    assert "SIGTERM before the first training step" in rest
+    assert not (out / "metrics.jsonl").exists() and not (out / "training-state-latest").exists()

@@ -103,10 +103,6 @@ class Trainer:
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
         override this: everything they own is built in :meth:`build`."""
         self.cfg = cfg
-        # Until training starts (minutes of weight loading on a pod) nothing is worth saving:
-        # a preemption notice then ends the process at once with the code the launcher
-        # relaunches on, instead of the default SIGTERM death it reads as a failure.
-        self._sigterm_before_training = _exit_preempted_on_sigterm()
         self.ctx = setup_run(cfg)
         self.step = 0
         self.compiles_first_step: int | None = None
@@ -243,7 +239,6 @@ class Trainer:
                 )
         finally:
             runtime.stop_preemption_sync()
-            self._restore_sigterm()
         return self.last_metrics
 
     @property
@@ -272,13 +267,7 @@ class Trainer:
                 self.step, {f"eval/{k}": v for k, v in metrics.items()}, force=True)
             runtime.sync()
 
-    def _restore_sigterm(self) -> None:
-        if self._sigterm_before_training is not None:
-            signal.signal(signal.SIGTERM, self._sigterm_before_training)
-            self._sigterm_before_training = None
-
     def close(self) -> None:
-        self._restore_sigterm()
         self.tracker.close()
 
 
@@ -304,12 +293,21 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) ->
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
-    trainer = trainer_cls(cfg)
+    # Until training starts (minutes of weight loading on a pod) nothing is worth saving: a
+    # preemption notice then ends the process at once with the code the launcher relaunches
+    # on, instead of the default SIGTERM death it reads as a failure. Training installs its
+    # own handler (runtime.start_preemption_sync) while it runs.
+    previous = _exit_preempted_on_sigterm()
     try:
-        metrics = trainer.train()
+        trainer = trainer_cls(cfg)
+        try:
+            metrics = trainer.train()
+        finally:
+            trainer.close()
+        leave_together(trainer.ctx.output_dir)
     finally:
-        trainer.close()
-    leave_together(trainer.ctx.output_dir)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if trainer.preempted_at is not None:
         raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
     return metrics
