@@ -240,9 +240,13 @@ class RunConfig:
     save_training_state: bool = False
     """Also save parameters, optimizer state and data position for exact resume (the seed's
     --checkpointer.save_optimizer_state; costs 3x the model's fp32 size per checkpoint)."""
+    save_every_minutes: float = 0.0
+    """Save the training state alone (each host its own shards, no gather) to
+    training-state-latest at most this many minutes apart, bounding the work a crash loses
+    (0: never). A preemption always saves it."""
     resume_from: str | None = None
-    """Resume from this checkpoint's training_state; 'auto': output_dir/checkpoint-latest if it
-    has one (else start fresh)."""
+    """Resume from this checkpoint's training_state; 'auto': the complete checkpoint with the
+    highest step in output_dir, of any kind (start fresh, with a warning, when it has none)."""
     logger: LoggingConfig = field(default_factory=LoggingConfig)
     """wandb, progress bar and metrics.jsonl."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -268,6 +272,8 @@ class RunConfig:
             raise ValueError(f"num_epochs: must be > 0, got {self.num_epochs}")
         if self.save_model_freq < 0 or self.save_milestone_freq < 0:
             raise ValueError("save_model_freq/save_milestone_freq: must be >= 0")
+        if self.save_every_minutes < 0:
+            raise ValueError(f"save_every_minutes: must be >= 0, got {self.save_every_minutes}")
         if self.remote_timeout_s <= 0:
             raise ValueError(f"remote_timeout_s: must be > 0, got {self.remote_timeout_s}")
 
