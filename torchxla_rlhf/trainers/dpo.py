@@ -1,4 +1,4 @@
-"""DPO / IPO / cDPO (spec section 4): the loss of a pair batch, and the reference model.
+"""DPO / IPO / cDPO (docs/dpo.md): the loss of a pair batch, and the reference model.
 
 Chosen and rejected run as one concatenated forward of the policy; the reference's
 log-probs come from a frozen sharded model in the same graph, or from a table computed once
@@ -19,14 +19,12 @@ import torch
 from torchxla_rlhf import models, runtime
 from torchxla_rlhf.losses import dpo_loss, sequence_logps
 from torchxla_rlhf.tokenizers import tokenizer_fingerprint
-from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
+from torchxla_rlhf.trainers.pairs import PairTrainer, pair_rows
 
 logger = logging.getLogger(__name__)
 
 
 class DPOTrainer(PairTrainer):
-    name = "dpo"
-
     def build_model(self) -> torch.nn.Module:
         """The policy, and the frozen reference (or its log-probs, computed once)."""
         cfg, mesh = self.cfg, self.ctx.mesh
@@ -53,7 +51,7 @@ class DPOTrainer(PairTrainer):
 
     def _pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs ``([B], [B])`` of chosen and rejected, one forward."""
-        ids, mask, loss_mask = concat_pairs(batch)
+        ids, mask, loss_mask = pair_rows(batch)
         with self.autocast():
             logits = models.causal_lm_logits(model, ids, mask)
         logps = sequence_logps(logits, ids, loss_mask)

@@ -1,4 +1,4 @@
-"""PPO (spec section 6): policy, reference, reward and value models on one mesh.
+"""PPO (docs/ppo.md): policy, reference, reward and value models on one mesh.
 
 One step = one batch of prompts:
 
@@ -49,7 +49,11 @@ ROLLOUT_KEYS = ("sequences", "attention_mask", "continuation_mask")
 
 
 class PPOTrainer(Trainer):
-    name = "ppo"
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        prompts = PromptDataset.build(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
+                                      name="train_dataset")
+        prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
@@ -167,7 +171,7 @@ class PPOTrainer(Trainer):
         return reward, scale_scores(reward, self.cfg.reward_gain, self.cfg.reward_bias)
 
     def _targets(self, logps, ref_logps, values, reward, score, mask):
-        """KL-shaped rewards, GAE, whitened advantages and the rollout metrics (spec 6.4-6.5),
+        """KL-shaped rewards, GAE, whitened advantages and the rollout metrics (docs/ppo.md),
         over whatever rows they are given (the batch, or one chunk in interleaved mode)."""
         cfg = self.cfg
         rewards, kl = kl_penalized_rewards(logps, ref_logps, mask, score, kl_coef=cfg.kl_coef)

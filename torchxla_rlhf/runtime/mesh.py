@@ -1,0 +1,118 @@
+"""The SPMD mesh and sharding annotations: ``(dp, fsdp, mp)`` meshes, partition specs, and
+which piece of a tensor each device holds."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torchxla_rlhf.runtime.devices import device, device_count, init
+
+logger = logging.getLogger("torchxla_rlhf.runtime")
+
+MESH_AXES = ("dp", "fsdp", "mp")
+"""Mesh axis names, in the order of the seed's ``--mesh_dim='dp,fsdp,mp'``."""
+
+BATCH_AXES = ("dp", "fsdp")
+"""Mesh axes the batch dimension is split over."""
+
+
+from torchxla_rlhf.preflight.mesh import MeshError, parse_mesh_dim  # noqa: E402 (the one parse)
+
+
+@dataclass(frozen=True)
+class MeshInfo:
+    """The SPMD mesh and its axis sizes."""
+
+    mesh: Any  # torch_xla.distributed.spmd.Mesh
+    dp: int
+    fsdp: int
+    mp: int
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"dp": self.dp, "fsdp": self.fsdp, "mp": self.mp}
+
+    @property
+    def batch_parallel(self) -> int:
+        """How many ways the batch dimension is split (dp * fsdp)."""
+        return self.dp * self.fsdp
+
+
+def make_mesh(mesh_dim: str | Sequence[int]) -> MeshInfo:
+    """Build the ``(dp, fsdp, mp)`` mesh over all devices; errors say what would fit."""
+    init()
+    import torch_xla.distributed.spmd as xs
+
+    n = device_count()
+    dp, fsdp, mp = parse_mesh_dim(mesh_dim, n)
+    mesh = xs.Mesh(np.arange(n), (dp, fsdp, mp), MESH_AXES)
+    logger.info("Mesh dp=%d fsdp=%d mp=%d over %d device(s)", dp, fsdp, mp, n)
+    return MeshInfo(mesh=mesh, dp=dp, fsdp=fsdp, mp=mp)
+
+
+PartitionSpec = tuple  # of axis names, None, or tuples of axis names; one entry per tensor dim
+
+
+def mark_sharding(tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec) -> torch.Tensor:
+    """Annotate an XLA tensor with a partition spec on the mesh (in place; returns it)."""
+    import torch_xla.distributed.spmd as xs
+
+    xs.mark_sharding(tensor, mesh.mesh, tuple(spec))
+    return tensor
+
+
+def shard_to_device(tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec) -> torch.Tensor:
+    """Upload a host tensor straight into its shards: each device receives only its own
+    piece (``.to(device)`` followed by ``mark_sharding`` would first place the whole tensor on
+    every device). Used to load weights one tensor at a time."""
+    from torchxla_rlhf.runtime._xlac import op_sharding_args, xlac
+
+    # The same sharding arguments mark_sharding computes.
+    tile, groups, replication, kind = op_sharding_args(mesh.mesh, spec)
+    sharding = xlac.XlaShardingSpec(tensor, tile, groups, replication, int(kind), False)
+    return xlac._xla_tensors_from_aten([tensor], [str(device())], [sharding])[0]
+
+
+def batch_spec(ndim: int) -> PartitionSpec:
+    """Partition spec of a batch tensor: dim 0 over (dp, fsdp), the rest replicated."""
+    return (BATCH_AXES,) + (None,) * (ndim - 1)
+
+
+def device_coords(grid: np.ndarray, ordinal: int) -> tuple[int, int, int]:
+    """``(dp, fsdp, mp)`` coordinates of device ``ordinal`` in the mesh's device grid."""
+    hits = np.argwhere(grid == ordinal)
+    if len(hits) != 1:
+        raise MeshError(f"device {ordinal} appears {len(hits)} times in the mesh")
+    return tuple(int(c) for c in hits[0])  # type: ignore[return-value]
+
+
+def shard_slices(
+    shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int],
+    coords: Sequence[int],
+) -> tuple[slice, ...]:
+    """The piece of a ``shape`` tensor that the device at mesh ``coords`` holds under
+    ``spec``: pure index arithmetic (axes in a tuple are combined major to minor, as
+    ``Mesh.get_op_sharding`` tiles them).
+
+    >>> shard_slices((16, 4), (("dp", "fsdp"), None), {"dp": 1, "fsdp": 16, "mp": 16}, (0, 5, 3))
+    (slice(5, 6, None), slice(0, 4, None))
+    """
+    position = dict(zip(MESH_AXES, coords))
+    out = []
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways, block = 1, 0
+        for name in names:
+            ways *= axis_sizes[name]
+            block = block * axis_sizes[name] + position[name]
+        if size % ways:
+            raise ValueError(f"dim {dim} of size {size} does not split {ways} ways ({names})")
+        step = size // ways
+        out.append(slice(block * step, (block + 1) * step))
+    return tuple(out)
+
