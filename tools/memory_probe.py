@@ -214,8 +214,8 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     n_roll = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     prompts = _random_rows(vocab, n_roll, pl, mesh, gen)
     generator = Generator(policy, cfg.sampling, eos_token_id=2, pad_token_id=pad, mesh=mesh)
-    with ac:
-        generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=2)
+    with ac:  # the whole continuation: the KV cache has the trainer's PL + CL slots
+        generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)
     runtime.sync()
     return {"outside": outside}
 
