@@ -36,6 +36,11 @@ from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
 
+class ModelRoleError(UserError, ValueError):
+    """A checkpoint that cannot play the role it was given (a reward model as the policy, a
+    causal LM as the frozen reward model)."""
+
+
 class WeightFileError(UserError, ValueError):
     """A weight file or checkpoint index that cannot be read (the message names the file)."""
 
@@ -326,7 +331,7 @@ def _model_config(cfg: ModelConfig, pad_token_id: int | None) -> tuple[LlamaConf
     model_dir = resolve_model_dir(cfg.name_or_path, cfg.revision)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if config.model_type != "llama":
-        raise ValueError(
+        raise ModelRoleError(
             f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
         )
     if pad_token_id is not None:
@@ -435,32 +440,49 @@ def load_causal_lm(
 ) -> LlamaForCausalLM:
     """``LlamaForCausalLM`` from ``cfg.name_or_path``, sharded on ``mesh``."""
     config, model_dir = _model_config(cfg, pad_token_id)
+    if model_dir is not None:
+        names = weight_index(model_dir)
+        if "score.weight" in names and "lm_head.weight" not in names \
+                and not getattr(config, "tie_word_embeddings", False):
+            raise ModelRoleError(
+                f"{cfg.name_or_path}: a sequence classifier (reward/value model: score head, no "
+                "lm_head) cannot be a policy; give the policy a causal LM checkpoint "
+                "(LlamaForCausalLM, e.g. a DPO or SFT model's directory)")
     # A tied LM head is not a parameter of its own (named_parameters() skips it).
     return _load(LlamaForCausalLM, config, model_dir, mesh, cfg, {})
 
 
 def load_sequence_classifier(
-    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0, head_seed: int = 0
+    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0, head_seed: int = 0,
+    role: str = "value model", require_trained_head: bool = False,
 ) -> LlamaForSequenceClassification:
     """``LlamaForSequenceClassification`` (``num_labels=1``, bias-free ``score``), sharded.
 
     From a reward-model checkpoint its ``score`` is kept; from a causal-LM checkpoint (or
     ``tiny``) the LM head is dropped and ``score`` is drawn from normal(0, initializer_range)
-    with ``head_seed``.
+    with ``head_seed`` (logged, naming ``role``). ``require_trained_head``: refuse a checkpoint
+    without a score head (a frozen reward model with an untrained head scores noise).
     """
     config, model_dir = _model_config(cfg, pad_token_id)
     config.num_labels = 1
     config.architectures = ["LlamaForSequenceClassification"]
     if config.pad_token_id is None or config.pad_token_id == config.eos_token_id:
-        raise ValueError(
+        raise ModelRoleError(
             f"reward/value models need pad_token_id set and different from eos "
             f"({config.eos_token_id}); got {config.pad_token_id}"
         )
     gen = torch.Generator().manual_seed(head_seed)
     fresh_head = torch.randn((1, config.hidden_size), generator=gen) * config.initializer_range
+    # 'tiny' is the seeded random model of tests and benchmarks: random by request.
+    if require_trained_head and model_dir is not None and "score.weight" not in weight_index(model_dir):
+        raise ModelRoleError(
+            f"{cfg.name_or_path}: the {role} needs a trained score head (score.weight), and this "
+            "checkpoint has none (it is a causal LM): its rewards would be noise; train one "
+            "with python -m torchxla_rlhf.reward (model.name_or_path=this model) and give its "
+            "final/ directory here")
     if model_dir is not None and "score.weight" not in weight_index(model_dir):
-        logger.info("%s has no score head: initialising one from normal(0, %g)",
-                    cfg.name_or_path, config.initializer_range)
+        logger.warning("%s: the %s starts from a causal LM: its score head is new, drawn from "
+                       "normal(0, %g)", cfg.name_or_path, role, config.initializer_range)
     return _load(LlamaForSequenceClassification, config, model_dir, mesh, cfg,
                  {"score.weight": fresh_head})
 

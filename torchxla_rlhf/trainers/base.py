@@ -19,20 +19,25 @@ remember.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from torchxla_rlhf import checkpoint, memory_plan, runtime, startup, train_state
-from torchxla_rlhf.config import save_config, to_dict
+from torchxla_rlhf.config import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.errors import Preempted, ResumeError
+from torchxla_rlhf import run_dir
+from torchxla_rlhf.errors import (RESUME_HINT, NonFiniteError, Preempted, ResumeError, RunFailure,
+                                  call_with_timeout, failure_during, one_line)
 from torchxla_rlhf.remote import check_remote_paths
-from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
+from torchxla_rlhf.run_dir import check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
@@ -48,6 +53,8 @@ class RunContext:
     tokenizer: Any
     output_dir: str
     is_main: bool
+    dir_plan: str = "new"
+    """What the run does to ``output_dir`` once started (:func:`run_dir.check_output_dir`)."""
 
 
 def setup_run(cfg: Any) -> RunContext:
@@ -57,8 +64,8 @@ def setup_run(cfg: Any) -> RunContext:
     output_dir = cfg.output_dir.rstrip("/")
     # Before anything is written or loaded: remote paths answer, output_dir is ours.
     check_remote_paths(cfg, cfg.remote_timeout_s)
-    check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
-                     resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+    dir_plan = check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
+                                resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
@@ -71,7 +78,8 @@ def setup_run(cfg: Any) -> RunContext:
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
     )
-    return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
+    return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir,
+                      is_main=is_main, dir_plan=dir_plan)
 
 
 def make_loader(dataset, data_cfg, mesh: runtime.MeshInfo, *, train: bool = True) -> BatchLoader:
@@ -109,14 +117,19 @@ class Trainer:
         """The step at which every host agreed to stop for a preemption (after saving)."""
         self.data_reports: dict[str, Any] = {}
         """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
+        self.non_finite: tuple[int, str, float] | None = None
+        """``(step, metric, value)`` of the first non-finite watched metric read back."""
+        self.last_good_checkpoint: tuple[str, int] | None = None
+        """``(path, step)`` of the newest checkpoint known to hold finite weights."""
         self.total_steps = self.build()
         self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
                                                            cfg.save_milestone_freq)
         self._resume()
         # Written only now that config, data and models have been checked: a run that fails
-        # at start-up leaves an existing run's config.yaml untouched.
+        # at start-up leaves an existing run's config.yaml (and, with overwrite, its files)
+        # untouched. A resumed run records what it changed instead of rewriting config.yaml.
         if self.ctx.is_main:
-            save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
+            run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step)
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
                                self.total_steps)
@@ -185,7 +198,12 @@ class Trainer:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
                            state.get("total_steps"), self.total_steps)
         self.step = int(state["step"])
-        self.load_data_state(state.get("data", {}))
+        try:
+            self.load_data_state(state.get("data", {}))
+        except ValueError as e:  # the data pipeline differs from the checkpoint's
+            raise ResumeError(f"resume_from {source}: {e}; resume with the data settings the "
+                              "run was started with") from e
+        self.last_good_checkpoint = (source, self.step)
         logger.info("resumed from %s at step %d", source, self.step)
 
     # -- the loop --------------------------------------------------------------------------
@@ -219,7 +237,9 @@ class Trainer:
                 # Dispatch is asynchronous: in steady state this interval is the step time.
                 metrics["time/step_s"] = now - t_prev
                 t_prev = now
-                self.tracker.log_device_metrics(self.step, metrics)
+                self.tracker.log_device_metrics(self.step, metrics, watch=is_watched_metric,
+                                                on_watched=self._check_finite)
+                self._stop_if_non_finite()  # a value read back since the last step boundary
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
@@ -232,6 +252,7 @@ class Trainer:
                     break
             runtime.sync()
             runtime.wait()
+            self._stop_if_non_finite()
             if self.compiles_after_first_step:
                 logger.warning(
                     "%d XLA compilation(s) after the first step: a shape or a Python scalar "
@@ -247,7 +268,45 @@ class Trainer:
         """The most recently logged values (training and eval), as host floats."""
         return self.tracker.latest
 
+    # -- non-finite values ------------------------------------------------------------------
+
+    def _check_finite(self, step: int, values: dict[str, float]) -> None:
+        """Called with each step's watched metrics once they are read back (no extra sync)."""
+        if self.non_finite is None:
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    self.non_finite = (step, name, value)
+                    return
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise :class:`NonFiniteError` once a watched metric was non-finite."""
+        if self.non_finite is None:
+            return
+        step, name, value = self.non_finite
+        if self.last_good_checkpoint is None:
+            good = "no checkpoint was saved before it"
+        else:
+            path, at = self.last_good_checkpoint
+            good = f"the last good checkpoint is {path} (step {at}); resume_from={path} continues from it"
+        raise NonFiniteError(
+            f"{name} = {value} at step {step} (stopped at step {self.step}); nothing after step "
+            f"{step - 1} was saved; {good}. Lower the learning rate or check the data")
+
+    def _settle_metrics(self) -> None:
+        """Before publishing weights: every step's watched metrics read back and checked, so
+        a save never publishes the weights of a step whose loss or gradient was non-finite.
+        The save reads the weights back anyway; this waits for the same step to finish."""
+        runtime.sync()  # runs the step closures that queue the last step's read
+        runtime.drain_scalar_reads()
+        self._stop_if_non_finite()
+
     def _save_uncounted(self, path: str) -> None:
+        self._settle_metrics()
+        with failure_during("saving checkpoint", path, SafetensorError):
+            self._save_uncounted_unchecked(path)
+        self.last_good_checkpoint = (path, self.step)
+
+    def _save_uncounted_unchecked(self, path: str) -> None:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
@@ -299,6 +358,30 @@ def configure_logging(level: str) -> None:
     )
 
 
+WATCHED_METRICS = ("loss", "gradient_norm", "param_norm", "*/loss/total", "*/gradient_norm")
+"""Metrics whose non-finite value stops a run (read back every step with the step's metrics)."""
+
+
+def is_watched_metric(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in WATCHED_METRICS)
+
+
+def take_output_dir_lock(cfg: Any) -> run_dir.RunLock | None:
+    """Process 0 takes ``output_dir``'s lock before anything is written (None elsewhere); a
+    remote directory that does not answer fails within ``remote_timeout_s``."""
+    runtime.init()
+    if not runtime.is_main_process():
+        return None
+    output_dir = cfg.output_dir.rstrip("/")
+
+    def take() -> run_dir.RunLock:
+        return run_dir.acquire_lock(output_dir, takeover_stale=bool(cfg.resume_from))
+
+    if "://" not in output_dir:
+        return take()
+    return call_with_timeout(take, cfg.remote_timeout_s, f"output_dir={output_dir}")
+
+
 def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
     """The whole run: set up, build, resume (the constructor), train, close; returns the last
     logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
@@ -308,11 +391,19 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) ->
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
-    trainer = trainer_cls(cfg)
+    lock = take_output_dir_lock(cfg)
     try:
-        metrics = trainer.train()
+        trainer = trainer_cls(cfg)
+        try:
+            metrics = trainer.train()
+        except OSError as e:  # a disk or bucket failing mid-run is not the user's mistake
+            raise RunFailure(f"training failed at step {trainer.step + 1}: {one_line(e)}; "
+                             f"{RESUME_HINT}") from e
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
     if trainer.preempted_at is not None:
         raise Preempted(trainer.preempted_at,
                         f"{trainer.ctx.output_dir}/{trainer.ckpt_schedule.latest_name}")
