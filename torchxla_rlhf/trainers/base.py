@@ -287,7 +287,7 @@ class Trainer:
             good = "no checkpoint was saved before it"
         else:
             path, at = self.last_good_checkpoint
-            good = f"the last good checkpoint is {path} (step {at}); resume_from={path} continues from it"
+            good = f"the last good checkpoint is {path} (step {at})"
         raise NonFiniteError(
             f"{name} = {value} at step {step} (stopped at step {self.step}); nothing after step "
             f"{step - 1} was saved; {good}. Lower the learning rate or check the data")
