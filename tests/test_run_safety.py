@@ -18,6 +18,7 @@ import time
 
 import fsspec
 import pytest
+import yaml
 
 from helpers import REPO
 from test_cli_errors import CONFIGS, DATA, dpo_cli, fails, snapshot, tiny_args
@@ -293,7 +294,8 @@ def _cli_proc(out, *extra, module="torchxla_rlhf.dpo"):
 @pytest.mark.slow
 def test_two_runs_into_one_output_dir_exactly_one_runs(tmp_path):
     out = tmp_path / "o"
-    procs = [_cli_proc(out, "total_steps=2", "eval_dataset=null") for _ in range(2)]
+    procs = [_cli_proc(out, "total_steps=2", "eval_dataset=null", "logger.log_freq=1")
+             for _ in range(2)]
     results = [(p.wait(timeout=600), p.stdout.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, EXIT_USER_ERROR], [r[1][-2000:] for r in results]
@@ -362,6 +364,7 @@ def test_resume_overwrite_and_failures_mid_run(tmp_path, capsys, monkeypatch):
     base = ("eval_dataset=null", "save_training_state=true", "save_model_freq=1")
     dpo_cli(tiny_args(out, "total_steps=2", *base))
     run1 = snapshot(out)
+    run1_lr = yaml.safe_load(run1["config.yaml"])["optimizer"]["lr"]
 
     # Resuming with another seq_length is refused naming the key and both values.
     fails(dpo_cli, tiny_args(out, "total_steps=3", "resume_from=auto",
@@ -391,7 +394,9 @@ def test_resume_overwrite_and_failures_mid_run(tmp_path, capsys, monkeypatch):
     dpo_cli(tiny_args(out, "total_steps=3", "resume_from=auto", "optimizer.lr=1e-4", *base))
     assert (out / "config.yaml").read_bytes() == run1["config.yaml"]
     changes = [json.loads(l) for l in open(out / "config_changes.jsonl")]
-    assert changes[-1]["from_step"] == 3 and changes[-1]["changes"]["optimizer.lr"][1] == 1e-4
+    # checkpoint-latest holds step 1 (step 2, the last, wrote final/): the change runs from 2.
+    assert changes == [{"from_step": 2, "changes": {
+        "optimizer.lr": [run1_lr, 1e-4], "total_steps": [2, 3]}}]
 
     # overwrite_output_dir starts over: nothing of the old run can be resumed or appended to.
     dpo_cli(tiny_args(out, "total_steps=1", "overwrite_output_dir=true", "beta=0.2", *base))
