@@ -87,6 +87,9 @@ def test_hub_dataset_offline_is_one_line(tmp_path, capsys, monkeypatch):
 def test_errors_a_config_can_trigger_name_the_key(tmp_path, capsys):
     fails(dpo_cli, tiny_args(tmp_path / "o", "num_epochs=0.0001", "eval_dataset=null"), capsys,
           "num_epochs", "total_steps")
+    fails(dpo_cli, tiny_args(tmp_path / "o", "tokenizer_pad_token_id=100000"), capsys,
+          "tokenizer_pad_token_id=100000", "outside the vocabulary")
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------
