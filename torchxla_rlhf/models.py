@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from torchxla_rlhf import attention, runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
+from torchxla_rlhf.config import ConfigError
 from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
@@ -284,10 +285,18 @@ class _TensorReader:
         self._stack.close()
 
 
+def _check_pad_id(cfg: ModelConfig, config: LlamaConfig, pad_token_id: int | None) -> None:
+    if pad_token_id is not None and not 0 <= pad_token_id < config.vocab_size:
+        raise ConfigError(f"tokenizer_pad_token_id={pad_token_id} is outside the vocabulary of "
+                          f"{cfg.name_or_path!r} (vocab_size {config.vocab_size})",
+                          key="tokenizer_pad_token_id")
+
+
 def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig:
     """The model's HF config without fetching weights (``config.json`` only): what the
     start-up checks need before anything loads."""
     if cfg.name_or_path == "tiny":
+        _check_pad_id(cfg, tiny_llama_config(cfg.tiny), pad_token_id)
         return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0)
     if "://" in cfg.name_or_path:
         import fsspec
@@ -314,6 +323,7 @@ def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig
         raise WeightFileError(
             f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
         )
+    _check_pad_id(cfg, config, pad_token_id)
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
     return config
