@@ -100,6 +100,8 @@ class AdamWConfig:
             )
         if self.max_grad_norm < 0:
             raise ValueError("max_grad_norm: must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass

@@ -117,8 +117,8 @@ def run_guarded(fn: Callable[[], T], prog: str, debug: bool) -> T:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted (a second Ctrl-C); nothing half-written was published; "
-              f"{RESUME_HINT}", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing half-written was published; {RESUME_HINT}",
+              file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except RunFailure as e:
         _report(prog, "failed", e, debug)

@@ -239,7 +239,11 @@ class Trainer:
                 t_prev = now
                 self.tracker.log_device_metrics(self.step, metrics, watch=is_watched_metric,
                                                 on_watched=self._check_finite)
-                self._stop_if_non_finite()  # a value read back since the last step boundary
+                if runtime.process_count() == 1:
+                    # A value read back since the last step boundary. With several hosts the
+                    # reads land at different moments, so they stop together at the next save
+                    # (or the end) instead: a host stopping alone would hang the others.
+                    self._stop_if_non_finite()
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
