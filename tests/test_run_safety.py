@@ -284,6 +284,19 @@ def test_models_are_checked_for_their_role(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
 
 
+def test_value_model_from_a_causal_lm_says_so(tmp_path, caplog):
+    from torchxla_rlhf import models, runtime
+    from torchxla_rlhf.configs import ModelConfig
+
+    lm = _save_tiny(tmp_path / "lm", "LlamaForCausalLM")
+    mesh = runtime.make_mesh("1,1,1")
+    with caplog.at_level("WARNING", logger="torchxla_rlhf.models"):
+        value = models.load_sequence_classifier(ModelConfig(name_or_path=lm), mesh)
+    assert tuple(value.score.weight.shape) == (1, 64)
+    assert any("the value model starts from a causal LM: its score head is new" in r.message
+               for r in caplog.records), caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs (slow): two at once, non-finite stop, Ctrl-C, resume/overwrite, failures mid-run
 

@@ -340,6 +340,15 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
+    except FileExistsError:
+        raise
+    except OSError:
+        # An object store may report a failed precondition (HTTP 412) as another error:
+        # the object exists and is not ours means another run won.
+        fs.invalidate_cache(path)
+        if fs.exists(path) and fs.cat_file(path) != data:
+            raise FileExistsError(path) from None
+        raise
     except (ValueError, NotImplementedError):  # a driver without exclusive create
         if fs.exists(path):
             raise FileExistsError(path) from None
