@@ -250,6 +250,10 @@ def test_overwrite_and_a_run_without_checkpoint_start_over(tmp_path):
     moved = snapshot(out / aside[0])
     assert moved == {k: v for k, v in before.items() if k != "reference_logps_train.npz"}
     assert "beta: 0.3" in (out / "config.yaml").read_text()
+    # The same config with overwrite starts over too; a relaunch adding resume_from continues.
+    (out / "final").mkdir()
+    assert run_dir.check_output_dir(str(out), "DPOConfig", to_dict(other), False, True) == "replace"
+    assert run_dir.check_output_dir(str(out), "DPOConfig", to_dict(other), True, True) == "resume"
 
 
 # ---------------------------------------------------------------------------------------------

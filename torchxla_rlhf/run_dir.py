@@ -154,7 +154,9 @@ def check_output_dir(output_dir: str, config_kind: str, config: dict[str, Any],
     :func:`record_config` will do once the run has passed its start-up checks:
     ``"new"`` (nothing there), ``"same"`` (this config's run, or only resume-safe changes),
     ``"resume"`` (``resume_from`` with allowed changes, recorded per step) or ``"replace"``
-    (``overwrite_output_dir``, or the same trainer's run that left no checkpoint).
+    (``overwrite_output_dir``, or the same trainer's run that left no checkpoint). With
+    ``resume_from`` set, ``overwrite_output_dir`` replaces only another trainer's run or files
+    that are no run's: a relaunch that adds ``resume_from=auto`` continues its own run.
 
     Args:
       config_kind: this run's config class name (``DPOConfig``...).
@@ -182,12 +184,14 @@ def check_output_dir(output_dir: str, config_kind: str, config: dict[str, Any],
         if kind != config_kind:
             problem = (f"output_dir {output_dir} holds a {kind or 'different'} run "
                        f"(its {CONFIG_FILE}); this is a {config_kind} run")
-        elif not _has_checkpoint(names) and not overwrite:
+        elif overwrite and not resume:  # starts over even with the same config
+            problem = f"output_dir {output_dir} holds a {kind} run"
+        elif not _has_checkpoint(names):
             logger.warning("output_dir %s holds a %s run that left no checkpoint: this run "
                            "replaces it (its files move to %s<time>/)", output_dir, kind,
                            REPLACED_PREFIX)
             return "replace"
-        elif resume and not overwrite:
+        elif resume:  # a relaunch that keeps overwrite_output_dir continues its own run
             changed = [k for k in _changed_keys(previous, config) if _matches(k, DATA_KEYS)]
             if changed:
                 now = _flatten(config)

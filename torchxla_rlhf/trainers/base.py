@@ -2,14 +2,16 @@
 
 :func:`run` (and the trainers' constructor, which it calls) does, in this order:
 
-1. set up the run (:func:`setup_run`: runtime and mesh, output directory with the resolved
-   config, tokenizer);
+0. take ``output_dir``'s lock (process 0; :func:`take_output_dir_lock`);
+1. set up the run (:func:`setup_run`: runtime and mesh, output directory checks, tokenizer);
 2. build the task: the subclass's :meth:`Trainer.build` (its data, models, optimizers and
    compiled graphs), which returns the number of steps;
-3. resume from ``resume_from`` when asked;
+3. resume from ``resume_from`` when asked, then record the run's config
+   (:func:`run_dir.record_config`);
 4. train: a baseline evaluation, then update -> log -> evaluate -> checkpoint until
-   ``total_steps`` or SIGTERM;
-5. close the tracker.
+   ``total_steps``, SIGTERM/Ctrl-C, or a non-finite loss or gradient norm (read back with
+   each step's metrics; every save first checks the steps before it);
+5. close the tracker and release the lock.
 
 A subclass supplies only what differs: :meth:`Trainer.build`, :meth:`Trainer.train_step`,
 :meth:`Trainer.save` and :meth:`Trainer.trained_models` (plus :meth:`Trainer.evaluate` and the
@@ -29,15 +31,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from torchxla_rlhf import checkpoint, memory_plan, runtime, startup, train_state
+from torchxla_rlhf import checkpoint, memory_plan, run_dir, runtime, startup, train_state
 from torchxla_rlhf.config import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf import run_dir
 from torchxla_rlhf.errors import (RESUME_HINT, NonFiniteError, Preempted, ResumeError, RunFailure,
                                   call_with_timeout, failure_during, one_line)
 from torchxla_rlhf.remote import check_remote_paths
-from torchxla_rlhf.run_dir import check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
@@ -64,7 +64,7 @@ def setup_run(cfg: Any) -> RunContext:
     output_dir = cfg.output_dir.rstrip("/")
     # Before anything is written or loaded: remote paths answer, output_dir is ours.
     check_remote_paths(cfg, cfg.remote_timeout_s)
-    dir_plan = check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
+    dir_plan = run_dir.check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
                                 resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
@@ -387,8 +387,10 @@ def take_output_dir_lock(cfg: Any) -> run_dir.RunLock | None:
 
 
 def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
-    """The whole run: set up, build, resume (the constructor), train, close; returns the last
-    logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
+    """The whole run: take ``output_dir``'s lock, set up, build, resume (the constructor),
+    train, close, release the lock; returns the last logged metrics (the entry points'
+    ``main``). An ``OSError`` once training has started is a :class:`RunFailure` (exit 1), not
+    a user error. ``setup_logging``: configure console logging
     at ``cfg.log_level`` first (command lines; a library caller keeps its own logging).
 
     Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
