@@ -365,19 +365,19 @@ def test_ctrl_c_saves_then_stops_a_second_stops_at_once(tmp_path, presses):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     if presses == 1:
         assert proc.returncode == EXIT_PREEMPTED, text[-3000:]
-        assert "resume_from=auto" in text and (out / "checkpoint-latest" / "_COMPLETE").exists()
+        assert "resume_from=auto" in text and (out / "training-state-latest" / "_COMPLETE").exists()
     else:
         assert proc.returncode in (EXIT_INTERRUPTED, EXIT_PREEMPTED), text[-3000:]
     leftovers = [n for n in os.listdir(out) if ".tmp" in n or ".old" in n]
     assert not leftovers and not (out / "run.lock").exists()
     for name in os.listdir(out):  # whatever was published is complete
-        if name.startswith("checkpoint-"):
+        if name.startswith(("checkpoint-", "training-state-", "final")):
             assert (out / name / "_COMPLETE").exists()
 
 
 @pytest.mark.slow
 def test_resume_overwrite_and_failures_mid_run(tmp_path, capsys, monkeypatch):
-    from torchxla_rlhf import checkpoint
+    from torchxla_rlhf.checkpoint import hf_export as checkpoint
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
     out = tmp_path / "o"
@@ -403,19 +403,20 @@ def test_resume_overwrite_and_failures_mid_run(tmp_path, capsys, monkeypatch):
         dpo_cli(tiny_args(out, "total_steps=3", "resume_from=auto", "optimizer.lr=1e-4", *base))
     err = capsys.readouterr().err
     assert e.value.code == EXIT_FAILURE and "Traceback" not in err, err
-    assert f"saving checkpoint {out}/checkpoint-latest failed: No space left on device" in err
+    assert f"saving a checkpoint in {out} failed: No space left on device: {out}/" in err
     assert "resume_from=auto" in err
     after = snapshot(out)
-    assert {k: v for k, v in after.items() if k.startswith("checkpoint-latest/")} == \
-        {k: v for k, v in run1.items() if k.startswith("checkpoint-latest/")}
+    published = ("checkpoint-latest/", "final/")
+    assert {k: v for k, v in after.items() if k.startswith(published)} == \
+        {k: v for k, v in run1.items() if k.startswith(published)}
     monkeypatch.setattr(checkpoint._DirWriter, "write_safetensors", real)
 
     # Resuming with a new learning rate is recorded per step range, config.yaml kept.
     dpo_cli(tiny_args(out, "total_steps=3", "resume_from=auto", "optimizer.lr=1e-4", *base))
     assert (out / "config.yaml").read_bytes() == run1["config.yaml"]
     changes = [json.loads(l) for l in open(out / "config_changes.jsonl")]
-    # checkpoint-latest holds step 1 (step 2, the last, wrote final/): the change runs from 2.
-    assert changes == [{"from_step": 2, "changes": {
+    # final/ holds step 2's training state: the change runs from step 3.
+    assert changes == [{"from_step": 3, "changes": {
         "optimizer.lr": [run1_lr, 1e-4], "total_steps": [2, 3]}}]
 
     # overwrite_output_dir starts over: nothing of the old run can be resumed or appended to.

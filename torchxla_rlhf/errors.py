@@ -16,7 +16,7 @@ Exit codes (documented in the README):
 - :data:`EXIT_USER_ERROR` (2): bad config, data, paths, mesh... (argparse's code for usage
   errors). An ``OSError`` before training starts (a path the user gave) counts as one.
 - :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``): the run was preempted (SIGTERM, or a first
-  Ctrl-C), saved ``checkpoint-latest`` and stopped; the same command with
+  Ctrl-C), saved its training state and stopped; the same command with
   ``resume_from=auto`` continues it. The pipeline stops on it, and the launcher restarts on it.
 - :data:`EXIT_INTERRUPTED` (130, the shell's code for SIGINT): a second Ctrl-C stopped the run
   at once; nothing half-written is published.
@@ -81,7 +81,7 @@ def failure_during(operation: str, path: str, *extra: type[BaseException]) -> It
 
 class Preempted(Exception):
     """Raised by :func:`~torchxla_rlhf.trainers.base.run` after a preempted run has saved
-    ``checkpoint-latest``: the caller must not treat the stage as finished."""
+    its training state: the caller must not treat the stage as finished."""
 
     def __init__(self, step: int, checkpoint: str):
         super().__init__(f"preempted at step {step}; saved {checkpoint} "

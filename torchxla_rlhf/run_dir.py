@@ -128,7 +128,8 @@ def _foreign(names: list[str]) -> list[str]:
 
 def _has_checkpoint(names: list[str]) -> bool:
     """Whether a run left a checkpoint (complete or being published) among ``names``."""
-    return any(n == "final" or n.startswith(("final.", "checkpoint-")) for n in names)
+    return any(n == "final" or n.startswith(("final.", "checkpoint-", "training-state-"))
+               for n in names)
 
 
 def recorded_config(output_dir: str) -> tuple[str | None, dict[str, Any]] | None:

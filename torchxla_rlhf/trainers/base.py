@@ -13,6 +13,9 @@
    each step's metrics; every save first checks the steps before it);
 5. close the tracker and release the lock.
 
+Checkpoints go through one :class:`~torchxla_rlhf.checkpoint.CheckpointManager`: the loop
+calls its ``save(step, last=...)`` after every step and the constructor its ``load``.
+
 A subclass supplies only what differs: :meth:`Trainer.build`, :meth:`Trainer.train_step`,
 :meth:`Trainer.save` and :meth:`Trainer.trained_models` (plus :meth:`Trainer.evaluate` and the
 data-state pair when it has them). It never defines ``__init__`` and has no call order to
@@ -24,6 +27,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +36,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from torchxla_rlhf import checkpoint, memory_plan, run_dir, runtime, startup, train_state
+from torchxla_rlhf import checkpoint, models, run_dir, runtime
 from torchxla_rlhf.config import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.errors import (RESUME_HINT, NonFiniteError, Preempted, ResumeError, RunFailure,
-                                  call_with_timeout, failure_during, one_line)
+from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, Preempted,
+                                  ResumeError, RunFailure, call_with_timeout, failure_during,
+                                  one_line)
+from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
@@ -65,14 +72,15 @@ def setup_run(cfg: Any) -> RunContext:
     # Before anything is written or loaded: remote paths answer, output_dir is ours.
     check_remote_paths(cfg, cfg.remote_timeout_s)
     dir_plan = run_dir.check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
-                                resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+                                        resume=bool(cfg.resume_from),
+                                        overwrite=cfg.overwrite_output_dir)
     runtime.init()
     runtime.manual_seed(cfg.seed)
-    # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
-    startup.check_before_loading(cfg)
-    mesh = runtime.make_mesh(cfg.mesh_dim)
-    # Stop before loading any weights when the run cannot fit (logs the plan).
-    memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
+    # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
+    devices, processes, per_host = runtime.topology()
+    report = checks.check_before_loading(cfg, devices, processes, per_host,
+                                         runtime.device_memory_bytes())
+    mesh = runtime.make_mesh(report.mesh)
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
     tokenizer = load_tokenizer(
@@ -100,7 +108,10 @@ class Trainer:
     ``eval_freq``, ``save_model_freq`` and ``save_milestone_freq`` count them.
     """
 
-    name = "trainer"
+    @property
+    def name(self) -> str:
+        """The trainer's kind, as its config declares it (``dpo``, ``reward``, ``ppo``)."""
+        return self.cfg.trainer
 
     def __init__(self, cfg: Any):
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
@@ -122,8 +133,17 @@ class Trainer:
         self.last_good_checkpoint: tuple[str, int] | None = None
         """``(path, step)`` of the newest checkpoint known to hold finite weights."""
         self.total_steps = self.build()
-        self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
-                                                           cfg.save_milestone_freq)
+        # Remote models: every host trains against the version process 0 loaded.
+        models.check_hosts_loaded_the_same_models(self.ctx.output_dir)
+        self.checkpoints = checkpoint.CheckpointManager(
+            self.ctx.output_dir,
+            schedule=checkpoint.CheckpointSchedule(cfg.save_model_freq, cfg.save_milestone_freq),
+            save_every_minutes=cfg.save_every_minutes,
+            save_training_state=cfg.save_training_state, is_main=self.ctx.is_main,
+            export=self.save, trained=self.trained_models,
+            trainer_state=lambda: {"step": self.step, "total_steps": self.total_steps,
+                                   "data": self.data_state()},
+            before_write=self._settle_metrics)
         self._resume()
         # Written only now that config, data and models have been checked: a run that fails
         # at start-up leaves an existing run's config.yaml (and, with overwrite, its files)
@@ -132,10 +152,16 @@ class Trainer:
             run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step)
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
-                               self.total_steps)
+                               self.total_steps, resume_step=self.step if cfg.resume_from else None)
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
+
+    @classmethod
+    def check_data(cls, cfg: Any, tokenizer: Any) -> None:
+        """Build the run's datasets once (tokenized, counted, checked) without touching a
+        device, so that bad data fails before an earlier pipeline stage trains."""
+        raise NotImplementedError
 
     def build(self) -> int:
         """Build the data, models, optimizers and compiled graphs; return the number of
@@ -175,25 +201,11 @@ class Trainer:
     # -- resume ----------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        """Load ``resume_from``'s training state into what :meth:`build` made."""
-        source = self.cfg.resume_from
-        if not source:
+        """Load ``resume_from``'s training state into what :meth:`build` made (the manager
+        resolves ``auto``: the newest complete checkpoint with a state, of any kind)."""
+        state = self.checkpoints.load(self.cfg.resume_from)
+        if state is None:
             return
-        if source == "auto":
-            # The latest complete checkpoint (or the one a killed publish left aside);
-            # weights without a training state are an error, not a fresh start.
-            latest = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
-            source = checkpoint.resolve_checkpoint(latest)
-            if source is None:
-                logger.info("resume_from=auto: no checkpoint at %s, starting fresh", latest)
-                return
-            if not train_state.has_training_state(source):
-                raise ResumeError(
-                    f"resume_from=auto: {source} holds weights but no training state (saved "
-                    "with save_training_state=false?), so the run cannot continue exactly; "
-                    "set save_training_state=true for new runs, or move the checkpoint away "
-                    "to start fresh")
-        state = train_state.load_training_state(source, self.trained_models())
         if state.get("total_steps") != self.total_steps:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
                            state.get("total_steps"), self.total_steps)
@@ -201,10 +213,9 @@ class Trainer:
         try:
             self.load_data_state(state.get("data", {}))
         except ValueError as e:  # the data pipeline differs from the checkpoint's
-            raise ResumeError(f"resume_from {source}: {e}; resume with the data settings the "
-                              "run was started with") from e
-        self.last_good_checkpoint = (source, self.step)
-        logger.info("resumed from %s at step %d", source, self.step)
+            raise ResumeError(f"resume_from={self.cfg.resume_from}: {e}; resume with the data "
+                              "settings the run was started with") from e
+        self.last_good_checkpoint = (self.checkpoints.resolve(self.cfg.resume_from), self.step)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -212,7 +223,7 @@ class Trainer:
         """A baseline evaluation (which also compiles the eval graph before training), then
         run to ``total_steps`` (or until every host agrees to stop for a preemption); returns
         the last logged metrics."""
-        runtime.start_preemption_sync()  # every host stops at the same step
+        runtime.start_preemption_sync()  # every host stops at the same step (its own handler)
         eval_freq = getattr(self.cfg, "eval_freq", 0)
         try:
             self._log_eval()
@@ -247,11 +258,12 @@ class Trainer:
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
-                for name in self.ckpt_schedule.actions(self.step, is_last):
-                    self._save_uncounted(f"{self.ctx.output_dir}/{name}")
-                if runtime.should_stop(self.step):  # the same answer on every host
-                    logger.warning("preemption: saving at step %d and stopping", self.step)
-                    self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                stop = runtime.should_stop(self.step)  # the same answer on every host
+                if stop:
+                    logger.warning("preemption: saving the training state at step %d and "
+                                   "stopping", self.step)
+                self._save_uncounted(is_last, stop)
+                if stop:
                     self.preempted_at = self.step
                     break
             runtime.sync()
@@ -297,38 +309,21 @@ class Trainer:
             f"{step - 1} was saved; {good}. Lower the learning rate or check the data")
 
     def _settle_metrics(self) -> None:
-        """Before publishing weights: every step's watched metrics read back and checked, so
-        a save never publishes the weights of a step whose loss or gradient was non-finite.
+        """Before a checkpoint is written: every step's watched metrics read back and checked,
+        so a save never publishes the state of a step whose loss or gradient was non-finite.
         The save reads the weights back anyway; this waits for the same step to finish."""
         runtime.sync()  # runs the step closures that queue the last step's read
         runtime.drain_scalar_reads()
         self._stop_if_non_finite()
 
-    def _save_uncounted(self, path: str) -> None:
-        self._settle_metrics()
-        with failure_during("saving checkpoint", path, SafetensorError):
-            self._save_uncounted_unchecked(path)
-        self.last_good_checkpoint = (path, self.step)
-
-    def _save_uncounted_unchecked(self, path: str) -> None:
+    def _save_uncounted(self, is_last: bool, preempted: bool) -> None:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
-        if self.cfg.save_training_state:
-            # Each host writes its state shards into the staging dir, then the HF
-            # save adds the weights and _COMPLETE and publishes both together.
-            with checkpoint.staged(path, is_main_process=self.ctx.is_main) as staging:
-                train_state.save_training_state(
-                    staging, self.trained_models(),
-                    {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
-                    is_main_process=self.ctx.is_main, process_index=runtime.process_index(),
-                    process_count=runtime.process_count(),
-                )
-                runtime.barrier()
-                self.save(path)
-        else:
-            self.save(path)
-        runtime.barrier()  # no host goes on (or exits) while the save is written
+        with failure_during("saving a checkpoint in", self.ctx.output_dir, SafetensorError):
+            written = self.checkpoints.save(self.step, last=is_last, preempted=preempted)
+        if written:
+            self.last_good_checkpoint = (written[0], self.step)
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_data_reports(self) -> None:
@@ -389,15 +384,20 @@ def take_output_dir_lock(cfg: Any) -> run_dir.RunLock | None:
 def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
     """The whole run: take ``output_dir``'s lock, set up, build, resume (the constructor),
     train, close, release the lock; returns the last logged metrics (the entry points'
-    ``main``). An ``OSError`` once training has started is a :class:`RunFailure` (exit 1), not
-    a user error. ``setup_logging``: configure console logging
-    at ``cfg.log_level`` first (command lines; a library caller keeps its own logging).
+    ``main``). ``setup_logging``: configure console logging at ``cfg.log_level`` first
+    (command lines; a library caller keeps its own logging). An ``OSError`` once training
+    has started is a :class:`~torchxla_rlhf.errors.RunFailure` (exit 1), not a user error.
 
     Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
     lock = take_output_dir_lock(cfg)
+    # Until training starts (minutes of weight loading on a pod) nothing is worth saving: a
+    # preemption notice then ends the process at once with the code the launcher relaunches
+    # on, instead of the default SIGTERM death it reads as a failure. Training installs its
+    # own handler (runtime.start_preemption_sync) while it runs.
+    previous = _exit_preempted_on_sigterm(lock)
     try:
         trainer = trainer_cls(cfg)
         try:
@@ -407,10 +407,61 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) ->
                              f"{RESUME_HINT}") from e
         finally:
             trainer.close()
+        leave_together(trainer.ctx.output_dir)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if lock is not None:
             lock.release()
     if trainer.preempted_at is not None:
-        raise Preempted(trainer.preempted_at,
-                        f"{trainer.ctx.output_dir}/{trainer.ckpt_schedule.latest_name}")
+        raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
     return metrics
+
+
+EXIT_MARKERS = "exit-markers"
+LEAVE_TIMEOUT_S = 600.0
+
+
+def leave_together(output_dir: str, *, clock=time.monotonic, sleep=time.sleep) -> None:
+    """On several hosts, make process 0 leave last. It runs the coordinator of the preemption
+    sync; a host still running when it is gone aborts (a finished run then reads as failed).
+    Every other process writes ``<output_dir>/exit-markers/process-<i>`` as it finishes;
+    process 0 waits for all of them (at most :data:`LEAVE_TIMEOUT_S`: a crashed host never
+    writes one), removes them and returns; at exit it still lingers a few seconds while the
+    others' runtimes shut down (:func:`runtime.stop_preemption_sync`)."""
+    count = runtime.process_count()
+    if count == 1:
+        return
+    fs, root = checkpoint.fsio.url_to_fs(f"{output_dir.rstrip('/')}/{EXIT_MARKERS}")
+    if not runtime.is_main_process():
+        fs.makedirs(root, exist_ok=True)
+        checkpoint.fsio.write_bytes(fs, f"{root}/process-{runtime.process_index()}", b"done\n")
+        return
+    deadline = clock() + LEAVE_TIMEOUT_S
+    waiting = set(range(1, count))
+    while waiting and clock() < deadline:
+        waiting = {i for i in waiting if not fs.exists(f"{root}/process-{i}")}
+        if waiting:
+            sleep(1.0)
+    if waiting:
+        logger.warning("process(es) %s did not finish within %.0f s; leaving anyway",
+                       sorted(waiting), LEAVE_TIMEOUT_S)
+    checkpoint.fsio.rm_quiet(fs, root)
+
+
+def _exit_preempted_on_sigterm(lock: run_dir.RunLock | None = None) -> Any:
+    """Make SIGTERM end the process with :data:`EXIT_PREEMPTED` at once (releasing ``lock``,
+    so that the relaunch finds the directory free); returns the previous handler (None when
+    not on the main thread, where handlers cannot be set)."""
+    def handler(signum, frame):
+        logging.getLogger("torchxla_rlhf").warning(
+            "SIGTERM before the first training step: nothing to save, exiting %d", EXIT_PREEMPTED)
+        if lock is not None:
+            lock.release()
+        os._exit(EXIT_PREEMPTED)  # mid weight-load: no other cleanup worth running
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
