@@ -331,11 +331,12 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
     seq = cfg.train_dataset.seq_length
     rows = _rows(2 * cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size (x2: chosen, rejected)")
     persistent = _trained("model", shape, is_dpo, cfg.model.param_dtype, n)
-    if is_dpo and not cfg.precalculate_reference_logps:
+    with_reference = is_dpo and cfg.needs_reference and not cfg.precalculate_reference_logps
+    if with_reference:
         persistent.append(_frozen("reference", shape, True, cfg.model, n))
     train = _train_terms("train", shape, mesh, rows, seq, cfg.model, is_dpo)
     gathered = gathered_weights_bytes(shape, mesh, is_dpo, cfg.model.param_dtype)
-    if is_dpo and not cfg.precalculate_reference_logps:
+    if with_reference:
         gathered += _frozen_gathered(shape, mesh, True, cfg.model)
     train.append(Term("gathered weights", gathered, "2 layers + embeddings, whole over fsdp"))
     phases = {"train micro-step": train}

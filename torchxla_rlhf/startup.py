@@ -123,7 +123,8 @@ def run_models(cfg, model_configs: Mapping[str, Any]) -> list[ModelShapes]:
     if isinstance(cfg, RewardConfig):
         return [classifier("reward model", "model", cfg.model, True)]
     if isinstance(cfg, DPOConfig):
-        return [causal("policy", "model", True), causal("reference", "model", False)]
+        policy = [causal("policy", "model", True)]
+        return policy + ([causal("reference", "model", False)] if cfg.needs_reference else [])
     raise TypeError(f"no start-up checks for config type {type(cfg).__name__}")
 
 
