@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from torchxla_rlhf import runtime, sharding
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,13 @@ def run_models(cfg, model_configs: Mapping[str, Any]) -> list[ModelShapes]:
         ]
     if isinstance(cfg, RewardConfig):
         return [classifier("reward model", "model", cfg.model, True)]
+    if isinstance(cfg, GRPOConfig):
+        roles = [causal("policy", "model", True)]
+        if cfg.needs_reference:
+            roles.append(causal("reference", "model", False))
+        if cfg.rewards.reward_model is not None:
+            roles.append(classifier("reward model", "reward_model", cfg.rewards.reward_model, False))
+        return roles
     if isinstance(cfg, DPOConfig):
         policy = [causal("policy", "model", True)]
         return policy + ([causal("reference", "model", False)] if cfg.needs_reference else [])
@@ -130,7 +137,7 @@ def run_models(cfg, model_configs: Mapping[str, Any]) -> list[ModelShapes]:
 
 def uploaded_batches(cfg) -> list[tuple[str, int]]:
     """``(what, rows)`` of each batch the trainer uploads with dim 0 over ``dp*fsdp``."""
-    if isinstance(cfg, PPOConfig):
+    if isinstance(cfg, (PPOConfig, GRPOConfig)):
         return [("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
                  cfg.train_dataset.batch_size * cfg.rollouts_per_prompt)]
     # Held-out pairs are fed in train_dataset.batch_size batches too (PairData.eval_batches).
@@ -139,7 +146,7 @@ def uploaded_batches(cfg) -> list[tuple[str, int]]:
 
 
 def _sequence_lengths(cfg) -> tuple[str, int]:
-    if isinstance(cfg, PPOConfig):
+    if isinstance(cfg, (PPOConfig, GRPOConfig)):
         return ("train_dataset.seq_length + max_continuation_len",
                 cfg.train_dataset.seq_length + cfg.max_continuation_len)
     lengths = [cfg.train_dataset.seq_length]
@@ -269,6 +276,9 @@ def check_before_loading(cfg) -> StartupReport:
         keys.append("value_model")
     configs = {k: models.model_config_only(getattr(cfg, k), cfg.tokenizer_pad_token_id)
                for k in keys}
+    if isinstance(cfg, GRPOConfig) and cfg.rewards.reward_model is not None:
+        configs["reward_model"] = models.model_config_only(cfg.rewards.reward_model,
+                                                           cfg.tokenizer_pad_token_id)
     report = check_run(cfg, configs, devices, processes, per_host)
     for c in report.warnings:
         logger.warning("start-up check %s (%s): %s", c.name, c.key, c.detail)
