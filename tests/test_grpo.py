@@ -136,3 +136,15 @@ def test_rloo_with_kl_in_reward_learns(tmp_path):
     assert curve[0] < 0.1 and curve[-1] > curve[0] + 0.3, curve
     rows = [m for m in read_metrics(out) if "objective/kl_penalty_mean" in m]
     assert rows and all(np.isfinite(r["objective/kl_penalty_mean"]) for r in rows)
+
+
+def test_13b_plan_fits_a_v3_256_and_counts_the_reference_only_with_a_kl():
+    from torchxla_rlhf import memory_plan
+
+    path = os.path.join(REPO, "configs", "grpo_13b.yaml")
+    plan = memory_plan.plan(load_config(GRPOConfig, path), 256, 16 * 2**30)
+    assert plan.fits, memory_plan.format_plan(plan)
+    names = [t.name for t in plan.persistent]
+    assert not any("reference" in n for n in names) and not any("value" in n for n in names)
+    with_kl = memory_plan.plan(load_config(GRPOConfig, path, ["beta=0.04"]), 256, 16 * 2**30)
+    assert any("reference" in t.name for t in with_kl.persistent)

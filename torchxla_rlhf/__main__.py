@@ -146,17 +146,17 @@ def plan_main(argv: list[str]) -> int:
     """``plan``: print the per-device memory plan of a trainer config (no devices touched).
     The trainer is told by the config's keys (PPO has max_continuation_len, DPO beta)."""
     from torchxla_rlhf import memory_plan
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+    from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
     parser = argparse.ArgumentParser(prog="python -m torchxla_rlhf plan")
-    parser.add_argument("--config", required=True, help="a dpo/reward/ppo YAML config")
+    parser.add_argument("--config", required=True, help="a dpo/reward/ppo/grpo YAML config")
     parser.add_argument("--devices", type=int, default=None,
                         help="device count (default: the mesh_dim's product, which must be fixed)")
     parser.add_argument("--hbm-gib", type=float, default=None, help="memory per device, GiB")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     kind = _config_kind(args.config)
-    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
+    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}[kind]
     try:
         cfg = load_config(cls, args.config, args.overrides)
         devices = args.devices or _fixed_mesh_devices(cfg.mesh_dim)
@@ -169,11 +169,13 @@ def plan_main(argv: list[str]) -> int:
 
 
 def _config_kind(path: str) -> str:
-    """dpo, reward or ppo, from the keys only that trainer has."""
+    """dpo, reward, ppo or grpo, from the keys only that trainer has."""
     import yaml
 
     with open(path) as f:
         keys = set((yaml.safe_load(f) or {}).keys())
+    if keys & {"rewards", "advantage", "scale_rewards", "num_iterations", "epsilon"}:
+        return "grpo"
     if keys & {"max_continuation_len", "reward_model", "mini_batch_size", "kl_coef"}:
         return "ppo"
     if keys & {"beta", "use_ipo", "label_smoothing", "load_reference_checkpoint"}:

@@ -313,8 +313,8 @@ def _rows(global_rows: int, mesh: Mesh, what: str) -> float:
 
 
 def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
-    """The per-device plan of a DPO, reward or PPO config on ``n_devices`` devices."""
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+    """The per-device plan of a DPO, reward, PPO or GRPO config on ``n_devices`` devices."""
+    from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
     mesh = _mesh(cfg, n_devices)
     n = mesh.devices
@@ -325,6 +325,8 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
                      f"{shape.kv_heads}: every device computes all heads' scores")
     if isinstance(cfg, PPOConfig):
         return _plan_ppo(cfg, shape, mesh, hbm_bytes, notes)
+    if isinstance(cfg, GRPOConfig):
+        return _plan_grpo(cfg, shape, mesh, hbm_bytes, notes)
     if not isinstance(cfg, (DPOConfig, RewardConfig)):
         raise PlanError(f"no memory plan for {type(cfg).__name__}")
     is_dpo = isinstance(cfg, DPOConfig)
@@ -343,27 +345,13 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
     return Plan("dpo" if is_dpo else "reward", mesh, hbm_bytes, persistent, phases, notes)
 
 
-def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes: list[str]) -> Plan:
-    n = mesh.devices
-    rm_shape = shape_of(cfg.reward_model)
-    value_cfg = cfg.value_model or cfg.reward_model
-    value_shape = shape_of(value_cfg)
+def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
+    """The generation phase of PPO and GRPO: the policy's gathered weights, its KV cache and
+    the prefill of one rollout piece."""
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     c = BYTES[cfg.model.compute_dtype]
-    persistent = (
-        _trained("policy", shape, True, cfg.model.param_dtype, n)
-        + _trained("value", value_shape, False, value_cfg.param_dtype, n)
-        + [_frozen("reference", shape, True, cfg.model, n),
-           _frozen("reward model", rm_shape, False, cfg.reward_model, n)]
-    )
-    all_rows = _rows(n_roll, mesh, "rollouts per step")
-    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
-    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
-    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
-    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
-                           f"{all_rows:g} rows x {t} tokens"))
     micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     kv = heads_per_device(shape, mesh.mp) * shape.kv_heads // shape.heads * shape.head_dim
     cache = 2 * shape.layers * micro * t * kv * c
@@ -376,6 +364,30 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
         Term("prefill (one layer) + logits", prefill + micro * shape.vocab / mesh.mp * (c + 8),
              f"{micro:g} rows x {pl} prompt tokens"),
     ]
+    return rollout
+
+
+def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes: list[str]) -> Plan:
+    n = mesh.devices
+    rm_shape = shape_of(cfg.reward_model)
+    value_cfg = cfg.value_model or cfg.reward_model
+    value_shape = shape_of(value_cfg)
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    persistent = (
+        _trained("policy", shape, True, cfg.model.param_dtype, n)
+        + _trained("value", value_shape, False, value_cfg.param_dtype, n)
+        + [_frozen("reference", shape, True, cfg.model, n),
+           _frozen("reward model", rm_shape, False, cfg.reward_model, n)]
+    )
+    all_rows = _rows(n_roll, mesh, "rollouts per step")
+    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
+    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
+    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
+    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
+                           f"{all_rows:g} rows x {t} tokens"))
+    rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
     train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
@@ -386,6 +398,41 @@ def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes
                 + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
     train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
     return Plan("ppo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
+                notes)
+
+
+def _plan_grpo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes: list[str]) -> Plan:
+    """GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value model, the
+    frozen reference only with a KL term (beta > 0), a reward model only when configured."""
+    n = mesh.devices
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    persistent = _trained("policy", shape, True, cfg.model.param_dtype, n)
+    frozen = []
+    if cfg.needs_reference:
+        frozen.append(("reference", shape, True, cfg.model))
+    else:
+        notes.append("beta=0: no reference model is loaded")
+    rm_cfg = cfg.rewards.reward_model
+    if rm_cfg is not None:
+        frozen.append(("reward model", shape_of(rm_cfg), False, rm_cfg))
+    persistent += [_frozen(name, s, lm, c, n) for name, s, lm, c in frozen]
+    all_rows = _rows(n_roll, mesh, "rollouts per step (batch_size x rollouts_per_prompt)")
+    # sequences, attention_mask (int64, T), continuation_mask (CL); old and reference
+    # log-probs (fp32, CL) when kept.
+    kept = (int(cfg.num_iterations > 1) + int(cfg.needs_reference)) * cl * 4
+    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + kept),
+                           f"{all_rows:g} rows x {t} tokens"))
+    rollout = _rollout_terms(cfg, shape, mesh)
+    chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
+                  "mini_batch_size / accumulate_gradient_steps")
+    train = _train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
+    gathered = gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype) + sum(
+        _frozen_gathered(s, mesh, lm, c) for _, s, lm, c in frozen)
+    train.append(Term("gathered weights", gathered,
+                      f"{1 + len(frozen)} model(s): 2 layers + embeddings each, whole over fsdp"))
+    return Plan("grpo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
                 notes)
 
 
