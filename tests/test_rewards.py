@@ -106,3 +106,24 @@ def test_rlvr_reader_keeps_fields_and_names_a_missing_ground_truth(tmp_path):
         build_rlvr_prompts(cfg, tok, add_bos=True, require_ground_truth=True)
     # Without a verifiable reward (a reward model, a user function) it is not required.
     assert len(build_rlvr_prompts(cfg, tok, add_bos=True, require_ground_truth=False)) == 2
+
+
+def test_shipped_rlvr_task_is_reproducible_and_verifiable(tmp_path):
+    import os
+
+    from torchxla_rlhf.data.synthetic import write_tiny_task
+
+    from helpers import REPO
+
+    paths = write_tiny_task(str(tmp_path))
+    for name in ("rlvr_train", "rlvr_eval"):
+        with open(paths[name]) as f, open(os.path.join(REPO, "data", "tiny", f"{name}.jsonl")) as g:
+            assert f.read() == g.read(), name
+    records = [json.loads(line) for line in open(paths["rlvr_train"])]
+    assert len(records) == 500 and {r["dataset"] for r in records} == {"tiny_say_number"}
+    prompts = [r["messages"][-1]["content"] for r in records]
+    # The right answer scores 1 and the prompt alone (it holds the number) scores 1 too:
+    # the task is "repeat the number", verified by the math exact-match.
+    assert math_exact_match([r["ground_truth"] for r in records], records) == [1.0] * 500
+    assert math_exact_match(prompts, records) == [1.0] * 500
+    assert sum(math_exact_match(["0"] * 500, records)) < 100
