@@ -150,3 +150,29 @@ def test_13b_plan_fits_a_v3_256_and_counts_the_reference_only_with_a_kl():
     assert not any("reference" in n for n in names) and not any("value" in n for n in names)
     with_kl = memory_plan.plan(load_config(GRPOConfig, path, ["beta=0.04"]), 256, 16 * 2**30)
     assert any("reference" in t.name for t in with_kl.persistent)
+
+
+@pytest.mark.multiprocess
+def test_mesh_1_2_2_matches_single_device_for_the_first_steps(tmp_path):
+    """The tiny GRPO on 4 devices with mesh (1,2,2): the same completions (rewards) and the
+    same loss and gradient norm as on one device."""
+    from helpers import run_with_devices
+
+    keys = ["reward/mean", "frac_reward_zero_std", "grpo/loss/policy", "grpo/gradient_norm"]
+    overrides = ["total_steps=2", "eval_dataset=null", "save_model_freq=0"]
+    code = f"""
+    import json, os, sys
+    sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+    from test_grpo import grpo_cfg, read_metrics
+    from torchxla_rlhf.grpo import main
+    out = {str(tmp_path / 'mesh')!r}
+    main(grpo_cfg(out, "mesh_dim=1,2,2", *{overrides!r}))
+    print(json.dumps([[r[k] for k in {keys!r}] for r in read_metrics(out)]))
+    """
+    sharded = run_with_devices(code, 4)
+    from torchxla_rlhf.grpo import main
+
+    out = str(tmp_path / "single")
+    main(grpo_cfg(out, *overrides))
+    single = [[r[k] for k in keys] for r in read_metrics(out)]
+    np.testing.assert_allclose(sharded[:1], single[:1], rtol=2e-4, atol=1e-5)
