@@ -12,7 +12,7 @@ from torchxla_rlhf.data.chat import (
     prompt_messages_from_record,
     tokenize_preference_side,
 )
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.data.config import DataSource, DatasetConfig
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.preference import PreferenceDataset
 from torchxla_rlhf.data.prompts import PromptDataset
@@ -21,6 +21,7 @@ from torchxla_rlhf.data.sources import iter_records
 __all__ = [
     "BatchLoader",
     "DataError",
+    "DataSource",
     "DatasetConfig",
     "PreferenceDataset",
     "PromptDataset",

@@ -282,8 +282,8 @@ class GRPOTrainer(PPOTrainer):
         """Mean reward (host terms) of greedy completions of the held-out prompts."""
         if self.eval_prompts is None:
             return {}
-        bs = self.cfg.eval_dataset.batch_size
-        loader = make_loader(self.eval_prompts, self.cfg.eval_dataset, self.ctx.mesh, train=False)
+        bs = self.cfg.train_dataset.batch_size
+        loader = make_loader(self.eval_prompts, self.cfg.train_dataset, self.ctx.mesh, train=False)
         total, count = 0.0, 0
         with self.autocast():
             for batch in loader:
