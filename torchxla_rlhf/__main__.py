@@ -22,9 +22,10 @@ from typing import Any
 from torchxla_rlhf.config import ConfigError, load_config
 
 TRAINERS = {
-    "dpo": "DPO / IPO / cDPO on preference pairs",
+    "dpo": "DPO / IPO / cDPO / length-normalized DPO / SimPO on preference pairs",
     "reward": "a reward model (LlamaForSequenceClassification) on preference pairs",
     "ppo": "PPO with policy, reference, reward and value models",
+    "grpo": "GRPO / RLOO with verifiable rewards (no value model)",
 }
 STAGES = ("dpo", "reward", "ppo")
 logger = logging.getLogger("torchxla_rlhf")
