@@ -71,6 +71,11 @@ class GRPOTrainer(PPOTrainer):
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         total = cfg.total_steps or max(1, math.floor(self.steps_per_epoch * cfg.num_epochs))
 
+        if (cfg.advantage == "grpo" and cfg.importance_sampling_level == "sequence"
+                and cfg.loss_type != "grpo"):
+            logger.warning("importance_sampling_level=sequence with loss_type=%s sums per-token "
+                           "terms, weighting each sequence by its length; GSPO's objective is "
+                           "loss_type=grpo", cfg.loss_type)
         # Resolved before any weights load: an unknown function fails in seconds.
         self.verifier = resolve_verifier(cfg.rewards.verifier) if cfg.rewards.verifier else None
         pad = cfg.tokenizer_pad_token_id
