@@ -144,11 +144,14 @@ def test_13b_plan_fits_a_v3_256_and_counts_the_reference_only_with_a_kl():
     from torchxla_rlhf import memory_plan
 
     path = os.path.join(REPO, "configs", "grpo_13b.yaml")
-    plan = memory_plan.plan(load_config(GRPOConfig, path), 256, 16 * 2**30)
+    # Llama-2 13B's config.json (offline) as the policy's shape.
+    as_13b = f"model.name_or_path={REPO}/bench/shapes/llama-2-13b"
+    plan = memory_plan.plan(load_config(GRPOConfig, path, [as_13b]), 256, 16 * 2**30)
     assert plan.fits, memory_plan.format_plan(plan)
     names = [t.name for t in plan.persistent]
     assert not any("reference" in n for n in names) and not any("value" in n for n in names)
-    with_kl = memory_plan.plan(load_config(GRPOConfig, path, ["beta=0.04"]), 256, 16 * 2**30)
+    with_kl = memory_plan.plan(load_config(GRPOConfig, path, [as_13b, "beta=0.04"]), 256,
+                               16 * 2**30)
     assert any("reference" in t.name for t in with_kl.persistent)
 
 

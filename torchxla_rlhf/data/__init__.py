@@ -1,34 +1,33 @@
 """Data: the Tulu chat format, preference and prompt datasets, sources, loaders, synthetic task.
 
 Pure Python / numpy / torch (CPU); nothing here imports torch_xla. Batches come out as host
-tensors with static shapes; the trainer moves and shards them.
+tensors with static shapes; the trainer moves and shards them. The names below are imported
+on first use, so that a config tree (which needs only ``DatasetConfig``) loads without torch.
 """
 
-from torchxla_rlhf.data.chat import (
-    DataError,
-    TokenizedSide,
-    format_messages,
-    format_prompt,
-    prompt_messages_from_record,
-    tokenize_preference_side,
-)
-from torchxla_rlhf.data.config import DataSource, DatasetConfig
-from torchxla_rlhf.data.loader import BatchLoader
-from torchxla_rlhf.data.preference import PreferenceDataset
-from torchxla_rlhf.data.prompts import PromptDataset
-from torchxla_rlhf.data.sources import iter_records
+import importlib
 
-__all__ = [
-    "BatchLoader",
-    "DataError",
-    "DataSource",
-    "DatasetConfig",
-    "PreferenceDataset",
-    "PromptDataset",
-    "TokenizedSide",
-    "format_messages",
-    "format_prompt",
-    "iter_records",
-    "prompt_messages_from_record",
-    "tokenize_preference_side",
-]
+_EXPORTS = {
+    "DataError": "chat",
+    "TokenizedSide": "chat",
+    "format_messages": "chat",
+    "format_prompt": "chat",
+    "prompt_messages_from_record": "chat",
+    "tokenize_preference_side": "chat",
+    "DataSource": "config",
+    "DatasetConfig": "config",
+    "BatchLoader": "loader",
+    "PreferenceDataset": "preference",
+    "PromptDataset": "prompts",
+    "iter_records": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -53,17 +53,29 @@ class GRPOTrainer(PPOTrainer):
 
     name = "grpo"
 
+    @classmethod
+    def _datasets(cls, cfg, tokenizer):
+        """Training and held-out prompts with their records' fields (RLVR schema); a record
+        without ground_truth fails here when the math verifier needs it."""
+        needs_truth = cfg.rewards.needs_ground_truth
+        train = build_rlvr_prompts(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
+                                   require_ground_truth=needs_truth, name="train_dataset")
+        train.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        held_out = None
+        if cfg.eval_dataset is not None:
+            held_out = build_rlvr_prompts(cfg.eval_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
+                                          require_ground_truth=needs_truth, name="eval_dataset")
+        return train, held_out
+
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        cls._datasets(cfg, tokenizer)
+
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
-        needs_truth = cfg.rewards.needs_ground_truth
-        self.prompts = build_rlvr_prompts(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos,
-                                          require_ground_truth=needs_truth, name="train_dataset")
-        self.prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        self.prompts, self.eval_prompts = self._datasets(cfg, tok)
         self.data_reports = {"train": self.prompts.report}
-        self.eval_prompts = None
-        if cfg.eval_dataset is not None:
-            self.eval_prompts = build_rlvr_prompts(cfg.eval_dataset, tok, add_bos=cfg.prompt_add_bos,
-                                                   require_ground_truth=needs_truth, name="eval_dataset")
+        if self.eval_prompts is not None:
             self.data_reports["eval"] = self.eval_prompts.report
         self.loader = make_loader(self.prompts, cfg.train_dataset, mesh)
         self.steps_per_epoch = self.loader.steps_per_epoch
@@ -84,7 +96,7 @@ class GRPOTrainer(PPOTrainer):
         # No KL term, no reference: its weights are never loaded (nor planned for).
         self.reference = (models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad),
                                         cfg.model, mesh) if cfg.needs_reference else None)
-        rm_cfg = cfg.rewards.reward_model
+        rm_cfg = cfg.reward_model
         self.reward_model = (models.freeze(models.load_sequence_classifier(rm_cfg, mesh, pad_token_id=pad),
                                            rm_cfg, mesh) if rm_cfg is not None else None)
         self.policy.train()
