@@ -129,7 +129,7 @@ def test_rloo_with_kl_in_reward_learns(tmp_path):
     from torchxla_rlhf.trainers.grpo import GRPOTrainer
 
     out = str(tmp_path / "rloo")
-    trainer = GRPOTrainer(grpo_cfg(out, "logger.log_freq=10", "save_model_freq=0", name="rloo"))
+    trainer = GRPOTrainer(grpo_cfg(out, "logger.log_freq=10", "save_model_freq=0", name="grpo_rloo"))
     assert trainer.reference is not None
     trainer.train()
     trainer.close()

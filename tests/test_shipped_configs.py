@@ -10,8 +10,7 @@ from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
 from helpers import REPO
 
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
-         "rloo": GRPOConfig}
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))
