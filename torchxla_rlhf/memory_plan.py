@@ -344,12 +344,7 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
                 + _frozen_gathered(shape, mesh, True, cfg.model)
                 + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
     train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
-    # Gradients live from the first micro-batch's backward to the optimizer step, which
-    # clears them: the rollouts run without them.
-    grads = [t for t in persistent if t.name.endswith(" gradients")]
-    persistent = [t for t in persistent if t not in grads]
-    return Plan("ppo", mesh, hbm_bytes, persistent,
-                {"rollout": rollout, "train micro-step": train + grads}, notes)
+    return _rollout_plan("ppo", mesh, hbm_bytes, persistent, rollout, train, notes)
 
 
 def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
@@ -383,8 +378,18 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
         for r in frozen)
     train.append(Term("gathered weights", gathered,
                       f"{1 + len(frozen)} model(s): 2 layers + embeddings each, whole over fsdp"))
-    return Plan("grpo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
-                notes)
+    return _rollout_plan("grpo", mesh, hbm_bytes, persistent, rollout, train, notes)
+
+
+def _rollout_plan(trainer: str, mesh: Mesh, hbm_bytes: float | None, persistent: list[Term],
+                  rollout: list[Term], train: list[Term], notes: list[str]) -> Plan:
+    """A plan with a rollout and a training phase. Gradients live from the first
+    micro-batch's backward to the optimizer step, which clears them: they belong to the
+    training phase, and the rollouts run without them."""
+    grads = [t for t in persistent if t.name.endswith(" gradients")]
+    persistent = [t for t in persistent if t not in grads]
+    return Plan(trainer, mesh, hbm_bytes, persistent,
+                {"rollout": rollout, "train micro-step": train + grads}, notes)
 
 
 # ----------------------------------------------------------------------------------------
