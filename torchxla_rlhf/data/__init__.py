@@ -2,32 +2,41 @@
 
 Pure Python / numpy / torch (CPU); nothing here imports torch_xla. Batches come out as host
 tensors with static shapes; the trainer moves and shards them.
+
+The names below are imported on first use: ``torchxla_rlhf.configs`` needs only
+``data.config``, and loading a config (``--help``, a typo) must not pay for importing torch.
 """
 
-from torchxla_rlhf.data.chat import (
-    DataError,
-    TokenizedSide,
-    format_messages,
-    format_prompt,
-    prompt_messages_from_record,
-    tokenize_preference_side,
-)
-from torchxla_rlhf.data.config import DatasetConfig
-from torchxla_rlhf.data.loader import BatchLoader
-from torchxla_rlhf.data.preference import PreferenceDataset
-from torchxla_rlhf.data.prompts import PromptDataset
-from torchxla_rlhf.data.sources import iter_records
+from __future__ import annotations
 
-__all__ = [
-    "BatchLoader",
-    "DataError",
-    "DatasetConfig",
-    "PreferenceDataset",
-    "PromptDataset",
-    "TokenizedSide",
-    "format_messages",
-    "format_prompt",
-    "iter_records",
-    "prompt_messages_from_record",
-    "tokenize_preference_side",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BatchLoader": "loader",
+    "DataError": "chat",
+    "DatasetConfig": "config",
+    "PreferenceDataset": "preference",
+    "PromptDataset": "prompts",
+    "TokenizedSide": "chat",
+    "format_messages": "chat",
+    "format_prompt": "chat",
+    "iter_records": "sources",
+    "prompt_messages_from_record": "chat",
+    "tokenize_preference_side": "chat",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
