@@ -99,12 +99,32 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
                 dpo.tokenizer or dpo.model.name_or_path if s == "ppo" else cfgs[s].model.name_or_path)
             check_stage_data(cfgs[s], source)
     results: dict[str, dict[str, float]] = {}
-    for s in STAGES:
+    for i, s in enumerate(STAGES, 1):
         if done[s]:
             logger.info("pipeline --resume: %s/final is complete, skipping %s", out[s], s)
             continue
-        results[s] = run(kinds[s][1], cfgs[s], setup_logging=setup_logging)
+        print(f"stage {i}/{len(STAGES)}: {s} -> {out[s]}", flush=True)
+        results[s] = run(kinds[s][1], cfgs[s], setup_logging=setup_logging,
+                         label=f"{s} (stage {i}/{len(STAGES)})")
+    print(pipeline_summary(out), flush=True)
     return results
+
+
+OUTPUTS = {
+    "dpo": [("final", "the DPO policy (AutoModelForCausalLM)")],
+    "reward": [("final", "the reward model (AutoModelForSequenceClassification)")],
+    "ppo": [("final", "the PPO policy (AutoModelForCausalLM)"),
+            ("final-value", "its value model")],
+}
+
+
+def pipeline_summary(out: dict[str, str]) -> str:
+    """Where the pipeline's outputs are: each stage's exported checkpoints and metrics."""
+    lines = ["pipeline done; outputs:"]
+    for s in STAGES:
+        lines += [f"  {out[s]}/{name:<12} {what}" for name, what in OUTPUTS[s]]
+    lines.append(f"  metrics: {', '.join(f'{out[s]}/metrics.jsonl' for s in STAGES)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ parse -> run (set up, build, resume, train, close). ``main(config)`` is importab
 
 from __future__ import annotations
 
+from torchxla_rlhf.check import run_checks
 from torchxla_rlhf.config import cli_main
 from torchxla_rlhf.configs import PPOConfig
 
@@ -18,4 +19,5 @@ def main(cfg: PPOConfig, *, setup_logging: bool = False) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli_main(PPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.ppo")
+    cli_main(PPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.ppo",
+             check=run_checks)

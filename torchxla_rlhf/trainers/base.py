@@ -94,9 +94,10 @@ class Trainer:
 
     name = "trainer"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, label: str | None = None):
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
-        override this: everything they own is built in :meth:`build`."""
+        override this: everything they own is built in :meth:`build`. ``label`` names the
+        progress bar (default: the trainer's name)."""
         self.cfg = cfg
         self.ctx = setup_run(cfg)
         self.step = 0
@@ -119,7 +120,7 @@ class Trainer:
             save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
-                               self.total_steps)
+                               self.total_steps, name=label or self.name)
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
@@ -299,16 +300,18 @@ def configure_logging(level: str) -> None:
     )
 
 
-def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
+def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
+        label: str | None = None) -> dict[str, float]:
     """The whole run: set up, build, resume (the constructor), train, close; returns the last
     logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
     at ``cfg.log_level`` first (command lines; a library caller keeps its own logging).
+    ``label``: the progress bar's name (the pipeline's stage).
 
     Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
-    trainer = trainer_cls(cfg)
+    trainer = trainer_cls(cfg, label)
     try:
         metrics = trainer.train()
     finally:

@@ -1,0 +1,175 @@
+"""``--check``: every start-up check that needs no device, on a resolved config, then exit.
+
+What a run would find wrong in its first minutes, answered without a TPU: the config (already
+parsed by the time this runs), remote paths, the output directory, each model's
+``config.json``, the data (tokenized and counted: the data report), the mesh against the
+models' shapes, and the per-device memory plan. Every check runs even when an earlier one
+failed (a later one that needs the failed one's result says so), so one call lists every
+problem. Exit status 0 when all pass, 2 otherwise.
+
+The device count the mesh and memory checks assume: ``--devices N``, else the mesh's product
+when it has no ``-1``, else this machine's XLA:CPU devices (``CPU_NUM_DEVICES``, default 1).
+Device memory is unknown without a device, so the plan states the peak without a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
+
+from torchxla_rlhf.errors import EXIT_USER_ERROR, one_line, user_error_types
+
+logger = logging.getLogger("torchxla_rlhf")
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str
+    """``ok``, ``FAIL`` or ``skip``."""
+    detail: str
+
+
+def check_devices(cfg: Any, devices: int | None) -> tuple[int | None, str]:
+    """``(device count, where it came from)``; ``None`` when nothing says."""
+    if devices is not None:
+        return devices, "--devices"
+    try:
+        dims = [int(d) for d in str(cfg.mesh_dim).split(",")]
+    except ValueError:
+        dims = [-1]
+    if -1 not in dims:
+        product = 1
+        for d in dims:
+            product *= d
+        return product, "mesh_dim"
+    if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
+        return int(os.environ.get("CPU_NUM_DEVICES", "1") or 1), "this machine's XLA:CPU devices"
+    return None, ""
+
+
+def model_keys(cfg: Any) -> list[str]:
+    """The config keys of the models a run loads (the policy or backbone, PPO's others)."""
+    keys = ["model"]
+    for key in ("reward_model", "value_model"):
+        if getattr(cfg, key, None) is not None:
+            keys.append(key)
+    return keys
+
+
+def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
+                   ) -> list[tuple[str, Callable[[dict], str]]]:
+    """The device-free start-up checks of a trainer config, in order: ``(name, fn)`` pairs
+    where ``fn(results)`` returns a one-line detail or raises a user error; ``results`` holds
+    what earlier checks produced (``model_configs``); ``say`` prints the longer reports. The
+    one place that knows which start-up code to call."""
+    from torchxla_rlhf.config import to_dict
+    from torchxla_rlhf.errors import call_with_timeout
+
+    n, n_from = check_devices(cfg, devices)
+
+    def remote(_: dict) -> str:
+        from torchxla_rlhf.remote import check_remote_paths, iter_urls
+
+        urls = list(iter_urls(cfg))
+        check_remote_paths(cfg, cfg.remote_timeout_s)
+        return f"{len(urls)} remote URL(s) answer" if urls else "no remote URLs"
+
+    def output_dir(_: dict) -> str:
+        from torchxla_rlhf.run_dir import check_output_dir
+
+        check_output_dir(cfg.output_dir.rstrip("/"), type(cfg).__name__, to_dict(cfg),
+                         resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+        return f"{cfg.output_dir} is this run's to write"
+
+    def model_configs(results: dict) -> str:
+        from torchxla_rlhf.models import model_config_only
+
+        found, parts = {}, []
+        for key in model_keys(cfg):
+            model = getattr(cfg, key)
+            found[key] = call_with_timeout(
+                lambda m=model: model_config_only(m, cfg.tokenizer_pad_token_id),
+                cfg.remote_timeout_s, f"{key}.name_or_path={model.name_or_path}")
+            c = found[key]
+            parts.append(f"{key}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                         f"{c.num_attention_heads} heads, vocab {c.vocab_size}")
+        results["model_configs"] = found
+        return "; ".join(parts)
+
+    def data(_: dict) -> str:
+        from torchxla_rlhf.__main__ import check_stage_data
+
+        check_stage_data(cfg, cfg.tokenizer or cfg.model.name_or_path)
+        return "read, tokenized and counted (the data report is above)"
+
+    def mesh(results: dict) -> str:
+        from torchxla_rlhf import startup
+
+        if n is None:
+            raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
+        if "model_configs" not in results:
+            raise _Skip("needs the model configs")
+        report = startup.check_run(cfg, results["model_configs"], n, 1, n)
+        for c in report.warnings:
+            say(f"warning: {c.name} ({c.key}): {c.detail}")
+        if not report.ok:
+            raise startup.StartupError(report.failures_text().replace("\n", "; "))
+        return f"mesh_dim={cfg.mesh_dim!r} on {n} device(s) ({n_from}): {len(report.checks)} checks pass"
+
+    def memory(_: dict) -> str:
+        from torchxla_rlhf import memory_plan
+
+        if n is None:
+            raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
+        try:
+            p = memory_plan.plan(cfg, n)
+        except memory_plan.PlanError:
+            if "model_configs" not in results:  # the model check said why
+                raise _Skip("needs the model configs") from None
+            raise
+        say(memory_plan.format_plan(p))
+        return (f"peak {p.peak / 2**30:.2f} GiB per device ({p.peak_phase}); compare with the "
+                "device's memory (python -m torchxla_rlhf plan --hbm-gib G gives a verdict)")
+
+    return [("remote paths", remote), ("output_dir", output_dir),
+            ("model config", model_configs), ("data", data), ("mesh", mesh),
+            ("memory plan", memory)]
+
+
+class _Skip(Exception):
+    """A check that cannot run (its input is missing); it neither passes nor fails."""
+
+
+def run_checks(cfg: Any, devices: int | None = None, out: TextIO | None = None) -> int:
+    """Run :func:`startup_checks`, print one line per check and a verdict; the exit status
+    (0 all passed, 2 any failed). Touches no device (imports torch for the models' shapes)."""
+    out = out or sys.stdout
+    # The data report and start-up warnings are logged: show them in order, indented.
+    logging.basicConfig(level=cfg.log_level, format="        %(message)s", stream=out, force=True)
+    print(f"config: ok: {type(cfg).__name__}, every key valid", file=out, flush=True)
+    results: dict = {}
+    outcomes = []
+
+    def say(text: str) -> None:
+        print("\n".join("        " + line for line in text.splitlines()), file=out, flush=True)
+
+    for name, fn in startup_checks(cfg, devices, say):
+        try:
+            outcome = Outcome(name, "ok", fn(results))
+        except _Skip as e:
+            outcome = Outcome(name, "skip", str(e))
+        except user_error_types() as e:
+            outcome = Outcome(name, "FAIL", one_line(e).replace("\n", "; "))
+        outcomes.append(outcome)
+        print(f"{outcome.name}: {outcome.status}: {outcome.detail}", file=out, flush=True)
+    failed = [o.name for o in outcomes if o.status == "FAIL"]
+    skipped = [o.name for o in outcomes if o.status == "skip"]
+    verdict = f"check: {len(failed)} failed ({', '.join(failed)})" if failed else "check: passed"
+    if skipped:
+        verdict += f"; skipped: {', '.join(skipped)}"
+    print(verdict + " (no device was touched)", file=out, flush=True)
+    return EXIT_USER_ERROR if failed else 0
