@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
               "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
         print("  python -m torchxla_rlhf plan --config FILE [--devices N] [--hbm-gib G] "
               "[key=value ...]   per-device memory plan: each term and whether it fits")
+        print("  python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [options] -- COMMAND ...   "
+              "run COMMAND on every worker of a TPU pod")
+        print("\nEach trainer's --help lists its config keys; --config FILE --help shows FILE's "
+              "values,\n--print-config the resolved YAML, --check the device-free start-up checks.")
         return 0
     if argv[0] == "plan":
         return plan_main(argv[1:])

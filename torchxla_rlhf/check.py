@@ -120,7 +120,7 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
             raise startup.StartupError(report.failures_text().replace("\n", "; "))
         return f"mesh_dim={cfg.mesh_dim!r} on {n} device(s) ({n_from}): {len(report.checks)} checks pass"
 
-    def memory(_: dict) -> str:
+    def memory(results: dict) -> str:
         from torchxla_rlhf import memory_plan
 
         if n is None:
@@ -148,8 +148,22 @@ def run_checks(cfg: Any, devices: int | None = None, out: TextIO | None = None) 
     """Run :func:`startup_checks`, print one line per check and a verdict; the exit status
     (0 all passed, 2 any failed). Touches no device (imports torch for the models' shapes)."""
     out = out or sys.stdout
-    # The data report and start-up warnings are logged: show them in order, indented.
-    logging.basicConfig(level=cfg.log_level, format="        %(message)s", stream=out, force=True)
+    # The data report and start-up warnings are logged: show them here, in order, indented.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("        %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(cfg.log_level)
+    logger.propagate = False  # not twice (importing torch_xla gives the root logger a handler)
+    try:
+        return _run_checks(cfg, devices, out)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _run_checks(cfg: Any, devices: int | None, out: TextIO) -> int:
     print(f"config: ok: {type(cfg).__name__}, every key valid", file=out, flush=True)
     results: dict = {}
     outcomes = []
