@@ -1,6 +1,7 @@
-"""``python -m torchxla_rlhf.ppo --config FILE_OR_SHIPPED_NAME [key=value ...]``
+"""``python -m torchxla_rlhf.ppo --config FILE_OR_SHIPPED_NAME [--print-config | --check] [key=value ...]``
 
-parse -> run (set up, build, resume, train, close). ``main(config)`` is importable.
+parse -> run (set up, build, resume, train, close), or print the resolved config, or run the
+device-free start-up checks (:mod:`torchxla_rlhf.check`). ``main(config)`` is importable.
 """
 
 from __future__ import annotations
