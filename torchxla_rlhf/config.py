@@ -559,7 +559,7 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str = "trai
     wants_help = "-h" in argv or "--help" in argv
     if wants_help:
         argv = [a for a in argv if a not in ("-h", "--help")]
-        if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        if "--config" not in argv and not any(a.startswith(("--config=", "config=")) for a in argv):
             sys.stdout.write(format_help(cls, prog))
             raise SystemExit(0)
     config, overrides = None, []
@@ -642,13 +642,12 @@ def _help_section(cls: type, prefix: str, out: list[str], values: Any = None) ->
         if _section_type(tp) is not None:
             subsections.append((key, tp, default, docs.get(name), value))
             continue
-        if value is not dataclasses.MISSING:
-            shown = f"= {_fmt(value)}" + ("" if default is not dataclasses.MISSING
-                                          and _fmt(value) == _fmt(default)
-                                          else f"   (default: {_fmt(default)})"
-                                          if default is not dataclasses.MISSING else "")
-        else:
+        if value is dataclasses.MISSING:
             shown = "(required)" if default is dataclasses.MISSING else f"= {_fmt(default)}"
+        elif default is dataclasses.MISSING or _fmt(value) == _fmt(default):
+            shown = f"= {_fmt(value)}"
+        else:
+            shown = f"= {_fmt(value)}   (default: {_fmt(default)})"
         out.append(f"  {key}: {_type_name(tp)} {shown}")
         if name in docs:
             out.append(textwrap.indent(docs[name], "      "))

@@ -3,8 +3,8 @@
 Field names follow the seed's EasyLM flags where one exists, so the paper's commands carry
 over: ``mesh_dim``, ``tokenizer_pad_token_id``, ``train_dataset.seq_length``,
 ``optimizer.accumulate_gradient_steps``, ``save_model_freq``, ``max_continuation_len``, ...
-The README maps every seed flag to its key here. This module imports no torch_xla and no
-model code, so that ``--help`` and config errors come in about two seconds.
+The README maps every seed flag to its key here. This module imports neither torch nor
+model code, so that ``--help`` and config errors answer in well under a second.
 """
 
 from __future__ import annotations

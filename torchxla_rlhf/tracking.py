@@ -291,6 +291,8 @@ class Tracker:
 
     def _advance(self, step: int) -> None:
         bar = self._bar
+        if step <= bar.n:  # step 0's evaluation, or a late metric read
+            return
         if not self._bar_started:
             # The first step compiles the loop's graphs (minutes on a pod): restart the clock
             # here so that the rate, hence the ETA, counts only the steps after it.
@@ -302,8 +304,7 @@ class Tracker:
             bar.n = bar.last_print_n = bar.initial = step
             bar.set_description_str(self.name)
             return
-        if step > bar.n:
-            bar.update(step - bar.n)
+        bar.update(step - bar.n)
 
     # -- tables -------------------------------------------------------------------------
 
