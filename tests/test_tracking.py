@@ -233,9 +233,9 @@ def test_progress_bar_eta_starts_after_the_compiling_step(tmp_path):
     bar = tracker._bar
     bar._time = lambda: now[0]
     bar.start_t = bar.last_print_t = 0.0
-    assert bar.desc == "dpo (compiling)"
+    assert bar.desc == "dpo compiling"
     tracker.log(0, {"eval/loss": 1.0})  # the baseline evaluation, before step 1
-    assert bar.desc == "dpo (compiling)" and bar.n == 0
+    assert bar.desc == "dpo compiling" and bar.n == 0
     now[0] = 80.0  # step 1: the compilation
     tracker.log_device_metrics(1, {})
     assert bar.desc == "dpo" and bar.n == 1

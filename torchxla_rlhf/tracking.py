@@ -243,7 +243,7 @@ class Tracker:
         if cfg.progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, desc=f"{name} (compiling)", unit="step",
+            self._bar = tqdm(total=total_steps, desc=f"{name} compiling", unit="step",
                              dynamic_ncols=True)
 
     # -- scalars ------------------------------------------------------------------------
