@@ -21,7 +21,8 @@ def _quiet_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -192,6 +193,15 @@ def test_wandb_follows_the_environment_unless_the_config_sets_it(tmp_path, monke
     assert len(lines) == 1
     assert f"{out}/metrics.jsonl" in lines[0] and "W&B offline (from $WANDB_MODE)" in lines[0]
     assert f"wandb sync {out}/wandb/{runs[0]}" in lines[0]
+
+
+def test_wandb_dir_from_the_environment_wins_over_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    with Tracker(LoggingConfig(wandb_mode="offline", progress_bar=False), str(tmp_path / "run"),
+                 {}, True, total_steps=1) as tracker:
+        tracker.log(1, {"loss": 1.0})
+    assert [p for p in os.listdir(tmp_path / "wb" / "wandb") if p.startswith("offline-run-")]
+    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl"]
 
 
 def test_wandb_settings_precedence():

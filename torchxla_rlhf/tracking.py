@@ -185,7 +185,8 @@ class Tracker:
     Args:
         cfg: a :class:`LoggingConfig` (or an object with the same fields).
         output_dir: run directory, local or fsspec URL; the files go there, and the wandb
-            run directory too when it is local (else ``$WANDB_DIR`` / wandb's default).
+            run directory too when it is local and ``$WANDB_DIR`` is unset (else
+            ``$WANDB_DIR`` / wandb's default).
         config_dict: the resolved training config, stored with the wandb run.
         is_main_process: only the main process creates the run, the bar and the files.
         total_steps: number of optimizer steps (the bar's length; the last step is always
@@ -226,9 +227,9 @@ class Tracker:
         fs, local_dir = fsspec.core.url_to_fs(self.output_dir)
         wandb_dir: str | None = None
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        if "file" in protocols or "local" in protocols:
+        if ("file" in protocols or "local" in protocols) and not os.environ.get("WANDB_DIR"):
             os.makedirs(local_dir, exist_ok=True)
-            wandb_dir = local_dir
+            wandb_dir = local_dir  # $WANDB_DIR, when set, is wandb's to honour
         self._run = wandb.init(
             project=settings.project,
             entity=settings.entity,
