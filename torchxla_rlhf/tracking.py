@@ -225,11 +225,11 @@ class Tracker:
 
         settings = wandb_settings(cfg)
         fs, local_dir = fsspec.core.url_to_fs(self.output_dir)
-        wandb_dir: str | None = None
+        wandb_dir: str | None = os.environ.get("WANDB_DIR") or None
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        if ("file" in protocols or "local" in protocols) and not os.environ.get("WANDB_DIR"):
+        if ("file" in protocols or "local" in protocols) and wandb_dir is None:
             os.makedirs(local_dir, exist_ok=True)
-            wandb_dir = local_dir  # $WANDB_DIR, when set, is wandb's to honour
+            wandb_dir = local_dir
         self._run = wandb.init(
             project=settings.project,
             entity=settings.entity,
