@@ -235,3 +235,14 @@ def test_top_level_help_lists_every_entry_point(capsys):
     for entry in ("torchxla_rlhf.dpo", "torchxla_rlhf.reward", "torchxla_rlhf.ppo",
                   "torchxla_rlhf pipeline", "torchxla_rlhf plan", "torchxla_rlhf.launch"):
         assert f"python -m {entry}" in out, entry
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "/tiny" in p], ids=lambda p: os.path.relpath(p, REPO))
+def test_tiny_configs_leave_wandb_to_the_environment(path):
+    """``WANDB_MODE=offline python -m torchxla_rlhf.dpo --config tiny/dpo`` must be offline."""
+    from torchxla_rlhf.tracking import wandb_settings
+
+    logger_cfg = load_config(KINDS[kind_of(path)], path).logger
+    assert logger_cfg.wandb_mode is None and logger_cfg.project is None
+    assert wandb_settings(logger_cfg, {"WANDB_MODE": "offline"}).mode == "offline"
+    assert wandb_settings(logger_cfg, {}).mode == "disabled"
