@@ -133,8 +133,8 @@ def test_check_on_the_tiny_configs(path, tmp_path, capsys, monkeypatch):
             extra += ["model.tiny.vocab_size=32000", "reward_model.tiny.vocab_size=32000"]
     code, out = _check(kind, path, tmp_path, capsys, *extra)
     assert code == 0, out
-    for name in ("config", "remote paths", "output_dir", "model config", "data", "mesh",
-                 "memory plan"):
+    for name in ("config", "remote paths", "output_dir", "logging", "model config", "data",
+                 "mesh", "memory plan"):
         assert f"\n{name}: ok: " in "\n" + out, (name, out)
     assert "train_dataset: read " in out  # the data report
     assert "memory plan: " in out and out.rstrip().endswith("check: passed (no device was touched)")
@@ -246,3 +246,12 @@ def test_tiny_configs_leave_wandb_to_the_environment(path):
     assert logger_cfg.wandb_mode is None and logger_cfg.project is None
     assert wandb_settings(logger_cfg, {"WANDB_MODE": "offline"}).mode == "offline"
     assert wandb_settings(logger_cfg, {}).mode == "disabled"
+
+
+def test_check_fails_on_a_bad_wandb_mode_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    code, out = _check("dpo", "tiny/dpo", tmp_path, capsys)
+    assert code == 2 and "logging: FAIL: WANDB_MODE='offlin': expected online, offline" in out
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, out = _check("dpo", "tiny/dpo", tmp_path, capsys, "logger.wandb_mode=disabled")
+    assert code == 0 and "W&B disabled (logger.wandb_mode; WANDB_MODE=offline ignored)" in out

@@ -1,8 +1,8 @@
 """``--check``: every start-up check that needs no device, on a resolved config, then exit.
 
 What a run would find wrong in its first minutes, answered without a TPU: the config (already
-parsed by the time this runs), remote paths, the output directory, each model's
-``config.json``, the data (tokenized and counted: the data report), the mesh against the
+parsed by the time this runs), remote paths, the output directory, the W&B settings, each
+model's ``config.json``, the data (tokenized and counted: the data report), the mesh against the
 models' shapes, and the per-device memory plan. Every check runs even when an earlier one
 failed (a later one that needs the failed one's result says so), so one call lists every
 problem. Exit status 0 when all pass, 2 otherwise.
@@ -85,6 +85,12 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
                          resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
         return f"{cfg.output_dir} is this run's to write"
 
+    def logging_(_: dict) -> str:
+        from torchxla_rlhf.tracking import METRICS_FILE, destination_line, wandb_settings
+
+        return destination_line(wandb_settings(cfg.logger), None,
+                                f"{cfg.output_dir.rstrip('/')}/{METRICS_FILE}")
+
     def model_configs(results: dict) -> str:
         from torchxla_rlhf.models import model_config_only
 
@@ -135,7 +141,7 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         return (f"peak {p.peak / 2**30:.2f} GiB per device ({p.peak_phase}); compare with the "
                 "device's memory (python -m torchxla_rlhf plan --hbm-gib G gives a verdict)")
 
-    return [("remote paths", remote), ("output_dir", output_dir),
+    return [("remote paths", remote), ("output_dir", output_dir), ("logging", logging_),
             ("model config", model_configs), ("data", data), ("mesh", mesh),
             ("memory plan", memory)]
 

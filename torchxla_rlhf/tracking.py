@@ -162,17 +162,19 @@ def wandb_settings(cfg: LoggingConfig, environ: Mapping[str, str] | None = None)
 
 
 def destination_line(settings: WandbSettings, run: Any, metrics_path: str) -> str:
-    """The one line a run logs at its start: where its metrics go."""
+    """The one line a run logs at its start: where its metrics go (``run``: the wandb run,
+    or None before there is one)."""
     where = {"$WANDB_MODE": " (from $WANDB_MODE)", "logger.wandb_mode": " (logger.wandb_mode)",
              "default": ""}[settings.mode_from]
     if settings.ignored_env_mode:
         where = f" (logger.wandb_mode; WANDB_MODE={settings.ignored_env_mode} ignored)"
     if settings.mode == "online":
-        wandb = f"W&B online{where}: {getattr(run, 'url', None) or settings.project}"
+        wandb = f"W&B online{where}: {getattr(run, 'url', None) or 'project ' + settings.project}"
     elif settings.mode == "offline":
         run_dir = getattr(getattr(run, "settings", None), "sync_dir", None) or os.path.dirname(
             getattr(run, "dir", "") or "")
-        wandb = f"W&B offline{where}: {run_dir} (upload with: wandb sync {run_dir})"
+        wandb = (f"W&B offline{where}: {run_dir} (upload with: wandb sync {run_dir})" if run_dir
+                 else f"W&B offline{where}: a run directory to upload with wandb sync")
     else:
         wandb = (f"W&B disabled{where}" if where else
                  "W&B disabled (WANDB_MODE=offline|online or logger.wandb_mode turns it on)")

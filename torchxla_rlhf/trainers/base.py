@@ -34,7 +34,7 @@ from torchxla_rlhf.errors import Preempted, ResumeError
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
-from torchxla_rlhf.tracking import Tracker
+from torchxla_rlhf.tracking import Tracker, wandb_settings
 
 logger = logging.getLogger("torchxla_rlhf")
 
@@ -59,6 +59,7 @@ def setup_run(cfg: Any) -> RunContext:
     check_remote_paths(cfg, cfg.remote_timeout_s)
     check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
                      resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+    wandb_settings(cfg.logger)  # a bad $WANDB_MODE fails now, not after the models load
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
