@@ -5,11 +5,13 @@ headers and summary, and the top-level help."""
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +23,7 @@ from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
 KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 HEAVY = ("torch", "torch_xla", "transformers")
+PACKAGE = Path(REPO) / "torchxla_rlhf"
 LLAMA2_13B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000,
                   hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
@@ -49,6 +52,56 @@ def imported_top_level(args: list[str], cwd: str = REPO) -> tuple[subprocess.Com
     return p, names
 
 
+def _module_file(name: str) -> Path | None:
+    p = PACKAGE.joinpath(*name.split(".")[1:])
+    if p.is_dir():
+        return p / "__init__.py"
+    return p.with_suffix(".py") if p.with_suffix(".py").is_file() else None
+
+
+def _top_level_imports(path: Path) -> list[str]:
+    """Modules a file imports when it is imported: its top-level statements (and those in
+    top-level ``if``/``try`` blocks, but not the ``__main__`` block); ``from m import x``
+    also names ``m.x``, a submodule when there is one."""
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            continue
+        for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            if isinstance(n, ast.Import):
+                names += [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                names += [n.module] + [f"{n.module}.{a.name}" for a in n.names]
+    return names
+
+
+def test_entry_points_import_no_torch_at_module_level():
+    """What ``python -m torchxla_rlhf.dpo --help`` (or a typo, or --print-config) imports
+    before it parses the arguments: the entry points' top-level imports, followed through the
+    package (parents included), name no heavy package. The subprocess test below checks the
+    real command."""
+    todo = ["torchxla_rlhf.dpo", "torchxla_rlhf.reward", "torchxla_rlhf.ppo",
+            "torchxla_rlhf.__main__", "torchxla_rlhf.launch"]
+    seen, third_party = set(), {}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parents run first
+        if (path := _module_file(name)) is None:
+            continue  # a name imported from a module, not a module
+        for imported in _top_level_imports(path):
+            if imported.split(".")[0] == "torchxla_rlhf":
+                todo.append(imported)
+            else:
+                third_party.setdefault(imported.split(".")[0], name)
+    assert "torchxla_rlhf.configs" in seen and "yaml" in third_party  # the walk does follow
+    assert {k: v for k, v in third_party.items() if k in HEAVY} == {}
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("args,code", [
     (["-m", "torchxla_rlhf.dpo", "--help"], 0),
     (["-m", "torchxla_rlhf.ppo", "--config", "tiny/ppo", "--help"], 0),
