@@ -1,6 +1,6 @@
 """Benchmark: PPO steps of torchxla_rlhf's ``PPOTrainer`` on XLA, against the seed JAX code's figures.
 
-Setup (the issue's): all four models (policy, reference, reward, value) are random Llamas of the
+Setup: all four models (policy, reference, reward, value) are random Llamas of the
 seed code's ``debug`` shape (2 layers, hidden 128, MLP 256, 4 heads / 2 kv heads, vocab 32000),
 fp32 parameters and fp32 compute; 8 prompts per step from the shipped ``data/tiny/prompts.jsonl``
 (tokenizer ``tiny``) left-padded to 128 tokens; 64 sampled tokens per rollout; mini-batches of 4
@@ -56,11 +56,11 @@ CONTINUATION_LEN = 64
 BATCH_SIZE = 8
 MINI_BATCH_SIZE = 4
 
-# Targets from the issue.
+# Targets this benchmark reports against.
 TARGET_FIRST_S = 15.0
 TARGET_LATER_S = 2.0
 TARGET_GRAPHS = 8
-# The seed's JAX code on this machine kind (from the issue; not measured here).
+# The seed's JAX code on this machine kind (recorded figures; this script does not run it).
 SEED_JAX = {"first_s": 31.0, "first_compiles": 39, "compile_s": 33.0,
             "later_s": 2.1, "rollout_s": 0.76, "train_s": 1.3}
 
@@ -108,9 +108,9 @@ def _overrides(mode: str, steps: int, out_dir: str) -> list[str]:
 
 def _metric_sum(name: str) -> tuple[int, float]:
     """``(samples, total seconds)`` of a torch_xla timing metric (nanoseconds accumulated)."""
-    import torch_xla.debug.metrics as met  # benchmark-only; the library goes through runtime.py
+    from torchxla_rlhf import runtime
 
-    data = met.metric_data(name)
+    data = runtime.metric_data(name)
     if not data:
         return 0, 0.0
     return int(data[0]), float(data[1]) / 1e9
@@ -131,9 +131,9 @@ def _host_mean(value: Any) -> float | None:
 
 def _last_graph_size() -> int:
     """IR nodes of the most recently synced graph (last ``TensorsGraphSize`` sample)."""
-    import torch_xla.debug.metrics as met
+    from torchxla_rlhf import runtime
 
-    data = met.metric_data("TensorsGraphSize")
+    data = runtime.metric_data("TensorsGraphSize")
     return int(data[2][-1][1]) if data and data[2] else 0
 
 

@@ -1,4 +1,4 @@
-"""Issue 12 from the command line: every user error is one line and exit 2, nothing another
+"""User errors from the command line: every user error is one line and exit 2, nothing another
 run wrote is touched, a preempted run exits 75, and the data report is printed.
 
 Most cases go through ``cli_main`` in this process (they fail before any training, in

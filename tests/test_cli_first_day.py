@@ -127,7 +127,7 @@ def test_config_help_shows_the_files_values(capsys):
     assert "  use_ipo: bool = false\n" in out  # the file leaves it at its default
     assert "    lr: float = 0.001   (default: 5e-07)" not in out  # keys are dotted
     assert "  optimizer.lr: float = 0.001   (default: 5e-07)" in out
-    assert "[eval_dataset] DatasetConfig | None\n" in out  # set in the file: not null
+    assert "[eval_dataset] DataSource | None\n" in out  # set in the file: not null
     # A bad file under --help is the usual one-line error, not a help page.
     assert run_cli("dpo", ["--config", "tiny/dpo", "bta=1", "--help"]) == 2
     assert "did you mean 'beta'?" in capsys.readouterr().err

@@ -576,6 +576,20 @@ def test_override_errors_name_the_override_not_the_file_section(tmp_path):
         load_config, DPOConfig, path, ["label_smoothing=0.5"])
 
 
+def test_eval_dataset_takes_the_training_batch_size(tmp_path):
+    """Held-out pairs are evaluated in train_dataset.batch_size batches: eval_dataset has no
+    batch size (or shuffling) of its own, and setting one points at the key that is used."""
+    from torchxla_rlhf.configs import DPOConfig
+
+    path = _write(tmp_path, "d.yaml", "train_dataset: {path: p.jsonl, batch_size: 4}\n"
+                                      "eval_dataset: {path: e.jsonl, seq_length: 64}\n")
+    assert load_config(DPOConfig, path).eval_dataset.seq_length == 64
+    msg = _err(load_config, DPOConfig, path, ["eval_dataset.batch_size=2"])
+    assert "unknown key 'eval_dataset.batch_size'" in msg
+    assert "did you mean 'train_dataset.batch_size'" in msg
+    assert "eval_dataset.batch_size" not in format_help(DPOConfig)
+    assert "eval_dataset.seq_length" in format_help(DPOConfig)
+
 def test_help_does_not_load_torch_xla_or_transformers():
     import subprocess
     import sys

@@ -506,9 +506,10 @@ def test_pack_scalars_one_buffer_per_graph(dev, monkeypatch):
         assert out["sum"].vector is out["max"].vector is out["lr"].vector
         assert isinstance(out["rows"], torch.Tensor) and out["rows"].shape == (2,)
     got, submitted = [], []
-    submit = runtime._READER.submit
+    reader = runtime.readback._READER
+    submit = reader.submit
     monkeypatch.setattr(
-        runtime._READER, "submit", lambda ts, cb: (submitted.append(len(ts)), submit(ts, cb))
+        reader, "submit", lambda ts, cb: (submitted.append(len(ts)), submit(ts, cb))
     )
     runtime.read_scalars_after_step(
         {k: [o[k] for o in outs] for k in ("sum", "max", "lr")}, got.append

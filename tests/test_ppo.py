@@ -133,7 +133,7 @@ def test_compilations_do_not_grow_with_continuation_length(tmp_path, tiny_models
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_rollout_in_pieces_compiles_like_one_batch(tmp_path, tiny_models):
-    """rollout_micro_batch_size (issue 9): 16 rollouts generated as 2 pieces of 8 run the same
+    """rollout_micro_batch_size: 16 rollouts generated as 2 pieces of 8 run the same
     compiled graphs, so the compile counts equal the one-piece run's."""
     counts = {}
     for micro in (None, 8):

@@ -105,7 +105,8 @@ def test_batch_that_does_not_split_names_the_key():
 
 
 def test_suggested_meshes_pass_every_check():
-    """Issue: the old mesh error suggested '-1,1,1', which the sharding rules then refused."""
+    """Every mesh the start-up checks suggest passes the sharding rules too (a suggestion such as
+    '-1,1,1' would leave large weights replicated, which the rules refuse)."""
     cfg = load_config(DPOConfig, os.path.join(REPO, "configs", "dpo_13b.yaml"))
     models = startup.run_models(cfg, {"model": LlamaConfig(**LLAMA2_13B)})
     fits = startup.fitting_meshes(cfg, models, 256, V3_CORE_HBM, limit=100)

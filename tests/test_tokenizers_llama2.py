@@ -1,4 +1,4 @@
-"""Token-for-token fidelity with LLaMA-2's real SentencePiece tokenizer (issue 11).
+"""Token-for-token fidelity with LLaMA-2's real SentencePiece tokenizer.
 
 The paper's JAX code and Tulu 2's fine-tuning used the LEGACY SentencePiece behaviour: each
 stretch of text between special tokens gets its own dummy-prefix "▁". The two vectors below

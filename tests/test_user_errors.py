@@ -1,4 +1,4 @@
-"""Issue 12's library pieces: data report, output_dir ownership, remote probes, cache keys,
+"""User errors, the library side: data report, output_dir ownership, remote probes, cache keys,
 the error boundary. (The command-line cases are in test_cli_errors.py.)"""
 
 import dataclasses

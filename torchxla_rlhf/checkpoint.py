@@ -1,4 +1,4 @@
-"""HF-format checkpoint export (spec section 9), written straight from (sharded) XLA params.
+"""HF-format checkpoint export (docs/training.md), written straight from (sharded) XLA params.
 
 A checkpoint directory holds what ``from_pretrained`` and the open-instruct evaluation suite
 read::

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.data.config import DataSource, DatasetConfig
 
 # The sections below are defined here, not next to the code that uses them (models,
 # optim, generation, tracking re-import them), so that parsing a config or printing --help
@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class AdamWConfig:
-    """AdamW hyper-parameters, clipping and accumulation (spec section 7)."""
+    """AdamW hyper-parameters, clipping and accumulation (docs/training.md)."""
 
     b1: float = 0.9
     """Adam beta1."""
@@ -193,7 +193,8 @@ class LoggingConfig:
 
     log_freq: int = 1
     """Log device metrics every N optimizer steps (and at the last step). Reading them is
-    cheap (a step closure) but not free: one device-to-host copy per metric."""
+    cheap but not free: one device-to-host copy of a packed metrics vector per graph, made
+    by a background thread once the graph has run (the loop does not wait for it)."""
 
     progress_bar: bool = True
     """Show a tqdm bar over the optimizer steps with the latest few metrics, named after the
@@ -277,8 +278,10 @@ class PairRunConfig(RunConfig):
 
     train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """Preference pairs (chosen/rejected message lists, optional numeric margin)."""
-    eval_dataset: DatasetConfig | None = None
-    """Held-out preference pairs (optional): reward accuracy for DPO, accuracy for the RM."""
+    eval_dataset: DataSource | None = None
+    """Held-out preference pairs (optional): reward accuracy for DPO, accuracy for the RM.
+    Evaluated in order, in ``train_dataset.batch_size`` batches (no batch size or shuffling
+    of its own)."""
     eval_freq: int = 0
     """Evaluate every N updates and at the end (0: only at start and end, if eval_dataset)."""
 
@@ -290,7 +293,7 @@ class PairRunConfig(RunConfig):
 
 @dataclass
 class DPOConfig(PairRunConfig):
-    """``python -m torchxla_rlhf.dpo``: DPO / IPO / cDPO (spec section 4)."""
+    """``python -m torchxla_rlhf.dpo``: DPO / IPO / cDPO (docs/dpo.md)."""
 
     output_dir: str = "outputs/dpo"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
@@ -317,7 +320,7 @@ class DPOConfig(PairRunConfig):
 
 @dataclass
 class RewardConfig(PairRunConfig):
-    """``python -m torchxla_rlhf.reward``: a pairwise reward model (spec section 5)."""
+    """``python -m torchxla_rlhf.reward``: a pairwise reward model (docs/reward.md)."""
 
     output_dir: str = "outputs/reward"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
@@ -330,7 +333,7 @@ class RewardConfig(PairRunConfig):
 @dataclass
 class PPOConfig(RunConfig):
     """``python -m torchxla_rlhf.ppo``: PPO with policy, reference, reward and value models on
-    one mesh (spec section 6). ``model`` is the policy (and the reference's start)."""
+    one mesh (docs/ppo.md). ``model`` is the policy (and the reference's start)."""
 
     output_dir: str = "outputs/ppo"
     """Where checkpoints, the resolved config, metrics.jsonl and samples.jsonl go."""

@@ -1,6 +1,7 @@
-"""Static-shape sampling for PPO rollouts: prefill once, then one-token decode steps, each a
-fixed XLA graph, so that a whole rollout compiles to a fixed number of graphs whatever the
-continuation length, and never syncs the host unless asked to.
+"""Static-shape sampling for PPO rollouts: one prefill graph, then every later token inside
+ONE on-device XLA ``While`` loop, so that a rollout compiles to two graphs whatever the
+continuation length, costs the host the same whatever the number of new tokens, and never
+syncs the host unless asked to.
 
 Layout. Prompts come LEFT-padded: ``input_ids [B, PL]``, ``attention_mask [B, PL]``. The
 engine fills static buffers of length ``T = PL + CL``::
@@ -8,18 +9,18 @@ engine fills static buffers of length ``T = PL + CL``::
     sequences      [B, T] = [prompt | continuation], continuation = pad after a row's eos
     attention_mask [B, T] = [prompt mask | 1 up to and including eos, 0 after]
 
-Position ids follow the spec (section 3): ``clip(cumsum(mask) - 1, 0)``, so the first real
-prompt token is position 0 and the continuation goes on from the prompt's length.
+Position ids are ``clip(cumsum(mask) - 1, 0)`` (docs/data.md), so the first real prompt token
+is position 0 and the continuation goes on from the prompt's length.
 
-How it runs (the pattern verified in the torch_xla 2.9 field notes):
+How it runs:
 
 * KV cache: HF :class:`transformers.StaticCache` with ``max_cache_len = T``, written in place at
   its own device-tensor write position (``cumulative_length``), so the decode step is the same
   graph at every position.
 * Attention: the engine hands the model an explicit additive 4-D mask ``[B, 1, q, T]``. HF's
   mask builders then return early, which removes their hidden host syncs (the ``sdpa`` builder
-  does Python ``.all()`` checks). Use ``attn_implementation="eager"`` (``"sdpa"`` also accepts a
-  4-D mask).
+  does Python ``.all()`` checks). The model's attention is the one it was built with (by
+  default ``attention.py``'s einsum form, which keeps heads split over ``mp``).
 * Graphs: ``prefill`` (prompt forward + first token), traced under :func:`runtime.compile`
   (``full_graph=True``: a host sync inside raises), and ``decode`` (every later token): the
   one-token decode step runs inside ONE compiled XLA ``While`` (:class:`runtime.DeviceLoop`),
@@ -35,8 +36,8 @@ How it runs (the pattern verified in the torch_xla 2.9 field notes):
   parameters: "condition and body ... must all have the same shape") and on an integer vector
   carry updated by ``argmax`` (``s64[]`` inferred for ``s64[2]``). ``DeviceLoop`` lowers the
   traced body itself and maps each body parameter (carry, weight or constant) to its loop
-  slot by identity, which has neither problem. (Before it, the traced step's executable was
-  replayed once per token: ~0.5 ms of host work per token, and no overlap.)
+  slot by identity, which has neither problem. (Replaying a one-step executable per token
+  instead would cost ~0.5 ms of host work per token, with no overlap.)
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
@@ -292,8 +293,9 @@ class Generator:
     ``max_new_tokens`` reuse the compiled graphs.
 
     Args:
-        model: a ``transformers`` causal LM (``LlamaForCausalLM``) with
-            ``attn_implementation="eager"`` (or ``"sdpa"``), on the XLA device or on CPU.
+        model: a ``transformers`` causal LM (``LlamaForCausalLM``) whose attention is the
+            project's ``xla_einsum`` (the default, ``attention.py``), ``eager`` or ``sdpa``,
+            on the XLA device or on CPU.
         sampling: the :class:`SamplingConfig`.
         eos_token_id: ends a row (kept in the output, mask 1).
         pad_token_id: written after a row's eos.

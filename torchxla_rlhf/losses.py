@@ -1,7 +1,7 @@
 """Losses as pure tensor functions: token log-probs, DPO/cDPO/IPO, pairwise reward-model
 loss, PPO policy and value losses.
 
-Sources: ``reference-semantics.md`` sections 4 (DPO), 5 (reward model), 6.3/6.6 (PPO).
+The math, in words: docs/dpo.md, docs/reward.md and docs/ppo.md.
 
 Each function takes tensors and returns tensors (losses return ``(loss, metrics)`` with
 detached scalar metric tensors). Nothing here syncs with the host or has data-dependent
@@ -70,7 +70,7 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
-    """``sum_t loss_mask[t] * log p(input_ids[t] | <t)`` per row (spec 4: a sum, not a mean).
+    """``sum_t loss_mask[t] * log p(input_ids[t] | <t)`` per row (docs/dpo.md: a sum, not a mean).
 
     ``loss_mask`` is aligned with ``input_ids`` (1 on the response tokens that count).
     Shapes: ``logits [B, L, V]``, ``input_ids``, ``loss_mask`` ``[B, L]`` -> ``[B]`` float32.
@@ -108,7 +108,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     use_ipo: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO loss (spec 4), batch mean. All inputs ``[B]`` sequence log-prob sums.
+    """DPO loss (docs/dpo.md), batch mean. All inputs ``[B]`` sequence log-prob sums.
 
     ::
 
@@ -163,7 +163,7 @@ def pairwise_reward_loss(
     r_rejected: torch.Tensor,
     margin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry reward-model loss (spec 5), batch mean.
+    """Bradley-Terry reward-model loss (docs/reward.md), batch mean.
 
     ``-logsigmoid(r_chosen - r_rejected)``, or with ``margin`` (``use_margin``)
     ``-logsigmoid(r_chosen - r_rejected - margin)``. Shapes: all ``[B]``.
@@ -199,7 +199,7 @@ def ppo_policy_loss(
     *,
     cliprange: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped policy loss (spec 6.6). Shapes: all ``[B, T]``; loss a scalar.
+    """PPO clipped policy loss (docs/ppo.md). Shapes: all ``[B, T]``; loss a scalar.
 
     ::
 
@@ -247,7 +247,7 @@ def ppo_value_loss(
     *,
     cliprange_value: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped value loss (spec 6.6). Shapes: all ``[B, T]``; loss a scalar.
+    """PPO clipped value loss (docs/ppo.md). Shapes: all ``[B, T]``; loss a scalar.
 
     ::
 

@@ -14,7 +14,7 @@ Attention is ``ModelConfig.attn_implementation``: by default attention.py's eins
 (registered through transformers' ``AttentionInterface``; it keeps heads split over ``mp``),
 or HF's ``eager``; always with an explicit 2-D attention mask and explicit position ids:
 transformers' default ``sdpa`` mask code does Python-level ``.all()`` checks, i.e. hidden host
-syncs in every forward (field notes).
+syncs in every forward (seen on torch_xla 2.9).
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:
     """Recompute decoder layers in backward with torch_xla's checkpoint.
 
     ``gradient_checkpointing_enable()`` (torch.utils.checkpoint) crashes on XLA tensors; the
-    working route is HF's private hook with torch_xla's reentrant checkpoint (field notes), and
+    working route is HF's private hook with torch_xla's reentrant checkpoint, and
     ``use_cache=False`` (else k/v gradients come out silently zero): the forward helpers
     here always pass it.
     """
@@ -526,7 +526,7 @@ def sequence_classifier_scores(
     """Scores of a ``num_labels=1`` sequence classifier.
 
     Returns ``[B]``, the head's output at the last real token (``argmax`` of the position
-    ids, spec section 5), or ``[B, L]`` at every position (the value model) when
+    ids, docs/reward.md), or ``[B, L]`` at every position (the value model) when
     ``every_position``. Computed here rather than by HF's pooling (rightmost non-pad id),
     which agrees for right-padded inputs but not for ``[left-padded prompt | response]``.
     """

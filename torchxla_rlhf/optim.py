@@ -9,7 +9,7 @@ device-side counter, so the optimizer step is one graph for the whole run and th
 hands the device no per-step number at all.
 
 The math is optax's ``chain(clip_by_global_norm(max_grad_norm), adamw(...))``, as in the JAX
-code (spec section 7)::
+code (docs/training.md)::
 
     g      <- g * min(1, max_grad_norm / ||g||_2)         # global norm over all parameters
     m      <- b1 m + (1 - b1) g

@@ -1,8 +1,8 @@
 """RL math for PPO as pure tensor functions: masked statistics, whitening, GAE, KL-shaped
 rewards, the EOS penalty and the rollout metrics.
 
-Source: ``reference-semantics.md`` section 6 (what the paper's JAX ``llama_train_ppo``
-computed) and section 3 (position ids).
+The math, in words: docs/ppo.md (what the paper's PPO runs computed, and where this port
+differs) and docs/data.md (position ids).
 
 Every function here is safe inside a compiled XLA graph: tensors in, tensors out, static
 shapes (no boolean-mask indexing, no ``nonzero``), no host syncs (no ``.item()``, no Python
@@ -96,7 +96,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Whiten ``x`` with statistics of its masked elements (spec 6.5).
+    """Whiten ``x`` with statistics of its masked elements (docs/ppo.md).
 
     ``(x - mean) / sqrt(var_unbiased + eps)``; with ``shift_mean=False`` the mean is added
     back afterwards (the ``whiten_rewards`` option: scale without re-centering).
@@ -154,7 +154,7 @@ def gae(
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over the continuation (spec 6.5), NOT whitened.
+    """Generalized advantage estimation over the continuation (docs/ppo.md), NOT whitened.
 
     With ``r = rewards * mask`` and ``v = values * mask``::
 
@@ -203,7 +203,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``clip(cumsum(attention_mask) - 1, min=0)`` along the sequence (spec 3), int64.
+    """``clip(cumsum(attention_mask) - 1, min=0)`` along the sequence (docs/data.md), int64.
 
     The first real token gets position 0 whether the row is left- or right-padded.
     Shapes: ``[B, L]`` -> ``[B, L]``.
@@ -219,7 +219,7 @@ def kl_penalized_rewards(
     *,
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards shaped by the KL penalty (spec 6.4).
+    """Per-token rewards shaped by the KL penalty (docs/ppo.md).
 
     ``kl_t = (logp_t - ref_logp_t) * m_t``; ``r_t = -kl_coef * kl_t``, plus ``scores`` at
     the last real continuation token (index of the last 1 in ``mask``; a row with no real
@@ -254,7 +254,7 @@ def apply_eos_penalty(
     eos_token_id: int,
     penalty: float | None,
 ) -> torch.Tensor:
-    """Replace the score of a cut-off answer by ``penalty`` (spec 6.2; the paper used -10).
+    """Replace the score of a cut-off answer by ``penalty`` (docs/ppo.md; the paper used -10).
 
     A row is cut off when its last real token (last 1 of ``attention_mask``) is not
     ``eos_token_id``. ``penalty=None`` disables this and returns ``scores`` unchanged.
@@ -276,7 +276,7 @@ def apply_eos_penalty(
 
 
 def scale_scores(scores: torch.Tensor, gain: float, bias: float) -> torch.Tensor:
-    """``scores * gain + bias`` (spec 6.2's ``reward_gain``/``reward_bias``), after the EOS
+    """``scores * gain + bias`` (``reward_gain``/``reward_bias``, docs/ppo.md), after the EOS
     penalty. Shapes: ``[B]`` -> ``[B]``."""
     return scores * gain + bias
 
@@ -298,7 +298,7 @@ def ppo_rollout_stats(
     kl_coef: float,
     reward: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rollout metrics of spec 6.7, as detached device tensors (no host sync).
+    """The rollout metrics of docs/ppo.md, as detached device tensors (no host sync).
 
     Inputs: ``scores [B]`` (after penalty/gain/bias), ``kl``, ``rewards``, ``values``,
     ``returns``, ``advantages``, ``mask`` ``[B, T]``; ``reward [B]`` optional, the raw RM

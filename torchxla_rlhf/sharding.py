@@ -3,7 +3,7 @@
 A rule is ``(regex, spec)``: the first rule whose regex matches a parameter's name
 (``re.search``) gives its partition spec, one entry per tensor dim, each a mesh axis name,
 ``None`` (replicated) or a tuple of axes. PyTorch ``nn.Linear`` weights are ``[out, in]``, so
-the Megatron-style split of spec section 8 reads:
+the Megatron-style split of docs/training.md reads:
 
 - column-parallel (``q/k/v/gate/up`` and ``lm_head``): out over ``mp``, in over ``fsdp``
 - row-parallel (``o/down``): out over ``fsdp``, in over ``mp``

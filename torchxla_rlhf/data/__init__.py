@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "BatchLoader": "loader",
     "DataError": "chat",
+    "DataSource": "config",
     "DatasetConfig": "config",
     "PreferenceDataset": "preference",
     "PromptDataset": "prompts",

@@ -1,4 +1,4 @@
-"""The Tulu chat format, loss masks and prompt extraction (spec section 1).
+"""The Tulu chat format, loss masks and prompt extraction (docs/data.md).
 
 Messages are ``{"role": "system" | "user" | "assistant", "content": str}``. A conversation
 renders as::
@@ -172,7 +172,7 @@ def format_prompt(
 ) -> str:
     """PPO prompt: the turns up to and including the LAST user turn, each rendered as in
     :func:`format_messages` (with its trailing newline, no strip), then ``"<|assistant|>\\n"``;
-    ``bos_text`` in front when ``add_bos`` (as the JAX code of the paper's time; spec section 1).
+    ``bos_text`` in front when ``add_bos`` (as the JAX code of the paper's time; docs/data.md).
 
     >>> format_prompt([{"role": "user", "content": "Hi"}], "<s>", "</s>")
     '<s><|user|>\\nHi\\n<|assistant|>\\n'
@@ -195,7 +195,7 @@ def _drop_trailing_assistant(messages: list, origin: str, field: str) -> list:
 
 
 def prompt_messages_from_record(record: Mapping[str, Any], origin: str) -> list[Mapping[str, Any]]:
-    """The prompt turns of a record in any Tulu 2.5 schema (spec section 1).
+    """The prompt turns of a record in any Tulu 2.5 schema (docs/data.md).
 
     - ``messages`` or ``conversation``: the list, minus a trailing assistant turn;
     - ``chosen`` (and ``rejected``): ``chosen[:-1]`` (``chosen`` must end with an assistant turn);

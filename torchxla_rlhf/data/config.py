@@ -1,4 +1,6 @@
-"""Dataset configuration (one dataclass shared by preference and prompt datasets).
+"""Dataset configuration: where examples come from and how they are cut to static shapes
+(:class:`DataSource`, enough for held-out pairs), plus how a training set is batched and
+shuffled (:class:`DatasetConfig`; preference and prompt datasets alike).
 
 Field names follow the seed's ``--train_dataset.json_torch_dataset.*`` /
 ``--train_dataset.tulu_prompt_dataset.*`` flags, so ``hf_name``, ``hf_split``, ``path``,
@@ -11,12 +13,14 @@ from dataclasses import dataclass, field
 
 from torchxla_rlhf.config import RELATIVE_PATH
 
-__all__ = ["DatasetConfig"]
+__all__ = ["DataSource", "DatasetConfig"]
 
 
 @dataclass
-class DatasetConfig:
-    """Where a dataset comes from and how its examples are cut to static shapes."""
+class DataSource:
+    """Where a dataset comes from and how its examples are cut to static shapes. Held-out
+    pairs (``eval_dataset``) are only this: they are evaluated in order, in
+    ``train_dataset.batch_size`` batches."""
 
     hf_name: str | None = None
     """HF hub dataset id, e.g. ``allenai/tulu-2.5-preference-data``. Exactly one of
@@ -36,10 +40,6 @@ class DatasetConfig:
     """Every sequence is padded (or truncated) to this many tokens. For prompts: the prompt
     length PL."""
 
-    batch_size: int = 8
-    """Global batch: sequences (preference pairs, or prompts) per optimizer micro-step over all
-    hosts together."""
-
     remove_truncated_samples: bool = False
     """Drop examples whose untruncated tokenization is longer than ``seq_length``."""
 
@@ -49,13 +49,6 @@ class DatasetConfig:
 
     max_samples: int | None = None
     """Read at most this many records (before any filtering); ``None`` reads everything."""
-
-    shuffle: bool = True
-    """Shuffle every epoch with a permutation seeded by (``seed``, epoch), the same on every
-    host."""
-
-    seed: int = 42
-    """Seed of the shuffling permutation."""
 
     max_dropped_fraction: float = 0.5
     """Fail (showing the data report) when more than this fraction of the records read is
@@ -75,10 +68,7 @@ class DatasetConfig:
             raise ValueError("DatasetConfig.path: must be a non-empty path or URL")
         if self.hf_name is not None and not self.hf_split:
             raise ValueError("DatasetConfig.hf_split: must be a non-empty split name")
-        for name in ("seq_length", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DatasetConfig.{name}: expected a positive integer, got {value!r}")
+        _positive_int(self, "seq_length")
         if self.max_samples is not None and (
             isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples <= 0
         ):
@@ -89,5 +79,32 @@ class DatasetConfig:
             raise ValueError(
                 f"DatasetConfig.max_dropped_fraction: expected a fraction in [0, 1], got {self.max_dropped_fraction!r}"
             )
+
+
+@dataclass
+class DatasetConfig(DataSource):
+    """A training dataset: its source, and how it is batched and shuffled."""
+
+    batch_size: int = 8
+    """Global batch: sequences (preference pairs, or prompts) per optimizer micro-step over all
+    hosts together."""
+
+    shuffle: bool = True
+    """Shuffle every epoch with a permutation seeded by (``seed``, epoch), the same on every
+    host."""
+
+    seed: int = 42
+    """Seed of the shuffling permutation."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field."""
+        super().validate()
+        _positive_int(self, "batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"DatasetConfig.seed: expected a non-negative integer, got {self.seed!r}")
+
+
+def _positive_int(cfg: DataSource, name: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"DatasetConfig.{name}: expected a positive integer, got {value!r}")

@@ -3,7 +3,7 @@
 Records: any Tulu 2.5 prompt schema (``messages`` / ``conversation`` / ``chosen`` /
 ``instruction``, see :func:`~torchxla_rlhf.data.chat.prompt_messages_from_record`), e.g.
 ``allenai/tulu-2.5-prompts``. The prompt text is the turns up to the last user turn, then
-``"<|assistant|>\\n"``, with a BOS in front when ``add_bos`` (spec section 1, ``prompt_add_bos``).
+``"<|assistant|>\\n"``, with a BOS in front when ``add_bos`` (docs/data.md, ``prompt_add_bos``).
 
 Truncation choice: a prompt longer than ``seq_length`` tokens is dropped with
 ``remove_truncated_samples`` (the paper's PPO runs); otherwise its LAST ``seq_length`` tokens
@@ -132,7 +132,7 @@ class PromptDataset:
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``: int64 ``[B, PL]``, left-padded with
         ``pad_token_id``; ``index``: int64 ``[B]``. Positions must come from the mask
-        (``clip(cumsum(mask) - 1, 0)``, spec section 3)."""
+        (``clip(cumsum(mask) - 1, 0)``, docs/data.md)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         _check_index(idx, len(self))
         ids, attn = self.prompts.padded(idx, self.seq_length, self.pad_token_id, left=True)

@@ -65,7 +65,7 @@ def setup_run(cfg: Any) -> RunContext:
     # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
     startup.check_before_loading(cfg)
     mesh = runtime.make_mesh(cfg.mesh_dim)
-    # Issue 9: stop before loading any weights when the run cannot fit (logs the plan).
+    # Stop before loading any weights when the run cannot fit (logs the plan).
     memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())

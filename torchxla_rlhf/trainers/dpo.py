@@ -1,4 +1,4 @@
-"""DPO / IPO / cDPO (spec section 4): the loss of a pair batch, and the reference model.
+"""DPO / IPO / cDPO (docs/dpo.md): the loss of a pair batch, and the reference model.
 
 Chosen and rejected run as one concatenated forward of the policy; the reference's
 log-probs come from a frozen sharded model in the same graph, or from a table computed once
@@ -19,7 +19,7 @@ import torch
 from torchxla_rlhf import models, runtime
 from torchxla_rlhf.losses import dpo_loss, sequence_logps
 from torchxla_rlhf.tokenizers import tokenizer_fingerprint
-from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
+from torchxla_rlhf.trainers.pairs import PairTrainer, pair_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DPOTrainer(PairTrainer):
 
     def _pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs ``([B], [B])`` of chosen and rejected, one forward."""
-        ids, mask, loss_mask = concat_pairs(batch)
+        ids, mask, loss_mask = pair_rows(batch)
         with self.autocast():
             logits = models.causal_lm_logits(model, ids, mask)
         logps = sequence_logps(logits, ids, loss_mask)

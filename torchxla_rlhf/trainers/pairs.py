@@ -1,5 +1,5 @@
 """Preference-pair plumbing shared by the DPO and reward-model trainers: datasets and
-loaders from the config, micro-batch iteration, and chosen/rejected concatenation."""
+loaders from the config, micro-batch iteration, and the chosen/rejected rows of a batch."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from torchxla_rlhf.trainers.base import Trainer, make_loader
 logger = logging.getLogger(__name__)
 
 
-def concat_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, so both sides run in one forward: ``input_ids,
-    attention_mask, loss_mask`` of ``[2B, L]``, concatenated on the host by
-    ``PreferenceDataset.get`` (so the rows, not the pairs, split over dp*fsdp)."""
+def pair_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids, attention_mask, loss_mask`` of a pair batch, each ``[2B, L]``: the B chosen
+    rows then the B rejected rows, so both sides run in one forward. ``PreferenceDataset.get``
+    already stacked them on the host (so the rows, not the pairs, split over dp*fsdp)."""
     return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
 
 

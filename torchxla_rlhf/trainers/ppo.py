@@ -1,4 +1,4 @@
-"""PPO (spec section 6): policy, reference, reward and value models on one mesh.
+"""PPO (docs/ppo.md): policy, reference, reward and value models on one mesh.
 
 One step = one batch of prompts:
 
@@ -167,7 +167,7 @@ class PPOTrainer(Trainer):
         return reward, scale_scores(reward, self.cfg.reward_gain, self.cfg.reward_bias)
 
     def _targets(self, logps, ref_logps, values, reward, score, mask):
-        """KL-shaped rewards, GAE, whitened advantages and the rollout metrics (spec 6.4-6.5),
+        """KL-shaped rewards, GAE, whitened advantages and the rollout metrics (docs/ppo.md),
         over whatever rows they are given (the batch, or one chunk in interleaved mode)."""
         cfg = self.cfg
         rewards, kl = kl_penalized_rewards(logps, ref_logps, mask, score, kl_coef=cfg.kl_coef)

@@ -1,4 +1,4 @@
-"""Reward model (spec section 5): a Llama backbone with a bias-free scalar ``score`` head read
+"""Reward model (docs/reward.md): a Llama backbone with a bias-free scalar ``score`` head read
 at the last real token, trained with ``-logsigmoid(r_chosen - r_rejected [- margin])``.
 
 The model is transformers' ``LlamaForSequenceClassification`` (``num_labels=1``), started from
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torchxla_rlhf import models
 from torchxla_rlhf.losses import pairwise_reward_loss
-from torchxla_rlhf.trainers.pairs import PairTrainer, concat_pairs
+from torchxla_rlhf.trainers.pairs import PairTrainer, pair_rows
 
 
 class RewardTrainer(PairTrainer):
@@ -24,7 +24,7 @@ class RewardTrainer(PairTrainer):
         )
 
     def pair_loss(self, batch):
-        ids, mask, _ = concat_pairs(batch)
+        ids, mask, _ = pair_rows(batch)
         with self.autocast():
             scores = models.sequence_classifier_scores(self.model, ids, mask)  # [2B]
         half = ids.shape[0] // 2
