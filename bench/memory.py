@@ -13,7 +13,7 @@
 2. The 1-layer attention probe (8 heads, hidden 320, mesh 1,2,4, 4 rows per device, seq 512,
    forward + backward + checkpointing): HF eager vs the einsum attention. Target: einsum's
    per-device peak <= eager's / 2.5.
-3. The planner at the seed's 13B shapes on v3-128, v3-256, v4-64 and v5p-32.
+(The planner at the seed's 13B shapes on v3-128, v3-256, v4-64 and v5p-32: ``bench/pod_table.py``.)
 """
 
 from __future__ import annotations
@@ -97,50 +97,6 @@ def attention_probe(attn: str) -> int:
         return graph_bytes(dump, "probe_train")
 
 
-SEED_RUNS = {
-    # pod: (devices, GiB per device, {config: overrides})
-    "v3-128": (128, 16, {"dpo_13b": ["mesh_dim=-1,16,8"], "reward_13b": ["mesh_dim=-1,32,4"],
-                         "ppo_13b": ["mesh_dim=1,32,4"]}),
-    "v3-256": (256, 16, {"dpo_13b": ["mesh_dim=-1,16,16"], "reward_13b": ["mesh_dim=-1,32,8"],
-                         "ppo_13b": ["mesh_dim=1,64,4"]}),
-    "v4-64": (32, 32, {"dpo_13b": ["mesh_dim=-1,4,8"], "reward_13b": ["mesh_dim=-1,4,8"],
-                       "reward_13b ": ["mesh_dim=-1,4,8", "train_dataset.batch_size=4",
-                                       "optimizer.accumulate_gradient_steps=128"],
-                       "ppo_13b": ["mesh_dim=1,8,4"],
-                       "ppo_13b ": ["mesh_dim=1,8,4", "rollout_micro_batch_size=128",
-                                    "optimizer.accumulate_gradient_steps=4"]}),
-    "v5p-32": (16, 95, {"dpo_13b": ["mesh_dim=-1,2,8"], "reward_13b": ["mesh_dim=-1,2,8"],
-                        "reward_13b ": ["mesh_dim=-1,2,8", "train_dataset.batch_size=8",
-                                        "optimizer.accumulate_gradient_steps=64"],
-                        "ppo_13b": ["mesh_dim=1,4,4"],
-                        "ppo_13b ": ["mesh_dim=1,4,4", "rollout_micro_batch_size=128",
-                                     "optimizer.accumulate_gradient_steps=4"]}),
-}
-"""The seed's configs on each pod: devices (v4/v5p: chips; a v4-64 has 32), memory per
-device, and the command-line overrides (the seed's mesh where its device count matches; a
-second line, where the seed's batch does not fit, with the same rows per update in smaller
-micro-batches and the rollout generated in pieces)."""
-
-
-def seed_table() -> list[str]:
-    rows = [f"{'pod':<7} {'run':<11} {'overrides':<72} {'peak GiB':>8} {'of':>3}  {'fits':<4} dominant term"]
-    for pod, (devices, gib, runs) in SEED_RUNS.items():
-        for name, overrides in runs.items():
-            name = name.strip()
-            kind = name.split("_")[0]
-            cfg = load_config(KINDS[kind], os.path.join(REPO, "configs", f"{name}.yaml"), overrides)
-            shown = " ".join(overrides)
-            try:
-                p = memory_plan.plan(cfg, devices, gib * (1 << 30))
-            except memory_plan.PlanError as e:
-                rows.append(f"{pod:<7} {name:<11} {shown:<72} cannot plan: {e}")
-                continue
-            d = p.dominant
-            rows.append(f"{pod:<7} {name:<11} {shown:<72} {p.peak / (1 << 30):>8.2f} {gib:>3}  "
-                        f"{'yes' if p.fits else 'NO':<4} {d.name} ({d.bytes / (1 << 30):.2f} GiB)")
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="4-device proxies only")
@@ -160,9 +116,6 @@ def main() -> None:
     print(f"  eager {eager / MIB:.1f} MiB, einsum {einsum / MIB:.1f} MiB: "
           f"{eager / einsum:.2f}x smaller (target >= 2.5x)")
     ok &= eager / einsum >= 2.5
-    print("== planner at the seed's 13B shapes")
-    for row in seed_table():
-        print("  " + row)
     print("targets hold" if ok else "TARGETS MISSED")
 
 

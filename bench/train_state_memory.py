@@ -1,4 +1,4 @@
-"""Host memory of saving and loading the sharded training state (torchxla_rlhf/train_state.py).
+"""Host memory of saving and loading the sharded training state (torchxla_rlhf/checkpoint/state.py).
 
     python bench/train_state_memory.py [--devices 4 8] [--params-millions 100]
 
@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
 import json, os, shutil, sys, tempfile, time, types
 import torch
-from torchxla_rlhf import runtime, train_state
+from torchxla_rlhf import runtime
+from torchxla_rlhf.checkpoint import state as train_state
 
 def vm(key):
     with open("/proc/self/status") as f:

@@ -13,7 +13,8 @@ import transformers
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf import runtime
+from torchxla_rlhf.checkpoint import fsio, hf_export
 from torchxla_rlhf.checkpoint import (
     CheckpointSchedule,
     is_complete_checkpoint,
@@ -231,7 +232,7 @@ def test_failure_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_hf_checkpoint(old_model, None, out, save_dtype=torch.float32)
 
     calls = {"n": 0}
-    real = checkpoint._DirWriter.write_safetensors
+    real = hf_export._DirWriter.write_safetensors
 
     def failing(self, name, tensors):
         calls["n"] += 1
@@ -239,7 +240,7 @@ def test_failure_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real(self, name, tensors)
 
-    monkeypatch.setattr(checkpoint._DirWriter, "write_safetensors", failing)
+    monkeypatch.setattr(hf_export._DirWriter, "write_safetensors", failing)
     with pytest.raises(OSError, match="simulated"):
         save_hf_checkpoint(causal_lm(seed=2), None, out, max_shard_size_bytes=50_000)
     assert calls["n"] == 2
@@ -254,7 +255,7 @@ def test_crash_between_moves_recovers_previous_then_next_save_cleans(tmp_path, m
     old_model, new_model = causal_lm(seed=1), causal_lm(seed=2)
     save_hf_checkpoint(old_model, None, out, save_dtype=torch.float32)
 
-    real_move = checkpoint._move_dir
+    real_move = fsio.move_dir
     moves: list[tuple[str, str]] = []
 
     def crash_on_second_move(fs, src, dst):
@@ -263,9 +264,9 @@ def test_crash_between_moves_recovers_previous_then_next_save_cleans(tmp_path, m
             raise KeyboardInterrupt("killed (simulated)")
         real_move(fs, src, dst)
 
-    monkeypatch.setattr(checkpoint, "_move_dir", crash_on_second_move)
+    monkeypatch.setattr(fsio, "move_dir", crash_on_second_move)
     # A hard kill runs no cleanup: switch the best-effort restore off.
-    monkeypatch.setattr(checkpoint, "_restore_after_failed_publish", lambda *a: None)
+    monkeypatch.setattr(fsio, "_restore_after_failed_publish", lambda *a: None)
     with pytest.raises(KeyboardInterrupt):
         save_hf_checkpoint(new_model, None, out, save_dtype=torch.float32)
     assert moves[0][0] == out and ".old-" in moves[0][1] and ".tmp-" in moves[1][0]
@@ -278,7 +279,7 @@ def test_crash_between_moves_recovers_previous_then_next_save_cleans(tmp_path, m
     loaded = transformers.AutoModelForCausalLM.from_pretrained(previous, attn_implementation="eager")
     torch.testing.assert_close(logits(loaded), logits(old_model), atol=0, rtol=0)
 
-    monkeypatch.setattr(checkpoint, "_move_dir", real_move)
+    monkeypatch.setattr(fsio, "move_dir", real_move)
     save_hf_checkpoint(new_model, None, out, save_dtype=torch.float32)
     assert os.listdir(tmp_path) == ["checkpoint-latest"]
     assert resolve_checkpoint(out) == out
@@ -290,7 +291,7 @@ def test_exception_during_swap_restores_previous(tmp_path, monkeypatch):
     out = str(tmp_path / "ck")
     old_model = causal_lm(seed=1)
     save_hf_checkpoint(old_model, None, out, save_dtype=torch.float32)
-    real_move = checkpoint._move_dir
+    real_move = fsio.move_dir
     n = {"moves": 0}
 
     def fail_second(fs, src, dst):
@@ -299,7 +300,7 @@ def test_exception_during_swap_restores_previous(tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         real_move(fs, src, dst)
 
-    monkeypatch.setattr(checkpoint, "_move_dir", fail_second)
+    monkeypatch.setattr(fsio, "move_dir", fail_second)
     with pytest.raises(OSError):
         save_hf_checkpoint(causal_lm(seed=2), None, out, save_dtype=torch.float32)
     assert os.listdir(tmp_path) == ["ck"] and is_complete_checkpoint(out)
@@ -434,3 +435,108 @@ def test_tied_xla_model_warns_when_tie_was_broken_by_to_device(tmp_path, caplog)
         str(tmp_path / "b"), attn_implementation="eager"
     )
     torch.testing.assert_close(logits(loaded), logits(causal_lm(tie=True, seed=4)), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# The checkpoint manager: resolution of resume_from, the minutes schedule, purging
+# ----------------------------------------------------------------------------------------
+
+
+def _manager(out, clock=None, **kw):
+    from torchxla_rlhf.checkpoint import CheckpointManager
+
+    args = dict(schedule=CheckpointSchedule(kw.pop("save_model_freq", 0), kw.pop("milestones", 0)),
+                save_every_minutes=kw.pop("minutes", 0.0), save_training_state=kw.pop("state", True),
+                is_main=True, export=lambda path: None, trained=dict, trainer_state=dict)
+    if clock is not None:
+        args["clock"] = clock
+    return CheckpointManager(str(out), **args)
+
+
+def _fake_checkpoint(path, step=None, complete=True):
+    """A checkpoint directory: with a training state at ``step`` (None: weights only)."""
+    os.makedirs(path, exist_ok=True)
+    if step is not None:
+        write_json(os.path.join(path, "training_state", "trainer_state.json"), {"step": step})
+    if complete:
+        open(os.path.join(path, fsio.COMPLETE_MARKER), "w").close()
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint_of_any_kind(tmp_path):
+    m = _manager(tmp_path)
+    _fake_checkpoint(tmp_path / "checkpoint-latest", step=20)
+    _fake_checkpoint(tmp_path / "checkpoint-30", step=30)
+    _fake_checkpoint(tmp_path / "training-state-latest", step=45)
+    _fake_checkpoint(tmp_path / "training-state-latest.tmp-staged", step=50, complete=False)
+    _fake_checkpoint(tmp_path / "checkpoint-latest-value")  # PPO's value export: not a candidate
+    assert m.resolve("auto") == str(tmp_path / "training-state-latest")
+    # Killed while publishing step 60's state: the previous one, left aside, is the newest.
+    os.rename(tmp_path / "training-state-latest", tmp_path / "training-state-latest.old-1-ab")
+    _fake_checkpoint(tmp_path / "checkpoint-latest", step=40)
+    assert m.resolve("auto") == str(tmp_path / "training-state-latest.old-1-ab")
+
+
+def test_resume_auto_never_starts_fresh_over_unusable_checkpoints(tmp_path, caplog):
+    from torchxla_rlhf.errors import ResumeError
+
+    m = _manager(tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        assert m.resolve("auto") is None  # nothing there (not even the directory)
+    assert "no checkpoint in" in caplog.text and "starting fresh" in caplog.text
+    os.makedirs(tmp_path / "run")
+    _fake_checkpoint(tmp_path / "run" / "checkpoint-latest")  # weights only
+    _fake_checkpoint(tmp_path / "run" / "training-state-latest", step=3, complete=False)
+    with pytest.raises(ResumeError) as e:
+        m.resolve("auto")
+    msg = str(e.value)
+    assert "\n" not in msg and "none can be resumed" in msg
+    assert "checkpoint-latest: weights only" in msg and "training-state-latest: incomplete" in msg
+    with pytest.raises(ResumeError, match="holds weights but no training state"):
+        m.resolve(str(tmp_path / "run" / "checkpoint-latest"))
+    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+        m.resolve(str(tmp_path / "run" / "training-state-latest"))
+
+
+def test_minutes_schedule_becomes_steps_and_preemption_saves_state_only(tmp_path):
+    """save_every_minutes=1 at 10 s per step: a state save every 6 steps after the timed ones;
+    HF exports with state reset the count; a preemption writes the state alone."""
+    now = {"t": 0.0}
+    m = _manager(tmp_path, clock=lambda: now["t"], minutes=1.0, save_model_freq=10, state=True)
+    writes = []
+    m._save_dir = lambda path, step, hf, with_state: writes.append((step, path.rpartition("/")[2], hf))
+    for step in range(1, 26):
+        m.save(step, last=step == 25)
+        now["t"] += 10.0
+    assert m.state_every_steps == 6
+    assert writes == [(9, "training-state-latest", False), (10, "checkpoint-latest", True),
+                      (16, "training-state-latest", False), (20, "checkpoint-latest", True),
+                      (25, "final", True)]
+    writes.clear()
+    m.save(26, preempted=True)
+    assert writes == [(26, "training-state-latest", False)]
+
+
+def test_purge_drops_a_superseded_state_only_checkpoint(tmp_path):
+    m = _manager(tmp_path, save_model_freq=5)
+    _fake_checkpoint(tmp_path / "training-state-latest", step=3)
+    _fake_checkpoint(tmp_path / "training-state-latest.old-1-ab", step=2)
+    m._save_dir = lambda path, step, hf, with_state: _fake_checkpoint(path, step)
+    m.save(4)
+    assert (tmp_path / "training-state-latest").exists()
+    m.save(5)  # checkpoint-latest with a newer state
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-latest"]
+
+
+@pytest.mark.parametrize("name,cls", [("dpo_13b", "DPOConfig"), ("reward_13b", "RewardConfig"),
+                                      ("ppo_13b", "PPOConfig")])
+def test_13b_configs_bound_the_lost_work(name, cls):
+    """Every 13B config saves its training state at most 30 minutes apart (a crash loses at
+    most that plus one step), and its header says what a preemption writes per host."""
+    from torchxla_rlhf import configs
+    from torchxla_rlhf.config import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
+    cfg = load_config(getattr(configs, cls), path)
+    assert 0 < cfg.save_every_minutes <= 30 and cfg.save_training_state  # every export resumes
+    header = open(path).read().split("\n\n")[0]
+    assert "loses at most 30 minutes plus one step" in header and "GB per host" in header

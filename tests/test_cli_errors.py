@@ -165,7 +165,7 @@ def test_cli_prints_data_report_and_exits_75_on_sigterm(tmp_path):
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "train_dataset: read " in output and "kept " in output and "untruncated tokens p50" in output
     assert "preempted at step" in output and "resume_from=auto" in output
-    assert (out / "checkpoint-latest").exists() and not (out / "final").exists()
+    assert (out / "training-state-latest").exists() and not (out / "final").exists()
     report = [json.loads(l) for l in open(out / "data_report.jsonl")]
     assert [r["dataset"] for r in report] == ["train_dataset", "eval_dataset"] and report[0]["kept"] > 0
 
@@ -205,7 +205,7 @@ def test_pipeline_stops_on_preemption_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         pipeline(root, *short)
     assert e.value.code == EXIT_PREEMPTED
-    assert (root / "dpo" / "checkpoint-latest").exists() and not (root / "reward").exists()
+    assert (root / "dpo" / "training-state-latest").exists() and not (root / "reward").exists()
     monkeypatch.setattr(DPOTrainer, "train_step", original)
     assert pipeline(root, "--resume", *short) == 0
     for stage in ("dpo", "reward", "ppo"):

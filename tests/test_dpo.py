@@ -167,7 +167,7 @@ def test_missing_model_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
-    """Preemption: SIGTERM during step 2 -> checkpoint-latest with training state, stop.
+    """Preemption: SIGTERM during step 2 -> training-state-latest (the state alone), stop.
     resume_from=auto then runs steps 3-4 exactly as an uninterrupted run does."""
     import signal
 
@@ -196,9 +196,11 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     trainer.train()
     trainer.close()
     assert trainer.step == 2 and trainer.preempted_at == 2
-    from torchxla_rlhf.train_state import has_training_state
+    from torchxla_rlhf.checkpoint.state import has_training_state
 
-    assert has_training_state(os.path.join(out, "checkpoint-latest"))
+    # The preemption save is the training state alone (no HF gather).
+    assert has_training_state(os.path.join(out, "training-state-latest"))
+    assert not os.path.exists(os.path.join(out, "training-state-latest", "model.safetensors"))
     assert not os.path.exists(os.path.join(out, "final"))
 
     resumed = DPOTrainer(tiny_cfg(out, *common, "resume_from=auto"))

@@ -12,13 +12,19 @@ from torchxla_rlhf import memory_plan, models
 from torchxla_rlhf.__main__ import main as cli
 from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.preflight.shapes import read_shape
 
 CONFIGS = os.path.join(REPO, "configs")
 GIB = 1 << 30
+LLAMA2_13B_DIR = os.path.join(REPO, "bench", "shapes", "llama-2-13b")
+"""Llama-2 13B's config.json: the shape of every model of the 13B configs (offline)."""
+AS_13B = [f"{k}.name_or_path={LLAMA2_13B_DIR}" for k in ("model", "reward_model")]
 
 
 def _cfg(cls, name, *overrides):
-    return load_config(cls, os.path.join(CONFIGS, name), list(overrides))
+    """A shipped config; the 13B ones with every model read from Llama-2 13B's config.json."""
+    extra = [o for o in AS_13B if cls is PPOConfig or o.startswith("model.")] if "13b" in name else []
+    return load_config(cls, os.path.join(CONFIGS, name), [*extra, *overrides])
 
 
 def _term(p: memory_plan.Plan, name: str) -> float:
@@ -51,7 +57,7 @@ def test_frozen_models_in_compute_dtype_unless_kept():
 
 
 def test_heads_split_only_when_mp_divides_them():
-    shape = memory_plan.LLAMA2["13b"]
+    shape = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR))
     assert memory_plan.heads_per_device(shape, 8) == 5
     assert memory_plan.heads_per_device(shape, 16) == 40  # 40 heads do not split 16 ways
     p = memory_plan.plan(_cfg(DPOConfig, "dpo_13b.yaml", "mesh_dim=-1,16,16"), 256)
@@ -89,18 +95,19 @@ def test_check_fits_stops_a_run_that_does_not_fit():
 
 def test_plan_command(capsys):
     assert cli(["plan", "--config", f"{CONFIGS}/ppo_13b.yaml", "--devices", "256",
-                "--hbm-gib", "16"]) == 0
+                "--hbm-gib", "16", *AS_13B]) == 0
     out = capsys.readouterr().out
     for term in ("policy parameters", "policy AdamW moments", "reference (frozen)", "KV cache",
                  "policy activations", "policy attention scores", "policy logits",
                  "rollout buffers", "gathered weights", "FITS", "dominant term:"):
         assert term in out, term
     assert cli(["plan", "--config", f"{CONFIGS}/dpo_13b.yaml", "--devices", "256",
-                "--hbm-gib", "1"]) == 1
+                "--hbm-gib", "1", AS_13B[0]]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     # The shipped RM mesh fits a v3-256; the seed's -1,64,8 needs 512 devices.
-    assert cli(["plan", "--config", f"{CONFIGS}/reward_13b.yaml", "--devices", "256", "--hbm-gib", "16"]) == 0
+    assert cli(["plan", "--config", f"{CONFIGS}/reward_13b.yaml", "--devices", "256", "--hbm-gib",
+                "16", AS_13B[0]]) == 0
     capsys.readouterr()
     assert cli(["plan", "--config", f"{CONFIGS}/reward_13b.yaml", "--devices", "256",
-                "mesh_dim=-1,64,8"]) == 2
+                "mesh_dim=-1,64,8", AS_13B[0]]) == 2
     assert "mesh_dim" in capsys.readouterr().err

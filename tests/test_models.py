@@ -118,3 +118,23 @@ def test_bf16_compute_over_fp32_params(mesh):
 def test_pad_equal_to_eos_is_refused_for_reward_models(mesh):
     with pytest.raises(ValueError, match="different from eos"):
         models.load_sequence_classifier(ModelConfig(), mesh, pad_token_id=2)
+
+
+def test_remote_model_cache_is_keyed_by_the_files_version(tmp_path, monkeypatch):
+    """A model rewritten at the same URL is copied again (never served stale from the cache);
+    gcsfs's generation (or checksum) is the version when the store gives one."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://models/rewritten-{os.getpid()}"
+    fs.pipe(f"{url}/config.json", b"{}")
+    fs.pipe(f"{url}/model.safetensors", b"old weights")
+    monkeypatch.setenv("TORCHXLA_RLHF_CACHE", str(tmp_path / "cache"))
+    first = models.resolve_model_dir(url)
+    assert models.resolve_model_dir(url) == first  # unchanged: the cache is reused
+    fs.pipe(f"{url}/model.safetensors", b"new weights")
+    second = models.resolve_model_dir(url)
+    assert second != first
+    assert open(os.path.join(second, "model.safetensors"), "rb").read() == b"new weights"
+    assert models._object_version({"generation": "17", "size": 3}) == "generation=17"
+    assert models._object_version({"size": 3, "mtime": 5.0}) == "size=3 time=5.0"

@@ -71,7 +71,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], logs
     steps = []
     for out in outs:
-        with open(os.path.join(out, "checkpoint-latest", "training_state", "trainer_state.json")) as f:
+        with open(os.path.join(out, "training-state-latest", "training_state", "trainer_state.json")) as f:
             steps.append(json.load(f)["step"])
     assert steps[0] == steps[1] and 3 <= steps[0] < 1000, (steps, logs)
     assert [rows(o) for o in outs] == [steps[0]] * 2

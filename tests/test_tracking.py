@@ -257,3 +257,24 @@ def test_progress_bar_eta_starts_after_the_compiling_step(tmp_path):
     assert rate == pytest.approx(1.0)  # the naive average would be 2 steps / 81 s
     assert "00:08" in bar.format_meter(**d)  # 8 steps left at 1 s each
     tracker.close()
+
+
+@pytest.mark.parametrize("appendable", [True, False])
+def test_resumed_run_logs_each_step_once(tmp_path, appendable):
+    """A run killed after logging steps 1-5 resumes from its step-3 checkpoint: the rows of
+    steps 4-5 and the step-3 evaluation (logged again by the resumed run's baseline evaluation)
+    are dropped; a line cut short by the crash too."""
+    from torchxla_rlhf.tracking import _JsonlFile
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval/loss": 1.0}] + [{"step": s, "loss": float(s)} for s in range(1, 6)]
+    rows.insert(4, {"step": 3, "eval/loss": 0.5})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    f = _JsonlFile(str(path), appendable=appendable)
+    assert f.keep_until(3) == 4
+    f.append({"step": 3, "eval/loss": 0.5})
+    f.append({"step": 4, "loss": 4.0})
+    f.flush()
+    steps = [(r["step"], sorted(r)) for r in map(json.loads, path.read_text().splitlines())]
+    assert steps == [(0, ["eval/loss", "step"]), (1, ["loss", "step"]), (2, ["loss", "step"]),
+                     (3, ["loss", "step"]), (3, ["eval/loss", "step"]), (4, ["loss", "step"])]

@@ -12,8 +12,9 @@ from helpers import read_metrics, run_with_devices
 CODE = r"""
 import json, os, tempfile, types
 import torch
-from torchxla_rlhf import runtime, train_state
+from torchxla_rlhf import runtime
 from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+from torchxla_rlhf.checkpoint import state as train_state
 
 runtime.init()
 torch.manual_seed(0)
@@ -88,8 +89,8 @@ def test_sharded_state_roundtrip_and_reshard():
 
 
 def test_incomplete_or_stateless_checkpoints(tmp_path):
-    from torchxla_rlhf import train_state
     from torchxla_rlhf.checkpoint import COMPLETE_MARKER, write_json
+    from torchxla_rlhf.checkpoint import state as train_state
 
     ckpt = tmp_path / "checkpoint-latest"
     write_json(str(ckpt / train_state.STATE_DIR / train_state.TRAINER_STATE), {"step": 1})
@@ -111,7 +112,8 @@ def test_multi_host_needs_a_shared_output_dir():
 
 KILLED_SAVE = r"""
 import importlib, os, signal, sys
-from torchxla_rlhf import checkpoint, configs
+from torchxla_rlhf import configs
+from torchxla_rlhf.checkpoint import fsio
 from torchxla_rlhf.config import cli_main
 
 trainer = sys.argv.pop(1)
@@ -119,7 +121,7 @@ cls = {"dpo": configs.DPOConfig, "reward": configs.RewardConfig}[trainer]
 main = importlib.import_module(f"torchxla_rlhf.{trainer}").main
 
 moves = []
-real_move = checkpoint._move_dir
+real_move = fsio.move_dir
 
 def move_then_die(fs, src, dst):
     moves.append((src, dst))
@@ -129,7 +131,7 @@ def move_then_die(fs, src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real_move(fs, src, dst)
 
-checkpoint._move_dir = move_then_die
+fsio.move_dir = move_then_die
 cli_main(cls, main, sys.argv[1:])
 """
 
@@ -187,5 +189,132 @@ def test_resume_auto_refuses_weights_without_state(tmp_path):
     trainer = DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common))
     trainer.train()
     trainer.close()
-    with pytest.raises(ValueError, match="holds weights but no training state"):
+    with pytest.raises(ValueError, match="none can be resumed from .checkpoint-latest: weights only"):
         DPOTrainer(tiny_config(DPOConfig, "dpo", out, *common, "resume_from=auto"))
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newest(tmp_path):
+    """dpo_13b's save settings scaled to a tiny run: HF exports with save_model_freq, the
+    training state alone every save_every_minutes (here seconds), kill -9 at a random moment
+    (inside a save or not). resume_from=auto continues from the newest complete checkpoint with
+    a state: never from step 0 while one exists; metrics.jsonl then has each step once."""
+    import os
+    import random
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from torchxla_rlhf.checkpoint import CheckpointManager, CheckpointSchedule
+    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs import DPOConfig
+
+    real = load_config(DPOConfig, f"{REPO}/configs/dpo_13b.yaml")
+    total = 16
+    # 13B: HF export every 250 of ~3 epochs' updates, state every 30 minutes; here every 6
+    # steps and every 2 seconds (a few steps of the tiny model).
+    scaled = ["save_model_freq=6", f"save_every_minutes={real.save_every_minutes / 900}",
+              f"save_milestone_freq={real.save_milestone_freq}",
+              f"save_training_state={str(real.save_training_state).lower()}"]
+    out = tmp_path / "run"
+    args = ["-m", "torchxla_rlhf.dpo", "--config", f"{REPO}/configs/tiny/dpo.yaml",
+            f"output_dir={out}", "logger.progress_bar=false", "logger.log_freq=1",
+            "eval_dataset=null", f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl",
+            f"total_steps={total}", "num_epochs=100", "optimizer.accumulate_gradient_steps=1",
+            *scaled]
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    kill_after = random.Random(seed).uniform(0.5, 8.0)  # seconds after the first step
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != -9:
+        pytest.skip(f"the run finished before the kill (seed {seed}); nothing to test")
+
+    manager = CheckpointManager(str(out), schedule=CheckpointSchedule(6, 0), save_every_minutes=0,
+                                save_training_state=False, is_main=True, export=print,
+                                trained=dict, trainer_state=dict)
+    usable = [c.step for c in manager.candidates() if c.step is not None]
+    r = subprocess.run([sys.executable, *args, "resume_from=auto"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    context = f"seed {seed}, killed {kill_after:.2f}s in, usable steps {usable}:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, context
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", r.stderr)
+    if usable:
+        assert resumed and int(resumed.group(2)) == max(usable), context
+    else:
+        assert resumed is None and "starting fresh" in r.stderr, context
+    steps = [row["step"] for row in read_metrics(str(out))]
+    assert steps == list(range(1, total + 1)), (steps, context)
+
+
+def test_process_0_leaves_after_every_other_process(tmp_path, monkeypatch):
+    """Process 0 (the coordinator) waits for every other process's exit marker before it
+    leaves: a host left running without its coordinator aborts."""
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.trainers import base
+
+    monkeypatch.setattr(runtime, "process_count", lambda: 3)
+    # Process 1 finishes: it writes its marker and returns at once.
+    monkeypatch.setattr(runtime, "is_main_process", lambda: False)
+    monkeypatch.setattr(runtime, "process_index", lambda: 1)
+    base.leave_together(str(tmp_path))
+    monkeypatch.setattr(runtime, "is_main_process", lambda: True)
+    now = {"t": 0.0}
+    waited = []
+
+    def sleep(s):  # process 2 finishes while process 0 waits
+        waited.append(s)
+        now["t"] += s
+        if len(waited) == 3:
+            (tmp_path / base.EXIT_MARKERS / "process-2").write_text("done\n")
+
+    base.leave_together(str(tmp_path), clock=lambda: now["t"], sleep=sleep)
+    assert len(waited) == 3 and not (tmp_path / base.EXIT_MARKERS).exists()
+    # A host that never finishes: process 0 gives up after the timeout, with a warning.
+    now["t"], waited[:] = 0.0, []
+    base.leave_together(str(tmp_path), clock=lambda: now["t"], sleep=lambda s: now.update(t=now["t"] + s))
+    assert now["t"] >= base.LEAVE_TIMEOUT_S
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_exits_75_at_once(tmp_path):
+    """A preemption notice during start-up (weights loading on a pod) ends the run at once
+    with the code the launcher relaunches on, having written no checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+    from torchxla_rlhf.errors import EXIT_PREEMPTED
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchxla_rlhf.dpo", "--config", f"{REPO}/configs/tiny/dpo.yaml",
+         f"output_dir={out}", "logger.progress_bar=false", "eval_dataset=null",
+         f"train_dataset.path={REPO}/data/tiny/preference_train.jsonl", "total_steps=50"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the trainer is being built: set-up has started
+        if "start-up checks passed" in line:
+            break
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED, rest[-3000:]
+    assert time.monotonic() - t0 < 10
+    assert "SIGTERM before the first training step" in rest
+    assert not (out / "metrics.jsonl").exists() and not (out / "training-state-latest").exists()

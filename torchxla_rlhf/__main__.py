@@ -1,9 +1,10 @@
 """``python -m torchxla_rlhf``: the trainers, and the tiny pipeline in one command.
 
     python -m torchxla_rlhf                       # lists the entry points
+    python -m torchxla_rlhf train --config FILE [KEY=VALUE ...]   # the trainer FILE names
     python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny] [--resume]
                                      [dpo.KEY=VALUE ...] [reward.KEY=VALUE ...] [ppo.KEY=VALUE ...]
-    python -m torchxla_rlhf plan --config FILE [--devices N] [--hbm-gib G] [KEY=VALUE ...]
+    python -m torchxla_rlhf plan --config FILE [--tpu v3-256 | --devices N --hbm-gib G] [KEY=VALUE ...]
 
 The pipeline runs DPO (the policy), the reward model, then PPO from those two, wiring the
 output directories together: PPO's ``model.name_or_path`` is DPO's ``final`` and its
@@ -17,36 +18,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
 from torchxla_rlhf.config import ConfigError, load_config
 
-TRAINERS = {
-    "dpo": "DPO / IPO / cDPO on preference pairs",
-    "reward": "a reward model (LlamaForSequenceClassification) on preference pairs",
-    "ppo": "PPO with policy, reference, reward and value models",
-}
 STAGES = ("dpo", "reward", "ppo")
+"""The pipeline's stages, in order (each a registered trainer kind)."""
 logger = logging.getLogger("torchxla_rlhf")
-
-
-def check_stage_data(cfg: Any, tokenizer_source: str) -> None:
-    """Build a stage's datasets once (tokenized, counted, checked) without touching a device:
-    bad or mostly-dropped data fails before any stage has trained."""
-    from torchxla_rlhf.configs import PPOConfig
-    from torchxla_rlhf.data import PreferenceDataset, PromptDataset
-    from torchxla_rlhf.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_source, cfg.tokenizer_pad_token_id,
-                         sentencepiece_legacy=cfg.tokenizer_legacy)
-    if isinstance(cfg, PPOConfig):
-        ds = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos, name="train_dataset")
-        ds.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
-        return
-    ds = PreferenceDataset.build(cfg.train_dataset, tok, name="train_dataset")
-    ds.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
-    if cfg.eval_dataset is not None:
-        PreferenceDataset.build(cfg.eval_dataset, tok, name="eval_dataset")
 
 
 def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume: bool = False,
@@ -60,11 +37,9 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
     others with ``resume_from=auto``.
     """
     from torchxla_rlhf.checkpoint import is_complete_checkpoint
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+    from torchxla_rlhf.tokenizers import load_tokenizer
+    from torchxla_rlhf.trainers import registry
     from torchxla_rlhf.trainers.base import run
-    from torchxla_rlhf.trainers.dpo import DPOTrainer
-    from torchxla_rlhf.trainers.ppo import PPOTrainer
-    from torchxla_rlhf.trainers.reward import RewardTrainer
 
     per_stage: dict[str, list[str]] = {s: [] for s in STAGES}
     for item in overrides:
@@ -80,13 +55,12 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
         "ppo": [f"model.name_or_path={out['dpo']}/final",
                 f"reward_model.name_or_path={out['reward']}/final"],
     }
-    kinds = {"dpo": (DPOConfig, DPOTrainer), "reward": (RewardConfig, RewardTrainer),
-             "ppo": (PPOConfig, PPOTrainer)}
+    kinds = {s: registry.get(s) for s in STAGES}
     done = {s: resume and is_complete_checkpoint(f"{out[s]}/final") for s in STAGES}
     resume_keys = {s: ["resume_from=auto"] if resume and not done[s] else [] for s in STAGES}
     # Parse every stage's config before running any, so a typo fails in seconds...
     cfgs = {
-        s: load_config(kinds[s][0], os.path.join(configs, f"{s}.yaml"),
+        s: load_config(kinds[s].config, os.path.join(configs, f"{s}.yaml"),
                        [f"output_dir={out[s]}", *wiring[s], *resume_keys[s], *per_stage[s]])
         for s in STAGES
     }
@@ -97,14 +71,16 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
         if not done[s]:
             source = cfgs[s].tokenizer or (
                 dpo.tokenizer or dpo.model.name_or_path if s == "ppo" else cfgs[s].model.name_or_path)
-            check_stage_data(cfgs[s], source)
+            tok = load_tokenizer(source, cfgs[s].tokenizer_pad_token_id,
+                                 sentencepiece_legacy=cfgs[s].tokenizer_legacy)
+            kinds[s].trainer_class().check_data(cfgs[s], tok)
     results: dict[str, dict[str, float]] = {}
     for i, s in enumerate(STAGES, 1):
         if done[s]:
             logger.info("pipeline --resume: %s/final is complete, skipping %s", out[s], s)
             continue
         print(f"stage {i}/{len(STAGES)}: {s} -> {out[s]}", flush=True)
-        results[s] = run(kinds[s][1], cfgs[s], setup_logging=setup_logging,
+        results[s] = run(kinds[s].trainer_class(), cfgs[s], setup_logging=setup_logging,
                          label=f"{s} (stage {i}/{len(STAGES)})")
     print(pipeline_summary(out), flush=True)
     return results
@@ -130,13 +106,17 @@ def pipeline_summary(out: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
+        from torchxla_rlhf.trainers.registry import TRAINERS
+
         print("torchxla_rlhf: DPO, reward models and PPO for HF Llama models on PyTorch/XLA\n")
-        for name, what in TRAINERS.items():
-            print(f"  python -m torchxla_rlhf.{name:<7} --config FILE [key=value ...]   {what}")
+        for name, spec in TRAINERS.items():
+            print(f"  python -m torchxla_rlhf.{name:<7} --config FILE [key=value ...]   {spec.summary}")
+        print("  python -m torchxla_rlhf train --config FILE [key=value ...]   "
+              "the trainer the config names (trainer: KIND)")
         print("  python -m torchxla_rlhf pipeline [--configs DIR] [--output-root DIR] "
               "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
-        print("  python -m torchxla_rlhf plan --config FILE [--devices N] [--hbm-gib G] "
-              "[key=value ...]   per-device memory plan: each term and whether it fits")
+        print("  python -m torchxla_rlhf plan --config FILE [--tpu v3-256] [key=value ...]   "
+              "the start-up checks and the per-device memory plan, without a device")
         print("  python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [options] -- COMMAND ...   "
               "run COMMAND on every worker of a TPU pod")
         print("\nEach trainer's --help lists its config keys; --config FILE --help shows FILE's "
@@ -144,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "plan":
         return plan_main(argv[1:])
+    if argv[0] == "train":
+        return train_main(argv[1:])
     if argv[0] != "pipeline":
         print(f"unknown command {argv[0]!r}; try: python -m torchxla_rlhf --help", file=sys.stderr)
         return 2
@@ -163,53 +145,124 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --- memory plan ---------------------------------------------------------------
+# --- train ---------------------------------------------------------------------
+
+
+TRAIN_PROG = "python -m torchxla_rlhf train"
+
+
+def train_main(argv: list[str]) -> int:
+    """``train --config FILE [key=value ...]``: run the trainer the config declares
+    (``trainer: KIND``), with that trainer's command line (``--help`` lists its keys)."""
+    from torchxla_rlhf.config import cli_main
+    from torchxla_rlhf.trainers import registry
+    from torchxla_rlhf.trainers.base import run
+
+    config = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), None)
+    if config is None and "--config" in argv[:-1]:
+        config = argv[argv.index("--config") + 1]
+    if config is None:
+        print(f"usage: {TRAIN_PROG} --config FILE [key=value ...] (FILE names its trainer: "
+              f"trainer: {'|'.join(registry.TRAINERS)})", file=sys.stderr)
+        return 0 if {"-h", "--help"} & set(argv) else 2
+    overrides = [a.removeprefix("--") for a in argv if "=" in a and not a.startswith("--config")]
+    try:
+        spec = registry.get(registry.kind_of_file(config, overrides))
+    except ConfigError as e:
+        print(f"{TRAIN_PROG}: error: {e}", file=sys.stderr)
+        return 2
+    from torchxla_rlhf.check import run_checks
+
+    cli_main(spec.config, lambda cfg: run(spec.trainer_class(), cfg, setup_logging=True),
+             argv, prog=f"{TRAIN_PROG} ({spec.kind})", check=run_checks)
+    return 0
+
+
+# --- plan ----------------------------------------------------------------------
+
+
+PLAN_PROG = "python -m torchxla_rlhf plan"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line (exit 2) as every other error of ``plan``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def plan_main(argv: list[str]) -> int:
-    """``plan``: print the per-device memory plan of a trainer config (no devices touched).
-    The trainer is told by the config's keys (PPO has max_continuation_len, DPO beta)."""
-    from torchxla_rlhf import memory_plan
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+    """``plan``: the pre-flight a trainer runs at start-up (mesh, weight splits, batch rows,
+    the per-device memory plan), without a device. The trainer is the one the config declares
+    (``trainer:``). Exit 0: it runs (or memory unknown); 1: it does not fit in memory; 2: a
+    bad config, mesh or option (one line, as the trainers' errors)."""
+    from torchxla_rlhf.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="python -m torchxla_rlhf plan")
-    parser.add_argument("--config", required=True, help="a dpo/reward/ppo YAML config")
+    parser = _OneLineParser(
+        prog=PLAN_PROG, description="The start-up checks and per-device memory plan of a "
+        "trainer config on a pod, without a device.")
+    parser.add_argument("--config", required=True,
+                        help="a trainer config: a file, a URL, or a shipped name (ppo_13b.yaml)")
+    parser.add_argument("--tpu", help="TPU type (v3-128, v3-256, v4-64, v5p-32, ...): sets the "
+                        "devices, hosts and memory per device as PJRT sees them")
     parser.add_argument("--devices", type=int, default=None,
-                        help="device count (default: the mesh_dim's product, which must be fixed)")
-    parser.add_argument("--hbm-gib", type=float, default=None, help="memory per device, GiB")
+                        help="device count (default: --tpu's, else mesh_dim's product when fixed)")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="memory per device, GiB (default: --tpu's)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    kind = _config_kind(args.config)
-    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
+    args = parser.parse_intermixed_args(argv)
+    # The hub client logs each retry of an unreachable host; the one-line error says it all.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+    from torchxla_rlhf.preflight.shapes import NoSuchModel
+
     try:
-        cfg = load_config(cls, args.config, args.overrides)
-        devices = args.devices or _fixed_mesh_devices(cfg.mesh_dim)
-        p = memory_plan.plan(cfg, devices, None if args.hbm_gib is None else args.hbm_gib * 2**30)
-    except (ConfigError, memory_plan.PlanError) as e:
-        print(f"python -m torchxla_rlhf plan: error: {e}", file=sys.stderr)
+        return _plan(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        hint = (f" (to plan before it exists, e.g. the output of an earlier stage, set "
+                f"{e.key}.name_or_path to a model of the same shape)"
+                if isinstance(e, NoSuchModel) else "")
+        print(f"{PLAN_PROG}: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)
         return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from torchxla_rlhf import memory_plan
+    from torchxla_rlhf.preflight import checks
+    from torchxla_rlhf.preflight.mesh import GIB, MeshError, fixed_devices, tpu_pod
+    from torchxla_rlhf.trainers import registry
+
+    pod = tpu_pod(args.tpu) if args.tpu else None
+    cfg = registry.load(args.config, args.overrides)
+    devices = args.devices or (pod.devices if pod else None) or fixed_devices(cfg.mesh_dim)
+    if devices is None:
+        raise MeshError(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --tpu TYPE or --devices N")
+    hbm = args.hbm_gib * GIB if args.hbm_gib is not None else (pod.hbm_bytes if pod else None)
+    hosts = pod.hosts if pod is not None and pod.devices == devices else None
+    report = checks.check_run(cfg, memory_plan.read_shapes(cfg), devices, hosts,
+                              None if hosts is None else devices // hosts, hbm_bytes=hbm)
+    p = report.plan
+    if p is None or (not report.ok and p.fits is not False):
+        raise checks.StartupError(f"cannot run on {devices} device(s): {report.failures_line()}")
+    where = f"{pod.name}: " if pod is not None else ""
+    print(f"{where}{devices} device(s)" + (f" on {hosts} host(s)" if hosts else "")
+          + ("" if hbm is None else f", {hbm / GIB:g} GiB per device"))
     print(memory_plan.format_plan(p))
-    return 1 if p.fits is False else 0
-
-
-def _config_kind(path: str) -> str:
-    """dpo, reward or ppo, from the keys only that trainer has."""
-    import yaml
-
-    with open(path) as f:
-        keys = set((yaml.safe_load(f) or {}).keys())
-    if keys & {"max_continuation_len", "reward_model", "mini_batch_size", "kl_coef"}:
-        return "ppo"
-    if keys & {"beta", "use_ipo", "label_smoothing", "load_reference_checkpoint"}:
-        return "dpo"
-    return "reward"
-
-
-def _fixed_mesh_devices(mesh_dim: str) -> int:
-    dims = [int(x) for x in str(mesh_dim).split(",")]
-    if -1 in dims:
-        raise ConfigError(f"mesh_dim={mesh_dim!r} has a -1 axis: pass --devices N")
-    return dims[0] * dims[1] * dims[2]
+    for c in report.warnings:
+        print(f"  warning ({c.key}): {c.detail}")
+    if p.fits is None:
+        print("  for a fits verdict give the device memory: --tpu v3-128|v3-256|v4-64|v5p-32 "
+              "(devices and memory per device) or --hbm-gib G")
+    if p.fits is False:
+        fits = next((c.detail for c in report.errors if c.name == "a mesh that fits"), None)
+        if fits:
+            print(f"  {fits}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,39 +35,25 @@ class Outcome:
 
 def check_devices(cfg: Any, devices: int | None) -> tuple[int | None, str]:
     """``(device count, where it came from)``; ``None`` when nothing says."""
+    from torchxla_rlhf.preflight.mesh import fixed_devices
+
     if devices is not None:
         return devices, "--devices"
-    try:
-        dims = [int(d) for d in str(cfg.mesh_dim).split(",")]
-    except ValueError:
-        dims = [-1]
-    if -1 not in dims:
-        product = 1
-        for d in dims:
-            product *= d
-        return product, "mesh_dim"
+    if (fixed := fixed_devices(cfg.mesh_dim)) is not None:
+        return fixed, "mesh_dim"
     if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
         return int(os.environ.get("CPU_NUM_DEVICES", "1") or 1), "this machine's XLA:CPU devices"
     return None, ""
-
-
-def model_keys(cfg: Any) -> list[str]:
-    """The config keys of the models a run loads (the policy or backbone, PPO's others)."""
-    keys = ["model"]
-    for key in ("reward_model", "value_model"):
-        if getattr(cfg, key, None) is not None:
-            keys.append(key)
-    return keys
 
 
 def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
                    ) -> list[tuple[str, Callable[[dict], str]]]:
     """The device-free start-up checks of a trainer config, in order: ``(name, fn)`` pairs
     where ``fn(results)`` returns a one-line detail or raises a user error; ``results`` holds
-    what earlier checks produced (``model_configs``); ``say`` prints the longer reports. The
-    one place that knows which start-up code to call."""
+    what earlier checks produced (``shapes``); ``say`` prints the longer reports. The one
+    place that knows which start-up code to call (the pre-flight package, the trainer's data
+    check, the run directory and remote probes)."""
     from torchxla_rlhf.config import to_dict
-    from torchxla_rlhf.errors import call_with_timeout
 
     n, n_from = check_devices(cfg, devices)
 
@@ -92,54 +78,45 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
                                 f"{cfg.output_dir.rstrip('/')}/{METRICS_FILE}")
 
     def model_configs(results: dict) -> str:
-        from torchxla_rlhf.models import model_config_only
+        from torchxla_rlhf.memory_plan import read_shapes
 
-        found, parts = {}, []
-        for key in model_keys(cfg):
-            model = getattr(cfg, key)
-            found[key] = call_with_timeout(
-                lambda m=model: model_config_only(m, cfg.tokenizer_pad_token_id),
-                cfg.remote_timeout_s, f"{key}.name_or_path={model.name_or_path}")
-            c = found[key]
-            parts.append(f"{key}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                         f"{c.num_attention_heads} heads, vocab {c.vocab_size}")
-        results["model_configs"] = found
-        return "; ".join(parts)
+        results["shapes"] = shapes = read_shapes(cfg)
+        return "; ".join(f"{key}: {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
+                         f"vocab {s.vocab}" for key, s in shapes.items())
 
     def data(_: dict) -> str:
-        from torchxla_rlhf.__main__ import check_stage_data
+        from torchxla_rlhf.tokenizers import load_tokenizer
+        from torchxla_rlhf.trainers import registry
 
-        check_stage_data(cfg, cfg.tokenizer or cfg.model.name_or_path)
+        tok = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id,
+                             sentencepiece_legacy=cfg.tokenizer_legacy)
+        registry.spec_for(cfg).trainer_class().check_data(cfg, tok)
         return "read, tokenized and counted (the data report is above)"
 
     def mesh(results: dict) -> str:
-        from torchxla_rlhf import startup
+        from torchxla_rlhf.memory_plan import format_plan
+        from torchxla_rlhf.preflight import checks
 
         if n is None:
             raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
-        if "model_configs" not in results:
+        if "shapes" not in results:
             raise _Skip("needs the model configs")
-        report = startup.check_run(cfg, results["model_configs"], n, 1, n)
+        report = checks.check_run(cfg, results["shapes"], n)
+        results["plan"] = report.plan
         for c in report.warnings:
             say(f"warning: {c.name} ({c.key}): {c.detail}")
         if not report.ok:
-            raise startup.StartupError(report.failures_text().replace("\n", "; "))
+            raise checks.StartupError(report.failures_line())
+        if report.plan is not None:
+            say(format_plan(report.plan))
         return f"mesh_dim={cfg.mesh_dim!r} on {n} device(s) ({n_from}): {len(report.checks)} checks pass"
 
     def memory(results: dict) -> str:
-        from torchxla_rlhf import memory_plan
-
-        if n is None:
-            raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
-        try:
-            p = memory_plan.plan(cfg, n)
-        except memory_plan.PlanError:
-            if "model_configs" not in results:  # the model check said why
-                raise _Skip("needs the model configs") from None
-            raise
-        say(memory_plan.format_plan(p))
+        p = results.get("plan")
+        if p is None:
+            raise _Skip("needs the mesh check")
         return (f"peak {p.peak / 2**30:.2f} GiB per device ({p.peak_phase}); compare with the "
-                "device's memory (python -m torchxla_rlhf plan --hbm-gib G gives a verdict)")
+                "device's memory (python -m torchxla_rlhf plan --tpu TYPE gives a verdict)")
 
     return [("remote paths", remote), ("output_dir", output_dir), ("logging", logging_),
             ("model config", model_configs), ("data", data), ("mesh", mesh),

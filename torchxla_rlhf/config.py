@@ -533,9 +533,37 @@ def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] 
     if path is not None:
         origins.source = path = _norm(find_config(os.fspath(path)))
         data = _load_file(path, [], origins, None)
+        _check_declared_trainer(cls, data, origins)
     for text in overrides:
         _apply_override(cls, data, origins, text)
     return _build(cls, data, "", origins, cls)
+
+
+TRAINER_KEY = "trainer"
+"""Top-level key naming the trainer a file is for (a field of every trainer's config tree)."""
+
+
+def _check_declared_trainer(cls: type, data: dict, origins: _Origins) -> None:
+    """A file for another trainer says so before its keys are checked (a PPO file given to
+    the DPO command would otherwise fail on 'unknown key reward_model')."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    own = fields[TRAINER_KEY].default if TRAINER_KEY in fields else None
+    declared = _value(data.get(TRAINER_KEY))
+    if own and isinstance(declared, str) and declared != own:
+        raise ConfigError(
+            f"trainer: this file is a {declared!r} config, this command trains {own!r} "
+            f"(run python -m torchxla_rlhf.{declared} --config ...)",
+            key=TRAINER_KEY, where=origins.where(TRAINER_KEY))
+
+
+def declared_value(path: str, key: str) -> tuple[Any, str]:
+    """``(value, where)`` of top-level ``key`` in config file ``path`` (a shipped name works)
+    merged over its ``base:`` chain, without building a config tree: ``(None, path)`` when
+    no file of the chain sets it. How ``plan`` learns which trainer a file is for."""
+    origins = _Origins()
+    origins.source = path = _norm(find_config(os.fspath(path)))
+    data = _load_file(path, [], origins, None)
+    return data.get(key), origins.where(key)
 
 
 # ---------------------------------------------------------------------------------------------

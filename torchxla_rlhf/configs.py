@@ -9,7 +9,7 @@ model code, so that ``--help`` and config errors answer in well under a second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from torchxla_rlhf.data.config import DataSource, DatasetConfig
@@ -214,6 +214,10 @@ class LoggingConfig:
 class RunConfig:
     """Keys every trainer has."""
 
+    trainer: str = ""
+    """The trainer this config is for (dpo, reward, ppo: each trainer's config class sets its
+    own). Every shipped config sets it at the top; ``python -m torchxla_rlhf plan`` reads it,
+    and a trainer refuses a file that names another."""
     output_dir: str = "outputs/run"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
     mesh_dim: str = "1,-1,1"
@@ -245,9 +249,13 @@ class RunConfig:
     save_training_state: bool = False
     """Also save parameters, optimizer state and data position for exact resume (the seed's
     --checkpointer.save_optimizer_state; costs 3x the model's fp32 size per checkpoint)."""
+    save_every_minutes: float = 0.0
+    """Save the training state alone (each host its own shards, no gather) to
+    training-state-latest at most this many minutes apart, bounding the work a crash loses
+    (0: never). A preemption always saves it."""
     resume_from: str | None = None
-    """Resume from this checkpoint's training_state; 'auto': output_dir/checkpoint-latest if it
-    has one (else start fresh)."""
+    """Resume from this checkpoint's training_state; 'auto': the complete checkpoint with the
+    highest step in output_dir, of any kind (start fresh, with a warning, when it has none)."""
     logger: LoggingConfig = field(default_factory=LoggingConfig)
     """wandb, progress bar and metrics.jsonl."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -260,6 +268,11 @@ class RunConfig:
     seconds, naming the URL, when the network or credentials are missing."""
 
     def validate(self) -> None:
+        own = {f.name: f.default for f in fields(self)}["trainer"]
+        if self.trainer != own:
+            raise ValueError(
+                f"trainer: this file is a {self.trainer!r} config, this command trains {own!r} "
+                f"(run python -m torchxla_rlhf.{self.trainer} --config ...)")
         if not self.output_dir:
             raise ValueError("output_dir: must be set")
         if self.total_steps is not None and self.total_steps < 1:
@@ -268,8 +281,25 @@ class RunConfig:
             raise ValueError(f"num_epochs: must be > 0, got {self.num_epochs}")
         if self.save_model_freq < 0 or self.save_milestone_freq < 0:
             raise ValueError("save_model_freq/save_milestone_freq: must be >= 0")
+        if self.save_every_minutes < 0:
+            raise ValueError(f"save_every_minutes: must be >= 0, got {self.save_every_minutes}")
         if self.remote_timeout_s <= 0:
             raise ValueError(f"remote_timeout_s: must be > 0, got {self.remote_timeout_s}")
+
+    # What the run puts on the mesh, for the pre-flight and the memory plan (each trainer's
+    # config class says it; see trainers/registry.py).
+
+    def model_roles(self) -> list:
+        """The models the trainer puts on the mesh (``trainers.registry.ModelRole``)."""
+        raise NotImplementedError
+
+    def batches(self) -> list:
+        """The rows it uploads per step and how they split (``trainers.registry.Batch``)."""
+        raise NotImplementedError
+
+    def sequence_length(self) -> tuple[str, int]:
+        """``(keys, tokens)``: the longest sequence a model sees."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -290,10 +320,27 @@ class PairRunConfig(RunConfig):
         if self.eval_freq < 0:
             raise ValueError("eval_freq: must be >= 0")
 
+    def batches(self) -> list:
+        """Rows uploaded per micro-batch (held-out pairs come in batches of the same size)."""
+        from torchxla_rlhf.trainers.registry import Batch
+
+        return [Batch("train_dataset.batch_size x 2 (chosen + rejected rows)",
+                      "train_dataset.batch_size", 2 * self.train_dataset.batch_size)]
+
+    def sequence_length(self) -> tuple[str, int]:
+        """The longest sequence a model sees, and the keys that set it."""
+        lengths = [self.train_dataset.seq_length]
+        if self.eval_dataset is not None:
+            lengths.append(self.eval_dataset.seq_length)
+        return "train_dataset.seq_length", max(lengths)
+
 
 @dataclass
 class DPOConfig(PairRunConfig):
     """``python -m torchxla_rlhf.dpo``: DPO / IPO / cDPO (docs/dpo.md)."""
+
+    trainer: str = "dpo"
+    """The trainer this config is for; a trainer refuses a file that names another."""
 
     output_dir: str = "outputs/dpo"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
@@ -317,10 +364,22 @@ class DPOConfig(PairRunConfig):
         if self.use_ipo and self.label_smoothing:
             raise ValueError("label_smoothing: not used by IPO (use_ipo=true); set it to 0")
 
+    def model_roles(self) -> list:
+        """The policy and its frozen reference (freed after start-up when its log-probs are
+        precalculated)."""
+        from torchxla_rlhf.trainers.registry import ModelRole
+
+        return [ModelRole("policy", "model", True, "causal"),
+                ModelRole("reference", "model", False, "causal",
+                          resident=not self.precalculate_reference_logps)]
+
 
 @dataclass
 class RewardConfig(PairRunConfig):
     """``python -m torchxla_rlhf.reward``: a pairwise reward model (docs/reward.md)."""
+
+    trainer: str = "reward"
+    """The trainer this config is for; a trainer refuses a file that names another."""
 
     output_dir: str = "outputs/reward"
     """Where checkpoints, the resolved config and metrics.jsonl go (local or gs://)."""
@@ -329,11 +388,19 @@ class RewardConfig(PairRunConfig):
     head_seed: int = 0
     """Seed of the score head's normal(0, initializer_range) init (causal-LM starts only)."""
 
+    def model_roles(self) -> list:
+        from torchxla_rlhf.trainers.registry import ModelRole
+
+        return [ModelRole("reward model", "model", True, "classifier")]
+
 
 @dataclass
 class PPOConfig(RunConfig):
     """``python -m torchxla_rlhf.ppo``: PPO with policy, reference, reward and value models on
     one mesh (docs/ppo.md). ``model`` is the policy (and the reference's start)."""
+
+    trainer: str = "ppo"
+    """The trainer this config is for; a trainer refuses a file that names another."""
 
     output_dir: str = "outputs/ppo"
     """Where checkpoints, the resolved config, metrics.jsonl and samples.jsonl go."""
@@ -433,6 +500,31 @@ class PPOConfig(RunConfig):
                 raise ValueError(f"{name}: must be >= 0")
         if self.oracle is not None and self.oracle not in ORACLES:
             raise ValueError(f"oracle: unknown {self.oracle!r}; known: {sorted(ORACLES)}")
+
+    def model_roles(self) -> list:
+        """Policy and value model trained; reference and reward model frozen. The value model
+        starts from ``value_model`` when set, else from the reward model."""
+        from torchxla_rlhf.trainers.registry import ModelRole
+
+        value_key = "value_model" if self.value_model is not None else "reward_model"
+        return [ModelRole("policy", "model", True, "causal"),
+                ModelRole("reference", "model", False, "causal"),
+                ModelRole("reward model", "reward_model", False, "classifier"),
+                ModelRole("value model", value_key, True, "classifier")]
+
+    def batches(self) -> list:
+        """The rollout rows per step, and the rows of each PPO update's chunk."""
+        from torchxla_rlhf.trainers.registry import Batch
+
+        chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
+        return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
+                      "train_dataset.batch_size", self.train_dataset.batch_size * self.rollouts_per_prompt),
+                Batch("mini_batch_size / accumulate_gradient_steps (rows per chunk)",
+                      "mini_batch_size", chunk, must_divide=False)]
+
+    def sequence_length(self) -> tuple[str, int]:
+        return ("train_dataset.seq_length + max_continuation_len",
+                self.train_dataset.seq_length + self.max_continuation_len)
 
 
 def _tiny_vowels(text: str) -> float:

@@ -10,7 +10,7 @@ Exit codes (documented in the README):
 - 0: the run finished.
 - :data:`EXIT_USER_ERROR` (2): bad config, data, paths, mesh... (argparse's code for usage errors).
 - :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``): the run was preempted (SIGTERM), saved
-  ``checkpoint-latest`` and stopped; the same command with ``resume_from=auto`` continues it.
+  its training state and stopped; the same command with ``resume_from=auto`` continues it.
   The pipeline stops on it, and the launcher restarts on it.
 
 Nothing here imports torch or torch_xla: the boundary wraps the whole entry point.
@@ -48,7 +48,7 @@ class OutputDirError(UserError):
 
 class Preempted(Exception):
     """Raised by :func:`~torchxla_rlhf.trainers.base.run` after a preempted run has saved
-    ``checkpoint-latest``: the caller must not treat the stage as finished."""
+    its training state: the caller must not treat the stage as finished."""
 
     def __init__(self, step: int, checkpoint: str):
         super().__init__(f"preempted at step {step}; saved {checkpoint} "

@@ -15,11 +15,20 @@ Per run it
 4. starts the command on every worker *in the background* (``nohup setsid``: an ssh drop does
    not kill the run), each writing ``~/.torchxla_rlhf/runs/<run id>/worker-<i>.log`` on its VM;
 5. streams worker 0's log here and polls every worker's status;
-6. stops every worker (SIGTERM, then SIGKILL after ``--kill-grace`` seconds) when one fails
-   or on Ctrl-C; a worker left waiting in a collective for a dead peer never exits by itself;
-7. with ``--restart-on-preemption``: when the TPU leaves ``READY`` (or every worker stopped
-   with :data:`EXIT_PREEMPTED`), waits for it to come back and relaunches the command
-   with ``resume_from=auto``.
+6. stops every worker when one fails or on Ctrl-C: SIGTERM to each trainer's own process
+   group (the trainers save and exit with :data:`EXIT_PREEMPTED`), SIGKILL to what is left
+   after ``--kill-grace`` seconds, then checks that no trainer process is left (a worker
+   waiting in a collective for a dead peer never exits by itself, and keeps the TPU);
+   every worker's exit code is reported, including after a stop;
+7. with ``--restart-on-preemption``: when the TPU leaves ``READY``, is deleted (or every
+   worker stopped with :data:`EXIT_PREEMPTED`), waits for it to come back and relaunches the
+   command with ``resume_from=auto``; a recreated VM is set up again first.
+
+Process ownership. On each worker a small ``bash`` wrapper (its own session, ``setsid``)
+starts the trainer as a job with job control on, so the trainer gets a process group of its
+own (``trainer.pgid``); the launcher signals that group, never the wrapper, which stays alive to
+``wait`` for the trainer and write its exit status to ``rc`` (143 = killed by SIGTERM, 137 =
+SIGKILL, 75 = saved and stopped).
 
 Secrets. The values of ``--env`` (and ``HF_TOKEN`` / ``WANDB_API_KEY`` when set here) travel
 on ssh's standard input, read into the environment by the remote shell: they never appear on
@@ -56,10 +65,12 @@ SECRET_ENV = ("HF_TOKEN", "WANDB_API_KEY")
 SEED_LIBTPU_INIT_ARGS = (
     "--xla_jf_spmd_threshold_for_windowed_einsum_mib=0 "
     "--xla_tpu_spmd_threshold_for_allgather_cse=10000 "
-    "--xla_tpu_spmd_rewrite_einsum_with_reshape=true "
-    "--xla_tpu_enable_latency_hiding_scheduler=true TPU_MEGACORE=MEGACORE_DENSE"
+    "--xla_tpu_enable_latency_hiding_scheduler=true"
 )
-"""The seed's XLA flags for v3 pods; ``--env LIBTPU_INIT_ARGS=...`` replaces them."""
+"""The XLA flags for v3 pods; ``--env LIBTPU_INIT_ARGS=...`` replaces them. Each is defined by
+the pinned libtpu (a test searches its library); on the workers the runtime drops, with a
+warning, any flag the installed libtpu does not define. (Megacore settings do not apply to
+v3, which has none.)"""
 
 RUNS_DIR = "$HOME/.torchxla_rlhf/runs"
 """Per-run state on each worker (expanded by the worker's shell, never here)."""
@@ -70,6 +81,32 @@ COMMIT_TAG = "torchxla_rlhf-commit"
 
 class LaunchError(RuntimeError):
     """The pod cannot run the command as asked (bad arguments, workers out of step, gcloud)."""
+
+
+class TpuNotFound(LaunchError):
+    """``describe`` says the TPU does not exist (deleted, or not yet recreated)."""
+
+
+@dataclass(frozen=True)
+class TpuState:
+    """What ``describe`` said: ``state`` (``READY``, ``PREEMPTED``, ..., ``DELETED`` when the
+    node does not exist, ``UNKNOWN`` when gcloud failed: ``detail`` says why) and
+    ``identity`` (the node's creation time: it changes when the VM is recreated)."""
+
+    state: str
+    detail: str = ""
+    identity: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker's run: ``state`` is ``running``, ``exited`` (``rc`` set), ``lost`` (no
+    process and no exit status: killed with the VM) or ``unreachable`` (ssh failed);
+    ``alive``: a process of the trainer's group is still there."""
+
+    state: str
+    rc: int | None = None
+    alive: bool = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,6 +131,8 @@ class Options:
     run_id: str = ""
     poll_interval: float = 30.0
     kill_grace: float = 60.0
+    ssh_timeout: float = 120.0
+    setup_timeout: float = 3600.0
     preemption_timeout: float = 6 * 3600.0
     max_restarts: int = 100
     gcloud: str = "gcloud"
@@ -200,6 +239,11 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
     p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between status polls")
     p.add_argument("--kill-grace", type=float, default=60.0,
                    help="seconds between SIGTERM and SIGKILL when stopping the workers")
+    p.add_argument("--ssh-timeout", type=float, default=120.0,
+                   help="seconds one ssh call (start, status, stop) may take")
+    p.add_argument("--setup-timeout", type=float, default=3600.0,
+                   help="seconds the --setup install may take on a worker (torch, torch_xla "
+                        "and libtpu are several GB)")
     p.add_argument("--preemption-timeout", type=float, default=6 * 3600.0,
                    help="give up when a preempted TPU is not READY again after this many seconds")
     p.add_argument("--max-restarts", type=int, default=100,
@@ -216,7 +260,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
         env=parse_env(a.env, environ), setup=a.setup, repo_url=a.repo_url,
         restart_on_preemption=a.restart_on_preemption, dry_run=a.dry_run, repo_dir=a.repo_dir,
         run_id=a.run_id or time.strftime("%Y%m%d-%H%M%S"), poll_interval=a.poll_interval,
-        kill_grace=a.kill_grace, preemption_timeout=a.preemption_timeout,
+        kill_grace=a.kill_grace, ssh_timeout=a.ssh_timeout, setup_timeout=a.setup_timeout,
+        preemption_timeout=a.preemption_timeout,
         max_restarts=a.max_restarts, gcloud=environ.get("TORCHXLA_RLHF_GCLOUD", "gcloud"),
         dry_run_workers=a.workers,
     )
@@ -243,38 +288,57 @@ def env_stdin(env: dict[str, str]) -> str:
 
 def start_script(opts: Options, worker: int, command: str) -> str:
     """Start ``command`` on ``worker`` in the background, detached from the ssh session, with
-    its output in ``worker-<i>.log`` and its exit status in ``rc`` (pid in ``pid``)."""
+    its output in ``worker-<i>.log``.
+
+    A wrapper ``bash`` (``pid``; its own session) runs the trainer as a job with job control
+    on (``set -m``), so the trainer has a process group of its own (``trainer.pgid``) that
+    :func:`stop_script` signals; the wrapper is not in it, so it survives the stop and writes
+    the trainer's exit status to ``rc``."""
     rd = run_dir(opts.run_id)
     inner = (
         f"cd {remote_path(opts.repo_dir)} && "
         "{ [ ! -f .venv/bin/activate ] || . .venv/bin/activate; } && "
-        f"{command}; echo $? > \"$RUN/rc\""
+        f"{command}"
+    )
+    wrapper = (
+        f"set -m; ( {inner} ) & echo $! > \"$RUN/trainer.pgid\"; "
+        "wait $!; echo $? > \"$RUN/rc\""
     )
     return (
         f"set -e; {env_prelude(list(opts.env))}"
-        f"export RUN={rd}; mkdir -p \"$RUN\"; rm -f \"$RUN/rc\"; "
-        f"nohup setsid bash -c {shlex.quote(inner)} > \"$RUN/worker-{worker}.log\" 2>&1 "
+        f"export RUN={rd}; mkdir -p \"$RUN\"; rm -f \"$RUN/rc\" \"$RUN/trainer.pgid\"; "
+        f"nohup setsid bash -c {shlex.quote(wrapper)} > \"$RUN/worker-{worker}.log\" 2>&1 "
         "< /dev/null & echo $! > \"$RUN/pid\"; "
         f"echo started worker {worker} in \"$RUN\""
     )
 
 
+_TRAINER_ALIVE = (
+    "T=$(cat \"$RUN/trainer.pgid\" 2>/dev/null || true); "
+    "if [ -n \"$T\" ] && kill -0 -- -$T 2>/dev/null; then A=alive; else A=gone; fi; "
+)
+
+
 def status_script(run_id: str) -> str:
-    """Print ``<tag> exited <rc>``, ``<tag> running`` or ``<tag> lost`` (no process, no rc:
-    killed with the VM)."""
+    """Print ``<tag> exited <rc> <alive|gone>``, ``<tag> running <alive|gone>`` or
+    ``<tag> lost gone`` (no process, no rc: killed with the VM). ``alive``: a process of the
+    trainer's group is left (a stop is verified by ``gone``)."""
     rd = run_dir(run_id)
     return (
-        f"RUN={rd}; if [ -f \"$RUN/rc\" ]; then echo {STATUS_TAG} exited $(cat \"$RUN/rc\"); "
-        f"elif [ -f \"$RUN/pid\" ] && kill -0 $(cat \"$RUN/pid\") 2>/dev/null; "
-        f"then echo {STATUS_TAG} running; else echo {STATUS_TAG} lost; fi"
+        f"RUN={rd}; {_TRAINER_ALIVE}"
+        f"if [ -f \"$RUN/rc\" ]; then echo {STATUS_TAG} exited $(cat \"$RUN/rc\") $A; "
+        f"elif [ $A = alive ] || {{ [ -f \"$RUN/pid\" ] && kill -0 $(cat \"$RUN/pid\") 2>/dev/null; }}; "
+        f"then echo {STATUS_TAG} running $A; else echo {STATUS_TAG} lost $A; fi"
     )
 
 
 def stop_script(run_id: str, sig: str) -> str:
-    """Signal the worker's whole process group (``setsid`` made the command its leader)."""
+    """Signal the trainer's own process group (not the wrapper, which records the exit
+    status); before the trainer has started, the wrapper's group."""
     return (
-        f"RUN={run_dir(run_id)}; [ -f \"$RUN/pid\" ] && "
-        f"kill -{sig} -- -$(cat \"$RUN/pid\") 2>/dev/null; true"
+        f"RUN={run_dir(run_id)}; T=$(cat \"$RUN/trainer.pgid\" 2>/dev/null || true); "
+        f"if [ -n \"$T\" ]; then kill -{sig} -- -$T 2>/dev/null; "
+        f"elif [ -f \"$RUN/pid\" ]; then kill -{sig} -- -$(cat \"$RUN/pid\") 2>/dev/null; fi; true"
     )
 
 
@@ -323,19 +387,36 @@ class Pod:
         return self._base("ssh") + [f"--worker={worker}", f"--command={script}"]
 
     def describe(self) -> dict:
-        """``tpu-vm describe`` as JSON (``state``, ``networkEndpoints``: one per worker)."""
+        """``tpu-vm describe`` as JSON (``state``, ``networkEndpoints``: one per worker).
+        :class:`TpuNotFound` when the TPU does not exist (deleted), :class:`LaunchError` when
+        gcloud fails otherwise."""
         argv = self._base("describe") + ["--format=json"]
-        out = subprocess.run(argv, capture_output=True, text=True)
-        if out.returncode:
-            raise LaunchError(f"{shlex.join(argv)} failed ({out.returncode}): {out.stderr.strip()}")
-        return json.loads(out.stdout)
-
-    def state(self) -> str:
-        """The TPU's state (``READY``, ``PREEMPTED``, ...); ``UNKNOWN`` if gcloud fails."""
         try:
-            return str(self.describe().get("state", "UNKNOWN"))
-        except (LaunchError, json.JSONDecodeError):
-            return "UNKNOWN"
+            out = subprocess.run(argv, capture_output=True, text=True,
+                                 timeout=self.opts.ssh_timeout)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"{shlex.join(argv)} timed out after {self.opts.ssh_timeout:.0f}s") from None
+        if out.returncode:
+            err = out.stderr.strip()
+            if re.search(r"NOT_FOUND|was not found", err):
+                raise TpuNotFound(f"TPU {self.opts.tpu} does not exist (deleted): {err[-300:]}")
+            raise LaunchError(f"{shlex.join(argv)} failed ({out.returncode}): {err[-300:]}")
+        try:
+            return json.loads(out.stdout)
+        except json.JSONDecodeError as e:
+            raise LaunchError(f"{shlex.join(argv)}: not JSON ({e})") from None
+
+    def state(self) -> TpuState:
+        """The TPU's state (``READY``, ``PREEMPTED``, ...), ``DELETED`` when it does not exist,
+        ``UNKNOWN`` (with gcloud's error as ``detail``) when describe fails otherwise: a failed
+        describe is not read as "not preempted" nor as "preempted"."""
+        try:
+            d = self.describe()
+        except TpuNotFound as e:
+            return TpuState("DELETED", str(e))
+        except LaunchError as e:
+            return TpuState("UNKNOWN", str(e))
+        return TpuState(str(d.get("state", "UNKNOWN")), "", str(d.get("createTime") or d.get("id") or ""))
 
     def num_workers(self) -> int:
         endpoints = self.describe().get("networkEndpoints") or []
@@ -348,15 +429,19 @@ class Pod:
         return subprocess.run(self.ssh_argv(worker, script), input=stdin, capture_output=True,
                               text=True, timeout=timeout)
 
-    def on_all(self, workers: int, script: Callable[[int], str] | str, stdin: str = ""
-               ) -> list[subprocess.CompletedProcess]:
-        """One ssh per worker, in parallel (like ``--worker=all``, but each result is kept)."""
+    def on_all(self, workers: int, script: Callable[[int], str] | str, stdin: str = "",
+               timeout: float | None = None) -> list[subprocess.CompletedProcess]:
+        """One ssh per worker, in parallel (like ``--worker=all``, but each result is kept);
+        each may take ``timeout`` seconds (default ``--ssh-timeout``)."""
+        limit = self.opts.ssh_timeout if timeout is None else timeout
+
         def one(i: int) -> subprocess.CompletedProcess:
             s = script(i) if callable(script) else script
             try:
-                return self.ssh(i, s, stdin, timeout=max(120.0, self.opts.poll_interval * 4))
+                return self.ssh(i, s, stdin, timeout=limit)
             except subprocess.TimeoutExpired:
-                return subprocess.CompletedProcess(self.ssh_argv(i, s), 255, "", "ssh timed out")
+                return subprocess.CompletedProcess(self.ssh_argv(i, s), 255, "",
+                                                   f"ssh timed out after {limit:.0f}s")
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, 64)) as ex:
             return list(ex.map(one, range(workers)))
@@ -367,12 +452,14 @@ class Pod:
 # ----------------------------------------------------------------------------------------
 
 
-def parse_status(result: subprocess.CompletedProcess) -> tuple[str, int | None]:
-    """``("running"|"exited"|"lost"|"unreachable", rc)`` from :func:`status_script`'s output."""
-    m = re.search(rf"{STATUS_TAG} (running|exited|lost)(?: (-?\d+))?", result.stdout or "")
+def parse_status(result: subprocess.CompletedProcess) -> WorkerStatus:
+    """A :class:`WorkerStatus` from :func:`status_script`'s output (``unreachable`` when ssh
+    failed or printed no status)."""
+    m = re.search(rf"{STATUS_TAG} (running|exited|lost)(?: (-?\d+))?(?: (alive|gone))?",
+                  result.stdout or "")
     if result.returncode or not m:
-        return "unreachable", None
-    return m.group(1), int(m.group(2)) if m.group(2) else None
+        return WorkerStatus("unreachable")
+    return WorkerStatus(m.group(1), int(m.group(2)) if m.group(2) else None, m.group(3) == "alive")
 
 
 def check_commits(results: Sequence[subprocess.CompletedProcess]) -> str:
@@ -396,11 +483,15 @@ def check_commits(results: Sequence[subprocess.CompletedProcess]) -> str:
 class Launcher:
     """One launch (and its restarts after preemption)."""
 
-    def __init__(self, opts: Options, pod: Pod | None = None, echo: Callable[[str], None] = print):
+    def __init__(self, opts: Options, pod: Pod | None = None, echo: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.opts = opts
         self.pod = pod or Pod(opts, echo)
         self.echo = echo
+        self.clock, self.sleep = clock, sleep
         self._tail: subprocess.Popen | None = None
+        self.exit_codes: list[int | None] = []
+        """Each worker's exit status of the last run (None: lost or unreachable)."""
 
     # -- dry run ----------------------------------------------------------------------
 
@@ -440,12 +531,13 @@ class Launcher:
             for line in self.dry_run(self.opts.dry_run_workers):
                 self.echo(line)
             return 0
-        command, restarts = self.opts.command, 0
+        command, restarts, setup = self.opts.command, 0, self.opts.setup
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 workers = self.pod.num_workers()
-                if self.opts.setup:
+                identity = self.pod.state().identity
+                if setup:
                     self._setup(workers)
                 commit = check_commits(self.pod.on_all(workers, commit_script(self.opts.repo_dir)))
                 self.echo(f"[launch] {workers} worker(s) at commit {commit[:12]}; run "
@@ -462,24 +554,33 @@ class Launcher:
                 if restarts > self.opts.max_restarts:
                     self.echo(f"[launch] preempted {restarts} times; giving up")
                     return rc or EXIT_PREEMPTED
-                self._wait_ready()
+                recreated = self._wait_ready(identity)
+                # A recreated VM is a fresh disk: install (and clone) again before relaunching.
+                setup = self.opts.setup or recreated
                 command = with_resume_auto(self.opts.command)
-                self.echo(f"[launch] relaunching (restart {restarts}): {command}")
+                self.echo(f"[launch] relaunching (restart {restarts}"
+                          + (", after setting up the recreated VM" if recreated else "")
+                          + f"): {command}")
         finally:
             signal.signal(signal.SIGINT, previous)
 
     def _setup(self, workers: int) -> None:
-        self.echo(f"[launch] setting up {workers} worker(s)")
-        results = self.pod.on_all(workers, setup_script(self.opts.repo_dir, self.opts.repo_url))
+        self.echo(f"[launch] setting up {workers} worker(s) (up to {self.opts.setup_timeout:.0f}s)")
+        results = self.pod.on_all(workers, setup_script(self.opts.repo_dir, self.opts.repo_url),
+                                  timeout=self.opts.setup_timeout)
         failed = [i for i, r in enumerate(results) if r.returncode]
         if failed:
             r = results[failed[0]]
             raise LaunchError(f"setup failed on worker(s) {failed}; worker {failed[0]}:\n"
                               f"{(r.stdout + r.stderr)[-2000:]}")
 
+    def _statuses(self, workers: int) -> list[WorkerStatus]:
+        return [parse_status(r) for r in self.pod.on_all(workers, status_script(self.opts.run_id))]
+
     def _run_once(self, workers: int, command: str) -> tuple[str, int]:
         """Start, stream, poll. ``("done"|"failed"|"preempted"|"interrupted", rc)``."""
         o = self.opts
+        self.exit_codes = [None] * workers
         started = self.pod.on_all(workers, lambda i: start_script(o, i, command), env_stdin(o.env))
         bad = [i for i, r in enumerate(started) if r.returncode]
         if bad:
@@ -490,25 +591,33 @@ class Launcher:
         self._start_tail()
         try:
             while True:
-                time.sleep(o.poll_interval)
-                statuses = [parse_status(r) for r in self.pod.on_all(workers, status_script(o.run_id))]
+                self.sleep(o.poll_interval)
+                statuses = self._statuses(workers)
+                self.exit_codes = [st.rc for st in statuses]
                 outcome = self._judge(statuses)
                 if outcome is None:
                     continue
                 kind, rc = outcome
                 if kind != "done":
                     self._stop_all(workers)
+                self._report_exit_codes()
                 return kind, rc
         except KeyboardInterrupt:
             self.echo("[launch] Ctrl-C: stopping every worker")
             self._stop_all(workers)
+            self._report_exit_codes()
             return "interrupted", 130
         finally:
             self._stop_tail()
 
-    def _judge(self, statuses: list[tuple[str, int | None]]) -> tuple[str, int] | None:
+    def _report_exit_codes(self) -> None:
+        codes = ", ".join(f"worker {i}: {'?' if rc is None else rc}"
+                          for i, rc in enumerate(self.exit_codes))
+        self.echo(f"[launch] exit codes: {codes}")
+
+    def _judge(self, statuses: list[WorkerStatus]) -> tuple[str, int] | None:
         """None while the run goes on; otherwise how it ended."""
-        exited = [rc for s, rc in statuses if s == "exited"]
+        exited = [st.rc for st in statuses if st.state == "exited"]
         if len(exited) == len(statuses):
             if all(rc == EXIT_PREEMPTED for rc in exited):
                 return "preempted", EXIT_PREEMPTED
@@ -516,43 +625,78 @@ class Launcher:
             if first_bad and self._preempted_state():
                 return "preempted", first_bad
             return ("failed" if first_bad else "done"), first_bad
-        broken = [(i, s, rc) for i, (s, rc) in enumerate(statuses)
-                  if s in ("lost", "unreachable") or (s == "exited" and rc not in (0, EXIT_PREEMPTED))]
+        broken = [(i, st) for i, st in enumerate(statuses)
+                  if st.state in ("lost", "unreachable")
+                  or (st.state == "exited" and st.rc not in (0, EXIT_PREEMPTED))]
         if not broken:
             return None
         if self._preempted_state():
             return "preempted", EXIT_PREEMPTED
-        i, s, rc = broken[0]
-        self.echo(f"[launch] worker {i} {s}" + (f" with code {rc}" if rc is not None else "")
+        i, st = broken[0]
+        self.echo(f"[launch] worker {i} {st.state}" + (f" with code {st.rc}" if st.rc is not None else "")
                   + "; stopping every worker")
-        return "failed", rc if rc else 1
+        return "failed", st.rc if st.rc else 1
 
     def _preempted_state(self) -> bool:
-        state = self.pod.state()
-        if state not in ("READY", "UNKNOWN"):
-            self.echo(f"[launch] TPU {self.opts.tpu} is {state}")
+        """True when the TPU is gone or not ``READY``. A failed ``describe`` is reported and
+        counts as neither (the worker's failure then stands as a failure)."""
+        st = self.pod.state()
+        if st.state == "DELETED":
+            self.echo(f"[launch] TPU {self.opts.tpu} was deleted: {st.detail}")
+            return True
+        if st.state == "UNKNOWN":
+            self.echo(f"[launch] cannot tell whether TPU {self.opts.tpu} was preempted: {st.detail}")
+            return False
+        if st.state != "READY":
+            self.echo(f"[launch] TPU {self.opts.tpu} is {st.state}")
             return True
         return False
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.opts.preemption_timeout
-        while (state := self.pod.state()) != "READY":
-            if time.monotonic() > deadline:
-                raise LaunchError(f"TPU {self.opts.tpu} still {state} after "
-                                  f"{self.opts.preemption_timeout:.0f}s")
-            time.sleep(self.opts.poll_interval)
-        self.echo(f"[launch] TPU {self.opts.tpu} is READY again")
+    def _wait_ready(self, identity: str) -> bool:
+        """Wait until the TPU is ``READY``; True when it is another VM than ``identity``
+        (recreated after a deletion, or with another creation time)."""
+        deadline = self.clock() + self.opts.preemption_timeout
+        recreated = False
+        while (st := self.pod.state()).state != "READY":
+            recreated |= st.state == "DELETED"
+            if self.clock() > deadline:
+                raise LaunchError(f"TPU {self.opts.tpu} still {st.state} after "
+                                  f"{self.opts.preemption_timeout:.0f}s"
+                                  + (f" ({st.detail})" if st.detail else ""))
+            self.sleep(self.opts.poll_interval)
+        recreated |= bool(identity and st.identity and st.identity != identity)
+        self.echo(f"[launch] TPU {self.opts.tpu} is READY again"
+                  + (" (recreated)" if recreated else ""))
+        return recreated
 
     def _stop_all(self, workers: int) -> None:
-        """SIGTERM every worker's command (the trainers save on it), SIGKILL after the grace."""
-        self.pod.on_all(workers, stop_script(self.opts.run_id, "TERM"))
-        deadline = time.monotonic() + self.opts.kill_grace
-        while time.monotonic() < deadline:
-            statuses = [parse_status(r) for r in self.pod.on_all(workers, status_script(self.opts.run_id))]
-            if all(s != "running" for s, _ in statuses):
-                return
-            time.sleep(min(self.opts.poll_interval, 5.0))
-        self.pod.on_all(workers, stop_script(self.opts.run_id, "KILL"))
+        """SIGTERM every worker's trainer (the trainers save and exit), SIGKILL what is left
+        after ``--kill-grace`` seconds, then check that no trainer process is left. Records
+        each worker's exit status in :attr:`exit_codes`."""
+        o = self.opts
+        self.pod.on_all(workers, stop_script(o.run_id, "TERM"))
+        deadline = self.clock() + o.kill_grace
+        statuses = self._statuses(workers)
+        while any(st.alive or st.state == "running" for st in statuses) and self.clock() < deadline:
+            self.sleep(min(o.poll_interval, 1.0))
+            statuses = self._statuses(workers)
+        left = [i for i, st in enumerate(statuses) if st.alive or st.state == "running"]
+        if left:
+            self.echo(f"[launch] worker(s) {left} still running {o.kill_grace:.0f}s after "
+                      "SIGTERM: SIGKILL")
+            self.pod.on_all(workers, stop_script(o.run_id, "KILL"))
+            deadline = self.clock() + max(10.0, o.poll_interval)
+            statuses = self._statuses(workers)
+            while any(st.alive for st in statuses) and self.clock() < deadline:
+                self.sleep(0.5)
+                statuses = self._statuses(workers)
+            alive = [i for i, st in enumerate(statuses) if st.alive]
+            if alive:
+                self.echo(f"[launch] WARNING: worker(s) {alive} still have trainer processes "
+                          "after SIGKILL (the next launch may find the TPU busy)")
+        # A worker whose VM is gone keeps the code it had (None when never seen).
+        self.exit_codes = [st.rc if st.state == "exited" else prev
+                           for st, prev in zip(statuses, self.exit_codes + [None] * workers)]
 
     def _start_tail(self) -> None:
         self._tail = subprocess.Popen(self.pod.ssh_argv(0, tail_script(self.opts.run_id)),

@@ -1,9 +1,11 @@
 """Per-device memory plan of a run, from its config: each term, the peak, and whether it fits.
 
-    python -m torchxla_rlhf plan --config configs/dpo_13b.yaml --devices 256 --hbm-gib 16
+    python -m torchxla_rlhf plan --config dpo_13b.yaml --tpu v3-256
 
-Every trainer calls :func:`check_fits` at start-up (before loading any weights) and stops with
-the table when the run cannot fit. The figures are what the compiled per-device programs hold,
+Every trainer runs the plan in its pre-flight (``preflight/checks.py``, before loading any
+weights) and stops with the table when the run cannot fit. Each trainer's terms are a function
+registered with it (``trainers/registry.py``): :func:`plan_pairs`, :func:`plan_ppo`; the terms
+below are what they are built from. The figures are what the compiled per-device programs hold,
 counted the way XLA lays them out (checked against XLA:CPU's buffer assignment on scaled-down
 proxies by ``bench/memory.py``):
 
@@ -23,23 +25,21 @@ the proxies holds); what the column-parallel matmuls produce is split over ``mp`
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from torchxla_rlhf.errors import UserError
+from torchxla_rlhf.preflight.mesh import Mesh, MeshError, parse_mesh_dim
+from torchxla_rlhf.preflight.shapes import BYTES, Shape, frozen_dtype, read_shape
 
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class PlanError(UserError, ValueError):
-    """A config the planner cannot size (unknown model shape, mesh that does not fit)."""
+    """A config the planner cannot size (a mesh or batch that does not fit)."""
 
 
 class DoesNotFit(UserError, RuntimeError):
@@ -47,100 +47,8 @@ class DoesNotFit(UserError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------
-# Model shapes
+# Terms (``Shape``: preflight/shapes.py; ``Mesh``: preflight/mesh.py)
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the plan needs of a Llama: sizes of its matrices."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def layer_linear(self) -> int:
-        """Matmul weights of one decoder layer (q, k, v, o, gate, up, down)."""
-        kv = self.kv_heads * self.head_dim
-        return self.hidden * (2 * self.hidden + 2 * kv) + 3 * self.hidden * self.intermediate
-
-    def linear_params(self, lm_head: bool) -> int:
-        """Matmul weights: layers plus the LM head (or the 1-row score head)."""
-        return self.layers * self.layer_linear + (self.vocab if lm_head else 1) * self.hidden
-
-    def other_params(self) -> int:
-        """Embeddings and norms."""
-        return self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
-
-
-LLAMA2 = {
-    "7b": Shape(32000, 4096, 11008, 32, 32, 32),
-    "13b": Shape(32000, 5120, 13824, 40, 40, 40),
-    "70b": Shape(32000, 8192, 28672, 80, 64, 8),
-}
-"""Llama-2 shapes, used for hub names that say their size (``allenai/tulu-2-13b``) so that
-planning needs no network."""
-
-
-def shape_of(model_cfg: Any) -> Shape:
-    """The shape of ``ModelConfig`` ``model_cfg``: ``tiny``, a local directory's config.json, a
-    hub name ending in its Llama-2 size, or (last) the hub's config.json."""
-    if model_cfg.name_or_path == "tiny":
-        t = model_cfg.tiny
-        return Shape(t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers,
-                     t.num_attention_heads, t.num_key_value_heads)
-    path = os.path.join(model_cfg.name_or_path, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return _shape_from_dict(json.load(f))
-    size = re.search(r"(?<![\d.])(7|13|70)b\b", model_cfg.name_or_path.lower())
-    if size:
-        return LLAMA2[size.group(1) + "b"]
-    try:
-        import transformers
-
-        return _shape_from_dict(
-            transformers.AutoConfig.from_pretrained(model_cfg.name_or_path).to_dict()
-        )
-    except Exception as e:  # noqa: BLE001 - any failure means: cannot size this model
-        raise PlanError(
-            f"model {model_cfg.name_or_path!r}: cannot read its config.json ({e}); give a local "
-            "directory or a name ending in 7b/13b/70b"
-        ) from None
-
-
-def _shape_from_dict(c: dict) -> Shape:
-    heads = c["num_attention_heads"]
-    return Shape(c["vocab_size"], c["hidden_size"], c["intermediate_size"],
-                 c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads)
-
-
-# ----------------------------------------------------------------------------------------
-# Terms
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mesh:
-    dp: int
-    fsdp: int
-    mp: int
-
-    @property
-    def devices(self) -> int:
-        return self.dp * self.fsdp * self.mp
-
-    @property
-    def batch(self) -> int:
-        return self.dp * self.fsdp
 
 
 def heads_per_device(shape: Shape, mp: int) -> int:
@@ -260,16 +168,12 @@ def _trained(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int) -
 
 
 def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int) -> Term:
-    from torchxla_rlhf.models import frozen_dtype
-
     linear = frozen_dtype(model_cfg)
     return Term(f"{name} (frozen)", model_bytes(shape, lm_head, model_cfg.param_dtype, linear) / n,
                 f"matmul weights {linear}")
 
 
 def _frozen_gathered(shape: Shape, mesh: Mesh, lm_head: bool, model_cfg: Any) -> float:
-    from torchxla_rlhf.models import frozen_dtype
-
     return gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype, frozen_dtype(model_cfg))
 
 
@@ -298,12 +202,10 @@ def _train_terms(prefix: str, shape: Shape, mesh: Mesh, rows: float, seq: int, m
 
 
 def _mesh(cfg: Any, n_devices: int) -> Mesh:
-    from torchxla_rlhf.runtime import MeshError, parse_mesh_dim
-
     try:
-        return Mesh(*parse_mesh_dim(cfg.mesh_dim, n_devices))
+        return parse_mesh_dim(cfg.mesh_dim, n_devices)
     except MeshError as e:
-        raise PlanError(f"mesh_dim: {e}") from None
+        raise PlanError(str(e)) from None
 
 
 def _rows(global_rows: int, mesh: Mesh, what: str) -> float:
@@ -312,41 +214,64 @@ def _rows(global_rows: int, mesh: Mesh, what: str) -> float:
     return global_rows / mesh.batch
 
 
-def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None) -> Plan:
-    """The per-device plan of a DPO, reward or PPO config on ``n_devices`` devices."""
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+def read_shapes(cfg: Any) -> dict[str, Shape]:
+    """The shape of every model the config's trainer puts on the mesh, by config key."""
+    keys = dict.fromkeys(r.key for r in cfg.model_roles())
+    return {key: read_shape(getattr(cfg, key), key, cfg.remote_timeout_s) for key in keys}
 
-    mesh = _mesh(cfg, n_devices)
-    n = mesh.devices
-    shape = shape_of(cfg.model)
+
+def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
+         shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None) -> Plan:
+    """The per-device plan of a trainer config on ``n_devices`` devices: the trainer's own
+    memory terms (registered with it in ``trainers/registry.py``). ``shapes``: the models'
+    shapes by config key (default: read from their config.json); ``mesh``: another mesh than
+    the config's ``mesh_dim`` (the start-up checks try them all)."""
+    from torchxla_rlhf.trainers import registry
+
+    spec = registry.spec_for(cfg)
+    mesh = mesh or _mesh(cfg, n_devices)
+    shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
+    shape = shapes["model"]
     notes = []
     if heads_per_device(shape, mesh.mp) == shape.heads and mesh.mp > 1:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
                      f"{shape.kv_heads}: every device computes all heads' scores")
-    if isinstance(cfg, PPOConfig):
-        return _plan_ppo(cfg, shape, mesh, hbm_bytes, notes)
-    if not isinstance(cfg, (DPOConfig, RewardConfig)):
-        raise PlanError(f"no memory plan for {type(cfg).__name__}")
-    is_dpo = isinstance(cfg, DPOConfig)
+    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes)
+
+
+def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
+               notes: list[str]) -> Plan:
+    """Memory terms of a trainer on preference pairs (DPO: policy with LM head and its frozen
+    reference; reward model: a classifier): one trained model, frozen models held meanwhile."""
+    n = mesh.devices
+    roles = cfg.model_roles()
+    trained = next(r for r in roles if r.trained)
+    frozen = [r for r in roles if not r.trained and r.resident]
+    shape, model_cfg = shapes[trained.key], getattr(cfg, trained.key)
+    lm_head = trained.head == "causal"
     seq = cfg.train_dataset.seq_length
     rows = _rows(2 * cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size (x2: chosen, rejected)")
-    persistent = _trained("model", shape, is_dpo, cfg.model.param_dtype, n)
-    if is_dpo and not cfg.precalculate_reference_logps:
-        persistent.append(_frozen("reference", shape, True, cfg.model, n))
-    train = _train_terms("train", shape, mesh, rows, seq, cfg.model, is_dpo)
-    gathered = gathered_weights_bytes(shape, mesh, is_dpo, cfg.model.param_dtype)
-    if is_dpo and not cfg.precalculate_reference_logps:
-        gathered += _frozen_gathered(shape, mesh, True, cfg.model)
+    persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
+    for r in frozen:
+        persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
+    train = _train_terms("train", shape, mesh, rows, seq, model_cfg, lm_head)
+    gathered = gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype)
+    for r in frozen:
+        gathered += _frozen_gathered(shapes[r.key], mesh, r.head == "causal", getattr(cfg, r.key))
     train.append(Term("gathered weights", gathered, "2 layers + embeddings, whole over fsdp"))
     phases = {"train micro-step": train}
-    return Plan("dpo" if is_dpo else "reward", mesh, hbm_bytes, persistent, phases, notes)
+    return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
-def _plan_ppo(cfg: Any, shape: Shape, mesh: Mesh, hbm_bytes: float | None, notes: list[str]) -> Plan:
+def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
+             notes: list[str]) -> Plan:
+    """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
+    the rollout and the training micro-step are the two phases."""
     n = mesh.devices
-    rm_shape = shape_of(cfg.reward_model)
+    shape = shapes["model"]
+    rm_shape = shapes["reward_model"]
     value_cfg = cfg.value_model or cfg.reward_model
-    value_shape = shape_of(value_cfg)
+    value_shape = shapes["value_model" if cfg.value_model is not None else "reward_model"]
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
@@ -414,19 +339,23 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def check_fits(cfg: Any, n_devices: int, hbm_bytes: float | None) -> Plan | None:
+def check_fits(cfg: Any, n_devices: int, hbm_bytes: float | None,
+               shapes: Mapping[str, Shape] | None = None) -> Plan | None:
     """Start-up check: log the plan; raise :class:`DoesNotFit` (message: the table) when the
-    peak exceeds ``hbm_bytes``. A model the planner cannot size is logged and not checked."""
+    peak exceeds ``hbm_bytes``. A config the planner cannot size is logged and not checked."""
     try:
-        p = plan(cfg, n_devices, hbm_bytes)
+        p = plan(cfg, n_devices, hbm_bytes, shapes)
     except PlanError as e:
         logger.warning("memory plan skipped: %s", e)
         return None
-    table = format_plan(p)
     if p.fits is False:
-        raise DoesNotFit(
-            f"{table}\nThe run cannot fit in device memory: lower the batch, turn on "
-            "model.gradient_checkpointing, use more devices, or a mesh whose mp divides the heads."
-        )
-    logger.info("%s", table)
+        raise_does_not_fit(p)
+    logger.info("%s", format_plan(p))
     return p
+
+
+def raise_does_not_fit(p: Plan) -> None:
+    raise DoesNotFit(
+        f"{format_plan(p)}\nThe run cannot fit in device memory: lower the batch, turn on "
+        "model.gradient_checkpointing, use more devices, or a mesh whose mp divides the heads."
+    )

@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from torchxla_rlhf import attention, runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
 from torchxla_rlhf.errors import UserError
+from torchxla_rlhf.preflight.shapes import frozen_dtype  # one rule for the pre-flight and the loader
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
 
 
@@ -125,30 +126,85 @@ def weight_pattern(files) -> str:
     return "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
 
 
+def _object_version(info: dict) -> str:
+    """What identifies one version of a stored file: the object store's generation or
+    checksum (gcsfs: ``generation``, ``md5Hash``/``crc32c``; s3: ``ETag``), else its size and
+    modification time (local and memory filesystems)."""
+    for key in ("generation", "md5Hash", "crc32c", "etag", "ETag", "VersionId"):
+        if info.get(key):
+            return f"{key}={info[key]}"
+    when = next((info[k] for k in ("mtime", "LastModified", "updated", "created") if info.get(k)), "")
+    return f"size={info.get('size')} time={when}"
+
+
+_REMOTE_VERSIONS: dict[str, str] = {}
+"""``{url: version}`` of every remote model directory this process loaded (see
+:func:`check_hosts_loaded_the_same_models`)."""
+
+
+def _remote_files(fs, path: str) -> dict[str, dict]:
+    """``{file name: info}`` of the files a model directory copy takes."""
+    infos = {os.path.basename(i["name"].rstrip("/")): i for i in fs.ls(path, detail=True)}
+    weights = weight_pattern(infos).lstrip("*")
+    return {n: i for n, i in sorted(infos.items())
+            if i.get("type") != "directory" and n.endswith((".json", weights, ".model", ".txt", ".jinja"))}
+
+
+def _version_of(files: dict[str, dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, info in files.items():
+        h.update(f"{name}\0{_object_version(info)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _copy_remote_dir(url: str) -> str:
-    """Copy an fsspec directory (``gs://bucket/model``) to a local cache directory."""
+    """Copy an fsspec directory (``gs://bucket/model``) to a local cache directory keyed by
+    the URL and the version of its files (generation or checksum), so that a model rewritten
+    at the same URL is copied again, never served stale from the cache."""
     import hashlib
 
     import fsspec
 
-    cache = os.path.join(
-        os.environ.get("TORCHXLA_RLHF_CACHE", os.path.expanduser("~/.cache/torchxla_rlhf")),
-        hashlib.sha1(url.encode()).hexdigest()[:16],
-    )
-    if os.path.exists(os.path.join(cache, ".complete")):
-        return cache
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path.rstrip("/") + "/config.json"):
         raise FileNotFoundError(f"model directory {url!r} has no config.json")
-    os.makedirs(cache, exist_ok=True)
-    remotes = fs.ls(path, detail=False)
-    weights = weight_pattern(remotes).lstrip("*")
-    for remote in remotes:
-        name = os.path.basename(remote.rstrip("/"))
-        if name.endswith((".json", weights, ".model", ".txt", ".jinja")):
-            fs.get(remote, os.path.join(cache, name))
-    open(os.path.join(cache, ".complete"), "w").close()
+    files = _remote_files(fs, path)
+    version = _version_of(files)
+    cache = os.path.join(
+        os.environ.get("TORCHXLA_RLHF_CACHE", os.path.expanduser("~/.cache/torchxla_rlhf")),
+        f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{version}",
+    )
+    if not os.path.exists(os.path.join(cache, ".complete")):
+        os.makedirs(cache, exist_ok=True)
+        for name, info in files.items():
+            fs.get(info["name"], os.path.join(cache, name))
+        if _version_of(_remote_files(fs, path)) != version:
+            raise UserError(f"{url}: its files changed while they were being copied; start "
+                            "again once the model is written")
+        open(os.path.join(cache, ".complete"), "w").close()
+    _REMOTE_VERSIONS[url] = version
     return cache
+
+
+def check_hosts_loaded_the_same_models(output_dir: str) -> None:
+    """Process 0's versions of the remote models are the run's: every other host checks that
+    it loaded the same ones (a model rewritten at its URL during start-up would otherwise be
+    trained against in two versions, silently). Every process calls it, at the same point."""
+    if runtime.process_count() == 1 or not _REMOTE_VERSIONS:
+        return
+    from torchxla_rlhf.checkpoint.fsio import read_json, write_json
+
+    shared = f"{output_dir.rstrip('/')}/model-versions.json"
+    if runtime.is_main_process():
+        write_json(shared, _REMOTE_VERSIONS)
+    runtime.barrier()
+    decided = read_json(shared)
+    differ = sorted(u for u, v in _REMOTE_VERSIONS.items() if decided.get(u) != v)
+    if differ:
+        raise UserError(f"{differ[0]}: process {runtime.process_index()} loaded another version "
+                        f"of it than process 0 (rewritten during start-up?); start again")
 
 
 def _format_index(model_dir: str, single_name: str, names_of) -> dict[str, str] | None:
@@ -277,41 +333,6 @@ class _TensorReader:
     def close(self) -> None:
         self._bin = None
         self._stack.close()
-
-
-def model_config_only(cfg: ModelConfig, pad_token_id: int | None) -> LlamaConfig:
-    """The model's HF config without fetching weights (``config.json`` only): what the
-    start-up checks need before anything loads."""
-    if cfg.name_or_path == "tiny":
-        return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0)
-    if "://" in cfg.name_or_path:
-        import fsspec
-
-        with fsspec.open(cfg.name_or_path.rstrip("/") + "/config.json") as f:
-            config = LlamaConfig.from_dict(json.load(f))
-    else:
-        source = cfg.name_or_path
-        if not os.path.isdir(source) and (
-            source.startswith(("/", ".", "~")) or source.count("/") > 1
-        ):
-            raise FileNotFoundError(f"model directory {source!r} does not exist")
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                source, revision=cfg.revision, token=os.environ.get("HF_TOKEN")
-            )
-        except OSError as e:
-            if os.path.isdir(source):
-                raise WeightFileError(f"model directory {source!r}: {e}") from None
-            from torchxla_rlhf.remote import hub_error
-
-            raise hub_error(source, e) from e
-    if config.model_type != "llama":
-        raise WeightFileError(
-            f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
-        )
-    if pad_token_id is not None:
-        config.pad_token_id = pad_token_id
-    return config
 
 
 # ----------------------------------------------------------------------------------------
@@ -488,14 +509,6 @@ def freeze(
                 module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
         sharding.shard_model(model, mesh)
     return model
-
-
-def frozen_dtype(cfg: ModelConfig) -> str:
-    """The dtype name a frozen copy of ``cfg``'s matmul weights is stored in: the compute dtype
-    only where :func:`autocast` is on (else the forward's activations stay in param_dtype and a
-    bf16 weight would not match them)."""
-    autocast_on = cfg.compute_dtype != cfg.param_dtype and cfg.compute_dtype != "float32"
-    return cfg.compute_dtype if cfg.frozen_dtype == "compute" and autocast_on else cfg.param_dtype
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import torch
-
-from torchxla_rlhf import runtime
 from torchxla_rlhf.errors import UserError
+
+if TYPE_CHECKING:  # the rules and match_specs serve the torch-free pre-flight too
+    import torch
+
+    from torchxla_rlhf import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def _axes_size_all(spec: tuple, sizes: dict[str, int]) -> int:
     return n
 
 
-def heads_split_cost(config, mp: int) -> str | None:
+def heads_split_cost(heads: int, kv_heads: int, mp: int) -> str | None:
     """What it costs when ``mp`` does not divide the attention (or kv) heads, else None.
 
     The weights still shard: the rules split the q/k/v/o projection dims (heads x head_dim,
@@ -153,8 +155,6 @@ def heads_split_cost(config, mp: int) -> str | None:
     q, k and v (an all-gather over mp of the layer's activations) and attention runs with heads
     not split over mp: up to mp times the attention FLOPs and score memory of an even split.
     """
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % mp == 0 and kv_heads % mp == 0:
         return None
     return (
@@ -178,8 +178,10 @@ def check_heads_fit(config, mesh: runtime.MeshInfo) -> None:
     """Heads that ``mp`` does not divide are allowed (GSPMD reshards, see
     :func:`heads_split_cost`); say once per shape what it costs. The projection dims must
     still divide, which :func:`match_specs` checks."""
-    cost = heads_split_cost(config, mesh.mp)
-    key = (config.num_attention_heads, getattr(config, "num_key_value_heads", 0) or 0, mesh.mp)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    cost = heads_split_cost(heads, kv_heads, mesh.mp)
+    key = (heads, kv_heads, mesh.mp)
     if cost and key not in _WARNED:
         _WARNED.add(key)
         logger.warning("%s", cost)
@@ -207,6 +209,8 @@ def shard_model(
         axis_sizes=mesh.shape,
         large_weight_numel=large_weight_numel,
     )
+    from torchxla_rlhf import runtime
+
     for name, spec in specs.items():
         runtime.mark_sharding(params[name], mesh, spec)
     return specs

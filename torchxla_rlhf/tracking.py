@@ -94,6 +94,35 @@ class _JsonlFile:
             # Continue an existing file (e.g. a resumed run) instead of overwriting it.
             self._lines = self.fs.cat_file(self._p).decode().splitlines(keepends=True)
 
+    def keep_until(self, step: int) -> int:
+        """Drop the rows a resumed run logs again: every row after ``step``, and the
+        evaluation-only rows at ``step`` (the resumed run's baseline evaluation). Returns the
+        number of rows dropped."""
+        if self.appendable:
+            if not self.fs.exists(self._p):
+                return 0
+            lines = self.fs.cat_file(self._p).decode().splitlines(keepends=True)
+        else:
+            lines = self._lines
+
+        def kept(line: str) -> bool:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return False  # a line cut short by a crash
+            s = row.get("step")
+            if not isinstance(s, int):
+                return True
+            metrics = [k for k in row if k != "step"]
+            return s < step or (s == step and not all(k.startswith("eval/") for k in metrics))
+
+        keep = [line for line in lines if kept(line)]
+        if len(keep) != len(lines):
+            with self.fs.open(self._p, "w") as f:
+                f.write("".join(keep))
+            self._lines = keep if not self.appendable else []
+        return len(lines) - len(keep)
+
     def append(self, obj: Mapping[str, Any]) -> None:
         line = json.dumps(obj) + "\n"
         if self.appendable:
@@ -193,6 +222,8 @@ class Tracker:
         is_main_process: only the main process creates the run, the bar and the files.
         total_steps: number of optimizer steps (the bar's length; the last step is always
             a logging step, see :meth:`should_log`).
+        resume_step: the step a resumed run continues from: ``metrics.jsonl``'s rows that the
+            run logs again are dropped, so that each step appears once.
         name: the progress bar's label (the trainer, or the pipeline stage).
     """
 
@@ -203,6 +234,7 @@ class Tracker:
         config_dict: Mapping[str, Any] | None,
         is_main_process: bool,
         total_steps: int,
+        resume_step: int | None = None,
         name: str = "train",
     ):
         self.cfg = cfg
@@ -242,6 +274,8 @@ class Tracker:
             dir=wandb_dir,
         )
         self._files[METRICS_FILE] = _JsonlFile(f"{self.output_dir}/{METRICS_FILE}")
+        if resume_step is not None:
+            self._files[METRICS_FILE].keep_until(resume_step)
         logger.info("%s", destination_line(settings, self._run, f"{self.output_dir}/{METRICS_FILE}"))
         if cfg.progress_bar:
             from tqdm.auto import tqdm

@@ -1,43 +1,33 @@
 """Data: the Tulu chat format, preference and prompt datasets, sources, loaders, synthetic task.
 
 Pure Python / numpy / torch (CPU); nothing here imports torch_xla. Batches come out as host
-tensors with static shapes; the trainer moves and shards them.
-
-The names below are imported on first use: ``torchxla_rlhf.configs`` needs only
-``data.config``, and loading a config (``--help``, a typo) must not pay for importing torch.
+tensors with static shapes; the trainer moves and shards them. The names below are imported
+on first use, so that a config tree (which needs only ``DatasetConfig``) loads without torch.
 """
 
-from __future__ import annotations
-
 import importlib
-from typing import Any
 
 _EXPORTS = {
-    "BatchLoader": "loader",
     "DataError": "chat",
-    "DataSource": "config",
-    "DatasetConfig": "config",
-    "PreferenceDataset": "preference",
-    "PromptDataset": "prompts",
     "TokenizedSide": "chat",
     "format_messages": "chat",
     "format_prompt": "chat",
-    "iter_records": "sources",
     "prompt_messages_from_record": "chat",
     "tokenize_preference_side": "chat",
+    "DataSource": "config",
+    "DatasetConfig": "config",
+    "BatchLoader": "loader",
+    "PreferenceDataset": "preference",
+    "PromptDataset": "prompts",
+    "iter_records": "sources",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+def __getattr__(name: str):
+    if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))

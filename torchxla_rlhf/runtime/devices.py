@@ -33,6 +33,10 @@ def init() -> torch.device:
         except ImportError:
             os.environ["PJRT_DEVICE"] = "CPU"
             logger.warning("No TPU found (libtpu not installed): running on XLA:CPU.")
+    if os.environ["PJRT_DEVICE"] == "TPU":
+        from torchxla_rlhf.libtpu_flags import drop_unknown_init_args
+
+        drop_unknown_init_args()  # an unknown flag can abort the TPU client's start-up
     import torch_xla
     import torch_xla.runtime as xr
     # Checks the private entry points: a torch_xla that lacks one fails here, in one line.

@@ -10,7 +10,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.runtime.devices import device, device_count, init
 
 logger = logging.getLogger("torchxla_rlhf.runtime")
@@ -22,55 +21,7 @@ BATCH_AXES = ("dp", "fsdp")
 """Mesh axes the batch dimension is split over."""
 
 
-class MeshError(UserError, ValueError):
-    """A mesh that cannot be built on the available devices."""
-
-
-def parse_mesh_dim(mesh_dim: str | Sequence[int], num_devices: int) -> tuple[int, int, int]:
-    """Resolve EasyLM's ``"dp,fsdp,mp"`` spelling (one ``-1`` takes the remaining devices).
-
-    >>> parse_mesh_dim("-1,2,2", 8)
-    (2, 2, 2)
-    """
-    if isinstance(mesh_dim, str):
-        try:
-            dims = [int(x) for x in mesh_dim.split(",")]
-        except ValueError:
-            raise MeshError(
-                f"mesh_dim={mesh_dim!r}: expected three comma-separated integers 'dp,fsdp,mp' "
-                "(one of them may be -1)"
-            ) from None
-    else:
-        dims = [int(x) for x in mesh_dim]
-    if len(dims) != 3:
-        raise MeshError(f"mesh_dim={mesh_dim!r}: expected 3 axes (dp,fsdp,mp), got {len(dims)}")
-    if dims.count(-1) > 1:
-        raise MeshError(f"mesh_dim={mesh_dim!r}: at most one axis may be -1")
-    if any(d == 0 or d < -1 for d in dims):
-        raise MeshError(f"mesh_dim={mesh_dim!r}: axes must be positive integers or -1")
-    known = math.prod(d for d in dims if d != -1)
-    if -1 in dims:
-        if num_devices % known:
-            raise MeshError(
-                f"mesh_dim={mesh_dim!r} does not fit {num_devices} device(s): the fixed axes "
-                f"multiply to {known}, which does not divide {num_devices}. "
-                f"{_mesh_suggestion(num_devices)}"
-            )
-        dims[dims.index(-1)] = num_devices // known
-    if math.prod(dims) != num_devices:
-        raise MeshError(
-            f"mesh_dim={mesh_dim!r} uses {math.prod(dims)} device(s) but {num_devices} are "
-            f"available: dp*fsdp*mp must equal the device count. {_mesh_suggestion(num_devices)}"
-        )
-    return tuple(dims)  # type: ignore[return-value]
-
-
-def _mesh_suggestion(num_devices: int) -> str:
-    # No fixed example: whether a mesh fits also depends on the model and the batch ('-1,1,1'
-    # leaves large weights replicated, '1,N,1' may not divide the batch); the start-up checks
-    # try every mesh on these devices and list the ones that pass.
-    return (f"The start-up checks (torchxla_rlhf.startup) list the meshes on {num_devices} "
-            "device(s) that fit the model and the batch.")
+from torchxla_rlhf.preflight.mesh import MeshError, parse_mesh_dim  # noqa: E402 (the one parse)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
    ``total_steps`` or SIGTERM;
 5. close the tracker.
 
+Checkpoints go through one :class:`~torchxla_rlhf.checkpoint.CheckpointManager`: the loop
+calls its ``save(step, last=...)`` after every step and the constructor its ``load``.
+
 A subclass supplies only what differs: :meth:`Trainer.build`, :meth:`Trainer.train_step`,
 :meth:`Trainer.save` and :meth:`Trainer.trained_models` (plus :meth:`Trainer.evaluate` and the
 data-state pair when it has them). It never defines ``__init__`` and has no call order to
@@ -20,17 +23,20 @@ remember.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from torchxla_rlhf import checkpoint, memory_plan, runtime, startup, train_state
+from torchxla_rlhf import checkpoint, models, runtime
 from torchxla_rlhf.config import save_config, to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.errors import Preempted, ResumeError
+from torchxla_rlhf.errors import EXIT_PREEMPTED, Preempted
+from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
@@ -62,11 +68,11 @@ def setup_run(cfg: Any) -> RunContext:
     wandb_settings(cfg.logger)  # a bad $WANDB_MODE fails now, not after the models load
     runtime.init()
     runtime.manual_seed(cfg.seed)
-    # Start-up checks (mesh, weight splits, batch rows, state memory) before any weights load.
-    startup.check_before_loading(cfg)
-    mesh = runtime.make_mesh(cfg.mesh_dim)
-    # Stop before loading any weights when the run cannot fit (logs the plan).
-    memory_plan.check_fits(cfg, runtime.device_count(), runtime.device_memory_bytes())
+    # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
+    devices, processes, per_host = runtime.topology()
+    report = checks.check_before_loading(cfg, devices, processes, per_host,
+                                         runtime.device_memory_bytes())
+    mesh = runtime.make_mesh(report.mesh)
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
     tokenizer = load_tokenizer(
@@ -93,7 +99,10 @@ class Trainer:
     ``eval_freq``, ``save_model_freq`` and ``save_milestone_freq`` count them.
     """
 
-    name = "trainer"
+    @property
+    def name(self) -> str:
+        """The trainer's kind, as its config declares it (``dpo``, ``reward``, ``ppo``)."""
+        return self.cfg.trainer
 
     def __init__(self, cfg: Any, label: str | None = None):
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
@@ -112,8 +121,16 @@ class Trainer:
         self.data_reports: dict[str, Any] = {}
         """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
         self.total_steps = self.build()
-        self.ckpt_schedule = checkpoint.CheckpointSchedule(cfg.save_model_freq,
-                                                           cfg.save_milestone_freq)
+        # Remote models: every host trains against the version process 0 loaded.
+        models.check_hosts_loaded_the_same_models(self.ctx.output_dir)
+        self.checkpoints = checkpoint.CheckpointManager(
+            self.ctx.output_dir,
+            schedule=checkpoint.CheckpointSchedule(cfg.save_model_freq, cfg.save_milestone_freq),
+            save_every_minutes=cfg.save_every_minutes,
+            save_training_state=cfg.save_training_state, is_main=self.ctx.is_main,
+            export=self.save, trained=self.trained_models,
+            trainer_state=lambda: {"step": self.step, "total_steps": self.total_steps,
+                                   "data": self.data_state()})
         self._resume()
         # Written only now that config, data and models have been checked: a run that fails
         # at start-up leaves an existing run's config.yaml untouched.
@@ -121,10 +138,17 @@ class Trainer:
             save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
-                               self.total_steps, name=label or self.name)
+                               self.total_steps, resume_step=self.step if cfg.resume_from else None,
+                               name=label or self.name)
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
+
+    @classmethod
+    def check_data(cls, cfg: Any, tokenizer: Any) -> None:
+        """Build the run's datasets once (tokenized, counted, checked) without touching a
+        device, so that bad data fails before an earlier pipeline stage trains."""
+        raise NotImplementedError
 
     def build(self) -> int:
         """Build the data, models, optimizers and compiled graphs; return the number of
@@ -164,31 +188,16 @@ class Trainer:
     # -- resume ----------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        """Load ``resume_from``'s training state into what :meth:`build` made."""
-        source = self.cfg.resume_from
-        if not source:
+        """Load ``resume_from``'s training state into what :meth:`build` made (the manager
+        resolves ``auto``: the newest complete checkpoint with a state, of any kind)."""
+        state = self.checkpoints.load(self.cfg.resume_from)
+        if state is None:
             return
-        if source == "auto":
-            # The latest complete checkpoint (or the one a killed publish left aside);
-            # weights without a training state are an error, not a fresh start.
-            latest = f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}"
-            source = checkpoint.resolve_checkpoint(latest)
-            if source is None:
-                logger.info("resume_from=auto: no checkpoint at %s, starting fresh", latest)
-                return
-            if not train_state.has_training_state(source):
-                raise ResumeError(
-                    f"resume_from=auto: {source} holds weights but no training state (saved "
-                    "with save_training_state=false?), so the run cannot continue exactly; "
-                    "set save_training_state=true for new runs, or move the checkpoint away "
-                    "to start fresh")
-        state = train_state.load_training_state(source, self.trained_models())
         if state.get("total_steps") != self.total_steps:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
                            state.get("total_steps"), self.total_steps)
         self.step = int(state["step"])
         self.load_data_state(state.get("data", {}))
-        logger.info("resumed from %s at step %d", source, self.step)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -196,7 +205,7 @@ class Trainer:
         """A baseline evaluation (which also compiles the eval graph before training), then
         run to ``total_steps`` (or until every host agrees to stop for a preemption); returns
         the last logged metrics."""
-        runtime.start_preemption_sync()  # every host stops at the same step
+        runtime.start_preemption_sync()  # every host stops at the same step (its own handler)
         eval_freq = getattr(self.cfg, "eval_freq", 0)
         try:
             self._log_eval()
@@ -225,11 +234,12 @@ class Trainer:
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
-                for name in self.ckpt_schedule.actions(self.step, is_last):
-                    self._save_uncounted(f"{self.ctx.output_dir}/{name}")
-                if runtime.should_stop(self.step):  # the same answer on every host
-                    logger.warning("preemption: saving at step %d and stopping", self.step)
-                    self._save_uncounted(f"{self.ctx.output_dir}/{self.ckpt_schedule.latest_name}")
+                stop = runtime.should_stop(self.step)  # the same answer on every host
+                if stop:
+                    logger.warning("preemption: saving the training state at step %d and "
+                                   "stopping", self.step)
+                self._save_uncounted(is_last, stop)
+                if stop:
                     self.preempted_at = self.step
                     break
             runtime.sync()
@@ -249,25 +259,11 @@ class Trainer:
         """The most recently logged values (training and eval), as host floats."""
         return self.tracker.latest
 
-    def _save_uncounted(self, path: str) -> None:
+    def _save_uncounted(self, is_last: bool, preempted: bool) -> None:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
-        if self.cfg.save_training_state:
-            # Each host writes its state shards into the staging dir, then the HF
-            # save adds the weights and _COMPLETE and publishes both together.
-            with checkpoint.staged(path, is_main_process=self.ctx.is_main) as staging:
-                train_state.save_training_state(
-                    staging, self.trained_models(),
-                    {"step": self.step, "total_steps": self.total_steps, "data": self.data_state()},
-                    is_main_process=self.ctx.is_main, process_index=runtime.process_index(),
-                    process_count=runtime.process_count(),
-                )
-                runtime.barrier()
-                self.save(path)
-        else:
-            self.save(path)
-        runtime.barrier()  # no host goes on (or exits) while the save is written
+        self.checkpoints.save(self.step, last=is_last, preempted=preempted)
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_data_reports(self) -> None:
@@ -312,12 +308,67 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
-    trainer = trainer_cls(cfg, label)
+    # Until training starts (minutes of weight loading on a pod) nothing is worth saving: a
+    # preemption notice then ends the process at once with the code the launcher relaunches
+    # on, instead of the default SIGTERM death it reads as a failure. Training installs its
+    # own handler (runtime.start_preemption_sync) while it runs.
+    previous = _exit_preempted_on_sigterm()
     try:
-        metrics = trainer.train()
+        trainer = trainer_cls(cfg, label)
+        try:
+            metrics = trainer.train()
+        finally:
+            trainer.close()
+        leave_together(trainer.ctx.output_dir)
     finally:
-        trainer.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if trainer.preempted_at is not None:
-        raise Preempted(trainer.preempted_at,
-                        f"{trainer.ctx.output_dir}/{trainer.ckpt_schedule.latest_name}")
+        raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
     return metrics
+
+
+EXIT_MARKERS = "exit-markers"
+LEAVE_TIMEOUT_S = 600.0
+
+
+def leave_together(output_dir: str, *, clock=time.monotonic, sleep=time.sleep) -> None:
+    """On several hosts, make process 0 leave last. It runs the coordinator of the preemption
+    sync; a host still running when it is gone aborts (a finished run then reads as failed).
+    Every other process writes ``<output_dir>/exit-markers/process-<i>`` as it finishes;
+    process 0 waits for all of them (at most :data:`LEAVE_TIMEOUT_S`: a crashed host never
+    writes one), removes them and returns; at exit it still lingers a few seconds while the
+    others' runtimes shut down (:func:`runtime.stop_preemption_sync`)."""
+    count = runtime.process_count()
+    if count == 1:
+        return
+    fs, root = checkpoint.fsio.url_to_fs(f"{output_dir.rstrip('/')}/{EXIT_MARKERS}")
+    if not runtime.is_main_process():
+        fs.makedirs(root, exist_ok=True)
+        checkpoint.fsio.write_bytes(fs, f"{root}/process-{runtime.process_index()}", b"done\n")
+        return
+    deadline = clock() + LEAVE_TIMEOUT_S
+    waiting = set(range(1, count))
+    while waiting and clock() < deadline:
+        waiting = {i for i in waiting if not fs.exists(f"{root}/process-{i}")}
+        if waiting:
+            sleep(1.0)
+    if waiting:
+        logger.warning("process(es) %s did not finish within %.0f s; leaving anyway",
+                       sorted(waiting), LEAVE_TIMEOUT_S)
+    checkpoint.fsio.rm_quiet(fs, root)
+
+
+def _exit_preempted_on_sigterm() -> Any:
+    """Make SIGTERM end the process with :data:`EXIT_PREEMPTED` at once; returns the previous
+    handler (None when not on the main thread, where handlers cannot be set)."""
+    def handler(signum, frame):
+        logging.getLogger("torchxla_rlhf").warning(
+            "SIGTERM before the first training step: nothing to save, exiting %d", EXIT_PREEMPTED)
+        os._exit(EXIT_PREEMPTED)  # mid weight-load: no cleanup worth running
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+

@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 
 class DPOTrainer(PairTrainer):
-    name = "dpo"
-
     def build_model(self) -> torch.nn.Module:
         """The policy, and the frozen reference (or its log-probs, computed once)."""
         cfg, mesh = self.cfg, self.ctx.mesh

@@ -77,6 +77,13 @@ class PairTrainer(Trainer):
     evaluation), the others during the first update, none after.
     """
 
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        ds = PreferenceDataset.build(cfg.train_dataset, tokenizer, name="train_dataset")
+        ds.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        if cfg.eval_dataset is not None:
+            PreferenceDataset.build(cfg.eval_dataset, tokenizer, name="eval_dataset")
+
     def build(self) -> int:
         cfg = self.cfg
         self.data = PairData(cfg, self.ctx.tokenizer, self.ctx.mesh)

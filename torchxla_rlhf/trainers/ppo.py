@@ -49,7 +49,11 @@ ROLLOUT_KEYS = ("sequences", "attention_mask", "continuation_mask")
 
 
 class PPOTrainer(Trainer):
-    name = "ppo"
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        prompts = PromptDataset.build(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
+                                      name="train_dataset")
+        prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer

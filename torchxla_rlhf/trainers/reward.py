@@ -14,8 +14,6 @@ from torchxla_rlhf.trainers.pairs import PairTrainer, pair_rows
 
 
 class RewardTrainer(PairTrainer):
-    name = "reward"
-
     def build_model(self):
         cfg = self.cfg
         return models.load_sequence_classifier(

@@ -18,205 +18,54 @@ cast to the save dtype and appended to the current shard. Shards are planned up 
 shapes and dtypes (no data needed), so their final names are known and at most one shard plus
 one tensor is on the host at any time.
 
-Atomic replace, and the recovery rule. Everything is written into a sibling
-``<output_path>.tmp-<stamp>``, ``_COMPLETE`` last. Then an existing ``<output_path>`` (the
-previous "latest") is moved aside to ``<output_path>.old-<stamp>``, the new directory is moved
-to ``<output_path>``, and the old one is deleted. On a local disk a move is one ``rename``; on
-object stores (``gs://``) it is copy + delete, with ``_COMPLETE`` copied last and deleted
-first, so a half-copied directory never looks complete. After an interruption at any point:
-
-* a directory is a usable checkpoint iff it contains ``_COMPLETE``;
-* a leftover ``<output_path>.tmp-*`` is garbage;
-* a leftover ``<output_path>.old-*`` with no complete ``<output_path>`` is the previous
-  checkpoint (:func:`resolve_checkpoint` returns it);
-* the next successful save to ``<output_path>`` deletes all ``.tmp-*`` / ``.old-*`` leftovers.
-
-Resume state. With ``save_training_state`` the checkpoint also holds ``training_state/``
-(:mod:`torchxla_rlhf.train_state`): every process writes its own shards into the shared
-staging directory of :func:`staged` before the weights and ``_COMPLETE``, so a checkpoint
-has its state iff it is complete. (Per-process shard files with a manifest rather than
-``torch.distributed.checkpoint``: its 2.9 SPMD save planner drops partially replicated tensors
-whose replicas sit on one process, pytorch/xla#7919, and it needs a process group.)
+The directory is written beside its final name and published atomically (:mod:`.fsio`: the
+recovery rule). Inside the checkpoint manager's :func:`~.manager.staged` the export writes
+into the shared staging directory where every process already wrote its training-state
+shards, so weights and state are published together or not at all.
 """
+
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import fsspec
 import safetensors.torch
 import torch
 
 from torchxla_rlhf import runtime
+from torchxla_rlhf.checkpoint.fsio import (
+    COMPLETE_MARKER,
+    TMP_INFIX,
+    is_local,
+    join,
+    publish,
+    rm_quiet,
+    stamp,
+    url_to_fs,
+    write_bytes,
+)
 from torchxla_rlhf.tokenizers import save_tokenizer_files
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "_COMPLETE"
-"""Written last into a checkpoint directory; its presence means the directory is whole."""
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME_PATTERN = "model-{index:05d}-of-{count:05d}.safetensors"
 """HF's shard naming, 1-based: ``model-00001-of-00003.safetensors``."""
 
-TMP_INFIX = ".tmp-"
-OLD_INFIX = ".old-"
-
-
-# ----------------------------------------------------------------------------------------
-# fsspec helpers
-# ----------------------------------------------------------------------------------------
-
-
-def _url_to_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs, fs_path.rstrip("/") or fs_path
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
-
-
-def _join(path: str, *parts: str) -> str:
-    return "/".join([path.rstrip("/"), *parts])
-
-
-def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The path as the user spelled it: plain for local paths, with the protocol otherwise."""
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
-
-
-def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to a local path or fsspec URL.
-
-    Local files are written to a temporary name and renamed (readers never see half a file);
-    an object-store upload is atomic by itself.
-    """
-    fs, p = _url_to_fs(path)
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
-        tmp = f"{p}{TMP_INFIX}{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    else:
-        _write_bytes(fs, p, data)
-
-
-def read_json(path: str) -> Any:
-    """Read a JSON file from a local path or fsspec URL; errors name the file."""
-    fs, p = _url_to_fs(path)
-    try:
-        with fs.open(p, "rb") as f:
-            return json.loads(f.read().decode())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def require_shared_output_dir(output_dir: str, num_processes: int) -> None:
-    """With several processes, ``output_dir`` must be one location every host sees (``gs://``
-    or another fsspec URL): process 0 writes checkpoints and caches there and every host reads
-    its decisions back from it (``resume_from: auto``, cached reference log-probs). A local
-    path is a different directory on each host: they would disagree, and wait forever."""
-    if num_processes <= 1:
-        return
-    # The protocol alone decides (instantiating gs:// would need gcsfs here).
-    if fsspec.core.split_protocol(output_dir)[0] in (None, "file", "local"):
-        raise ValueError(
-            f"output_dir={output_dir!r} is a local path, but this run has {num_processes} "
-            "processes (hosts): each would see its own directory. Use a shared location, e.g. "
-            "output_dir=gs://BUCKET/run"
-        )
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    """True iff ``path`` is a checkpoint directory whose writing finished (has ``_COMPLETE``)."""
-    fs, p = _url_to_fs(path)
-    return fs.exists(_join(p, COMPLETE_MARKER))
-
-
-def _siblings(fs: fsspec.AbstractFileSystem, p: str, infix: str) -> list[str]:
-    """Paths ``<p><infix>*`` next to ``p`` (listed, not globbed: ``p`` may contain ``[``)."""
-    parent, _, base = p.rpartition("/")
-    parent = parent or "/"
-    if not fs.exists(parent):
-        return []
-    prefix = base + infix
-    names = [x.rstrip("/").rpartition("/")[2] for x in fs.ls(parent, detail=False)]
-    return sorted(_join(parent, n) for n in names if n.startswith(prefix))
-
-
-def resolve_checkpoint(path: str) -> str | None:
-    """The complete checkpoint to load for ``path``, following the recovery rule.
-
-    ``path`` itself when it has ``_COMPLETE``; otherwise the newest complete
-    ``<path>.old-*`` (the previous checkpoint, left by an interrupted replace); else None.
-    """
-    fs, p = _url_to_fs(path)
-    if fs.exists(_join(p, COMPLETE_MARKER)):
-        return path
-    # Stamps start with a zero-padded millisecond time, so the last name is the newest.
-    for old in reversed(_siblings(fs, p, OLD_INFIX)):
-        if fs.exists(_join(old, COMPLETE_MARKER)):
-            return _display(fs, old)
-    return None
-
-
-def _stamp() -> str:
-    return f"{time.time_ns() // 1_000_000:013d}-{secrets.token_hex(3)}"
-
-
-def _move_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move directory ``src`` to ``dst`` (which must not exist).
-
-    Local: one atomic ``rename``. Object stores: server-side copy of every file with
-    ``_COMPLETE`` copied last, then delete with ``_COMPLETE`` deleted first, so neither side
-    looks complete while it is partial. Costs one server-side copy of the directory.
-    """
-    if _is_local(fs):
-        os.rename(src, dst)
-        return
-    marker = _join(src, COMPLETE_MARKER)
-    has_marker = fs.exists(marker)
-    for f in fs.find(src):
-        rel = f[len(src.rstrip("/")) + 1 :]
-        if rel != COMPLETE_MARKER:
-            fs.copy(f, _join(dst, rel))
-    if has_marker:
-        _write_bytes(fs, _join(dst, COMPLETE_MARKER), fs.cat_file(marker))
-        fs.rm(marker)
-    fs.rm(src, recursive=True)
-
-
-def _rm_quiet(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except Exception as e:  # cleanup is best effort; the recovery rule covers leftovers
-        logger.warning("Could not remove %s: %s", _display(fs, path), e)
+STAGED: dict[str, str] = {}
+"""``{checkpoint path: staging dir}`` of the saves inside the manager's ``staged`` (fsspec
+paths): the export writes there instead of a fresh temporary directory."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -397,7 +246,7 @@ class _DirWriter:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
         self.fs, self.root = fs, root
-        self.local = _is_local(fs)
+        self.local = is_local(fs)
         self._staging: str | None = None
         fs.makedirs(root, exist_ok=True)
 
@@ -408,7 +257,7 @@ class _DirWriter:
         return self._staging
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        _write_bytes(self.fs, _join(self.root, name), data)
+        write_bytes(self.fs, join(self.root, name), data)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -417,7 +266,7 @@ class _DirWriter:
         local_path = os.path.join(self.staging, name)
         safetensors.torch.save_file(tensors, local_path, metadata={"format": "pt"})
         if not self.local:
-            self.fs.put_file(local_path, _join(self.root, name))
+            self.fs.put_file(local_path, join(self.root, name))
             os.remove(local_path)
 
     def save_tokenizer(self, tokenizer: Any) -> None:
@@ -430,7 +279,7 @@ class _DirWriter:
             save_tokenizer_files(tokenizer, d)
             for name in sorted(os.listdir(d)):
                 if os.path.isfile(os.path.join(d, name)):
-                    self.fs.put_file(os.path.join(d, name), _join(self.root, name))
+                    self.fs.put_file(os.path.join(d, name), join(self.root, name))
 
     def close(self) -> None:
         if self._staging is not None and not self.local:
@@ -509,9 +358,9 @@ def save_hf_checkpoint(
         return
 
     start = time.perf_counter()
-    fs, out = _url_to_fs(output_path)
+    fs, out = url_to_fs(output_path)
     # A staged save (training state already written by every process) publishes that dir.
-    tmp = _STAGED.get(out) or f"{out}{TMP_INFIX}{_stamp()}"
+    tmp = STAGED.get(out) or f"{out}{TMP_INFIX}{stamp()}"
     writer = _DirWriter(fs, tmp)
     try:
         for names, filename in zip(plan.shards, plan.filenames):
@@ -540,16 +389,16 @@ def save_hf_checkpoint(
             writer.save_tokenizer(tokenizer)
         for name, content in extras.items():
             if "/" in name:
-                fs.makedirs(_join(tmp, name.rsplit("/", 1)[0]), exist_ok=True)
+                fs.makedirs(join(tmp, name.rsplit("/", 1)[0]), exist_ok=True)
             writer.write_bytes(name, content)
         writer.write_bytes(COMPLETE_MARKER, f"{time.time():.3f}\n".encode())
     except BaseException:
-        _rm_quiet(fs, tmp)
+        rm_quiet(fs, tmp)
         raise
     finally:
         writer.close()
 
-    _publish(fs, tmp, out)
+    publish(fs, tmp, out)
     logger.info(
         "Saved HF checkpoint %s: %d tensor(s), %.1f MiB in %d file(s), %.1f s",
         output_path,
@@ -560,112 +409,3 @@ def save_hf_checkpoint(
     )
 
 
-_STAGED: dict[str, str] = {}
-"""``{checkpoint path: staging dir}`` of the saves inside :func:`staged` (fsspec paths)."""
-
-
-@contextlib.contextmanager
-def staged(output_path: str, *, is_main_process: bool) -> Iterator[str]:
-    """A staging directory shared by every process for the next :func:`save_hf_checkpoint` to
-    ``output_path``: the processes write their training-state shards into it, then the HF
-    save writes the weights and ``_COMPLETE`` there and publishes it, so weights and state
-    appear together or not at all.
-
-    Its name is fixed (``<output_path>.tmp-staged``) because the hosts cannot agree on a
-    random one; process 0 empties it first and a :func:`runtime.barrier` makes the others
-    wait for that. Yields the URL to write into.
-    """
-    fs, out = _url_to_fs(output_path)
-    staging = f"{out}{TMP_INFIX}staged"
-    if is_main_process:
-        _rm_quiet(fs, staging)
-        fs.makedirs(staging, exist_ok=True)
-    runtime.barrier()
-    _STAGED[out] = staging
-    try:
-        yield _display(fs, staging)
-    finally:
-        _STAGED.pop(out, None)
-        if is_main_process and fs.exists(staging):  # the save failed before publishing
-            _rm_quiet(fs, staging)
-
-
-def _publish(fs: fsspec.AbstractFileSystem, tmp: str, out: str) -> None:
-    """Swap the complete ``tmp`` directory in as ``out``: old aside, new in, old deleted."""
-    old: str | None = None
-    try:
-        if fs.exists(out):
-            old = f"{out}{OLD_INFIX}{_stamp()}"
-            _move_dir(fs, out, old)
-        _move_dir(fs, tmp, out)
-    except BaseException:
-        _restore_after_failed_publish(fs, tmp, out, old)
-        raise
-    # The new checkpoint is in place: every leftover of this or earlier saves is garbage.
-    for leftover in _siblings(fs, out, OLD_INFIX) + _siblings(fs, out, TMP_INFIX):
-        _rm_quiet(fs, leftover)
-
-
-def _restore_after_failed_publish(
-    fs: fsspec.AbstractFileSystem, tmp: str, out: str, old: str | None
-) -> None:
-    """Best effort after an exception during the swap: put the previous checkpoint back if
-    it had been moved aside, and drop the temporary directory. (A hard crash skips this;
-    the recovery rule in the module docstring covers that case.)"""
-    try:
-        if old is not None and fs.exists(old) and not fs.exists(_join(out, COMPLETE_MARKER)):
-            _rm_quiet(fs, out)
-            _move_dir(fs, old, out)
-    except Exception as e:
-        logger.warning("Could not move %s back to %s: %s", _display(fs, old), _display(fs, out), e)
-    _rm_quiet(fs, tmp)
-
-
-# ----------------------------------------------------------------------------------------
-# When to save
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointSchedule:
-    """Which checkpoint directories to write after optimizer step ``step`` (1-based: the
-    number of updates done so far).
-
-    * every ``save_model_freq`` steps: ``latest_name``, overwritten each time;
-    * every ``save_milestone_freq`` steps: ``milestone_pattern.format(step=step)``, kept;
-    * at the last step: ``final_name`` (which supersedes ``latest`` there).
-
-    A frequency of 0 disables that kind. Directory names are relative to the run's output
-    directory; change them here.
-    """
-
-    save_model_freq: int
-    save_milestone_freq: int
-    latest_name: str = "checkpoint-latest"
-    milestone_pattern: str = "checkpoint-{step}"
-    final_name: str = "final"
-
-    def __post_init__(self) -> None:
-        for field in ("save_model_freq", "save_milestone_freq"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{field}={value!r}: expected an integer >= 0 (0 disables)")
-
-    def actions(self, step: int, is_last: bool) -> list[str]:
-        """Directory names to write at ``step``, milestone first.
-
-        >>> CheckpointSchedule(2, 4).actions(4, is_last=False)
-        ['checkpoint-4', 'checkpoint-latest']
-        >>> CheckpointSchedule(2, 4).actions(5, is_last=True)
-        ['final']
-        """
-        if step < 1:
-            return []
-        names: list[str] = []
-        if self.save_milestone_freq and step % self.save_milestone_freq == 0:
-            names.append(self.milestone_pattern.format(step=step))
-        if is_last:
-            names.append(self.final_name)
-        elif self.save_model_freq and step % self.save_model_freq == 0:
-            names.append(self.latest_name)
-        return names

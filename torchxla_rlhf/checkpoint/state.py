@@ -19,9 +19,10 @@ Loading reads, for each local device shard, only the saved pieces that overlap i
 mesh exactly the process's own pieces; on another mesh (or device count) the overlapping
 pieces of others, so the state reshards.
 
-The state is written into the checkpoint's staging directory (:func:`checkpoint.staged`)
-before the HF weights and ``_COMPLETE``, so weights and state are published together or not at
-all. Off by default, as the paper's runs (``--checkpointer.save_optimizer_state=False``).
+The checkpoint manager (:mod:`.manager`) writes it into a checkpoint's staging directory
+before ``_COMPLETE`` (and before the HF weights when the checkpoint has them), so the state is
+published whole or not at all. A preemption save and the timed saves write only this: no
+gather, each host its own shards.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import fsspec
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.checkpoint import COMPLETE_MARKER, read_json, write_json
+from torchxla_rlhf.checkpoint.fsio import COMPLETE_MARKER, read_json, write_json
 from torchxla_rlhf.optim import AdamW
 
 logger = logging.getLogger(__name__)

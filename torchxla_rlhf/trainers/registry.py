@@ -1,0 +1,143 @@
+"""The trainers, as they declare themselves: what the pre-flight, ``plan`` and the pipeline
+know of a trainer comes from here, never from ``isinstance`` chains.
+
+A trainer is three things:
+
+- its config class (in :mod:`torchxla_rlhf.configs`), which names the trainer in its
+  ``trainer`` key (``trainer: dpo`` in a YAML file; the class's default) and says what the
+  run puts on the mesh: :meth:`model_roles` (which models, trained or frozen, causal LM or
+  classifier) and :meth:`batches` (the rows uploaded per step and how they must split);
+- its trainer class (a module in ``trainers/``), imported only when a run starts;
+- its memory terms: a function ``(cfg, shapes, mesh, hbm_bytes, notes) -> memory_plan.Plan``.
+
+Adding a trainer is one module in ``trainers/``, its config class, and one
+:func:`register` line below. Importing this module imports neither torch nor torch_xla.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torchxla_rlhf import memory_plan
+from torchxla_rlhf.config import ConfigError, declared_value
+from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.preflight.shapes import Head
+
+
+@dataclass(frozen=True)
+class ModelRole:
+    """One model a trainer puts on the mesh."""
+
+    role: str
+    """What it is in this run (``policy``, ``reference``, ``reward model``, ``value model``)."""
+    key: str
+    """The config key whose ``ModelConfig`` gives its weights and dtypes."""
+    trained: bool
+    """Trained (parameters, gradients, AdamW moments) or frozen."""
+    head: Head
+    """``causal`` (LM head) or ``classifier`` (one-label score head)."""
+    resident: bool = True
+    """Held on the devices while training (False: used once at start-up, then freed)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows a trainer uploads (or splits on the device) per step, dim 0 over ``dp*fsdp``."""
+
+    what: str
+    key: str
+    """The config key that sets them."""
+    rows: int
+    must_divide: bool = True
+    """False: an uneven split runs (GSPMD pads the shards) and is only warned about."""
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    config: type
+    """The config class; its ``trainer`` default is the kind."""
+    trainer: str
+    """``module:Class`` of the trainer (imported only to run it)."""
+    memory: Callable[..., Any]
+    """The trainer's memory terms: ``(cfg, shapes, mesh, hbm_bytes, notes) -> Plan``."""
+    summary: str
+
+    @property
+    def kind(self) -> str:
+        return declared_kind(self.config)
+
+    def trainer_class(self) -> type:
+        module, _, name = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TRAINERS: dict[str, TrainerSpec] = {}
+"""Kind -> spec, in registration order (the order ``--help`` lists them)."""
+
+
+def declared_kind(config_cls: type) -> str:
+    """The kind a config class declares: its ``trainer`` field's default."""
+    return {f.name: f.default for f in dataclasses.fields(config_cls)}["trainer"]
+
+
+def register(spec: TrainerSpec) -> TrainerSpec:
+    if not spec.kind:
+        raise ValueError(f"{spec.config.__name__} declares no trainer (its 'trainer' default)")
+    if spec.kind in TRAINERS:
+        raise ValueError(f"trainer {spec.kind!r} is registered twice")
+    TRAINERS[spec.kind] = spec
+    return spec
+
+
+register(TrainerSpec(DPOConfig, "torchxla_rlhf.trainers.dpo:DPOTrainer", memory_plan.plan_pairs,
+                     "DPO / IPO / cDPO on preference pairs"))
+register(TrainerSpec(RewardConfig, "torchxla_rlhf.trainers.reward:RewardTrainer",
+                     memory_plan.plan_pairs,
+                     "a reward model (LlamaForSequenceClassification) on preference pairs"))
+register(TrainerSpec(PPOConfig, "torchxla_rlhf.trainers.ppo:PPOTrainer", memory_plan.plan_ppo,
+                     "PPO with policy, reference, reward and value models"))
+
+
+# ----------------------------------------------------------------------------------------
+# Lookups
+# ----------------------------------------------------------------------------------------
+
+
+def get(kind: str, where: str = "trainer") -> TrainerSpec:
+    """The spec of ``kind``; a :class:`ConfigError` naming the known kinds otherwise."""
+    if kind not in TRAINERS:
+        raise ConfigError(f"trainer: unknown trainer {kind!r}; known: {', '.join(TRAINERS)}",
+                          key="trainer", where=where)
+    return TRAINERS[kind]
+
+
+def spec_for(cfg: Any) -> TrainerSpec:
+    """The spec of a loaded config (by the kind its class declares)."""
+    return get(declared_kind(type(cfg)))
+
+
+def kind_of_file(path: str, overrides: Sequence[str] = ()) -> str:
+    """The trainer a YAML config declares (top-level ``trainer:``, through its ``base:``
+    chain; a ``trainer=KIND`` override wins). Never guessed from the other keys."""
+    kind = next((o.partition("=")[2].strip() for o in reversed(overrides)
+                 if o.partition("=")[0].strip().removeprefix("--") == "trainer"), None)
+    if kind is None:
+        kind, where = declared_value(path, "trainer")
+        if kind is None:
+            raise ConfigError(
+                f"declares no trainer: add a top-level 'trainer: KIND' (KIND one of "
+                f"{', '.join(TRAINERS)}) or pass trainer=KIND", key="trainer", where=where)
+    else:
+        where = f"override 'trainer={kind}'"
+    get(str(kind), where)
+    return str(kind)
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Any:
+    """Load a config file as the config class of the trainer it declares."""
+    from torchxla_rlhf.config import load_config
+
+    return load_config(get(kind_of_file(path, overrides)).config, path, overrides)
