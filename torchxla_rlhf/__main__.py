@@ -96,9 +96,9 @@ OUTPUTS = {
 
 def pipeline_summary(out: dict[str, str]) -> str:
     """Where the pipeline's outputs are: each stage's exported checkpoints and metrics."""
-    lines = ["pipeline done; outputs:"]
-    for s in STAGES:
-        lines += [f"  {out[s]}/{name:<12} {what}" for name, what in OUTPUTS[s]]
+    rows = [(f"{out[s]}/{name}", what) for s in STAGES for name, what in OUTPUTS[s]]
+    width = max(len(path) for path, _ in rows)
+    lines = ["pipeline done; outputs:"] + [f"  {path:<{width}}  {what}" for path, what in rows]
     lines.append(f"  metrics: {', '.join(f'{out[s]}/metrics.jsonl' for s in STAGES)}")
     return "\n".join(lines)
 
