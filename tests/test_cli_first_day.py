@@ -20,7 +20,9 @@ from helpers import REPO
 from torchxla_rlhf.config import cli_main, from_dict, load_config
 from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
 
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+from torchxla_rlhf.trainers import registry
+
+KINDS = {kind: spec.config for kind, spec in registry.TRAINERS.items()}
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 HEAVY = ("torch", "torch_xla", "transformers")
 PACKAGE = Path(REPO) / "torchxla_rlhf"
@@ -30,7 +32,7 @@ LLAMA2_13B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_
 
 
 def kind_of(path: str) -> str:
-    return os.path.basename(path).split("_")[0].split(".")[0]
+    return registry.kind_of_file(path)
 
 
 def run_cli(kind: str, argv: list[str]) -> int:
@@ -80,7 +82,7 @@ def test_entry_points_import_no_torch_at_module_level():
     before it parses the arguments: the entry points' top-level imports, followed through the
     package (parents included), name no heavy package. The subprocess test below checks the
     real command."""
-    todo = ["torchxla_rlhf.dpo", "torchxla_rlhf.reward", "torchxla_rlhf.ppo",
+    todo = ["torchxla_rlhf.dpo", "torchxla_rlhf.reward", "torchxla_rlhf.ppo", "torchxla_rlhf.grpo",
             "torchxla_rlhf.__main__", "torchxla_rlhf.launch"]
     seen, third_party = set(), {}
     while todo:
@@ -200,6 +202,8 @@ def test_check_on_the_13b_configs_with_local_stand_ins(path, tmp_path, capsys, l
     config.json of Llama-2 13B's shape and the tiny data in place of the hub's."""
     kind = kind_of(path)
     data = os.path.join(REPO, "data", "tiny", "preference_train.jsonl")
+    if kind == "grpo":
+        data = os.path.join(REPO, "data", "tiny", "rlvr_train.jsonl")
     if kind == "ppo":
         data = str(tmp_path / "prompts.jsonl")  # 512 prompts per batch: more than the tiny 500
         with open(os.path.join(REPO, "data", "tiny", "prompts.jsonl")) as f:

@@ -10,7 +10,7 @@ import pytest
 
 from torchxla_rlhf.__main__ import main as cli
 from torchxla_rlhf.config import ConfigError, load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 from torchxla_rlhf.trainers import registry
 
 from helpers import REPO
@@ -114,7 +114,7 @@ def test_plan_imports_neither_torch_nor_torch_xla(tmp_path):
 
 
 def test_every_trainer_declares_itself():
-    assert list(registry.TRAINERS) == ["dpo", "reward", "ppo"]
+    assert list(registry.TRAINERS) == ["dpo", "reward", "ppo", "grpo"]
     for kind, spec in registry.TRAINERS.items():
         assert spec.kind == kind == spec.config().trainer
         module, _, cls = spec.trainer.partition(":")
@@ -130,7 +130,8 @@ def test_each_shipped_config_declares_its_trainer():
     for path in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True):
         kind = os.path.basename(path).split("_")[0].split(".")[0]
         assert registry.kind_of_file(path) == kind, path
-        assert type(registry.load(path)) is {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
+        assert type(registry.load(path)) is {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig,
+                                             "grpo": GRPOConfig}[kind]
 
 
 def test_roles_follow_the_config():

@@ -6,11 +6,11 @@ import os
 import pytest
 
 from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
 from helpers import REPO
 
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))

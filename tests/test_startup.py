@@ -10,7 +10,7 @@ import pytest
 
 from torchxla_rlhf import runtime
 from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.preflight.mesh import MeshError, parse_mesh_dim
 from torchxla_rlhf.preflight.shapes import shape_from_config
@@ -23,7 +23,7 @@ LLAMA2_70B = dict(LLAMA2_13B, hidden_size=8192, intermediate_size=28672, num_hid
                   num_attention_heads=64, num_key_value_heads=8)
 V3_CORE_HBM = 16 * 2**30
 """A TPU v3 core (one PJRT device) has 16 GiB of HBM."""
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 POD_LINE = re.compile(r"^#\s+(v3-\d+): (\d+) devices on (\d+) hosts, (mesh_dim=\S+(?: [\w.]+=\S+)*)")
 
 

@@ -349,7 +349,15 @@ class DPOConfig(PairRunConfig):
     label_smoothing: float = 0.0
     """cDPO label smoothing (0 = standard DPO)."""
     use_ipo: bool = False
-    """IPO loss (z - 1/(2 beta))^2 instead of the sigmoid loss."""
+    """IPO loss (z - 1/(2 beta))^2 instead of the sigmoid loss (an alias of loss_type=ipo)."""
+    loss_type: Literal["dpo", "ipo", "dpo_norm", "simpo"] = "dpo"
+    """dpo: sigmoid loss on summed log-probs (cDPO with label_smoothing); ipo; dpo_norm: the
+    sigmoid loss on log-probs averaged over the response tokens (Tulu 3, open-instruct);
+    simpo: reference-free, length-normalized, with target margin gamma (no reference model is
+    loaded)."""
+    gamma: float = 0.5
+    """SimPO's target reward margin: loss = -logsigmoid(beta * (avg_chosen - avg_rejected) -
+    gamma) (open-instruct's gamma_beta_ratio = gamma / beta)."""
     load_reference_checkpoint: str | None = None
     """Reference model (default: a frozen copy of the starting policy)."""
     precalculate_reference_logps: bool = False
@@ -361,17 +369,35 @@ class DPOConfig(PairRunConfig):
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.use_ipo and self.label_smoothing:
+        if self.use_ipo and self.loss_type not in ("dpo", "ipo"):
+            raise ValueError(f"use_ipo: true contradicts loss_type={self.loss_type}; drop use_ipo")
+        if (self.use_ipo or self.loss_type == "ipo") and self.label_smoothing:
             raise ValueError("label_smoothing: not used by IPO (use_ipo=true); set it to 0")
+        if not self.needs_reference and (self.precalculate_reference_logps
+                                         or self.load_reference_checkpoint):
+            raise ValueError(f"loss_type: {self.loss_type} is reference-free; unset "
+                             "precalculate_reference_logps and load_reference_checkpoint")
+
+    @property
+    def objective(self) -> str:
+        """The loss_type in effect (use_ipo folded in)."""
+        return "ipo" if self.use_ipo else self.loss_type
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective uses a reference model (simpo does not)."""
+        return self.objective != "simpo"
 
     def model_roles(self) -> list:
         """The policy and its frozen reference (freed after start-up when its log-probs are
         precalculated)."""
         from torchxla_rlhf.trainers.registry import ModelRole
 
-        return [ModelRole("policy", "model", True, "causal"),
-                ModelRole("reference", "model", False, "causal",
-                          resident=not self.precalculate_reference_logps)]
+        policy = [ModelRole("policy", "model", True, "causal")]
+        if not self.needs_reference:  # simpo: no reference model at all
+            return policy
+        return policy + [ModelRole("reference", "model", False, "causal",
+                                   resident=not self.precalculate_reference_logps)]
 
 
 @dataclass
@@ -535,3 +561,177 @@ def _tiny_vowels(text: str) -> float:
 
 ORACLES = {"tiny_vowels": _tiny_vowels}
 """Named response-scoring functions for ``PPOConfig.oracle`` (a registry: no eval of strings)."""
+
+
+@dataclass
+class RewardsConfig:
+    """What a completion earns in GRPO / RLOO: a weighted sum of a verifiable reward, a format
+    check and a reward model's score (a term with weight 0 or no source is off)."""
+
+    verifier: str | None = "math"
+    """Verifiable reward: 'math' (exact match of the final answer with the record's
+    ground_truth: GSM8K '#### 42' or '\\boxed{42}', numbers normalized) or a user function
+    'module:function' called once per step as function(completions, records) -> list of
+    floats. null: none."""
+    verifier_weight: float = 1.0
+    """Weight of the verifiable reward."""
+    format_weight: float = 0.0
+    """Weight of the format check (1 when the final answer is given as \\boxed{} or ####)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score (the top-level reward_model key)."""
+
+    @property
+    def needs_ground_truth(self) -> bool:
+        """A built-in verifier reads every record's ground_truth."""
+        return self.verifier == "math" and self.verifier_weight != 0
+
+
+@dataclass
+class GRPOConfig(RunConfig):
+    """``python -m torchxla_rlhf.grpo``: critic-free RL (GRPO and its DAPO / Dr. GRPO / GSPO
+    variants, or RLOO) on the PPO engine: G rollouts per prompt, advantages from the group,
+    no value model; the frozen reference only when a KL term is on (beta > 0)."""
+
+    trainer: str = "grpo"
+    """The trainer this config is for; a trainer refuses a file that names another."""
+    output_dir: str = "outputs/grpo"
+    """Where checkpoints, the resolved config, metrics.jsonl and samples.jsonl go."""
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+    """AdamW settings of the policy's optimizer."""
+    train_dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Prompts (open-instruct's RLVR schema: messages, ground_truth, dataset); seq_length is the
+    prompt length PL, batch_size the prompts per step."""
+    eval_dataset: DataSource | None = None
+    """Held-out prompts: mean reward of greedy completions, at start, every eval_freq steps and
+    at the end (in order, in train_dataset.batch_size batches)."""
+    eval_freq: int = 0
+    """Evaluate every N steps (0: only at start and end, if eval_dataset)."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """The reward: verifiable function, format check, reward model, weighted."""
+    reward_model: ModelConfig | None = None
+    """A frozen reward model (LlamaForSequenceClassification directory) scoring each rollout,
+    weighted by rewards.reward_model_weight (null: none)."""
+    prompt_add_bos: bool = True
+    """Put BOS before each prompt."""
+    rollouts_per_prompt: int = 4
+    """G: completions sampled per prompt, one group (TRL's num_generations); >= 2."""
+    max_continuation_len: int = 256
+    """CL: new tokens per completion (static; rows stop at eos and are padded)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_k=0))
+    """Rollout sampling (default: plain sampling at temperature 1, as TRL)."""
+    rollout_micro_batch_size: int | None = None
+    """Rollouts generated at once (default: all); must divide batch_size * rollouts_per_prompt."""
+    logprobs_at_temperature: bool = True
+    """Log-probs from logits / temperature (TRL does), so the ratio is of the sampling policy."""
+    mini_batch_size: int = 64
+    """Rollouts per optimizer update (over all hosts)."""
+    num_iterations: int = 1
+    """Passes over each generation (TRL's num_iterations, mu); the old log-probs are kept from
+    before the first pass (with 1 they equal the current ones: ratio 1, no extra forward)."""
+    lr: float = 1e-6
+    """Learning rate (constant after warmup)."""
+    warmup_epochs: float = 0.0
+    """Linear warmup over this many epochs' worth of updates."""
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    """grpo: (r - mean_group) / (std + eps) per scale_rewards; rloo: r minus the mean of the
+    group's other G - 1 rewards, with the sequence-level RLOO loss."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide by the group's std, the batch's, or not at all (none = Dr. GRPO)."""
+    normalize_advantages: bool = False
+    """RLOO: whiten the advantages over the batch (TRL's normalize_advantages)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """GRPO loss aggregation, TRL's meaning: grpo (per-sequence token mean, then rows), bnpo
+    (token mean over the micro-batch), dr_grpo (sum / (rows * max_continuation_len)), dapo
+    (sum / tokens of the generation batch per micro-batch)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token, or one per sequence from the mean log-ratio (GSPO)."""
+    epsilon: float = 0.2
+    """Lower clip of the ratio: 1 - epsilon (and the upper one unless epsilon_high)."""
+    epsilon_high: float | None = None
+    """Upper clip 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); null: epsilon."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference (k3 estimator in the loss; RLOO: see kl_in).
+    0: the reference is not loaded at all."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """RLOO only: the KL as a loss term (k3) or subtracted from the reward (beta * sum of
+    log-ratios per sequence, TRL's RLOO). GRPO always puts it in the loss."""
+    eps: float = 1e-4
+    """Added to the std before dividing (TRL: 1e-4)."""
+    overlong_cache_len: int = 0
+    """DAPO's soft overlong penalty over the last N tokens before max_continuation_len
+    (0: off): a completion of length L > CL - N gets (CL - N - L) / N added to its reward."""
+    missing_eos_penalty: float | None = None
+    """Reward of a completion cut off without eos (replaces its reward); null: off."""
+    max_steps_per_epoch: int | None = None
+    """Stop each epoch after this many steps (debugging aid)."""
+    num_logged_samples: int = 8
+    """(prompt, completion, reward) rows logged to the samples table each logging step."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rewards.verifier is None and self.reward_model is None and not self.rewards.format_weight:
+            raise ValueError("rewards: no reward configured (set rewards.verifier, "
+                             "rewards.format_weight or reward_model)")
+        G = self.rollouts_per_prompt
+        if G < 2:
+            raise ValueError(f"rollouts_per_prompt: {G}; a group needs at least 2 completions")
+        if self.max_continuation_len < 1:
+            raise ValueError("max_continuation_len: must be >= 1")
+        rollouts = self.train_dataset.batch_size * G
+        if self.mini_batch_size < 1 or rollouts % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size: {self.mini_batch_size} must divide the rollouts per step "
+                f"(train_dataset.batch_size * rollouts_per_prompt = {rollouts})")
+        if self.mini_batch_size % G:
+            raise ValueError(f"mini_batch_size: {self.mini_batch_size} must be a multiple of "
+                             f"rollouts_per_prompt={G} (whole groups per update)")
+        if self.mini_batch_size % self.optimizer.accumulate_gradient_steps:
+            raise ValueError(
+                f"optimizer.accumulate_gradient_steps: {self.optimizer.accumulate_gradient_steps}"
+                f" must divide mini_batch_size={self.mini_batch_size}")
+        micro = self.rollout_micro_batch_size
+        if micro is not None and (micro < 1 or rollouts % micro):
+            raise ValueError(f"rollout_micro_batch_size: {micro} must divide the rollouts per "
+                             f"step ({rollouts})")
+        if self.num_iterations < 1:
+            raise ValueError("num_iterations: must be >= 1")
+        for name in ("lr", "warmup_epochs", "beta", "epsilon", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ValueError("epsilon_high: must be >= 0")
+        if not 0 <= self.overlong_cache_len <= self.max_continuation_len:
+            raise ValueError(f"overlong_cache_len: must be in [0, max_continuation_len="
+                             f"{self.max_continuation_len}]")
+        if self.eval_freq < 0:
+            raise ValueError("eval_freq: must be >= 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        """The frozen reference is loaded only for a KL term."""
+        return self.beta > 0
+
+    def model_roles(self) -> list:
+        """The policy trained; the reference only with a KL term; a reward model if set."""
+        from torchxla_rlhf.trainers.registry import ModelRole
+
+        roles = [ModelRole("policy", "model", True, "causal")]
+        if self.needs_reference:
+            roles.append(ModelRole("reference", "model", False, "causal"))
+        if self.reward_model is not None:
+            roles.append(ModelRole("reward model", "reward_model", False, "classifier"))
+        return roles
+
+    def batches(self) -> list:
+        """The rollout rows per step (G per prompt), and the rows of each update's chunk."""
+        from torchxla_rlhf.trainers.registry import Batch
+
+        chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
+        return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
+                      "train_dataset.batch_size", self.train_dataset.batch_size * self.rollouts_per_prompt),
+                Batch("mini_batch_size / accumulate_gradient_steps (rows per chunk)",
+                      "mini_batch_size", chunk, must_divide=False)]
+
+    def sequence_length(self) -> tuple[str, int]:
+        return ("train_dataset.seq_length + max_continuation_len",
+                self.train_dataset.seq_length + self.max_continuation_len)

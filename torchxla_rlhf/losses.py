@@ -1,5 +1,5 @@
-"""Losses as pure tensor functions: token log-probs, DPO/cDPO/IPO, pairwise reward-model
-loss, PPO policy and value losses.
+"""Losses as pure tensor functions: token log-probs, DPO/cDPO/IPO/length-normalized DPO/SimPO,
+pairwise reward-model loss, PPO policy and value losses, the GRPO and RLOO policy losses.
 
 The math, in words: docs/dpo.md, docs/reward.md and docs/ppo.md.
 
@@ -24,6 +24,11 @@ __all__ = [
     "pairwise_reward_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "k3_kl",
+    "grpo_policy_loss",
+    "rloo_policy_loss",
 ]
 
 
@@ -98,34 +103,59 @@ def _check_nonnegative(fn: str, **values: float) -> None:
 
 
 
+DPO_LOSS_TYPES = ("dpo", "ipo", "dpo_norm", "simpo")
+"""Preference objectives of :func:`dpo_loss`; ``simpo`` is reference-free."""
+
+
 def dpo_loss(
     pi_chosen_logps: torch.Tensor,
     pi_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
     *,
     beta: float,
     label_smoothing: float = 0.0,
     use_ipo: bool = False,
+    loss_type: str = "dpo",
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    gamma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO loss (docs/dpo.md), batch mean. All inputs ``[B]`` sequence log-prob sums.
+    """DPO-family loss (docs/dpo.md), batch mean. Log-prob inputs ``[B]`` are sequence SUMS.
 
     ::
 
-        z = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-        sigmoid (default, cDPO with ls = label_smoothing):
-            -(1 - ls) * logsigmoid(beta * z) - ls * logsigmoid(-beta * z)
-        IPO (use_ipo):  (z - 1 / (2 * beta)) ** 2
+        dpo:      z = (pi_c - pi_r) - (ref_c - ref_r)
+                  -(1 - ls) * logsigmoid(beta * z) - ls * logsigmoid(-beta * z)   (cDPO: ls > 0)
+        ipo:      (z - 1 / (2 * beta)) ** 2                     (``use_ipo`` is an alias)
+        dpo_norm: as dpo, every log-prob divided by its response length first
+                  (pi_c / n_c, ref_c / n_c, ...): open-instruct's ``dpo_norm``, Tulu 3's DPO
+        simpo:    z = pi_c / n_c - pi_r / n_r  (no reference)
+                  -(1 - ls) * logsigmoid(beta * z - gamma) - ls * logsigmoid(-(beta * z - gamma))
+
+    ``gamma`` is SimPO's target reward margin (open-instruct's ``gamma_beta_ratio`` is
+    ``gamma / beta``). ``chosen_lengths``/``rejected_lengths`` ``[B]`` are the response token
+    counts (needed by ``dpo_norm`` and ``simpo``); ``simpo`` takes ``None`` references.
 
     Metrics (detached scalars): ``loss``; with ``chosen = beta * (pi_chosen - ref_chosen)``
-    and ``rejected = beta * (pi_rejected - ref_rejected)`` (no gradient):
-    ``reward_accuracy`` = mean(chosen > rejected), ``score_chosen`` = mean(chosen),
-    ``score_rejected`` = mean(rejected), ``score_margin`` = mean(chosen - rejected).
+    and ``rejected = beta * (pi_rejected - ref_rejected)`` (length-normalized for dpo_norm;
+    ``beta * pi`` for simpo; no gradient): ``reward_accuracy`` = mean(chosen > rejected),
+    ``score_chosen``, ``score_rejected``, ``score_margin`` = mean(chosen - rejected).
     Reference log-probs are detached (the reference is frozen).
     """
+    if use_ipo:
+        if loss_type not in ("dpo", "ipo"):
+            raise ValueError(f"dpo_loss: use_ipo=True contradicts loss_type={loss_type!r}")
+        loss_type = "ipo"
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r}, expected one of {DPO_LOSS_TYPES}")
+    reference_free = loss_type == "simpo"
+    refs = {} if reference_free else {"ref_chosen_logps": ref_chosen_logps,
+                                      "ref_rejected_logps": ref_rejected_logps}
+    if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r} needs reference log-probs")
     _check_shapes("dpo_loss", "B", pi_chosen_logps=pi_chosen_logps,
-                  pi_rejected_logps=pi_rejected_logps, ref_chosen_logps=ref_chosen_logps,
-                  ref_rejected_logps=ref_rejected_logps)
+                  pi_rejected_logps=pi_rejected_logps, **refs)
     if not beta > 0:
         raise ValueError(f"dpo_loss: beta={beta!r}, expected beta > 0")
     # At 0.5 the loss no longer depends on z (no gradient): the config's bound, too.
@@ -133,21 +163,39 @@ def dpo_loss(
         raise ValueError(
             f"dpo_loss: label_smoothing={label_smoothing!r}, expected 0 <= label_smoothing < 0.5"
         )
-    if use_ipo and label_smoothing != 0.0:
+    if loss_type == "ipo" and label_smoothing != 0.0:
         raise ValueError("dpo_loss: label_smoothing applies to the sigmoid loss, not to IPO")
-    ref_chosen = ref_chosen_logps.detach()
-    ref_rejected = ref_rejected_logps.detach()
-    z = (pi_chosen_logps - pi_rejected_logps) - (ref_chosen - ref_rejected)
-    if use_ipo:
+    pi_chosen, pi_rejected = pi_chosen_logps, pi_rejected_logps
+    ref_chosen = None if reference_free else ref_chosen_logps.detach()
+    ref_rejected = None if reference_free else ref_rejected_logps.detach()
+    if loss_type in ("dpo_norm", "simpo"):
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"dpo_loss: loss_type={loss_type!r} needs the response lengths")
+        n_c = chosen_lengths.to(pi_chosen.dtype)
+        n_r = rejected_lengths.to(pi_rejected.dtype)
+        pi_chosen, pi_rejected = pi_chosen / n_c, pi_rejected / n_r
+        if not reference_free:
+            ref_chosen, ref_rejected = ref_chosen / n_c, ref_rejected / n_r
+
+    if reference_free:
+        logits = beta * (pi_chosen - pi_rejected) - gamma
+    else:
+        z = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+        logits = beta * z
+    if loss_type == "ipo":
         losses = (z - 1.0 / (2.0 * beta)) ** 2
     else:
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * z)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
         if label_smoothing:
-            losses = losses - label_smoothing * F.logsigmoid(-beta * z)
+            losses = losses - label_smoothing * F.logsigmoid(-logits)
     loss = losses.mean()
 
-    chosen_rewards = beta * (pi_chosen_logps.detach() - ref_chosen)
-    rejected_rewards = beta * (pi_rejected_logps.detach() - ref_rejected)
+    if reference_free:
+        chosen_rewards = beta * pi_chosen.detach()
+        rejected_rewards = beta * pi_rejected.detach()
+    else:
+        chosen_rewards = beta * (pi_chosen.detach() - ref_chosen)
+        rejected_rewards = beta * (pi_rejected.detach() - ref_rejected)
     metrics = {
         "loss": loss.detach(),
         "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
@@ -280,3 +328,168 @@ def ppo_value_loss(
         ),
     }
     return vf_loss, metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Critic-free policy losses (GRPO and its variants, RLOO)
+# ----------------------------------------------------------------------------------------
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""Loss aggregations of :func:`grpo_policy_loss`, with TRL GRPOTrainer's meaning."""
+
+
+def k3_kl(pi_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of ``KL(pi || ref)``: ``exp(ref - pi) - (ref - pi) - 1`` (>= 0).
+    Shapes: ``[B, T]`` -> ``[B, T]``; ``ref_logps`` is detached (frozen reference)."""
+    d = ref_logps.detach() - pi_logps
+    return torch.exp(d) - d - 1.0
+
+
+def grpo_policy_loss(
+    pi_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    importance_sampling_level: str = "token",
+    loss_type: str = "dapo",
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO clipped-ratio loss and its aggregations (TRL GRPOTrainer's ``_compute_loss``).
+
+    Shapes: ``pi_logps``, ``old_logps``, ``mask``, ``ref_logps`` ``[B, T]``; ``advantages [B]``.
+    ::
+
+        log_w = pi - old                                        importance_sampling_level=token
+        log_w = sum_t m_t (pi - old) / max(sum_t m_t, 1)  [B,1]  =sequence (GSPO)
+        w = exp(log_w);   e_lo = epsilon, e_hi = epsilon_high or epsilon
+        l_t = -min(w * A, clip(w, 1 - e_lo, 1 + e_hi) * A)  (+ beta * k3_t when beta > 0)
+        grpo:    mean_b( sum_t m l / max(sum_t m, 1) )        (per-sequence mean, then rows)
+        bnpo:    sum m l / max(sum m, 1)                      (token mean over the batch)
+        dr_grpo: sum m l / (B * max_completion_length)        (default T)
+        dapo:    sum m l / num_items                          (default max(sum m, 1))
+
+    ``dapo``'s ``num_items`` is the token count the trainer normalizes by: TRL divides by the
+    generation batch's token count spread over its optimizer steps, i.e. the mean token count
+    of one micro-batch when each micro-batch's loss is then divided by the accumulation steps.
+    ``k3_t`` is :func:`k3_kl`. ``old_logps`` (detached) are the log-probs the completions were
+    sampled with; with one pass over each generation they equal ``pi`` (ratio 1).
+
+    Metrics (detached scalars): ``grpo/loss/policy``, ``grpo/kl`` (masked mean of k3; 0 when
+    ``beta == 0``), ``grpo/clip_ratio/low_mean``, ``/high_mean``, ``/region_mean`` (masked
+    fraction of tokens -- of rows for sequence level -- where the clip cut the gradient),
+    ``grpo/ratio_mean``.
+    """
+    _check_shapes("grpo_policy_loss", "B, T", pi_logps=pi_logps, old_logps=old_logps, mask=mask)
+    if advantages.shape != pi_logps.shape[:1]:
+        raise ValueError(f"grpo_policy_loss: advantages {list(advantages.shape)}, expected "
+                         f"[B] = [{pi_logps.shape[0]}]")
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_policy_loss: loss_type={loss_type!r}, expected one of "
+                         f"{GRPO_LOSS_TYPES}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"grpo_policy_loss: importance_sampling_level="
+                         f"{importance_sampling_level!r}, expected 'token' or 'sequence'")
+    e_lo = epsilon
+    e_hi = epsilon if epsilon_high is None else epsilon_high
+    _check_nonnegative("grpo_policy_loss", epsilon=e_lo, epsilon_high=e_hi, beta=beta)
+    m = mask.to(pi_logps.dtype)
+    adv = advantages.detach().to(pi_logps.dtype)[:, None]
+    log_ratio = pi_logps - old_logps.detach()
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+    w = torch.exp(log_w)
+    w_clipped = torch.clamp(w, 1.0 - e_lo, 1.0 + e_hi)
+    per_token = -torch.minimum(w * adv, w_clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo_policy_loss: beta > 0 needs ref_logps")
+        kl = k3_kl(pi_logps, ref_logps)
+        per_token = per_token + beta * kl
+    per_token = per_token.expand_as(m)
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        T = m.shape[1] if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (m.shape[0] * T)
+    else:
+        denom = m.sum().clamp(min=1.0) if num_items is None else num_items
+        loss = (per_token * m).sum() / denom
+
+    # Clip metrics at the importance weight's own level (per row for GSPO), as TRL logs them.
+    level_mask = m if importance_sampling_level == "token" else (m.sum(-1, keepdim=True) > 0).to(m.dtype)
+    w_d = w.detach()
+    low = ((w_d < 1.0 - e_lo) & (adv < 0)).to(m.dtype)
+    high = ((w_d > 1.0 + e_hi) & (adv > 0)).to(m.dtype)
+    metrics = {
+        "grpo/loss/policy": loss.detach(),
+        "grpo/kl": masked_mean(kl.detach(), m) if kl is not None else torch.zeros_like(loss.detach()),
+        "grpo/clip_ratio/low_mean": masked_mean(low.expand_as(level_mask), level_mask),
+        "grpo/clip_ratio/high_mean": masked_mean(high.expand_as(level_mask), level_mask),
+        "grpo/clip_ratio/region_mean": masked_mean(
+            torch.maximum(low, high).expand_as(level_mask), level_mask),
+        "grpo/ratio_mean": masked_mean(w_d.expand_as(level_mask), level_mask),
+    }
+    return loss, metrics
+
+
+def rloo_policy_loss(
+    pi_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RLOO's sequence-level clipped loss (TRL RLOOTrainer's ``_compute_loss``).
+
+    Shapes: ``[B, T]`` log-probs and mask, ``advantages [B]``::
+
+        w   = exp(sum_t m_t pi_t - sum_t m_t old_t)
+        l_b = -min(w * A, clip(w, 1 - epsilon, 1 + e_hi) * A)
+        loss = mean_b(l_b)  (+ beta * mean_b(sum_t m k3_t / max(sum_t m, 1)) when the KL is in the loss)
+
+    Pass ``beta > 0`` and ``ref_logps`` only when the KL goes into the loss (``kl_in: loss``);
+    with the KL in the reward (TRL's only choice) it is part of ``advantages`` already.
+    Metrics as :func:`grpo_policy_loss` (row level), under ``grpo/``.
+    """
+    _check_shapes("rloo_policy_loss", "B, T", pi_logps=pi_logps, old_logps=old_logps, mask=mask)
+    e_hi = epsilon if epsilon_high is None else epsilon_high
+    _check_nonnegative("rloo_policy_loss", epsilon=epsilon, epsilon_high=e_hi, beta=beta)
+    m = mask.to(pi_logps.dtype)
+    adv = advantages.detach().to(pi_logps.dtype)
+    log_w = (pi_logps * m).sum(-1) - (old_logps.detach() * m).sum(-1)
+    w = torch.exp(log_w)
+    w_clipped = torch.clamp(w, 1.0 - epsilon, 1.0 + e_hi)
+    loss = (-torch.minimum(w * adv, w_clipped * adv)).mean()
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("rloo_policy_loss: beta > 0 needs ref_logps")
+        kl = k3_kl(pi_logps, ref_logps)
+        loss = loss + beta * masked_mean(kl, m, dim=1).mean()
+    w_d = w.detach()
+    low = ((w_d < 1.0 - epsilon) & (adv < 0)).to(m.dtype)
+    high = ((w_d > 1.0 + e_hi) & (adv > 0)).to(m.dtype)
+    metrics = {
+        "grpo/loss/policy": loss.detach(),
+        "grpo/kl": masked_mean(kl.detach(), m) if kl is not None else torch.zeros_like(loss.detach()),
+        "grpo/clip_ratio/low_mean": low.mean(),
+        "grpo/clip_ratio/high_mean": high.mean(),
+        "grpo/clip_ratio/region_mean": torch.maximum(low, high).mean(),
+        "grpo/ratio_mean": w_d.mean(),
+    }
+    return loss, metrics

@@ -263,31 +263,13 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
-def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-             notes: list[str]) -> Plan:
-    """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
-    the rollout and the training micro-step are the two phases."""
-    n = mesh.devices
-    shape = shapes["model"]
-    rm_shape = shapes["reward_model"]
-    value_cfg = cfg.value_model or cfg.reward_model
-    value_shape = shapes["value_model" if cfg.value_model is not None else "reward_model"]
+def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
+    """The generation phase of PPO and GRPO: the policy's gathered weights, its KV cache and
+    the prefill of one rollout piece."""
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     c = BYTES[cfg.model.compute_dtype]
-    persistent = (
-        _trained("policy", shape, True, cfg.model.param_dtype, n)
-        + _trained("value", value_shape, False, value_cfg.param_dtype, n)
-        + [_frozen("reference", shape, True, cfg.model, n),
-           _frozen("reward model", rm_shape, False, cfg.reward_model, n)]
-    )
-    all_rows = _rows(n_roll, mesh, "rollouts per step")
-    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
-    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
-    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
-    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
-                           f"{all_rows:g} rows x {t} tokens"))
     micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     kv = heads_per_device(shape, mesh.mp) * shape.kv_heads // shape.heads * shape.head_dim
     cache = 2 * shape.layers * micro * t * kv * c
@@ -300,6 +282,34 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
         Term("prefill (one layer) + logits", prefill + micro * shape.vocab / mesh.mp * (c + 8),
              f"{micro:g} rows x {pl} prompt tokens"),
     ]
+    return rollout
+
+
+def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
+             notes: list[str]) -> Plan:
+    """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
+    the rollout and the training micro-step are the two phases."""
+    n = mesh.devices
+    shape = shapes["model"]
+    rm_shape = shapes["reward_model"]
+    value_cfg = cfg.value_model or cfg.reward_model
+    value_shape = shapes["value_model" if cfg.value_model is not None else "reward_model"]
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    persistent = (
+        _trained("policy", shape, True, cfg.model.param_dtype, n)
+        + _trained("value", value_shape, False, value_cfg.param_dtype, n)
+        + [_frozen("reference", shape, True, cfg.model, n),
+           _frozen("reward model", rm_shape, False, cfg.reward_model, n)]
+    )
+    all_rows = _rows(n_roll, mesh, "rollouts per step")
+    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
+    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
+    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
+    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
+                           f"{all_rows:g} rows x {t} tokens"))
+    rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
     train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
@@ -310,6 +320,41 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
                 + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
     train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
     return Plan("ppo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
+                notes)
+
+
+def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
+              notes: list[str]) -> Plan:
+    """Memory terms of GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value
+    model, the frozen reference only with a KL term (beta > 0), a reward model only when one
+    is configured (``cfg.model_roles()``)."""
+    n = mesh.devices
+    shape = shapes["model"]
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    frozen = [r for r in cfg.model_roles() if not r.trained]
+    if not cfg.needs_reference:
+        notes.append("beta=0: no reference model is loaded")
+    persistent = _trained("policy", shape, True, cfg.model.param_dtype, n)
+    persistent += [_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n)
+                   for r in frozen]
+    all_rows = _rows(n_roll, mesh, "rollouts per step (batch_size x rollouts_per_prompt)")
+    # sequences, attention_mask (int64, T), continuation_mask (CL); old and reference
+    # log-probs (fp32, CL) when kept.
+    kept = (int(cfg.num_iterations > 1) + int(cfg.needs_reference)) * cl * 4
+    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + kept),
+                           f"{all_rows:g} rows x {t} tokens"))
+    rollout = _rollout_terms(cfg, shape, mesh)
+    chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
+                  "mini_batch_size / accumulate_gradient_steps")
+    train = _train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
+    gathered = gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype) + sum(
+        _frozen_gathered(shapes[r.key], mesh, r.head == "causal", getattr(cfg, r.key))
+        for r in frozen)
+    train.append(Term("gathered weights", gathered,
+                      f"{1 + len(frozen)} model(s): 2 layers + embeddings each, whole over fsdp"))
+    return Plan("grpo", mesh, hbm_bytes, persistent, {"rollout": rollout, "train micro-step": train},
                 notes)
 
 

@@ -1,5 +1,6 @@
-"""RL math for PPO as pure tensor functions: masked statistics, whitening, GAE, KL-shaped
-rewards, the EOS penalty and the rollout metrics.
+"""RL math as pure tensor functions: masked statistics, whitening, GAE, KL-shaped rewards,
+the EOS penalty and the rollout metrics (PPO); group and leave-one-out advantages, the
+sequence KL penalty and the overlong penalty (GRPO, RLOO).
 
 The math, in words: docs/ppo.md (what the paper's PPO runs computed, and where this port
 differs) and docs/data.md (position ids).
@@ -31,6 +32,11 @@ __all__ = [
     "apply_eos_penalty",
     "scale_scores",
     "ppo_rollout_stats",
+    "equal_reward_groups",
+    "group_advantages",
+    "rloo_advantages",
+    "sequence_kl_penalty",
+    "overlong_penalty",
 ]
 
 
@@ -330,3 +336,130 @@ def ppo_rollout_stats(
     if reward is not None:
         stats["env/reward_mean"] = reward.mean()
     return {k: v.detach() for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Critic-free advantages (GRPO, RLOO) and reward shaping
+# ----------------------------------------------------------------------------------------
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``rewards [N]`` viewed as ``[N / G, G]`` (the G completions of a prompt are adjacent)."""
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards has shape {list(rewards.shape)}, expected [N]")
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"group_size={group_size} must be >= 2 and divide the {rewards.shape[0]} rewards"
+        )
+    return rewards.view(-1, group_size)
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N]`` float 0/1: 1 on the rows whose group's rewards are all equal (``max == min``).
+
+    Such a group has no learning signal; the advantage functions give its rows exactly 0
+    (a ``where`` over a mask: the rows stay, the shapes stay static). Its mean over the rows is
+    the fraction of such groups (every group has G rows), the ``frac_reward_zero_std`` metric.
+    """
+    g = _groups(rewards, group_size)
+    flat = (g.amax(dim=1) == g.amin(dim=1)).to(rewards.dtype)  # [N / G]
+    return flat.repeat_interleave(group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO advantages of ``rewards [N]`` (G = ``group_size`` adjacent rows per prompt).
+
+    ::
+
+        A_i = r_i - mean_group(r)                       scale_rewards = none (Dr. GRPO)
+        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)   scale_rewards = group
+        A_i = (r_i - mean_group(r)) / (std_batch(r) + eps)   scale_rewards = batch
+        A_i = 0 where the group's rewards are all equal
+
+    ``std`` is the unbiased (Bessel, ``n - 1``) standard deviation, ``eps`` 1e-4: exactly TRL's
+    GRPOTrainer. Returns ``(advantages [N], equal_groups [N])`` (see
+    :func:`equal_reward_groups`).
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
+    g = _groups(rewards, group_size)
+    centered = (g - g.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        centered = centered / (g.std(dim=1, correction=1).repeat_interleave(group_size) + eps)
+    elif scale_rewards == "batch":
+        centered = centered / (rewards.std(correction=1) + eps)
+    equal = equal_reward_groups(rewards, group_size)
+    return torch.where(equal > 0, torch.zeros_like(centered), centered), equal
+
+
+def rloo_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    normalize: bool = False,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO advantages: each completion's reward minus the mean of its G - 1 siblings'.
+
+    ::
+
+        A_i = r_i - (sum_group(r) - r_i) / (G - 1)
+        normalize:  A = (A - mean(A)) / (std(A) + eps)       (over the batch, unbiased std)
+
+    Equal-reward groups give ``A_i = 0`` before the optional normalization (exactly, by the
+    mask); normalization then shifts every row by the batch mean, as TRL's RLOOTrainer
+    (``normalize_advantages``) does. Returns ``(advantages [N], equal_groups [N])``.
+    """
+    g = _groups(rewards, group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    adv = (g - baseline).reshape(-1)
+    equal = equal_reward_groups(rewards, group_size)
+    adv = torch.where(equal > 0, torch.zeros_like(adv), adv)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std(correction=1) + eps)
+    return adv, equal
+
+
+def sequence_kl_penalty(
+    logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """RLOO's KL in the reward: ``beta * sum_t m_t * (logp_t - ref_logp_t)`` per row ``[B]``.
+
+    The first-order log-ratio (can be negative per token), summed over the completion, as the
+    RLOO paper and TRL's RLOOTrainer; subtract it from the rewards before the advantages.
+    Shapes: ``[B, T]`` -> ``[B]``.
+    """
+    _check_same_shape("ref_logps", ref_logps, "logps", logps)
+    _check_same_shape("mask", mask, "logps", logps)
+    return beta * masked_sum(logps - ref_logps, mask, dim=1)
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, *, max_len: int, cache_len: int
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the reward (``[B]`` -> ``[B]``)::
+
+        0                                   if L <= max_len - cache_len
+        (max_len - cache_len - L) / cache_len   if max_len - cache_len < L <= max_len
+        -1                                  if L > max_len
+
+    ``lengths`` are completion token counts; ``max_len`` the completion length limit. Equal
+    to TRL's ``get_soft_overlong_punishment(max_len, cache_len)`` reward function.
+    """
+    if not 0 < cache_len <= max_len:
+        raise ValueError(
+            f"overlong_penalty: cache_len={cache_len} must be in (0, max_len={max_len}]"
+        )
+    L = lengths.float()
+    start = float(max_len - cache_len)
+    ramp = (start - L) / float(cache_len)
+    return torch.where(L <= start, torch.zeros_like(L),
+                       torch.where(L <= max_len, ramp, torch.full_like(L, -1.0)))

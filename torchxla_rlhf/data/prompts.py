@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ class PromptDataset:
       prompts: :class:`~torchxla_rlhf.data.preference.RaggedTokens` (each ``<= seq_length``).
       texts: the rendered prompt text of each kept example (for sample tables in logs).
       origins: ``file:line`` of each kept example.
+      fields: per kept example, what ``build``'s ``record_fields`` took from its record (None
+        without one): the RLVR reader keeps ``ground_truth`` and ``dataset`` here.
       stats: ``kept``, ``dropped_truncated``, ``truncated_kept``, ``skipped_malformed``.
     """
 
@@ -54,15 +56,19 @@ class PromptDataset:
     add_bos: bool
     stats: dict[str, int] = field(default_factory=dict)
     report: DataReport | None = None
+    fields: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @classmethod
-    def build(cls, cfg: DatasetConfig, tokenizer: Any, add_bos: bool, name: str | None = None) -> "PromptDataset":
+    def build(cls, cfg: DatasetConfig, tokenizer: Any, add_bos: bool, name: str | None = None,
+              record_fields: Callable[[dict, str], dict[str, Any]] | None = None) -> "PromptDataset":
         """Read, render and tokenize every prompt of ``cfg`` (``add_special_tokens=False``);
         ``report`` counts what was kept, truncated and dropped (see
-        :class:`~torchxla_rlhf.data.report.DataReport`)."""
+        :class:`~torchxla_rlhf.data.report.DataReport`). ``record_fields(record, origin)``,
+        when given, picks what to keep of each record besides its prompt (it may raise
+        :class:`~torchxla_rlhf.data.chat.DataError` for a record that lacks something)."""
         cfg.validate()
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -76,20 +82,21 @@ class PromptDataset:
         ids_kept: list[list[int]] = []
         texts_kept: list[str] = []
         origins_kept: list[str] = []
-        pending: list[tuple[str, str]] = []
+        fields_kept: list[dict[str, Any]] = []
+        pending: list[tuple[str, str, Any]] = []
 
         def flush() -> None:
             if not pending:
                 return
             enc = tokenizer(
-                [t for t, _ in pending],
+                [t for t, _, _ in pending],
                 add_special_tokens=False,
                 truncation=False,
                 padding=False,
                 return_attention_mask=False,
                 return_token_type_ids=False,
             )
-            for ids, (text, origin) in zip(enc["input_ids"], pending):
+            for ids, (text, origin, extra) in zip(enc["input_ids"], pending):
                 lengths.append(len(ids))
                 if len(ids) > L:
                     if cfg.remove_truncated_samples:
@@ -100,14 +107,16 @@ class PromptDataset:
                 ids_kept.append(ids)
                 texts_kept.append(text)
                 origins_kept.append(origin)
+                fields_kept.append(extra)
             pending.clear()
 
         def parse(record, origin):
             messages = prompt_messages_from_record(record, origin)
-            return format_prompt(messages, bos_text, eos_text, add_bos=add_bos, origin=origin)
+            extra = record_fields(record, origin) if record_fields else None
+            return format_prompt(messages, bos_text, eos_text, add_bos=add_bos, origin=origin), extra
 
-        for text, origin in iter_parsed(cfg, parse, stats):
-            pending.append((text, origin))
+        for (text, extra), origin in iter_parsed(cfg, parse, stats):
+            pending.append((text, origin, extra))
             if len(pending) >= _CHUNK:
                 flush()
         flush()
@@ -127,6 +136,7 @@ class PromptDataset:
             add_bos=add_bos,
             stats=stats,
             report=report,
+            fields=fields_kept if record_fields else None,
         )
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:

@@ -25,6 +25,13 @@ Files (``python -m torchxla_rlhf.data.synthetic --out data/tiny --seed 0``):
 ``preference_train.jsonl`` (2000 pairs), ``preference_eval.jsonl`` (200),
 ``prompts.jsonl`` (500; ``{"messages": [...user turn(s)], "source", "id"}`` like
 ``allenai/tulu-2.5-prompts``). About 10% of records have a system turn and 15% are multi-turn.
+
+Verifiable task (GRPO / RLOO): ``rlvr_train.jsonl`` (500) and ``rlvr_eval.jsonl`` (64) in
+open-instruct's RLVR schema (``messages``, ``ground_truth``, ``dataset``). The prompt asks to
+repeat a digit ("Say 7."); ``ground_truth`` is that number, checked by
+the ``math`` verifier (the last number of the completion must equal it). A random byte-level
+model emits digits by chance, so groups start with some signal; copying the prompt's digits is
+a one-head attention pattern the tiny model can learn.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ __all__ = [
     "oracle_score",
     "make_preference_records",
     "make_prompt_records",
+    "make_rlvr_records",
     "write_tiny_task",
     "main",
 ]
@@ -181,6 +189,16 @@ def make_prompt_records(n: int, rng: random.Random) -> list[dict[str, Any]]:
     ]
 
 
+def make_rlvr_records(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``n`` records ``{"messages", "ground_truth", "dataset"}``: repeat a digit."""
+    records = []
+    for _ in range(n):
+        number = str(rng.randrange(0, 10))
+        records.append({"messages": [{"role": "user", "content": f"Say {number}."}],
+                        "ground_truth": number, "dataset": "tiny_say_number"})
+    return records
+
+
 def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -197,10 +215,14 @@ def write_tiny_task(out_dir: str, seed: int = 0, n_train: int = 2000, n_eval: in
         "preference_train": os.path.join(out_dir, "preference_train.jsonl"),
         "preference_eval": os.path.join(out_dir, "preference_eval.jsonl"),
         "prompts": os.path.join(out_dir, "prompts.jsonl"),
+        "rlvr_train": os.path.join(out_dir, "rlvr_train.jsonl"),
+        "rlvr_eval": os.path.join(out_dir, "rlvr_eval.jsonl"),
     }
     _write_jsonl(paths["preference_train"], make_preference_records(n_train, random.Random(f"{seed}-train")))
     _write_jsonl(paths["preference_eval"], make_preference_records(n_eval, random.Random(f"{seed}-eval")))
     _write_jsonl(paths["prompts"], make_prompt_records(n_prompts, random.Random(f"{seed}-prompts")))
+    _write_jsonl(paths["rlvr_train"], make_rlvr_records(500, random.Random(f"{seed}-rlvr-train")))
+    _write_jsonl(paths["rlvr_eval"], make_rlvr_records(64, random.Random(f"{seed}-rlvr-eval")))
     return paths
 
 

@@ -1,8 +1,10 @@
-"""DPO / IPO / cDPO (docs/dpo.md): the loss of a pair batch, and the reference model.
+"""DPO / IPO / cDPO / length-normalized DPO / SimPO (docs/dpo.md): the loss of a pair batch,
+and the reference model.
 
 Chosen and rejected run as one concatenated forward of the policy; the reference's
 log-probs come from a frozen sharded model in the same graph, or from a table computed once
-(``precalculate_reference_logps``) and cached in ``output_dir``.
+(``precalculate_reference_logps``) and cached in ``output_dir``. A reference-free objective
+(``simpo``) loads no reference model and computes no reference log-probs.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ class DPOTrainer(PairTrainer):
         cfg, mesh = self.cfg, self.ctx.mesh
         pad_id = cfg.tokenizer_pad_token_id
         policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad_id)
+        self.reference = None
+        self.ref_logps: dict[str, np.ndarray] = {}
+        if not cfg.needs_reference:
+            return policy
         ref_cfg = cfg.model
         if cfg.load_reference_checkpoint:
             ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.load_reference_checkpoint)
         self.reference = models.freeze(
             models.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id), ref_cfg, mesh
         )
-        self.ref_logps: dict[str, np.ndarray] = {}
         if cfg.precalculate_reference_logps:
             self.ref_logps["train"] = self._reference_logps(self.data.train, "train")
             if self.data.eval is not None:
@@ -58,7 +63,9 @@ class DPOTrainer(PairTrainer):
         half = ids.shape[0] // 2
         return logps[:half], logps[half:]
 
-    def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if not self.cfg.needs_reference:
+            return None, None
         if self.reference is None:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
@@ -68,9 +75,13 @@ class DPOTrainer(PairTrainer):
         pi_chosen, pi_rejected = self._pair_logps(self.policy, batch)
         ref_chosen, ref_rejected = self._reference(batch)
         cfg = self.cfg
+        # Response token counts (the length-normalized objectives divide by them).
+        lengths = batch["loss_mask"].sum(dim=1)
+        half = lengths.shape[0] // 2
         return dpo_loss(
             pi_chosen, pi_rejected, ref_chosen, ref_rejected,
-            beta=cfg.beta, label_smoothing=cfg.label_smoothing, use_ipo=cfg.use_ipo,
+            beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.objective,
+            chosen_lengths=lengths[:half], rejected_lengths=lengths[half:], gamma=cfg.gamma,
         )
 
     # -- precomputed reference log-probs --------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from torchxla_rlhf import memory_plan
 from torchxla_rlhf.config import ConfigError, declared_value
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 from torchxla_rlhf.preflight.shapes import Head
 
 
@@ -93,12 +93,14 @@ def register(spec: TrainerSpec) -> TrainerSpec:
 
 
 register(TrainerSpec(DPOConfig, "torchxla_rlhf.trainers.dpo:DPOTrainer", memory_plan.plan_pairs,
-                     "DPO / IPO / cDPO on preference pairs"))
+                     "DPO / IPO / cDPO / length-normalized DPO / SimPO on preference pairs"))
 register(TrainerSpec(RewardConfig, "torchxla_rlhf.trainers.reward:RewardTrainer",
                      memory_plan.plan_pairs,
                      "a reward model (LlamaForSequenceClassification) on preference pairs"))
 register(TrainerSpec(PPOConfig, "torchxla_rlhf.trainers.ppo:PPOTrainer", memory_plan.plan_ppo,
                      "PPO with policy, reference, reward and value models"))
+register(TrainerSpec(GRPOConfig, "torchxla_rlhf.trainers.grpo:GRPOTrainer", memory_plan.plan_grpo,
+                     "GRPO / RLOO with verifiable rewards (no value model)"))
 
 
 # ----------------------------------------------------------------------------------------
