@@ -529,11 +529,15 @@ def test_save_and_load_via_fsspec_url():
     fs.rm("/cfgtest", recursive=True)
 
 
-def test_nan_inf_floats(tmp_path):
-    assert math.isinf(from_dict(Root, {"model": "m", "beta": float("inf")}).beta)
-    assert math.isinf(load_config(Root, None, ["model=m", "beta=.inf"]).beta)
+def test_nan_inf_floats_are_refused_naming_key_and_place(tmp_path):
+    # A non-finite hyperparameter would train to the end and publish a NaN model.
+    assert "'beta'" in _err(from_dict, Root, {"model": "m", "beta": float("inf")})
+    for text in ("beta=.inf", "beta=inf", "beta=1e400", "beta=-.inf", "beta=nan"):
+        msg = _err(load_config, Root, None, ["model=m", text])
+        assert f"override '{text}'" in msg and "'beta'" in msg and "finite" in msg, msg
     path = _write(tmp_path, "x.yaml", "model: m\noptimizer: {lr: .nan}\n")
-    assert math.isnan(load_config(Root, path).optimizer.lr)
+    msg = _err(load_config, Root, path)
+    assert f"{path}:2" in msg and "'optimizer.lr'" in msg and "finite" in msg, msg
     # A NaN int is not an int.
     assert "expected int" in _err(from_dict, Root, {"model": "m", "batch_size": float("nan")})
 

@@ -101,6 +101,7 @@ def _write_run(d, kind, cfg):
         f.write(f"# resolved {kind}\n" + yaml.safe_dump(cfg))
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         f.write("{}\n")
+    os.makedirs(os.path.join(d, "final"), exist_ok=True)  # it left a checkpoint
 
 
 def test_output_dir_ownership(tmp_path):
@@ -109,13 +110,13 @@ def test_output_dir_ownership(tmp_path):
     check_output_dir(str(empty), "DPOConfig", cfg, resume=False, overwrite=False)  # absent: fine
     d = str(tmp_path / "rm")
     _write_run(d, "RewardConfig", {"use_margin": False})
-    before = {n: open(os.path.join(d, n)).read() for n in os.listdir(d)}
+    before = {n: open(os.path.join(d, n)).read() for n in os.listdir(d) if n != "final"}
     with pytest.raises(OutputDirError, match=r"holds a RewardConfig run .*this is a DPOConfig run"):
         check_output_dir(d, "DPOConfig", cfg, resume=False, overwrite=False)
     with pytest.raises(OutputDirError, match="RewardConfig"):  # resume does not make it ours
         check_output_dir(d, "DPOConfig", cfg, resume=True, overwrite=False)
     check_output_dir(d, "DPOConfig", cfg, resume=False, overwrite=True)  # explicit overwrite
-    assert {n: open(os.path.join(d, n)).read() for n in os.listdir(d)} == before
+    assert {n: open(os.path.join(d, n)).read() for n in os.listdir(d) if n != "final"} == before
 
     same = str(tmp_path / "dpo")
     _write_run(same, "DPOConfig", cfg)
@@ -124,7 +125,10 @@ def test_output_dir_ownership(tmp_path):
     other = {**cfg, "model": {"name_or_path": "b"}}
     with pytest.raises(OutputDirError, match=r"model.name_or_path: 'a' -> 'b'.*resume_from=auto"):
         check_output_dir(same, "DPOConfig", other, resume=False, overwrite=False)
-    check_output_dir(same, "DPOConfig", other, resume=True, overwrite=False)
+    with pytest.raises(OutputDirError, match=r"model.name_or_path was 'a' .* has 'b'"):
+        check_output_dir(same, "DPOConfig", other, resume=True, overwrite=False)  # not the same run
+    assert check_output_dir(same, "DPOConfig", {**cfg, "beta": 0.2}, resume=True,
+                            overwrite=False) == "resume"  # a may-change key
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -34,6 +34,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import os
 import posixpath
 import re
@@ -323,6 +324,9 @@ def _coerce(tp: Any, value: Any, key: str, origins: _Origins, root: type) -> Any
             except ValueError:
                 raise mismatch() from None
         if isinstance(number, (int, float)):
+            if isinstance(number, float) and not math.isfinite(number):
+                # A NaN or infinite hyperparameter trains to the end and publishes garbage.
+                raise mismatch(" (must be a finite number)")
             if tp is float:
                 return float(number)
             if isinstance(number, int) or number.is_integer():
@@ -441,12 +445,20 @@ def _load_file(path: str, chain: list[str], origins: _Origins, included_at: str 
                           where=included_at)
     import fsspec
 
+    what = f"{'base ' if included_at else ''}config file"
     try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        with fsspec.open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError as e:
-        raise ConfigError(f"{'base ' if included_at else ''}config file not found: {path}",
+        raise ConfigError(f"{what} not found: {path}", where=included_at) from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{what} {path} is a directory; name a YAML file in it",
                           where=included_at) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                          f"offset {e.start}); save it as UTF-8 YAML", where=included_at) from e
     own: dict[str, str] = {}
     data = _parse_yaml(text, path, own)
     data = {} if data is None else data

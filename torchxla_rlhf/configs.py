@@ -100,6 +100,8 @@ class AdamWConfig:
             )
         if self.max_grad_norm < 0:
             raise ValueError("max_grad_norm: must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -521,9 +523,16 @@ class PPOConfig(RunConfig):
                 f"rollout_micro_batch_size: {micro} must divide the rollouts per step "
                 f"(train_dataset.batch_size * rollouts_per_prompt = {rollouts})"
             )
-        for name in ("warmup_epochs", "policy_freeze_epochs", "kl_coef", "lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0")
+        for name in ("warmup_epochs", "policy_freeze_epochs", "kl_coef", "lr", "value_lr",
+                     "vf_coef"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.oracle is not None and self.oracle not in ORACLES:
             raise ValueError(f"oracle: unknown {self.oracle!r}; known: {sorted(ORACLES)}")
 

@@ -32,9 +32,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from torchxla_rlhf import attention, runtime, sharding
 from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
+from torchxla_rlhf.config import ConfigError
 from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.preflight.shapes import frozen_dtype  # one rule for the pre-flight and the loader
 from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
+
+
+class ModelRoleError(UserError, ValueError):
+    """A checkpoint that cannot play the role it was given (a reward model as the policy, a
+    causal LM as the frozen reward model)."""
 
 
 class WeightFileError(UserError, ValueError):
@@ -335,6 +341,13 @@ class _TensorReader:
         self._stack.close()
 
 
+def _check_pad_id(cfg: ModelConfig, config: LlamaConfig, pad_token_id: int | None) -> None:
+    if pad_token_id is not None and not 0 <= pad_token_id < config.vocab_size:
+        raise ConfigError(f"tokenizer_pad_token_id={pad_token_id} is outside the vocabulary of "
+                          f"{cfg.name_or_path!r} (vocab_size {config.vocab_size})",
+                          key="tokenizer_pad_token_id")
+
+
 # ----------------------------------------------------------------------------------------
 # Building models
 # ----------------------------------------------------------------------------------------
@@ -343,13 +356,15 @@ class _TensorReader:
 def _model_config(cfg: ModelConfig, pad_token_id: int | None) -> tuple[LlamaConfig, str | None]:
     """The HF config and the directory weights come from (None for ``tiny``)."""
     if cfg.name_or_path == "tiny":
+        _check_pad_id(cfg, tiny_llama_config(cfg.tiny), pad_token_id)
         return tiny_llama_config(cfg.tiny, pad_token_id=pad_token_id or 0), None
     model_dir = resolve_model_dir(cfg.name_or_path, cfg.revision)
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if config.model_type != "llama":
-        raise ValueError(
+        raise ModelRoleError(
             f"{cfg.name_or_path!r} is a {config.model_type!r} model; torchxla_rlhf trains Llama models"
         )
+    _check_pad_id(cfg, config, pad_token_id)
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
     return config, model_dir
@@ -456,32 +471,49 @@ def load_causal_lm(
 ) -> LlamaForCausalLM:
     """``LlamaForCausalLM`` from ``cfg.name_or_path``, sharded on ``mesh``."""
     config, model_dir = _model_config(cfg, pad_token_id)
+    if model_dir is not None:
+        names = weight_index(model_dir)
+        if "score.weight" in names and "lm_head.weight" not in names \
+                and not getattr(config, "tie_word_embeddings", False):
+            raise ModelRoleError(
+                f"{cfg.name_or_path}: a sequence classifier (reward/value model: score head, no "
+                "lm_head) cannot be a policy; give the policy a causal LM checkpoint "
+                "(LlamaForCausalLM, e.g. a DPO or SFT model's directory)")
     # A tied LM head is not a parameter of its own (named_parameters() skips it).
     return _load(LlamaForCausalLM, config, model_dir, mesh, cfg, {})
 
 
 def load_sequence_classifier(
-    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0, head_seed: int = 0
+    cfg: ModelConfig, mesh: runtime.MeshInfo, *, pad_token_id: int | None = 0, head_seed: int = 0,
+    role: str = "value model", require_trained_head: bool = False,
 ) -> LlamaForSequenceClassification:
     """``LlamaForSequenceClassification`` (``num_labels=1``, bias-free ``score``), sharded.
 
     From a reward-model checkpoint its ``score`` is kept; from a causal-LM checkpoint (or
     ``tiny``) the LM head is dropped and ``score`` is drawn from normal(0, initializer_range)
-    with ``head_seed``.
+    with ``head_seed`` (logged, naming ``role``). ``require_trained_head``: refuse a checkpoint
+    without a score head (a frozen reward model with an untrained head scores noise).
     """
     config, model_dir = _model_config(cfg, pad_token_id)
     config.num_labels = 1
     config.architectures = ["LlamaForSequenceClassification"]
     if config.pad_token_id is None or config.pad_token_id == config.eos_token_id:
-        raise ValueError(
+        raise ModelRoleError(
             f"reward/value models need pad_token_id set and different from eos "
             f"({config.eos_token_id}); got {config.pad_token_id}"
         )
     gen = torch.Generator().manual_seed(head_seed)
     fresh_head = torch.randn((1, config.hidden_size), generator=gen) * config.initializer_range
+    # 'tiny' is the seeded random model of tests and benchmarks: random by request.
+    if require_trained_head and model_dir is not None and "score.weight" not in weight_index(model_dir):
+        raise ModelRoleError(
+            f"{cfg.name_or_path}: the {role} needs a trained score head (score.weight), and this "
+            "checkpoint has none (it is a causal LM): its rewards would be noise; train one "
+            "with python -m torchxla_rlhf.reward (model.name_or_path=this model) and give its "
+            "final/ directory here")
     if model_dir is not None and "score.weight" not in weight_index(model_dir):
-        logger.info("%s has no score head: initialising one from normal(0, %g)",
-                    cfg.name_or_path, config.initializer_range)
+        logger.warning("%s: the %s starts from a causal LM: its score head is new, drawn from "
+                       "normal(0, %g)", cfg.name_or_path, role, config.initializer_range)
     return _load(LlamaForSequenceClassification, config, model_dir, mesh, cfg,
                  {"score.weight": fresh_head})
 

@@ -27,6 +27,8 @@ from typing import Any
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from torchxla_rlhf.config import ConfigError
+
 __all__ = [
     "TULU_CHAT_TEMPLATE",
     "TINY_VOCAB_SIZE",
@@ -446,10 +448,9 @@ def load_tokenizer(
         tok = _from_pretrained(name_or_path, token, sentencepiece_legacy)
     if pad_token_id is not None:
         if not 0 <= pad_token_id < len(tok):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer_pad_token_id={pad_token_id} is outside the vocabulary of "
-                f"'{name_or_path}' (size {len(tok)})"
-            )
+                f"'{name_or_path}' (size {len(tok)})", key="tokenizer_pad_token_id")
         tok.pad_token = tok.convert_ids_to_tokens(pad_token_id)
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = TULU_CHAT_TEMPLATE

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import fsspec
 import torch
@@ -310,7 +310,10 @@ class Tracker:
             shown = dict(list(values.items())[:4])
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
-    def log_device_metrics(self, step: int, metrics: Mapping[str, Any], force: bool = False) -> None:
+    def log_device_metrics(self, step: int, metrics: Mapping[str, Any], force: bool = False,
+                           watch: Callable[[str], bool] | None = None,
+                           on_watched: Callable[[int, dict[str, float]], None] | None = None,
+                           ) -> None:
         """Log device tensors once the current graph has run, on logging steps only (or
         always with ``force``, as for evaluations).
 
@@ -319,12 +322,26 @@ class Tracker:
         background thread (lists are averaged), and :meth:`log` runs on this thread at a later
         ``runtime.sync()``/``runtime.wait()``, so the loop never waits for them. Do not modify
         the tensors in place before the next cut. On other steps only the bar moves.
+
+        ``watch``/``on_watched``: the metrics whose name ``watch`` accepts are read on EVERY
+        step (in the same background transfer on logging steps; alone, one small transfer, on
+        the others) and handed to ``on_watched(step, values)`` (the trainer's non-finite check).
         """
-        if not (force or self.should_log(step)):
+        logging_step = force or self.should_log(step)
+        watched = {k: v for k, v in metrics.items() if watch is not None and watch(k)}
+        if not logging_step:
             if self._bar is not None:
                 self._advance(step)
-            return
-        runtime.read_scalars_after_step(dict(metrics), lambda values: self.log(step, values))
+            if not watched or on_watched is None:
+                return
+
+        def deliver(values: dict[str, float]) -> None:
+            if logging_step:
+                self.log(step, values)
+            if on_watched is not None and watched:
+                on_watched(step, {k: values[k] for k in watched})
+
+        runtime.read_scalars_after_step(dict(metrics) if logging_step else watched, deliver)
 
     def _advance(self, step: int) -> None:
         bar = self._bar

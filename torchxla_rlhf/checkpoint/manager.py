@@ -157,13 +157,16 @@ class CheckpointManager:
             (every process calls it: the gathers are collectives).
         trained: ``{name: (model, optimizer)}`` whose state is saved and loaded.
         trainer_state: the JSON-able state beside it (step, data position, ...).
+        before_write: called before each checkpoint directory is written (every process, in
+            the same order); the trainer's check that no step before it was non-finite.
     """
 
     def __init__(self, output_dir: str, *, schedule: CheckpointSchedule, save_every_minutes: float,
                  save_training_state: bool, is_main: bool, export: Callable[[str], None],
                  trained: Callable[[], dict[str, tuple[Any, Any]]],
                  trainer_state: Callable[[], dict[str, Any]],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 before_write: Callable[[], None] | None = None):
         if save_every_minutes < 0:
             raise ValueError(f"save_every_minutes={save_every_minutes}: expected >= 0 (0 disables)")
         self.output_dir = output_dir.rstrip("/")
@@ -173,6 +176,7 @@ class CheckpointManager:
         self.is_main = is_main
         self.export, self.trained, self.trainer_state = export, trained, trainer_state
         self.clock = clock
+        self.before_write = before_write
         self.start_step = 0
         self.state_every_steps: int | None = None
         """The minutes schedule in steps, once calibrated (the same on every host)."""
@@ -211,6 +215,8 @@ class CheckpointManager:
         return written
 
     def _save_dir(self, path: str, step: int, *, hf: bool, with_state: bool) -> None:
+        if self.before_write is not None:
+            self.before_write()  # may refuse (raise): nothing of this save is written then
         start = time.perf_counter()
         if with_state:
             with staged(path, is_main_process=self.is_main) as staging:

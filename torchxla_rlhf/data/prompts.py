@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from torchxla_rlhf.config import ConfigError
 from torchxla_rlhf.data.chat import format_prompt, prompt_messages_from_record, special_texts
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.data.config import DatasetConfig
@@ -75,7 +76,8 @@ class PromptDataset:
             raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
         bos_text, eos_text = special_texts(tokenizer)
         if add_bos and not bos_text:
-            raise ValueError("prompt_add_bos is set but the tokenizer has no bos_token")
+            raise ConfigError("prompt_add_bos: true, but the tokenizer has no bos_token; set "
+                              "prompt_add_bos=false or use a tokenizer with one", key="prompt_add_bos")
         L = cfg.seq_length
         stats = dict(kept=0, dropped_truncated=0, truncated_kept=0, skipped_malformed=0)
         lengths: list[int] = []

@@ -15,6 +15,7 @@ from typing import Any
 
 from torchxla_rlhf.data.chat import DataError
 from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.errors import RemoteError
 
 __all__ = ["iter_records", "SourceStats"]
 
@@ -35,7 +36,7 @@ def _iter_jsonl(cfg: DatasetConfig, stats: SourceStats) -> Iterator[tuple[dict[s
     path = cfg.path
     assert path is not None
     try:
-        f = fsspec.open(path, "rt", encoding="utf-8").open()
+        f = fsspec.open(path, "rb").open()
     except FileNotFoundError as e:
         base = "" if "://" in path or os.path.isabs(path) else (
             f" (relative to the working directory {os.getcwd()}; in a config file, also to "
@@ -45,12 +46,19 @@ def _iter_jsonl(cfg: DatasetConfig, stats: SourceStats) -> Iterator[tuple[dict[s
         raise ImportError(
             f"DatasetConfig.path: cannot open {path}: {e} (for gs:// install gcsfs: pip install gcsfs)"
         ) from e
+    offset = 0  # of the line's first byte, for a decoding error
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             origin = f"{path}:{lineno}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{origin}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                    f"offset {start + e.start} of the file)") from None
+                if not line.strip():
+                    continue
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise DataError(
@@ -77,8 +85,12 @@ def _iter_hf(cfg: DatasetConfig) -> Iterator[tuple[dict[str, Any], str]]:
     try:
         ds = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split, token=os.environ.get("HF_TOKEN"))
     except Exception as e:  # network, unknown split, gated...: the message never includes the token
-        raise RuntimeError(
-            f"DatasetConfig.hf_name/hf_split: could not load '{cfg.hf_name}' split '{cfg.hf_split}': {e}"
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = " (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: only cached datasets load)" \
+            if any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) else ""
+        raise RemoteError(
+            f"DatasetConfig.hf_name/hf_split: could not load '{cfg.hf_name}' split "
+            f"'{cfg.hf_split}': {type(e).__name__}: {detail}{offline}"
         ) from e
     for i, record in enumerate(ds):
         yield dict(record), f"{cfg.hf_name}[{cfg.hf_split}]:{i}"

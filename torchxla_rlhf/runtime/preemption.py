@@ -21,7 +21,7 @@ one (several single-host CPU processes in the tests); with ``TORCHXLA_RLHF_PROCE
 ``TORCHXLA_RLHF_NUM_PROCESSES``."""
 
 _PREEMPTION: dict[str, Any] = {"mode": None, "flag": False, "previous": None, "stop_step": None,
-                               "group": (0, 1)}
+                               "group": (0, 1), "previous_int": None, "interrupted": False}
 
 
 def _preemption_group() -> tuple[int, int, str, str] | None:
@@ -60,6 +60,7 @@ def start_preemption_sync() -> str:
         return _PREEMPTION["mode"]
     init()
     group = _preemption_group()
+    _install_interrupt_handler(sync=group is not None)
     if group is None:
         def handler(signum, frame):
             _PREEMPTION["flag"] = True
@@ -78,6 +79,28 @@ def start_preemption_sync() -> str:
     _PREEMPTION.update(mode="sync", group=(pid, count))
     logger.info("preemption sync: process %d of %d (coordinator %s:%s)", pid, count, host, port)
     return "sync"
+
+
+def _install_interrupt_handler(sync: bool) -> None:
+    """Ctrl-C (SIGINT) as SIGTERM: the first one saves at the next step boundary and stops;
+    a second one raises ``KeyboardInterrupt`` at once (the command line prints one line; a
+    checkpoint being written is never published half-done)."""
+    def handler(signum, frame):
+        if _PREEMPTION["interrupted"]:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        _PREEMPTION["interrupted"] = True
+        logger.warning("Ctrl-C: saving at the next step boundary, then stopping "
+                       "(press Ctrl-C again to stop at once, without saving)")
+        if sync:  # the sync manager owns SIGTERM: every host then stops at the same step
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            _PREEMPTION["flag"] = True
+
+    try:
+        _PREEMPTION["previous_int"] = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave SIGINT as it is
+        _PREEMPTION["previous_int"] = None
 
 
 def should_stop(step: int) -> bool:
@@ -107,6 +130,9 @@ def stop_preemption_sync() -> None:
     """
     if _PREEMPTION["mode"] == "local" and _PREEMPTION["previous"] is not None:
         signal.signal(signal.SIGTERM, _PREEMPTION["previous"])
+    if _PREEMPTION.get("previous_int") is not None:
+        signal.signal(signal.SIGINT, _PREEMPTION["previous_int"])
+    _PREEMPTION.update(previous_int=None, interrupted=False)
     if _PREEMPTION["mode"] == "sync":
         if _PREEMPTION["group"][0] == 0 and not _PREEMPTION.get("linger"):
             import atexit

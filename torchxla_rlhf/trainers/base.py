@@ -2,14 +2,16 @@
 
 :func:`run` (and the trainers' constructor, which it calls) does, in this order:
 
-1. set up the run (:func:`setup_run`: runtime and mesh, output directory with the resolved
-   config, tokenizer);
+0. take ``output_dir``'s lock (process 0; :func:`take_output_dir_lock`);
+1. set up the run (:func:`setup_run`: runtime and mesh, output directory checks, tokenizer);
 2. build the task: the subclass's :meth:`Trainer.build` (its data, models, optimizers and
    compiled graphs), which returns the number of steps;
-3. resume from ``resume_from`` when asked;
+3. resume from ``resume_from`` when asked, then record the run's config
+   (:func:`run_dir.record_config`);
 4. train: a baseline evaluation, then update -> log -> evaluate -> checkpoint until
-   ``total_steps`` or SIGTERM;
-5. close the tracker.
+   ``total_steps``, SIGTERM/Ctrl-C, or a non-finite loss or gradient norm (read back with
+   each step's metrics; every save first checks the steps before it);
+5. close the tracker and release the lock.
 
 Checkpoints go through one :class:`~torchxla_rlhf.checkpoint.CheckpointManager`: the loop
 calls its ``save(step, last=...)`` after every step and the constructor its ``load``.
@@ -22,7 +24,9 @@ remember.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import math
 import os
 import signal
 import time
@@ -30,15 +34,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.config import save_config, to_dict
+from torchxla_rlhf import checkpoint, models, run_dir, runtime
+from torchxla_rlhf.config import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.errors import EXIT_PREEMPTED, Preempted
+from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, Preempted,
+                                  ResumeError, RunFailure, call_with_timeout, failure_during,
+                                  one_line)
 from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.remote import check_remote_paths
-from torchxla_rlhf.run_dir import CONFIG_FILE, check_output_dir
 from torchxla_rlhf.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker, wandb_settings
 
@@ -54,6 +60,8 @@ class RunContext:
     tokenizer: Any
     output_dir: str
     is_main: bool
+    dir_plan: str = "new"
+    """What the run does to ``output_dir`` once started (:func:`run_dir.check_output_dir`)."""
 
 
 def setup_run(cfg: Any) -> RunContext:
@@ -63,8 +71,9 @@ def setup_run(cfg: Any) -> RunContext:
     output_dir = cfg.output_dir.rstrip("/")
     # Before anything is written or loaded: remote paths answer, output_dir is ours.
     check_remote_paths(cfg, cfg.remote_timeout_s)
-    check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
-                     resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+    dir_plan = run_dir.check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
+                                        resume=bool(cfg.resume_from),
+                                        overwrite=cfg.overwrite_output_dir)
     wandb_settings(cfg.logger)  # a bad $WANDB_MODE fails now, not after the models load
     runtime.init()
     runtime.manual_seed(cfg.seed)
@@ -78,7 +87,8 @@ def setup_run(cfg: Any) -> RunContext:
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
     )
-    return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir, is_main=is_main)
+    return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir,
+                      is_main=is_main, dir_plan=dir_plan)
 
 
 def make_loader(dataset, data_cfg, mesh: runtime.MeshInfo, *, train: bool = True) -> BatchLoader:
@@ -120,6 +130,10 @@ class Trainer:
         """The step at which every host agreed to stop for a preemption (after saving)."""
         self.data_reports: dict[str, Any] = {}
         """``{name: DataReport}`` of the datasets :meth:`build` read (logged at step 0)."""
+        self.non_finite: tuple[int, str, float] | None = None
+        """``(step, metric, value)`` of the first non-finite watched metric read back."""
+        self.last_good_checkpoint: tuple[str, int] | None = None
+        """``(path, step)`` of the newest checkpoint known to hold finite weights."""
         self.total_steps = self.build()
         # Remote models: every host trains against the version process 0 loaded.
         models.check_hosts_loaded_the_same_models(self.ctx.output_dir)
@@ -130,12 +144,14 @@ class Trainer:
             save_training_state=cfg.save_training_state, is_main=self.ctx.is_main,
             export=self.save, trained=self.trained_models,
             trainer_state=lambda: {"step": self.step, "total_steps": self.total_steps,
-                                   "data": self.data_state()})
+                                   "data": self.data_state()},
+            before_write=self._settle_metrics)
         self._resume()
         # Written only now that config, data and models have been checked: a run that fails
-        # at start-up leaves an existing run's config.yaml untouched.
+        # at start-up leaves an existing run's config.yaml (and, with overwrite, its files)
+        # untouched. A resumed run records what it changed instead of rewriting config.yaml.
         if self.ctx.is_main:
-            save_config(cfg, f"{self.ctx.output_dir}/{CONFIG_FILE}")
+            run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step)
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
                                self.total_steps, resume_step=self.step if cfg.resume_from else None,
@@ -197,7 +213,12 @@ class Trainer:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
                            state.get("total_steps"), self.total_steps)
         self.step = int(state["step"])
-        self.load_data_state(state.get("data", {}))
+        try:
+            self.load_data_state(state.get("data", {}))
+        except ValueError as e:  # the data pipeline differs from the checkpoint's
+            raise ResumeError(f"resume_from={self.cfg.resume_from}: {e}; resume with the data "
+                              "settings the run was started with") from e
+        self.last_good_checkpoint = (self.checkpoints.resolve(self.cfg.resume_from), self.step)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -230,7 +251,13 @@ class Trainer:
                 # Dispatch is asynchronous: in steady state this interval is the step time.
                 metrics["time/step_s"] = now - t_prev
                 t_prev = now
-                self.tracker.log_device_metrics(self.step, metrics)
+                self.tracker.log_device_metrics(self.step, metrics, watch=is_watched_metric,
+                                                on_watched=self._check_finite)
+                if runtime.process_count() == 1:
+                    # A value read back since the last step boundary. With several hosts the
+                    # reads land at different moments, so they stop together at the next save
+                    # (or the end) instead: a host stopping alone would hang the others.
+                    self._stop_if_non_finite()
                 is_last = self.step == self.total_steps
                 if eval_freq and (self.step % eval_freq == 0 or is_last):
                     self._log_eval()
@@ -244,6 +271,7 @@ class Trainer:
                     break
             runtime.sync()
             runtime.wait()
+            self._stop_if_non_finite()
             if self.compiles_after_first_step:
                 logger.warning(
                     "%d XLA compilation(s) after the first step: a shape or a Python scalar "
@@ -259,11 +287,46 @@ class Trainer:
         """The most recently logged values (training and eval), as host floats."""
         return self.tracker.latest
 
+    # -- non-finite values ------------------------------------------------------------------
+
+    def _check_finite(self, step: int, values: dict[str, float]) -> None:
+        """Called with each step's watched metrics once they are read back (no extra sync)."""
+        if self.non_finite is None:
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    self.non_finite = (step, name, value)
+                    return
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise :class:`NonFiniteError` once a watched metric was non-finite."""
+        if self.non_finite is None:
+            return
+        step, name, value = self.non_finite
+        if self.last_good_checkpoint is None:
+            good = "no checkpoint was saved before it"
+        else:
+            path, at = self.last_good_checkpoint
+            good = f"the last good checkpoint is {path} (step {at})"
+        raise NonFiniteError(
+            f"{name} = {value} at step {step} (stopped at step {self.step}); nothing after step "
+            f"{step - 1} was saved; {good}. Lower the learning rate or check the data")
+
+    def _settle_metrics(self) -> None:
+        """Before a checkpoint is written: every step's watched metrics read back and checked,
+        so a save never publishes the state of a step whose loss or gradient was non-finite.
+        The save reads the weights back anyway; this waits for the same step to finish."""
+        runtime.sync()  # runs the step closures that queue the last step's read
+        runtime.drain_scalar_reads()
+        self._stop_if_non_finite()
+
     def _save_uncounted(self, is_last: bool, preempted: bool) -> None:
         # Gathering sharded weights to the host runs torch_xla's replicate graphs, which count
         # as compilations; they are not training-step graphs, so keep them out of the count.
         before = runtime.compile_count()
-        self.checkpoints.save(self.step, last=is_last, preempted=preempted)
+        with failure_during("saving a checkpoint in", self.ctx.output_dir, SafetensorError):
+            written = self.checkpoints.save(self.step, last=is_last, preempted=preempted)
+        if written:
+            self.last_good_checkpoint = (written[0], self.step)
         self._compiles_at_first_step += runtime.compile_count() - before
 
     def log_data_reports(self) -> None:
@@ -297,32 +360,64 @@ def configure_logging(level: str) -> None:
     )
 
 
+WATCHED_METRICS = ("loss", "gradient_norm", "param_norm", "*/loss/total", "*/gradient_norm")
+"""Metrics whose non-finite value stops a run (read back every step with the step's metrics)."""
+
+
+def is_watched_metric(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in WATCHED_METRICS)
+
+
+def take_output_dir_lock(cfg: Any) -> run_dir.RunLock | None:
+    """Process 0 takes ``output_dir``'s lock before anything is written (None elsewhere); a
+    remote directory that does not answer fails within ``remote_timeout_s``."""
+    runtime.init()
+    if not runtime.is_main_process():
+        return None
+    output_dir = cfg.output_dir.rstrip("/")
+
+    def take() -> run_dir.RunLock:
+        return run_dir.acquire_lock(output_dir, takeover_stale=bool(cfg.resume_from))
+
+    if "://" not in output_dir:
+        return take()
+    return call_with_timeout(take, cfg.remote_timeout_s, f"output_dir={output_dir}")
+
+
 def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
         label: str | None = None) -> dict[str, float]:
-    """The whole run: set up, build, resume (the constructor), train, close; returns the last
-    logged metrics (the entry points' ``main``). ``setup_logging``: configure console logging
-    at ``cfg.log_level`` first (command lines; a library caller keeps its own logging).
+    """The whole run: take ``output_dir``'s lock, set up, build, resume (the constructor),
+    train, close, release the lock; returns the last logged metrics (the entry points'
+    ``main``). ``setup_logging``: configure console logging at ``cfg.log_level`` first
+    (command lines; a library caller keeps its own logging). An ``OSError`` once training
+    has started is a :class:`~torchxla_rlhf.errors.RunFailure` (exit 1), not a user error.
     ``label``: the progress bar's name (the pipeline's stage).
 
     Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
     caller (the pipeline, a shell script) mistakes it for a finished one."""
     if setup_logging:
         configure_logging(cfg.log_level)
+    lock = take_output_dir_lock(cfg)
     # Until training starts (minutes of weight loading on a pod) nothing is worth saving: a
     # preemption notice then ends the process at once with the code the launcher relaunches
     # on, instead of the default SIGTERM death it reads as a failure. Training installs its
     # own handler (runtime.start_preemption_sync) while it runs.
-    previous = _exit_preempted_on_sigterm()
+    previous = _exit_preempted_on_sigterm(lock)
     try:
         trainer = trainer_cls(cfg, label)
         try:
             metrics = trainer.train()
+        except OSError as e:  # a disk or bucket failing mid-run is not the user's mistake
+            raise RunFailure(f"training failed at step {trainer.step + 1}: {one_line(e)}; "
+                             f"{RESUME_HINT}") from e
         finally:
             trainer.close()
         leave_together(trainer.ctx.output_dir)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if lock is not None:
+            lock.release()
     if trainer.preempted_at is not None:
         raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
     return metrics
@@ -359,13 +454,16 @@ def leave_together(output_dir: str, *, clock=time.monotonic, sleep=time.sleep) -
     checkpoint.fsio.rm_quiet(fs, root)
 
 
-def _exit_preempted_on_sigterm() -> Any:
-    """Make SIGTERM end the process with :data:`EXIT_PREEMPTED` at once; returns the previous
-    handler (None when not on the main thread, where handlers cannot be set)."""
+def _exit_preempted_on_sigterm(lock: run_dir.RunLock | None = None) -> Any:
+    """Make SIGTERM end the process with :data:`EXIT_PREEMPTED` at once (releasing ``lock``,
+    so that the relaunch finds the directory free); returns the previous handler (None when
+    not on the main thread, where handlers cannot be set)."""
     def handler(signum, frame):
         logging.getLogger("torchxla_rlhf").warning(
             "SIGTERM before the first training step: nothing to save, exiting %d", EXIT_PREEMPTED)
-        os._exit(EXIT_PREEMPTED)  # mid weight-load: no cleanup worth running
+        if lock is not None:
+            lock.release()
+        os._exit(EXIT_PREEMPTED)  # mid weight-load: no other cleanup worth running
 
     try:
         return signal.signal(signal.SIGTERM, handler)

@@ -97,7 +97,8 @@ class GRPOTrainer(PPOTrainer):
         self.reference = (models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad),
                                         cfg.model, mesh) if cfg.needs_reference else None)
         rm_cfg = cfg.reward_model
-        self.reward_model = (models.freeze(models.load_sequence_classifier(rm_cfg, mesh, pad_token_id=pad),
+        self.reward_model = (models.freeze(models.load_sequence_classifier(
+            rm_cfg, mesh, pad_token_id=pad, role="reward model", require_trained_head=True),
                                            rm_cfg, mesh) if rm_cfg is not None else None)
         self.policy.train()
         self.generator = Generator(self.policy, cfg.sampling, eos_token_id=self.eos_id,

@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from torchxla_rlhf import checkpoint, models, runtime
+from torchxla_rlhf.config import ConfigError
 from torchxla_rlhf.data.preference import PreferenceDataset
 from torchxla_rlhf.optim import AdamW, Schedule
 from torchxla_rlhf.trainers.base import Trainer, make_loader
@@ -48,10 +49,10 @@ class PairData:
         accumulate = cfg.optimizer.accumulate_gradient_steps
         updates = math.floor(self.loader.steps_per_epoch * cfg.num_epochs / accumulate)
         if updates < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"num_epochs={cfg.num_epochs} over {self.loader.steps_per_epoch} batch(es) per "
-                f"epoch gives no optimizer update with accumulate_gradient_steps={accumulate}"
-            )
+                f"epoch gives no optimizer update with optimizer.accumulate_gradient_steps="
+                f"{accumulate}; raise num_epochs or set total_steps", key="num_epochs")
         return updates
 
     def next_batch(self) -> dict[str, torch.Tensor]:

@@ -74,7 +74,8 @@ class PPOTrainer(Trainer):
             models.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh
         )
         self.reward_model = models.freeze(
-            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad),
+            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad,
+                                            role="reward model", require_trained_head=True),
             cfg.reward_model, mesh,
         )
         self.value = models.load_sequence_classifier(

@@ -18,7 +18,7 @@ class RewardTrainer(PairTrainer):
         cfg = self.cfg
         return models.load_sequence_classifier(
             cfg.model, self.ctx.mesh, pad_token_id=cfg.tokenizer_pad_token_id,
-            head_seed=cfg.head_seed,
+            head_seed=cfg.head_seed, role="reward model being trained",
         )
 
     def pair_loss(self, batch):
