@@ -9,6 +9,7 @@ the launcher sends). Every call's argv is appended to ``calls.log``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from torchxla_rlhf.errors import EXIT_PREEMPTED
 from torchxla_rlhf.launch import (
+    Launcher,
     LaunchError,
     command_string,
     parse_args,
@@ -385,6 +387,41 @@ def test_argument_rules():
         parse_env(["A=1\n2"], {})
     opts = parse_args(["--tpu", "t", "--zone", "z", "--", "echo", "hi"], {})
     assert opts.command == "echo hi" and opts.repo_dir == "~/torchxla_rlhf"
+
+
+def test_help_gives_every_flag_a_help_text_and_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"], {})
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    body = out[out.index("options:"):]
+    entries = re.split(r"\n  (?=-)", body)[1:]  # one per option, its help wrapped under it
+    flags = {m.group(1): " ".join(entry.split()) for entry in entries
+             if (m := re.match(r"(--[\w-]+)", entry))}
+    assert {"--tpu", "--zone", "--project", "--env", "--setup", "--repo-url", "--repo-dir",
+            "--restart-on-preemption", "--dry-run", "--workers", "--run-id", "--poll-interval",
+            "--kill-grace", "--preemption-timeout", "--max-restarts"} <= set(flags)
+    for flag, text in flags.items():
+        described = text.split(None, 1)[1] if text.count(" ") else ""
+        assert len(described) > 20, (flag, text)  # a help text, not just the metavar
+        if flag not in ("--tpu", "--zone"):  # required: no default
+            assert "(default: " in text, (flag, text)
+    assert "(default: 30.0)" in flags["--poll-interval"] and "(default: off)" in flags["--setup"]
+
+
+def test_dry_run_prints_every_worker_or_says_how_they_differ():
+    opts = parse_args(["--tpu", "t", "--zone", "z", "--dry-run", "--run-id", "r", "--", "true"], {})
+    lines = Launcher(opts).dry_run()
+    assert all("--worker=0" in line for line in lines if "ssh" in line and not line.startswith("#"))
+    assert "gets the same commands with --worker=I" in lines[-1]
+    opts = parse_args(["--tpu", "t", "--zone", "z", "--dry-run", "--workers", "3", "--run-id", "r",
+                       "--", "true"], {})
+    lines = Launcher(opts).dry_run(opts.dry_run_workers)
+    starts = [line for line in lines if "nohup setsid" in line]
+    assert [("--worker=%d" % i) in s and f"worker-{i}.log" in s for i, s in enumerate(starts)] == [True] * 3
+    assert not any("--worker=I" in line for line in lines)
+    with pytest.raises(SystemExit):
+        parse_args(["--tpu", "t", "--zone", "z", "--workers", "3", "--", "true"], {})
 
 
 def _libtpu_so() -> str | None:

@@ -21,7 +21,8 @@ def _quiet_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -172,6 +173,90 @@ def test_object_store_jsonl_is_buffered_and_rewritten():
         assert g._lines == ['{"step": 1}\n', '{"step": 2}\n']
     finally:
         fs.rm(path, recursive=True)
+
+
+def test_wandb_follows_the_environment_unless_the_config_sets_it(tmp_path, monkeypatch, caplog):
+    """WANDB_MODE=offline alone gives an offline run directory in output_dir; the start logs
+    one line saying where metrics go."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g1")
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="torchxla_rlhf.tracking")
+    with Tracker(LoggingConfig(progress_bar=False), str(out), {}, True, total_steps=1) as tracker:
+        assert tracker._run.settings.mode == "offline"
+        assert tracker._run.project == "from-env" and tracker._run.group == "g1"
+        tracker.log(1, {"loss": 1.0})
+    runs = [p for p in os.listdir(out / "wandb") if p.startswith("offline-run-")]
+    assert len(runs) == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics: ")]
+    assert len(lines) == 1
+    assert f"{out}/metrics.jsonl" in lines[0] and "W&B offline (from $WANDB_MODE)" in lines[0]
+    assert f"wandb sync {out}/wandb/{runs[0]}" in lines[0]
+
+
+def test_wandb_dir_from_the_environment_wins_over_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    with Tracker(LoggingConfig(wandb_mode="offline", progress_bar=False), str(tmp_path / "run"),
+                 {}, True, total_steps=1) as tracker:
+        tracker.log(1, {"loss": 1.0})
+    assert [p for p in os.listdir(tmp_path / "wb" / "wandb") if p.startswith("offline-run-")]
+    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl"]
+
+
+def test_wandb_settings_precedence():
+    from torchxla_rlhf.tracking import WandbEnvError, wandb_settings
+
+    env = {"WANDB_MODE": "offline", "WANDB_PROJECT": "p", "WANDB_ENTITY": "e", "WANDB_RUN_GROUP": "g"}
+    s = wandb_settings(LoggingConfig(), env)
+    assert (s.mode, s.project, s.entity, s.group, s.mode_from) == ("offline", "p", "e", "g", "$WANDB_MODE")
+    s = wandb_settings(LoggingConfig(wandb_mode="disabled", project="mine", group="x"), env)
+    assert (s.mode, s.project, s.group, s.ignored_env_mode) == ("disabled", "mine", "x", "offline")
+    s = wandb_settings(LoggingConfig(), {})
+    assert (s.mode, s.project, s.entity, s.mode_from) == ("disabled", "torchxla_rlhf", None, "default")
+    assert wandb_settings(LoggingConfig(), {"WANDB_MODE": "dryrun"}).mode == "offline"
+    with pytest.raises(WandbEnvError, match="WANDB_MODE='offlne'"):
+        wandb_settings(LoggingConfig(), {"WANDB_MODE": "offlne"})
+
+
+def test_destination_line_says_where_metrics_go():
+    from types import SimpleNamespace
+
+    from torchxla_rlhf.tracking import destination_line, wandb_settings
+
+    off = wandb_settings(LoggingConfig(), {})
+    assert destination_line(off, None, "o/metrics.jsonl") == (
+        "metrics: o/metrics.jsonl; W&B disabled (WANDB_MODE=offline|online or "
+        "logger.wandb_mode turns it on)")
+    online = wandb_settings(LoggingConfig(wandb_mode="online"), {"WANDB_MODE": "offline"})
+    run = SimpleNamespace(url="https://wandb.ai/e/p/runs/abc")
+    line = destination_line(online, run, "o/metrics.jsonl")
+    assert line.endswith("W&B online (logger.wandb_mode; WANDB_MODE=offline ignored): "
+                         "https://wandb.ai/e/p/runs/abc")
+
+
+def test_progress_bar_eta_starts_after_the_compiling_step(tmp_path):
+    """The bar is named after the trainer, says it is compiling until step 1 is done, and its
+    rate (hence its ETA) counts only the steps after the first one."""
+    now = [0.0]
+    tracker = Tracker(LoggingConfig(log_freq=100), str(tmp_path), {}, True, total_steps=10, name="dpo")
+    bar = tracker._bar
+    bar._time = lambda: now[0]
+    bar.start_t = bar.last_print_t = 0.0
+    assert bar.desc == "dpo compiling"
+    tracker.log(0, {"eval/loss": 1.0})  # the baseline evaluation, before step 1
+    assert bar.desc == "dpo compiling" and bar.n == 0
+    now[0] = 80.0  # step 1: the compilation
+    tracker.log_device_metrics(1, {})
+    assert bar.desc == "dpo" and bar.n == 1
+    assert bar.format_dict["elapsed"] == 0.0 and bar.format_dict["rate"] is None  # ETA: ?
+    now[0] = 81.0  # step 2 takes one second
+    tracker.log_device_metrics(2, {})
+    d = bar.format_dict
+    rate = d["rate"] or (d["n"] - d["initial"]) / d["elapsed"]
+    assert rate == pytest.approx(1.0)  # the naive average would be 2 steps / 81 s
+    assert "00:08" in bar.format_meter(**d)  # 8 steps left at 1 s each
+    tracker.close()
 
 
 @pytest.mark.parametrize("appendable", [True, False])

@@ -75,12 +75,32 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
                                  sentencepiece_legacy=cfgs[s].tokenizer_legacy)
             kinds[s].trainer_class().check_data(cfgs[s], tok)
     results: dict[str, dict[str, float]] = {}
-    for s in STAGES:
+    for i, s in enumerate(STAGES, 1):
         if done[s]:
             logger.info("pipeline --resume: %s/final is complete, skipping %s", out[s], s)
             continue
-        results[s] = run(kinds[s].trainer_class(), cfgs[s], setup_logging=setup_logging)
+        print(f"stage {i}/{len(STAGES)}: {s} -> {out[s]}", flush=True)
+        results[s] = run(kinds[s].trainer_class(), cfgs[s], setup_logging=setup_logging,
+                         label=f"{s} (stage {i}/{len(STAGES)})")
+    print(pipeline_summary(out), flush=True)
     return results
+
+
+OUTPUTS = {
+    "dpo": [("final", "the DPO policy (AutoModelForCausalLM)")],
+    "reward": [("final", "the reward model (AutoModelForSequenceClassification)")],
+    "ppo": [("final", "the PPO policy (AutoModelForCausalLM)"),
+            ("final-value", "its value model")],
+}
+
+
+def pipeline_summary(out: dict[str, str]) -> str:
+    """Where the pipeline's outputs are: each stage's exported checkpoints and metrics."""
+    rows = [(f"{out[s]}/{name}", what) for s in STAGES for name, what in OUTPUTS[s]]
+    width = max(len(path) for path, _ in rows)
+    lines = ["pipeline done; outputs:"] + [f"  {path:<{width}}  {what}" for path, what in rows]
+    lines.append(f"  metrics: {', '.join(f'{out[s]}/metrics.jsonl' for s in STAGES)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
               "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
         print("  python -m torchxla_rlhf plan --config FILE [--tpu v3-256] [key=value ...]   "
               "the start-up checks and the per-device memory plan, without a device")
+        print("  python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [options] -- COMMAND ...   "
+              "run COMMAND on every worker of a TPU pod")
+        print("\nEach trainer's --help lists its config keys; --config FILE --help shows FILE's "
+              "values,\n--print-config the resolved YAML, --check the device-free start-up checks.")
         return 0
     if argv[0] == "plan":
         return plan_main(argv[1:])
@@ -147,8 +171,10 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"{TRAIN_PROG}: error: {e}", file=sys.stderr)
         return 2
+    from torchxla_rlhf.check import run_checks
+
     cli_main(spec.config, lambda cfg: run(spec.trainer_class(), cfg, setup_logging=True),
-             argv, prog=f"{TRAIN_PROG} ({spec.kind})")
+             argv, prog=f"{TRAIN_PROG} ({spec.kind})", check=run_checks)
     return 0
 
 

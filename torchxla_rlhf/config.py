@@ -54,6 +54,11 @@ T = TypeVar("T")
 BASE_KEY = "base"
 """Reserved top-level YAML key naming the file(s) this one is merged over."""
 
+RELATIVE_PATH = "relative_path"
+"""Field metadata key: ``field(metadata={RELATIVE_PATH: True})`` marks a ``str`` field whose
+relative local value, when set in a config file, is read from the working directory if it
+exists there, else from the folder of the file that sets it (see :func:`resolve_relative`)."""
+
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 """The repository's ``configs/``: a ``--config`` name that is not a file is looked up here."""
 
@@ -235,6 +240,9 @@ def _build(cls: type, data: Any, prefix: str, origins: _Origins, root: type) -> 
         if f.name in hints and f.name not in kwargs and f.default_factory is not dataclasses.MISSING \
                 and (sub := _section_type(hints[f.name])) is not None:
             kwargs[f.name] = _build(sub, {}, _join(prefix, f.name), origins, root)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(RELATIVE_PATH) and isinstance(kwargs.get(f.name), str):
+            kwargs[f.name] = resolve_relative(kwargs[f.name], origins.where(_join(prefix, f.name)))
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
                and f.default is f.default_factory is dataclasses.MISSING]
     if missing:
@@ -250,6 +258,20 @@ def _build(cls: type, data: Any, prefix: str, origins: _Origins, root: type) -> 
     except ValueError as e:
         raise _invalid(cls, prefix, str(e), origins) from e
     return cfg
+
+
+def resolve_relative(path: str, where: str) -> str:
+    """A relative local ``path`` set at ``where`` (``file:line``): unchanged when it exists
+    relative to the working directory (what TRL and EasyLM users expect), else joined to the
+    folder of the config file that sets it when it exists there (so that a shipped config's
+    data are found from any directory), else unchanged (the reader's not-found error names
+    the working directory). URLs, absolute paths and command-line values stay as they are."""
+    m = re.fullmatch(r"(.+):\d+", where)
+    if m is None or "://" in path or os.path.isabs(path) or "://" in m.group(1) \
+            or os.path.exists(path):
+        return path
+    beside = os.path.normpath(os.path.join(os.path.dirname(m.group(1)), path))
+    return beside if os.path.exists(beside) else path
 
 
 def _invalid(cls: type, prefix: str, message: str, origins: _Origins) -> ConfigError:
@@ -561,7 +583,12 @@ def declared_value(path: str, key: str) -> tuple[Any, str]:
 
 
 def _usage(prog: str) -> str:
-    return f"usage: {prog} [-h] [--config FILE] [key=value | --key=value | --key value ...]"
+    return (f"usage: {prog} [-h] [--config FILE] [--print-config | --check [--devices N]] "
+            "[key=value | --key=value | --key value ...]")
+
+
+ACTIONS = ("--print-config", "--check")
+"""Flags that replace the run: print the resolved config, or run the device-free checks."""
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str = "train") -> T:
@@ -569,9 +596,12 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str = "trai
     ``--key=value`` or, as EasyLM's flags, ``--key value``. ``-h/--help`` prints every key with
     its type, default and docstring and exits 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        sys.stdout.write(format_help(cls, prog))
-        raise SystemExit(0)
+    wants_help = "-h" in argv or "--help" in argv
+    if wants_help:
+        argv = [a for a in argv if a not in ("-h", "--help")]
+        if "--config" not in argv and not any(a.startswith(("--config=", "config=")) for a in argv):
+            sys.stdout.write(format_help(cls, prog))
+            raise SystemExit(0)
     config, overrides = None, []
     args = iter(argv)
     for arg in args:
@@ -591,27 +621,46 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str = "trai
             config = value
         else:
             overrides.append(f"{name}={value}")
-    return load_config(cls, config, overrides)
+    cfg = load_config(cls, config, overrides)
+    if wants_help:  # --config FILE --help: the keys with FILE's (and the overrides') values
+        sys.stdout.write(format_help(cls, prog, cfg, source=config, overrides=len(overrides)))
+        raise SystemExit(0)
+    return cfg
 
 
-def format_help(cls: type, prog: str = "train") -> str:
-    """The ``--help`` text: every key with its type, default and docstring, by section."""
+def format_help(cls: type, prog: str = "train", cfg: Any = None, *, source: str | None = None,
+                overrides: int = 0) -> str:
+    """The ``--help`` text: every key with its type, default and docstring, by section; with
+    ``cfg`` (``--config FILE --help``) each key shows ``cfg``'s value, and its default where
+    that differs."""
     out = [_usage(prog), ""]
     if doc := _class_doc(cls):
         out += [doc, ""]
     out += [
         "options:",
-        "  -h, --help       show this help and exit",
+        "  -h, --help       show this help and exit; after --config FILE (and overrides), show",
+        "                   FILE's resolved values",
         "  --config FILE    YAML config file (local, gs://, or a shipped config's name such as",
         "                   ppo_13b.yaml or tiny/dpo.yaml); a top-level `base: other.yaml`",
         "                   (relative to the file) is merged under its keys",
         "  key=value        set one key after the file; the value is read as YAML, e.g.",
         "                   optimizer.lr=1e-6 mesh_dim='1,2,2' use_ipo=true eval_dataset=null",
         "                   (also --key=value and --key value)",
+        "  --print-config   print the resolved config as YAML and exit",
+        "  --check          run every start-up check that needs no device (config, remote paths,",
+        "                   output_dir, W&B settings, model configs, data report, mesh, memory",
+        "                   plan) and exit: 0 if all pass, 2 if any fails",
+        "  --devices N      with --check: the device count to check the mesh on (default: the",
+        "                   mesh_dim's product, or with a -1 axis this machine's devices)",
+        "  --debug          show the traceback of a user error",
         "",
-        "keys (nest them by section in YAML):",
     ]
-    _help_section(cls, "", out)
+    if cfg is None:
+        out.append("keys (nest them by section in YAML):")
+    else:
+        what = f"{source}" + (f" and {overrides} override(s)" if overrides else "")
+        out.append(f"keys with the values resolved from {what} (nest them by section in YAML):")
+    _help_section(cls, "", out, cfg)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -620,48 +669,94 @@ def _class_doc(cls: type) -> str:
     return "" if doc.startswith(f"{cls.__name__}(") else inspect.cleandoc(doc)
 
 
-def _help_section(cls: type, prefix: str, out: list[str]) -> None:
-    """The section's own keys first, then its subsections, each under a ``[key]`` header."""
+def _help_section(cls: type, prefix: str, out: list[str], values: Any = None) -> None:
+    """The section's own keys first, then its subsections, each under a ``[key]`` header.
+    ``values``: the section's resolved instance (its values are shown), or None (defaults)."""
     docs, fields = field_docs(cls), {f.name: f for f in dataclasses.fields(cls)}
     subsections = []
     for name, tp in _hints(cls).items():
         key, f = _join(prefix, name), fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
             else f.default
+        value = getattr(values, name) if values is not None else dataclasses.MISSING
         if _section_type(tp) is not None:
-            subsections.append((key, tp, default, docs.get(name)))
+            subsections.append((key, tp, default, docs.get(name), value))
             continue
-        shown = "(required)" if default is dataclasses.MISSING else f"= {_fmt(default)}"
+        if value is dataclasses.MISSING:
+            shown = "(required)" if default is dataclasses.MISSING else f"= {_fmt(default)}"
+        elif default is dataclasses.MISSING or _fmt(value) == _fmt(default):
+            shown = f"= {_fmt(value)}"
+        else:
+            shown = f"= {_fmt(value)}   (default: {_fmt(default)})"
         out.append(f"  {key}: {_type_name(tp)} {shown}")
         if name in docs:
             out.append(textwrap.indent(docs[name], "      "))
-    for key, tp, default, doc in subsections:
+    for key, tp, default, doc, value in subsections:
+        shows_null = value is None or (value is dataclasses.MISSING and default is None)
         note = f" = null (set any {key}.<key>=... to enable it with these defaults)" \
-            if default is None else ""
+            if shows_null else ""
         out += ["", f"[{key}] {_type_name(tp)}{note}"]
         if doc:
             out.append(textwrap.indent(doc, "    "))
         if cdoc := _class_doc(_section_type(tp)):
             out.append(textwrap.indent(cdoc, "    "))
-        _help_section(_section_type(tp), key, out)
+        _help_section(_section_type(tp), key, out,
+                      value if value is not dataclasses.MISSING and value is not None else None)
+
+
+def _pop_actions(argv: list[str]) -> tuple[list[str], str | None, int | None]:
+    """``argv`` without ``--print-config`` / ``--check`` / ``--devices N``, the action asked
+    for, and the device count."""
+    rest, action, devices = [], None, None
+    args = iter(argv)
+    for arg in args:
+        if arg in ACTIONS:
+            if action is not None and action != arg:
+                raise ConfigError(f"{action} and {arg} cannot be combined",
+                                  where=f"argument '{arg}'")
+            action = arg
+        elif arg == "--devices" or arg.startswith("--devices="):
+            text = arg.partition("=")[2] if "=" in arg else next(args, "")
+            if not text.isdigit() or int(text) < 1:
+                raise ConfigError(f"--devices: expected a device count >= 1, got {text!r}",
+                                  where="argument '--devices'")
+            devices = int(text)
+        else:
+            rest.append(arg)
+    if devices is not None and action != "--check":
+        raise ConfigError("--devices is only used with --check", where="argument '--devices'")
+    return rest, action, devices
 
 
 def cli_main(cls: type[T], main_fn: Callable[[T], Any], argv: Sequence[str] | None = None,
-             prog: str = "train") -> Any:
+             prog: str = "train", check: Callable[[T, int | None], int] | None = None) -> Any:
     """Parse the command line and return ``main_fn(cfg)``: the command line's error boundary
     (:func:`torchxla_rlhf.errors.run_guarded`). A :class:`ConfigError` from parsing prints the
     usage and ``prog: error: ...``; any other user error (data, mesh, files, URLs, models,
     resume, output_dir) prints its one line; both exit 2, as argparse does. A preempted run
-    exits 75. ``--debug`` (or ``TORCHXLA_RLHF_DEBUG=1``) shows tracebacks."""
+    exits 75. ``--debug`` (or ``TORCHXLA_RLHF_DEBUG=1``) shows tracebacks.
+
+    ``--print-config`` prints the resolved config as YAML and exits 0; ``--check [--devices
+    N]`` exits with ``check(cfg, devices)`` instead of running (``check`` is the entry point's
+    device-free start-up checks). Parsing, ``--help`` and ``--print-config`` import nothing
+    heavier than PyYAML."""
     from torchxla_rlhf.errors import debug_requested, run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
     try:
+        argv, action, devices = _pop_actions(argv)
+        if action == "--check" and check is None:
+            raise ConfigError(f"{prog} has no --check", where="argument '--check'")
         cfg = parse_cli(cls, argv, prog)
     except ConfigError as e:
         print(_usage(prog), file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if action == "--print-config":
+        sys.stdout.write(f"# resolved {cls.__name__}\n" + dump_yaml(cfg))
+        raise SystemExit(0)
+    if action == "--check":
+        raise SystemExit(run_guarded(lambda: check(cfg, devices), prog, debug))
     return run_guarded(lambda: main_fn(cfg), prog, debug)

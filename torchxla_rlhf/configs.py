@@ -3,8 +3,8 @@
 Field names follow the seed's EasyLM flags where one exists, so the paper's commands carry
 over: ``mesh_dim``, ``tokenizer_pad_token_id``, ``train_dataset.seq_length``,
 ``optimizer.accumulate_gradient_steps``, ``save_model_freq``, ``max_continuation_len``, ...
-The README maps every seed flag to its key here. This module imports no torch_xla and no
-model code, so that ``--help`` and config errors come in about two seconds.
+The README maps every seed flag to its key here. This module imports neither torch nor
+model code, so that ``--help`` and config errors answer in well under a second.
 """
 
 from __future__ import annotations
@@ -183,21 +183,28 @@ class SamplingConfig:
 
 @dataclass
 class LoggingConfig:
-    """Where and how often training metrics go."""
+    """Where and how often training metrics go. The W&B keys left unset (null) follow the
+    environment, as in TRL and accelerate: ``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``,
+    ``WANDB_RUN_GROUP`` (and wandb reads ``WANDB_API_KEY`` and ``WANDB_NAME`` itself); a value
+    set here wins over the environment."""
 
-    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
     """W&B mode: ``online`` syncs to wandb.ai (needs ``WANDB_API_KEY`` or ``wandb login``),
-    ``offline`` writes a run directory to upload later with ``wandb sync``, ``disabled``
-    makes every wandb call a no-op. ``metrics.jsonl`` is written in all modes."""
+    ``offline`` writes a run directory under output_dir to upload later with ``wandb sync``,
+    ``disabled`` makes every wandb call a no-op; null: ``$WANDB_MODE``, else disabled.
+    ``metrics.jsonl`` is written in all modes."""
 
-    project: str = "torchxla_rlhf"
-    """W&B project name."""
+    project: str | None = None
+    """W&B project name; null: ``$WANDB_PROJECT``, else torchxla_rlhf."""
 
     entity: str | None = None
-    """W&B entity (user or team); None uses the account's default."""
+    """W&B entity (user or team); null: ``$WANDB_ENTITY``, else the account's default."""
+
+    group: str | None = None
+    """W&B run group (e.g. the three stages of one pipeline); null: ``$WANDB_RUN_GROUP``."""
 
     run_name: str | None = None
-    """W&B run name; None lets wandb pick one."""
+    """W&B run name; null: ``$WANDB_NAME``, else wandb picks one."""
 
     log_freq: int = 1
     """Log device metrics every N optimizer steps (and at the last step). Reading them is
@@ -205,12 +212,14 @@ class LoggingConfig:
     by a background thread once the graph has run (the loop does not wait for it)."""
 
     progress_bar: bool = True
-    """Show a tqdm bar over the optimizer steps with the latest few metrics."""
+    """Show a tqdm bar over the optimizer steps with the latest few metrics, named after the
+    trainer. The first step's compilation is shown as such and left out of the ETA."""
 
     def __post_init__(self) -> None:
-        if self.wandb_mode not in ("online", "offline", "disabled"):
+        if self.wandb_mode not in ("online", "offline", "disabled", None):
             raise ValueError(
-                f"logging.wandb_mode={self.wandb_mode!r}: expected 'online', 'offline' or 'disabled'"
+                f"logging.wandb_mode={self.wandb_mode!r}: expected 'online', 'offline', 'disabled' "
+                "or null (follow $WANDB_MODE)"
             )
         if isinstance(self.log_freq, bool) or not isinstance(self.log_freq, int) or self.log_freq < 1:
             raise ValueError(f"logging.log_freq={self.log_freq!r}: expected an integer >= 1")

@@ -1,4 +1,4 @@
-"""``python -m torchxla_rlhf.grpo --config FILE_OR_SHIPPED_NAME [key=value ...]``
+"""``python -m torchxla_rlhf.grpo --config FILE_OR_SHIPPED_NAME [--print-config | --check] [key=value ...]``
 
 GRPO (and DAPO / Dr. GRPO / GSPO settings) or RLOO (``advantage=rloo``) with verifiable
 rewards. ``main(config)`` is importable.
@@ -6,6 +6,7 @@ rewards. ``main(config)`` is importable.
 
 from __future__ import annotations
 
+from torchxla_rlhf.check import run_checks
 from torchxla_rlhf.config import cli_main
 from torchxla_rlhf.configs import GRPOConfig
 
@@ -19,4 +20,5 @@ def main(cfg: GRPOConfig, *, setup_logging: bool = False) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli_main(GRPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.grpo")
+    cli_main(GRPOConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.grpo",
+             check=run_checks)

@@ -136,6 +136,8 @@ class Options:
     preemption_timeout: float = 6 * 3600.0
     max_restarts: int = 100
     gcloud: str = "gcloud"
+    dry_run_workers: int | None = None
+    """``--workers``: the pod size ``--dry-run`` prints every worker's commands for."""
 
 
 def parse_env(pairs: Sequence[str], environ: dict[str, str]) -> dict[str, str]:
@@ -182,6 +184,20 @@ def remote_path(path: str) -> str:
     return shlex.quote(path)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: argparse's ``(default: X)``, ``off`` for a
+    switch, or the help's own words where the default is not a value (required options have
+    none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or "(default" in text:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Options:
     environ = dict(os.environ if environ is None else environ)
     if "--" in argv:
@@ -194,22 +210,32 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
         description="Run COMMAND on every worker of a TPU pod (in the background, per-worker "
                     "logs, worker 0's log streamed here).",
         usage="%(prog)s --tpu NAME --zone ZONE [options] -- COMMAND ...",
+        formatter_class=_HelpWithDefaults,
     )
-    p.add_argument("--tpu", required=True, help="TPU VM name")
-    p.add_argument("--zone", required=True)
-    p.add_argument("--project")
+    p.add_argument("--tpu", required=True, help="TPU VM name (gcloud compute tpus tpu-vm list)")
+    p.add_argument("--zone", required=True, help="the TPU's zone, e.g. europe-west4-a")
+    p.add_argument("--project", help="Google Cloud project (default: gcloud's configured project)")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="environment for the command (values sent on stdin, never logged); "
-                        "a bare K takes this machine's value")
+                        "a bare K takes this machine's value; repeat for more (default: "
+                        "PJRT_DEVICE=TPU, the seed's LIBTPU_INIT_ARGS, and HF_TOKEN / "
+                        "WANDB_API_KEY when set here)")
     p.add_argument("--setup", action="store_true",
                    help="install the package on every worker first (launch/setup_tpu_vm.sh)")
-    p.add_argument("--repo-url", help="with --setup: git clone this into --repo-dir where missing")
+    p.add_argument("--repo-url", help="with --setup: git clone this into --repo-dir where "
+                                      "missing (default: none; --repo-dir must exist)")
     p.add_argument("--repo-dir", default="~/torchxla_rlhf",
                    help="the repository on the workers (~ is the worker's home)")
     p.add_argument("--restart-on-preemption", action="store_true",
                    help="when the TPU is preempted, wait for it and relaunch with resume_from=auto")
-    p.add_argument("--dry-run", action="store_true", help="print the gcloud commands only")
-    p.add_argument("--run-id", default="", help="names the per-run log directory on the workers")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the gcloud commands only (worker 0's, and how the others differ)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --dry-run: print every worker's commands for a pod of N workers "
+                        "(default: worker 0's; a run asks gcloud for the count)")
+    p.add_argument("--run-id", default="",
+                   help="names the per-run log directory on the workers (default: the start "
+                        "time, YYYYmmdd-HHMMSS)")
     p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between status polls")
     p.add_argument("--kill-grace", type=float, default=60.0,
                    help="seconds between SIGTERM and SIGKILL when stopping the workers")
@@ -220,12 +246,15 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
                         "and libtpu are several GB)")
     p.add_argument("--preemption-timeout", type=float, default=6 * 3600.0,
                    help="give up when a preempted TPU is not READY again after this many seconds")
-    p.add_argument("--max-restarts", type=int, default=100)
+    p.add_argument("--max-restarts", type=int, default=100,
+                   help="with --restart-on-preemption: give up after this many relaunches")
     a = p.parse_args(own)
     try:
         cmd = command_string(command)
     except LaunchError as e:
         p.error(str(e))
+    if a.workers is not None and (a.workers < 1 or not a.dry_run):
+        p.error("--workers N: a count >= 1, with --dry-run only")
     return Options(
         tpu=a.tpu, zone=a.zone, project=a.project, command=cmd,
         env=parse_env(a.env, environ), setup=a.setup, repo_url=a.repo_url,
@@ -234,6 +263,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
         kill_grace=a.kill_grace, ssh_timeout=a.ssh_timeout, setup_timeout=a.setup_timeout,
         preemption_timeout=a.preemption_timeout,
         max_restarts=a.max_restarts, gcloud=environ.get("TORCHXLA_RLHF_GCLOUD", "gcloud"),
+        dry_run_workers=a.workers,
     )
 
 
@@ -465,22 +495,32 @@ class Launcher:
 
     # -- dry run ----------------------------------------------------------------------
 
-    def dry_run(self, workers: int = 1) -> list[str]:
-        """The commands a run would make (worker 0's shown; the others differ by ``--worker``)."""
+    def dry_run(self, workers: int | None = None) -> list[str]:
+        """The commands a run would make: every worker's for a pod of ``workers``; with None,
+        worker 0's and a line saying how the others' differ."""
         o, pod = self.opts, self.pod
-        lines = [shlex.join(pod._base("describe") + ["--format=json"])]
+        shown = range(workers) if workers else range(1)
+
+        def each(script: Callable[[int], str], note: str = "") -> list[str]:
+            return [shlex.join(pod.ssh_argv(i, script(i))) + note for i in shown]
+
+        lines = [shlex.join(pod._base("describe") + ["--format=json"])
+                 + "   # the worker count: one networkEndpoint per worker"]
         if o.setup:
-            lines.append(shlex.join(pod.ssh_argv(0, setup_script(o.repo_dir, o.repo_url))))
-        lines.append(shlex.join(pod.ssh_argv(0, commit_script(o.repo_dir))))
-        lines.append(shlex.join(pod.ssh_argv(0, start_script(o, 0, o.command)))
-                     + f"   # stdin: the values of {', '.join(o.env)}")
+            lines += each(lambda i: setup_script(o.repo_dir, o.repo_url))
+        lines += each(lambda i: commit_script(o.repo_dir))
+        lines += each(lambda i: start_script(o, i, o.command),
+                      f"   # stdin: the values of {', '.join(o.env)}")
         lines.append(shlex.join(pod.ssh_argv(0, tail_script(o.run_id))))
-        lines.append(shlex.join(pod.ssh_argv(0, status_script(o.run_id))) + "   # every poll")
-        lines.append(shlex.join(pod.ssh_argv(0, stop_script(o.run_id, "TERM")))
-                     + "   # on failure / Ctrl-C, then KILL")
+        lines += each(lambda i: status_script(o.run_id), "   # every poll")
+        lines += each(lambda i: stop_script(o.run_id, "TERM"), "   # on failure / Ctrl-C, then KILL")
         if o.restart_on_preemption:
-            lines.append("# after a preemption: " + shlex.join(
-                pod.ssh_argv(0, start_script(o, 0, with_resume_auto(o.command)))))
+            lines += ["# after a preemption: " + line for line in
+                      each(lambda i: start_script(o, i, with_resume_auto(o.command)))]
+        if not workers:
+            lines.append("# every other worker I (1 .. N-1, N from the describe above) gets the "
+                         "same commands with --worker=I; its start command also names its log "
+                         "worker-I.log (--workers N prints them all)")
         return lines
 
     # -- run --------------------------------------------------------------------------
@@ -488,7 +528,7 @@ class Launcher:
     def run(self) -> int:
         """Launch, watch, restart after preemptions; the exit code of the run."""
         if self.opts.dry_run:
-            for line in self.dry_run():
+            for line in self.dry_run(self.opts.dry_run_workers):
                 self.echo(line)
             return 0
         command, restarts, setup = self.opts.command, 0, self.opts.setup

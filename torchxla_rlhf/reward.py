@@ -1,10 +1,12 @@
-"""``python -m torchxla_rlhf.reward --config FILE_OR_SHIPPED_NAME [key=value ...]``
+"""``python -m torchxla_rlhf.reward --config FILE_OR_SHIPPED_NAME [--print-config | --check] [key=value ...]``
 
-parse -> run (set up, build, resume, train, close). ``main(config)`` is importable.
+parse -> run (set up, build, resume, train, close), or print the resolved config, or run the
+device-free start-up checks (:mod:`torchxla_rlhf.check`). ``main(config)`` is importable.
 """
 
 from __future__ import annotations
 
+from torchxla_rlhf.check import run_checks
 from torchxla_rlhf.config import cli_main
 from torchxla_rlhf.configs import RewardConfig
 
@@ -18,4 +20,5 @@ def main(cfg: RewardConfig, *, setup_logging: bool = False) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli_main(RewardConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.reward")
+    cli_main(RewardConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.reward",
+             check=run_checks)

@@ -21,6 +21,7 @@ import math
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import fsspec
@@ -28,6 +29,7 @@ import torch
 
 from torchxla_rlhf import runtime
 from torchxla_rlhf.configs import LoggingConfig
+from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -138,19 +140,91 @@ class _JsonlFile:
             self._last_write = time.monotonic()
 
 
+WANDB_MODES = {"online": "online", "offline": "offline", "disabled": "disabled",
+               "dryrun": "offline", "run": "online"}
+"""``$WANDB_MODE`` values and the mode each means (wandb's legacy spellings included)."""
+
+
+class WandbEnvError(UserError, ValueError):
+    """``$WANDB_MODE`` holds a value wandb does not know."""
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """The W&B run a config asks for, after the environment has filled its unset keys."""
+
+    mode: str
+    project: str
+    entity: str | None
+    group: str | None
+    mode_from: str
+    """Where ``mode`` came from: ``logger.wandb_mode``, ``$WANDB_MODE`` or ``default``."""
+    ignored_env_mode: str | None = None
+    """``$WANDB_MODE`` when the config's ``wandb_mode`` overrode a different value."""
+
+
+def wandb_settings(cfg: LoggingConfig, environ: Mapping[str, str] | None = None) -> WandbSettings:
+    """Config keys win; an unset key takes ``WANDB_MODE`` / ``WANDB_PROJECT`` /
+    ``WANDB_ENTITY`` / ``WANDB_RUN_GROUP``; the mode falls back to ``disabled`` and the
+    project to ``torchxla_rlhf``."""
+    environ = os.environ if environ is None else environ
+    env_mode = environ.get("WANDB_MODE", "").strip().lower() or None
+    if env_mode is not None and env_mode not in WANDB_MODES:
+        raise WandbEnvError(f"WANDB_MODE={environ['WANDB_MODE']!r}: expected online, offline or "
+                            "disabled (or unset it and set logger.wandb_mode)")
+    env_mode = WANDB_MODES.get(env_mode or "")
+    if cfg.wandb_mode is not None:
+        mode, source = cfg.wandb_mode, "logger.wandb_mode"
+    elif env_mode is not None:
+        mode, source = env_mode, "$WANDB_MODE"
+    else:
+        mode, source = "disabled", "default"
+    return WandbSettings(
+        mode=mode,
+        project=cfg.project or environ.get("WANDB_PROJECT") or "torchxla_rlhf",
+        entity=cfg.entity or environ.get("WANDB_ENTITY") or None,
+        group=cfg.group or environ.get("WANDB_RUN_GROUP") or None,
+        mode_from=source,
+        ignored_env_mode=env_mode if cfg.wandb_mode is not None and env_mode not in (None, mode)
+        else None,
+    )
+
+
+def destination_line(settings: WandbSettings, run: Any, metrics_path: str) -> str:
+    """The one line a run logs at its start: where its metrics go (``run``: the wandb run,
+    or None before there is one)."""
+    where = {"$WANDB_MODE": " (from $WANDB_MODE)", "logger.wandb_mode": " (logger.wandb_mode)",
+             "default": ""}[settings.mode_from]
+    if settings.ignored_env_mode:
+        where = f" (logger.wandb_mode; WANDB_MODE={settings.ignored_env_mode} ignored)"
+    if settings.mode == "online":
+        wandb = f"W&B online{where}: {getattr(run, 'url', None) or 'project ' + settings.project}"
+    elif settings.mode == "offline":
+        run_dir = getattr(getattr(run, "settings", None), "sync_dir", None) or os.path.dirname(
+            getattr(run, "dir", "") or "")
+        wandb = (f"W&B offline{where}: {run_dir} (upload with: wandb sync {run_dir})" if run_dir
+                 else f"W&B offline{where}: a run directory to upload with wandb sync")
+    else:
+        wandb = (f"W&B disabled{where}" if where else
+                 "W&B disabled (WANDB_MODE=offline|online or logger.wandb_mode turns it on)")
+    return f"metrics: {metrics_path}; {wandb}"
+
+
 class Tracker:
     """Logs scalars and tables to wandb, ``<output_dir>/metrics.jsonl`` and a tqdm bar.
 
     Args:
         cfg: a :class:`LoggingConfig` (or an object with the same fields).
         output_dir: run directory, local or fsspec URL; the files go there, and the wandb
-            run directory too when it is local (else ``$WANDB_DIR`` / wandb's default).
+            run directory too when it is local and ``$WANDB_DIR`` is unset (else
+            ``$WANDB_DIR`` / wandb's default).
         config_dict: the resolved training config, stored with the wandb run.
         is_main_process: only the main process creates the run, the bar and the files.
         total_steps: number of optimizer steps (the bar's length; the last step is always
             a logging step, see :meth:`should_log`).
         resume_step: the step a resumed run continues from: ``metrics.jsonl``'s rows that the
             run logs again are dropped, so that each step appears once.
+        name: the progress bar's label (the trainer, or the pipeline stage).
     """
 
     def __init__(
@@ -161,8 +235,10 @@ class Tracker:
         is_main_process: bool,
         total_steps: int,
         resume_step: int | None = None,
+        name: str = "train",
     ):
         self.cfg = cfg
+        self.name = name
         self.output_dir = output_dir.rstrip("/")
         self.is_main_process = is_main_process
         self.total_steps = total_steps
@@ -171,6 +247,7 @@ class Tracker:
             raise ValueError(f"logging.log_freq={cfg.log_freq!r}: expected an integer >= 1")
         self._run: Any = None
         self._bar: Any = None
+        self._bar_started = False
         self._files: dict[str, _JsonlFile] = {}
         self._closed = False
         self.latest: dict[str, float] = {}
@@ -180,27 +257,31 @@ class Tracker:
 
         import wandb
 
+        settings = wandb_settings(cfg)
         fs, local_dir = fsspec.core.url_to_fs(self.output_dir)
-        wandb_dir: str | None = None
+        wandb_dir: str | None = os.environ.get("WANDB_DIR") or None
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        if "file" in protocols or "local" in protocols:
+        if ("file" in protocols or "local" in protocols) and wandb_dir is None:
             os.makedirs(local_dir, exist_ok=True)
             wandb_dir = local_dir
         self._run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
             name=cfg.run_name,
             config=dict(config_dict or {}),
-            mode=cfg.wandb_mode,
+            mode=settings.mode,
             dir=wandb_dir,
         )
         self._files[METRICS_FILE] = _JsonlFile(f"{self.output_dir}/{METRICS_FILE}")
         if resume_step is not None:
             self._files[METRICS_FILE].keep_until(resume_step)
+        logger.info("%s", destination_line(settings, self._run, f"{self.output_dir}/{METRICS_FILE}"))
         if cfg.progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, desc=f"{name} compiling", unit="step",
+                             dynamic_ncols=True)
 
     # -- scalars ------------------------------------------------------------------------
 
@@ -263,8 +344,21 @@ class Tracker:
         runtime.read_scalars_after_step(dict(metrics) if logging_step else watched, deliver)
 
     def _advance(self, step: int) -> None:
-        if step > self._bar.n:
-            self._bar.update(step - self._bar.n)
+        bar = self._bar
+        if step <= bar.n:  # step 0's evaluation, or a late metric read
+            return
+        if not self._bar_started:
+            # The first step compiles the loop's graphs (minutes on a pod): restart the clock
+            # here so that the rate, hence the ETA, counts only the steps after it.
+            self._bar_started = True
+            logger.info("%s: step %d dispatched %.1f s after start (compiling the step's "
+                        "graphs); the progress bar's ETA counts from the next step",
+                        self.name, step, bar.format_dict["elapsed"])
+            bar.reset()
+            bar.n = bar.last_print_n = bar.initial = step
+            bar.set_description_str(self.name)
+            return
+        bar.update(step - bar.n)
 
     # -- tables -------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ Field names follow the seed's ``--train_dataset.json_torch_dataset.*`` /
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from torchxla_rlhf.config import RELATIVE_PATH
 
 __all__ = ["DataSource", "DatasetConfig"]
 
@@ -28,9 +30,11 @@ class DataSource:
     """Split of ``hf_name``; Tulu 2.5 has one split per source, e.g.
     ``ultrafeedback_mean_aspects`` or ``ultrafeedback_prompts``."""
 
-    path: str | None = None
+    path: str | None = field(default=None, metadata={RELATIVE_PATH: True})
     """A JSON-lines file: local path, ``gs://bucket/file.jsonl`` (needs gcsfs), or any fsspec URL
-    (``memory://``, ``https://``...). One JSON object per line, same fields as the hub data."""
+    (``memory://``, ``https://``...). One JSON object per line, same fields as the hub data.
+    A relative path is read from the working directory; set in a config file and not found
+    there, from that file's folder."""
 
     seq_length: int = 4096
     """Every sequence is padded (or truncated) to this many tokens. For prompts: the prompt

@@ -38,7 +38,10 @@ def _iter_jsonl(cfg: DatasetConfig, stats: SourceStats) -> Iterator[tuple[dict[s
     try:
         f = fsspec.open(path, "rb").open()
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"DatasetConfig.path: dataset file not found: {path}") from e
+        base = "" if "://" in path or os.path.isabs(path) else (
+            f" (relative to the working directory {os.getcwd()}; in a config file, also to "
+            "that file's folder)")
+        raise FileNotFoundError(f"DatasetConfig.path: dataset file not found: {path}{base}") from e
     except ImportError as e:  # e.g. gs:// without gcsfs
         raise ImportError(
             f"DatasetConfig.path: cannot open {path}: {e} (for gs:// install gcsfs: pip install gcsfs)"

@@ -46,7 +46,7 @@ from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, P
 from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.tokenizers import load_tokenizer
-from torchxla_rlhf.tracking import Tracker
+from torchxla_rlhf.tracking import Tracker, wandb_settings
 
 logger = logging.getLogger("torchxla_rlhf")
 
@@ -74,6 +74,7 @@ def setup_run(cfg: Any) -> RunContext:
     dir_plan = run_dir.check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
                                         resume=bool(cfg.resume_from),
                                         overwrite=cfg.overwrite_output_dir)
+    wandb_settings(cfg.logger)  # a bad $WANDB_MODE fails now, not after the models load
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
@@ -113,9 +114,10 @@ class Trainer:
         """The trainer's kind, as its config declares it (``dpo``, ``reward``, ``ppo``)."""
         return self.cfg.trainer
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, label: str | None = None):
         """Set up the run, build the task (:meth:`build`), resume if asked. Subclasses do not
-        override this: everything they own is built in :meth:`build`."""
+        override this: everything they own is built in :meth:`build`. ``label`` names the
+        progress bar (default: the trainer's name)."""
         self.cfg = cfg
         self.ctx = setup_run(cfg)
         self.step = 0
@@ -152,7 +154,8 @@ class Trainer:
             run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step)
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
-                               self.total_steps, resume_step=self.step if cfg.resume_from else None)
+                               self.total_steps, resume_step=self.step if cfg.resume_from else None,
+                               name=label or self.name)
         self.log_data_reports()
 
     # -- what a subclass supplies ----------------------------------------------------------
@@ -381,12 +384,14 @@ def take_output_dir_lock(cfg: Any) -> run_dir.RunLock | None:
     return call_with_timeout(take, cfg.remote_timeout_s, f"output_dir={output_dir}")
 
 
-def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) -> dict[str, float]:
+def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
+        label: str | None = None) -> dict[str, float]:
     """The whole run: take ``output_dir``'s lock, set up, build, resume (the constructor),
     train, close, release the lock; returns the last logged metrics (the entry points'
     ``main``). ``setup_logging``: configure console logging at ``cfg.log_level`` first
     (command lines; a library caller keeps its own logging). An ``OSError`` once training
     has started is a :class:`~torchxla_rlhf.errors.RunFailure` (exit 1), not a user error.
+    ``label``: the progress bar's name (the pipeline's stage).
 
     Raises :class:`~torchxla_rlhf.errors.Preempted` after a preempted run has saved, so no
     caller (the pipeline, a shell script) mistakes it for a finished one."""
@@ -399,7 +404,7 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False) ->
     # own handler (runtime.start_preemption_sync) while it runs.
     previous = _exit_preempted_on_sigterm(lock)
     try:
-        trainer = trainer_cls(cfg)
+        trainer = trainer_cls(cfg, label)
         try:
             metrics = trainer.train()
         except OSError as e:  # a disk or bucket failing mid-run is not the user's mistake

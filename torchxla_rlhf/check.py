@@ -1,0 +1,172 @@
+"""``--check``: every start-up check that needs no device, on a resolved config, then exit.
+
+What a run would find wrong in its first minutes, answered without a TPU: the config (already
+parsed by the time this runs), remote paths, the output directory, the W&B settings, each
+model's ``config.json``, the data (tokenized and counted: the data report), the mesh against the
+models' shapes, and the per-device memory plan. Every check runs even when an earlier one
+failed (a later one that needs the failed one's result says so), so one call lists every
+problem. Exit status 0 when all pass, 2 otherwise.
+
+The device count the mesh and memory checks assume: ``--devices N``, else the mesh's product
+when it has no ``-1``, else this machine's XLA:CPU devices (``CPU_NUM_DEVICES``, default 1).
+Device memory is unknown without a device, so the plan states the peak without a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
+
+from torchxla_rlhf.errors import EXIT_USER_ERROR, one_line, user_error_types
+
+logger = logging.getLogger("torchxla_rlhf")
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str
+    """``ok``, ``FAIL`` or ``skip``."""
+    detail: str
+
+
+def check_devices(cfg: Any, devices: int | None) -> tuple[int | None, str]:
+    """``(device count, where it came from)``; ``None`` when nothing says."""
+    from torchxla_rlhf.preflight.mesh import fixed_devices
+
+    if devices is not None:
+        return devices, "--devices"
+    if (fixed := fixed_devices(cfg.mesh_dim)) is not None:
+        return fixed, "mesh_dim"
+    if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
+        return int(os.environ.get("CPU_NUM_DEVICES", "1") or 1), "this machine's XLA:CPU devices"
+    return None, ""
+
+
+def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
+                   ) -> list[tuple[str, Callable[[dict], str]]]:
+    """The device-free start-up checks of a trainer config, in order: ``(name, fn)`` pairs
+    where ``fn(results)`` returns a one-line detail or raises a user error; ``results`` holds
+    what earlier checks produced (``shapes``); ``say`` prints the longer reports. The one
+    place that knows which start-up code to call (the pre-flight package, the trainer's data
+    check, the run directory and remote probes)."""
+    from torchxla_rlhf.config import to_dict
+
+    n, n_from = check_devices(cfg, devices)
+
+    def remote(_: dict) -> str:
+        from torchxla_rlhf.remote import check_remote_paths, iter_urls
+
+        urls = list(iter_urls(cfg))
+        check_remote_paths(cfg, cfg.remote_timeout_s)
+        return f"{len(urls)} remote URL(s) answer" if urls else "no remote URLs"
+
+    def output_dir(_: dict) -> str:
+        from torchxla_rlhf.run_dir import check_output_dir
+
+        check_output_dir(cfg.output_dir.rstrip("/"), type(cfg).__name__, to_dict(cfg),
+                         resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
+        return f"{cfg.output_dir} is this run's to write"
+
+    def logging_(_: dict) -> str:
+        from torchxla_rlhf.tracking import METRICS_FILE, destination_line, wandb_settings
+
+        return destination_line(wandb_settings(cfg.logger), None,
+                                f"{cfg.output_dir.rstrip('/')}/{METRICS_FILE}")
+
+    def model_configs(results: dict) -> str:
+        from torchxla_rlhf.memory_plan import read_shapes
+
+        results["shapes"] = shapes = read_shapes(cfg)
+        return "; ".join(f"{key}: {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
+                         f"vocab {s.vocab}" for key, s in shapes.items())
+
+    def data(_: dict) -> str:
+        from torchxla_rlhf.tokenizers import load_tokenizer
+        from torchxla_rlhf.trainers import registry
+
+        tok = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id,
+                             sentencepiece_legacy=cfg.tokenizer_legacy)
+        registry.spec_for(cfg).trainer_class().check_data(cfg, tok)
+        return "read, tokenized and counted (the data report is above)"
+
+    def mesh(results: dict) -> str:
+        from torchxla_rlhf.memory_plan import format_plan
+        from torchxla_rlhf.preflight import checks
+
+        if n is None:
+            raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
+        if "shapes" not in results:
+            raise _Skip("needs the model configs")
+        report = checks.check_run(cfg, results["shapes"], n)
+        results["plan"] = report.plan
+        for c in report.warnings:
+            say(f"warning: {c.name} ({c.key}): {c.detail}")
+        if not report.ok:
+            raise checks.StartupError(report.failures_line())
+        if report.plan is not None:
+            say(format_plan(report.plan))
+        return f"mesh_dim={cfg.mesh_dim!r} on {n} device(s) ({n_from}): {len(report.checks)} checks pass"
+
+    def memory(results: dict) -> str:
+        p = results.get("plan")
+        if p is None:
+            raise _Skip("needs the mesh check")
+        return (f"peak {p.peak / 2**30:.2f} GiB per device ({p.peak_phase}); compare with the "
+                "device's memory (python -m torchxla_rlhf plan --tpu TYPE gives a verdict)")
+
+    return [("remote paths", remote), ("output_dir", output_dir), ("logging", logging_),
+            ("model config", model_configs), ("data", data), ("mesh", mesh),
+            ("memory plan", memory)]
+
+
+class _Skip(Exception):
+    """A check that cannot run (its input is missing); it neither passes nor fails."""
+
+
+def run_checks(cfg: Any, devices: int | None = None, out: TextIO | None = None) -> int:
+    """Run :func:`startup_checks`, print one line per check and a verdict; the exit status
+    (0 all passed, 2 any failed). Touches no device (imports torch for the models' shapes)."""
+    out = out or sys.stdout
+    # The data report and start-up warnings are logged: show them here, in order, indented.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("        %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(cfg.log_level)
+    logger.propagate = False  # not twice (importing torch_xla gives the root logger a handler)
+    try:
+        return _run_checks(cfg, devices, out)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _run_checks(cfg: Any, devices: int | None, out: TextIO) -> int:
+    print(f"config: ok: {type(cfg).__name__}, every key valid", file=out, flush=True)
+    results: dict = {}
+    outcomes = []
+
+    def say(text: str) -> None:
+        print("\n".join("        " + line for line in text.splitlines()), file=out, flush=True)
+
+    for name, fn in startup_checks(cfg, devices, say):
+        try:
+            outcome = Outcome(name, "ok", fn(results))
+        except _Skip as e:
+            outcome = Outcome(name, "skip", str(e))
+        except user_error_types() as e:
+            outcome = Outcome(name, "FAIL", one_line(e).replace("\n", "; "))
+        outcomes.append(outcome)
+        print(f"{outcome.name}: {outcome.status}: {outcome.detail}", file=out, flush=True)
+    failed = [o.name for o in outcomes if o.status == "FAIL"]
+    skipped = [o.name for o in outcomes if o.status == "skip"]
+    verdict = f"check: {len(failed)} failed ({', '.join(failed)})" if failed else "check: passed"
+    if skipped:
+        verdict += f"; skipped: {', '.join(skipped)}"
+    print(verdict + " (no device was touched)", file=out, flush=True)
+    return EXIT_USER_ERROR if failed else 0
