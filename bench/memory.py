@@ -82,9 +82,9 @@ def graph_bytes(dump: str, name: str) -> int:
 
 
 def measure_proxy(kind: str, mesh: str, devices: int, layers: int) -> list[tuple]:
-    """``(phase, measured, planned, planned with checkpointing off)`` per-device peak bytes of
-    a trainer proxy's phases: the training step (``train micro-step``) and, for PPO, the
-    rollout (its graphs plus the shards that stay resident meanwhile)."""
+    """``(phase, measured)`` per-device peak bytes of a trainer proxy's phases: the training
+    step (``train micro-step``) and, for PPO, the rollout (its graphs plus the shards that stay
+    resident meanwhile)."""
     config = os.path.join(REPO, "configs", "tiny", f"{kind}.yaml")
     overrides = proxy_overrides(kind, mesh, layers)
     with tempfile.TemporaryDirectory() as dump:
@@ -94,8 +94,22 @@ def measure_proxy(kind: str, mesh: str, devices: int, layers: int) -> list[tuple
             rollout = max(graph_bytes(dump, "generation_prefill"),
                           graph_bytes(dump, "generation_decode_loop"))
             rows.append(("rollout", rollout + out["outside"]["generation"]))
-    return [(phase, measured, *planned(kind, mesh, devices, layers, phase))
-            for phase, measured in rows]
+    return rows
+
+
+def measured_proxies(args, meshes, depths):
+    """``(kind, mesh, devices, layers, [(phase, measured bytes)])`` of every proxy asked for:
+    compiled and measured now, or read back from a ``--save`` file (``--replan``)."""
+    if args.replan:
+        with open(args.replan) as f:
+            for line in f:
+                r = json.loads(line)
+                yield r["kind"], r["mesh"], r["devices"], r["layers"], [tuple(x) for x in r["rows"]]
+        return
+    for kind in args.trainers.split(","):
+        for mesh, devices in meshes:
+            for layers in depths:
+                yield kind, mesh, devices, layers, measure_proxy(kind, mesh, devices, layers)
 
 
 def planned(kind: str, mesh: str, devices: int, layers: int, phase: str) -> tuple[float, float]:
@@ -123,24 +137,45 @@ def attention_probe(attn: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="2 and 4 layers on one mesh only")
+    parser.add_argument("--trainers", default=",".join(KINDS),
+                        help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--layers", default=",".join(map(str, DEPTHS)),
+                        help="comma-separated proxy depths")
+    parser.add_argument("--meshes", default=";".join(m for m, _ in MESHES),
+                        help="';'-separated subset of the 8-device meshes")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention probe")
+    parser.add_argument("--save", metavar="FILE",
+                        help="also write each proxy's measured peaks to FILE (JSON lines)")
+    parser.add_argument("--replan", metavar="FILE",
+                        help="print the planner's figures against the peaks a --save run measured "
+                             "(no compiling)")
     args = parser.parse_args()
     print("== trainer proxies (13B ratios, hidden 256): planner vs XLA:CPU per-device peak "
           "(target: within +-15 %)")
-    meshes, depths = (MESHES[:1], DEPTHS[:2]) if args.quick else (MESHES, DEPTHS)
+    meshes = [(m, d) for m, d in MESHES if m in args.meshes.split(";")]
+    depths = [int(x) for x in args.layers.split(",")]
+    if args.quick:
+        meshes, depths = meshes[:1], [d for d in depths if d <= 4]
     ok = True
-    for kind in KINDS:
-        for mesh, devices in meshes:
-            for layers in depths:
-                for phase, measured, plan, plan_off in measure_proxy(kind, mesh, devices, layers):
-                    err = plan / measured - 1
-                    ok &= abs(err) <= 0.15
-                    off = "" if phase == "rollout" else (
-                        f", checkpointing off {plan_off / MIB:7.1f} MiB "
-                        f"{plan_off / measured - 1:+.0%}")
-                    print(f"  {kind:<6} {phase:<16} mesh {mesh} L={layers:<2}: measured "
-                          f"{measured / MIB:7.1f} MiB, planner {plan / MIB:7.1f} MiB "
-                          f"{err:+.0%}{off}",
-                          flush=True)
+    for kind, mesh, devices, layers, rows in measured_proxies(args, meshes, depths):
+        if args.save:
+            with open(args.save, "a") as f:
+                f.write(json.dumps(dict(kind=kind, mesh=mesh, devices=devices, layers=layers,
+                                        rows=rows)) + "\n")
+        for phase, measured in rows:
+            plan, plan_off = planned(kind, mesh, devices, layers, phase)
+            err = plan / measured - 1
+            ok &= abs(err) <= 0.15
+            off = "" if phase == "rollout" else (
+                f", checkpointing off {plan_off / MIB:7.1f} MiB "
+                f"{plan_off / measured - 1:+.0%}")
+            print(f"  {kind:<6} {phase:<16} mesh {mesh} L={layers:<2}: measured "
+                  f"{measured / MIB:7.1f} MiB, planner {plan / MIB:7.1f} MiB "
+                  f"{err:+.0%}{off}",
+                  flush=True)
+    if args.no_attention:
+        print("targets hold" if ok else "TARGETS MISSED")
+        return
     print("== 1-layer attention probe (mesh 1,2,4, 8 heads, seq 512, fwd+bwd, checkpointing)")
     eager, einsum = attention_probe("eager"), attention_probe("auto")
     print(f"  eager {eager / MIB:.1f} MiB, einsum {einsum / MIB:.1f} MiB: "

@@ -529,9 +529,14 @@ def freeze(
     bits while the frozen model takes half the memory. Embeddings and norms stay as loaded
     (their outputs feed the residual stream, which autocast leaves in fp32). Each cast weight
     is re-annotated with its partition spec.
+
+    Each decoder layer's weights wait for its input (``runtime.gather_weights_per_layer``):
+    a frozen forward is not checkpointed, and without that XLA:CPU gathers every layer's
+    FSDP weights at the top of the step's graph (the same bits either way).
     """
     model.requires_grad_(False)
     model.eval()
+    runtime.gather_weights_per_layer(getattr(model, model.base_model_prefix).layers)
     if cfg is not None and mesh is not None:
         dtype = DTYPES[frozen_dtype(cfg)]
         tied = model.get_input_embeddings().weight  # a tied LM head stays with the embedding

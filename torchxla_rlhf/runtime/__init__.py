@@ -33,7 +33,8 @@ from torchxla_rlhf.runtime.mesh import (
     BATCH_AXES, MESH_AXES, MeshError, MeshInfo, PartitionSpec, batch_spec, device_coords,
     make_mesh, mark_sharding, parse_mesh_dim, shard_slices, shard_to_device,
 )
-from torchxla_rlhf.runtime.numerics import activation_checkpoint_fn, autocast, manual_seed
+from torchxla_rlhf.runtime.numerics import (activation_checkpoint_fn, autocast,
+                                            gather_weights_per_layer, manual_seed)
 from torchxla_rlhf.runtime.preemption import (
     COORDINATOR_ENV, barrier, should_stop, start_preemption_sync, stop_preemption_sync,
 )
@@ -49,6 +50,7 @@ from torchxla_rlhf.runtime.transfer import (
 __all__ = [
     "BATCH_AXES", "COORDINATOR_ENV", "HBM_ENV", "MESH_AXES", "Box", "DeviceLoop", "MeshError",
     "MeshInfo", "PackedScalar", "PartitionSpec", "activation_checkpoint_fn", "add_step_closure",
+    "gather_weights_per_layer",
     "autocast", "barrier", "batch_spec", "batch_to_device", "compile", "compile_count",
     "cpu_fallback_counts", "data_share", "device", "device_coords", "device_count",
     "device_memory_bytes", "device_type", "drain_scalar_reads", "host_float", "host_rows",
