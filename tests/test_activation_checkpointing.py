@@ -45,22 +45,23 @@ def test_same_bits_as_torch_xla_checkpoint(mesh):
 
 
 def test_recompute_reads_gradient_dependent_inputs_and_weights(mesh):
-    """The forward sees the parameters themselves; the backward's recompute sees ``p + z``
-    (``z`` from the gradient), and every parameter is put back afterwards."""
+    """The forward runs on ``p + z`` with ``z`` from the layer's input (no gradient), the
+    backward's recompute on ``p + z`` with ``z`` from the incoming gradient (gradients flow
+    to ``p``), and every parameter is put back afterwards."""
     model = models.load_causal_lm(
         ModelConfig(compute_dtype="float32", gradient_checkpointing=True), mesh)
     layer = model.model.layers[0]
     weight = layer.self_attn.q_proj.weight
     seen = []
     hook = layer.self_attn.q_proj.register_forward_pre_hook(
-        lambda m, args: seen.append((m.weight is weight, args[0].requires_grad)))
+        lambda m, args: seen.append((m.weight is weight, m.weight.requires_grad)))
     ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(4)).to(runtime.device())
     try:
         models.causal_lm_logits(model, ids, torch.ones_like(ids)).float().sum().backward()
     finally:
         hook.remove()
     runtime.sync()
-    assert [is_param for is_param, _ in seen] == [True, False]  # forward, then the recompute
+    assert seen == [(False, False), (False, True)]  # the forward, then the recompute
     assert layer.self_attn.q_proj.weight is weight
     assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
 
