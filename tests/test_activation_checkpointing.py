@@ -72,3 +72,44 @@ def test_negative_zero_is_negative_zero_whatever_the_source():
         assert z.item() == 0.0 and torch.signbit(z), source
     x = torch.tensor([0.0, -0.0, 1.5, -2.25, float("inf")])
     assert torch.equal(torch.signbit(x + z), torch.signbit(x)) and torch.equal(x + z, x)
+
+
+def test_frozen_model_gives_the_same_bits(mesh):
+    """A frozen model's layers gather their weights per layer (``p + z``): the logits equal
+    those of the same weights without the hooks."""
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(5)).to(runtime.device())
+    mask = torch.ones_like(ids)
+    plain = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh).eval()
+    frozen = models.freeze(models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh))
+    with torch.no_grad():
+        want = runtime.to_cpu(models.causal_lm_logits(plain, ids, mask))
+        got = runtime.to_cpu(models.causal_lm_logits(frozen, ids, mask))
+    assert torch.equal(got, want)
+
+
+def test_a_checkpointed_step_with_a_frozen_reference_compiles_once(mesh):
+    """The hooks are trace-time only: once the optimizer holds its state (step 2; step 1 runs
+    without gradients from before), the step's graph is never compiled again."""
+    from torchxla_rlhf.configs import AdamWConfig
+    from torchxla_rlhf.optim import AdamW, Schedule
+
+    cfg = ModelConfig(compute_dtype="float32", gradient_checkpointing=True)
+    policy = models.load_causal_lm(cfg, mesh).train()
+    reference = models.freeze(models.load_causal_lm(cfg, mesh), cfg, mesh)
+    opt = AdamW(policy.parameters(), AdamWConfig(), Schedule(1e-3, 1e-3, 0, 10, decay=False))
+
+    def step(ids, mask):
+        with torch.no_grad():
+            ref = models.causal_lm_logits(reference, ids, mask).float().logsumexp(-1)
+        (models.causal_lm_logits(policy, ids, mask).float().logsumexp(-1) - ref).mean().backward()
+        return opt.step()
+
+    compiled = runtime.compile(step, name="checkpointed_step")
+    gen = torch.Generator().manual_seed(6)
+    for i in range(4):
+        ids = torch.randint(3, 250, (2, 12), generator=gen).to(runtime.device())
+        compiled(ids, torch.ones_like(ids))
+        runtime.sync()
+        if i == 1:
+            after_first = runtime.compile_count()
+    assert runtime.compile_count() == after_first
