@@ -236,14 +236,19 @@ def _plan(args: argparse.Namespace) -> int:
     from torchxla_rlhf.preflight.mesh import GIB, MeshError, fixed_devices, tpu_pod
     from torchxla_rlhf.trainers import registry
 
+    from torchxla_rlhf.config import find_config
+    from torchxla_rlhf.preflight.stages import read_plan_shapes
+
     pod = tpu_pod(args.tpu) if args.tpu else None
-    cfg = registry.load(args.config, args.overrides)
+    config_path = find_config(args.config)
+    cfg = registry.load(config_path, args.overrides)
     devices = args.devices or (pod.devices if pod else None) or fixed_devices(cfg.mesh_dim)
     if devices is None:
         raise MeshError(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --tpu TYPE or --devices N")
     hbm = args.hbm_gib * GIB if args.hbm_gib is not None else (pod.hbm_bytes if pod else None)
     hosts = pod.hosts if pod is not None and pod.devices == devices else None
-    report = checks.check_run(cfg, memory_plan.read_shapes(cfg), devices, hosts,
+    shapes, notes = read_plan_shapes(cfg, config_path)
+    report = checks.check_run(cfg, shapes, devices, hosts,
                               None if hosts is None else devices // hosts, hbm_bytes=hbm)
     p = report.plan
     if p is None or (not report.ok and p.fits is not False):
@@ -251,6 +256,8 @@ def _plan(args: argparse.Namespace) -> int:
     where = f"{pod.name}: " if pod is not None else ""
     print(f"{where}{devices} device(s)" + (f" on {hosts} host(s)" if hosts else "")
           + ("" if hbm is None else f", {hbm / GIB:g} GiB per device"))
+    for note in notes:
+        print(f"note: {note}")
     print(memory_plan.format_plan(p))
     for c in report.warnings:
         print(f"  warning ({c.key}): {c.detail}")
