@@ -134,18 +134,18 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
         print(f"stage {i}/{n}: {st.kind} -> {st.out}", flush=True)
         results[st.kind] = run(registry.get(st.kind).trainer_class(), st.cfg,
                                setup_logging=setup_logging, label=f"{st.kind} (stage {i}/{n})")
-    print(pipeline_summary({st.kind: st.out for st in wired}), flush=True)
+    print(pipeline_summary(wired), flush=True)
     return results
 
 
-def pipeline_summary(out: dict[str, str]) -> str:
+def pipeline_summary(stages: list[Stage]) -> str:
     """Where the pipeline's outputs are: each stage's exported checkpoints and metrics."""
-    from torchxla_rlhf.preflight.stages import EXPORTS
+    from torchxla_rlhf.preflight.stages import exports
 
-    rows = [(f"{out[s]}/{name}", what) for s in out for name, what in EXPORTS.get(s, ())]
+    rows = [(f"{st.out}/{name}", what) for st in stages for name, what in exports(st.cfg)]
     width = max(len(path) for path, _ in rows)
     lines = ["pipeline done; outputs:"] + [f"  {path:<{width}}  {what}" for path, what in rows]
-    lines.append(f"  metrics: {', '.join(f'{out[s]}/metrics.jsonl' for s in out)}")
+    lines.append(f"  metrics: {', '.join(f'{st.out}/metrics.jsonl' for st in stages)}")
     return "\n".join(lines)
 
 

@@ -18,14 +18,23 @@ from typing import Any
 
 from torchxla_rlhf.preflight.shapes import NoSuchModel, Shape, read_shape
 
-EXPORTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "dpo": (("final", "the DPO policy (AutoModelForCausalLM)"),),
-    "reward": (("final", "the reward model (AutoModelForSequenceClassification)"),),
-    "ppo": (("final", "the PPO policy (AutoModelForCausalLM)"), ("final-value", "its value model")),
-    "grpo": (("final", "the GRPO policy (AutoModelForCausalLM)"),),
-}
-"""Trainer kind -> the model directories a run exports under its ``output_dir`` at the end
-(name, what it is); the pipeline's summary lists them too."""
+AUTO_CLASS = {"causal": "AutoModelForCausalLM", "classifier": "AutoModelForSequenceClassification"}
+
+
+def exports(cfg: Any) -> list[tuple[str, str]]:
+    """The model directories a run of ``cfg`` exports under its ``output_dir`` at the end, as
+    ``(name, what)``, from what its trainer declares it trains (:meth:`model_roles`): the
+    model trained from ``model`` is ``final``; another trained model is ``final-ROLE`` (PPO's
+    value model: ``final-value``)."""
+    from torchxla_rlhf.trainers import registry
+
+    kind = registry.spec_for(cfg).kind
+    out = []
+    for r in cfg.model_roles():
+        if r.trained:
+            name = "final" if r.key == "model" else f"final-{r.role.split()[0]}"
+            out.append((name, f"the {kind} {r.role} ({AUTO_CLASS[r.head]})"))
+    return out
 
 
 def _norm(path: str) -> str:
@@ -50,8 +59,7 @@ def producing_stage(config_path: str, model_path: str) -> tuple[str, Any] | None
             other = registry.load(path)
         except ConfigError:
             continue  # not a trainer config (or a broken one): it produces nothing
-        kind = registry.spec_for(other).kind
-        if any(_norm(f"{other.output_dir}/{sub}") == want for sub, _ in EXPORTS.get(kind, ())):
+        if any(_norm(f"{other.output_dir}/{sub}") == want for sub, _ in exports(other)):
             return path, other
     return None
 
