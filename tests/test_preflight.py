@@ -94,20 +94,23 @@ def _offline(monkeypatch, tmp_path):
 
 
 def test_offline_hub_fails_fast_and_falls_back_to_the_shipped_config_json(monkeypatch, tmp_path):
-    """HF_HUB_OFFLINE: the cache is the only answer (no network wait); a hub model a shipped
-    config names then comes from its shipped config.json, with a note; others, and another
-    revision than the shipped one, stay errors."""
+    """HF_HUB_OFFLINE: the cache is the only answer (no network wait); for plan
+    (shipped_fallback) a hub model a shipped config names then comes from its shipped
+    config.json, with a note; others, another revision than the shipped one, and a run's own
+    start-up read stay errors."""
     from torchxla_rlhf.preflight import shapes
 
     _offline(monkeypatch, tmp_path)
     monkeypatch.setattr(shapes, "_remote", lambda *a: pytest.fail("waited for the network"))
-    s = read_shape(_model("allenai/tulu-2-13b"), "model")
+    with pytest.raises(RemoteError, match="HF_HUB_OFFLINE"):  # a run needs the hub anyway
+        read_shape(_model("allenai/tulu-2-13b"), "model")
+    s = read_shape(_model("allenai/tulu-2-13b"), "model", shipped_fallback=True)
     assert (s.vocab, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads) == (
         32000, 5120, 13824, 40, 40, 40)
     assert s.note == ("allenai/tulu-2-13b: shape from the shipped copy of its config.json; "
                       "the hub was not reached (HF_HUB_OFFLINE is set)")
     with pytest.raises(RemoteError, match="HF_HUB_OFFLINE"):
-        read_shape(_model("allenai/tulu-2-13b", revision="v1"), "model")
+        read_shape(_model("allenai/tulu-2-13b", revision="v1"), "model", shipped_fallback=True)
 
 
 def test_every_hub_model_a_shipped_config_names_has_its_config_json_shipped():
@@ -144,7 +147,7 @@ def test_a_hub_that_answers_wins_over_the_shipped_copy(monkeypatch, tmp_path):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(d / "config.json"))
-    s = read_shape(_model("allenai/tulu-2-13b"))
+    s = read_shape(_model("allenai/tulu-2-13b"), shipped_fallback=True)
     assert s.hidden == 64 and s.note == ""
 
 
@@ -157,6 +160,9 @@ def test_hub_name_reads_config_json_with_revision_and_token(monkeypatch, tmp_pat
 
     import huggingface_hub
 
+    from torchxla_rlhf.preflight import shapes
+
+    monkeypatch.setattr(shapes, "_hub_answers", {})
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert read_shape(_model("org/model", revision="v2")).layers == 40

@@ -3,8 +3,8 @@
 :func:`read_shape` is the one reader: ``tiny`` (the config's own numbers), a local directory,
 a ``gs://`` (any fsspec) directory, or a hub name (``revision``, ``HF_TOKEN``; the hub's cache
 answers offline). A name is never read for a size: ``tulu-2-13b`` is whatever its
-``config.json`` says. When the hub cannot answer (offline, unreachable), a hub model that a
-shipped config names is read from the copy of its ``config.json`` shipped in
+``config.json`` says. For ``plan``, when the hub cannot answer (offline, unreachable), a hub
+model that a shipped config names is read from the copy of its ``config.json`` shipped in
 ``model_configs/`` (``ORG--NAME.json``), and the shape says so in :attr:`Shape.note`. :meth:`Shape.params` lists the parameters a transformers Llama of that
 shape has (names and shapes, as ``named_parameters`` gives them), which is what the sharding
 checks and the memory plan count. No torch, no transformers.
@@ -153,10 +153,14 @@ def shape_from_config(c: dict, where: str) -> Shape:
                  mlp_bias=bool(c.get("mlp_bias", False)), source=where)
 
 
-def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0) -> Shape:
+def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0,
+               shipped_fallback: bool = False) -> Shape:
     """The shape of ``ModelConfig`` ``model_cfg`` (at config key ``key``), from its config.json:
     ``tiny``; a local directory; a ``gs://`` (fsspec) directory; a hub name (``revision``,
-    ``HF_TOKEN``; the local HF cache first). A remote read gives up after ``timeout_s``."""
+    ``HF_TOKEN``; the local HF cache first). A remote read gives up after ``timeout_s``.
+    ``shipped_fallback`` (``plan``, which loads no weights): a hub model the hub cannot answer
+    for is read from its shipped config.json, if there is one; a run's start-up and
+    ``--check`` leave it off, since the run needs the hub for the weights anyway."""
     name = model_cfg.name_or_path
     where = f"{key}.name_or_path={name!r}"
     if name == "tiny":
@@ -174,7 +178,7 @@ def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0) -> S
         return shape_from_config(_read_json(path, where), where)
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise NoSuchModel(f"{where}: no such model directory", key)
-    return _hub_shape(name, model_cfg.revision, where, timeout_s)
+    return _hub_shape(name, model_cfg.revision, where, timeout_s, shipped_fallback)
 
 
 SHIPPED_MODEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
@@ -191,7 +195,8 @@ def shipped_model_config(name: str) -> str | None:
     return path if "/" in name and os.path.isfile(path) else None
 
 
-def _hub_shape(name: str, revision: str | None, where: str, timeout_s: float) -> Shape:
+def _hub_shape(name: str, revision: str | None, where: str, timeout_s: float,
+               shipped_fallback: bool) -> Shape:
     """A hub model's shape: the hub (its cache first); when it cannot answer, the shipped copy
     of its config.json (the default revision's only) with a note saying so."""
     from torchxla_rlhf.errors import RemoteError
@@ -205,7 +210,7 @@ def _hub_shape(name: str, revision: str | None, where: str, timeout_s: float) ->
     answer = _hub_answers[key]
     if not isinstance(answer, RemoteError):
         return shape_from_config(answer, where)
-    shipped = shipped_model_config(name) if revision in (None, "main") else None
+    shipped = shipped_model_config(name) if shipped_fallback and revision in (None, "main") else None
     if shipped is None:
         raise answer
     shape = shape_from_config(_read_json(shipped, where), where)

@@ -73,7 +73,7 @@ def read_plan_shapes(cfg: Any, config_path: str | None,
     for key in dict.fromkeys(r.key for r in cfg.model_roles()):
         model_cfg = getattr(cfg, key)
         try:
-            shape = read_shape(model_cfg, key, cfg.remote_timeout_s)
+            shape = read_shape(model_cfg, key, cfg.remote_timeout_s, shipped_fallback=True)
         except NoSuchModel:
             stage = producing_stage(config_path, model_cfg.name_or_path) if config_path else None
             if stage is None or stage[0] in _seen:
