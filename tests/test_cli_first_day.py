@@ -173,9 +173,11 @@ def test_check_on_the_tiny_configs(path, tmp_path, capsys, monkeypatch):
     kind = kind_of(path)
     tok = "tiny"
     if "tiny_llama2" in path:
-        tok = os.path.join(REPO, "..", "shared", "tokenizers", "llama2")
-        if not os.path.exists(os.path.join(tok, "tokenizer.model")):
-            pytest.skip("LLaMA-2 tokenizer not available")
+        from helpers import LLAMA2_MISSING, LLAMA2_TOKENIZER_DIR, has_llama2_tokenizer
+
+        if not has_llama2_tokenizer():
+            pytest.skip(LLAMA2_MISSING)
+        tok = LLAMA2_TOKENIZER_DIR
     extra = [f"tokenizer={tok}"]
     if kind == "ppo":
         # PPO starts from the DPO and reward runs' outputs: without them, named failures.

@@ -80,7 +80,7 @@ def _tiny_llama_32k() -> transformers.LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def loaded():
-    """The tokenizer as the trainers load it (``tokenizer: ../shared/tokenizers/llama2``)."""
+    """The tokenizer as the trainers load it (``tokenizer=$LLAMA2_TOKENIZER_DIR``)."""
     return load_tokenizer(LLAMA2_TOKENIZER_DIR)
 
 

@@ -435,8 +435,28 @@ class RewardConfig(PairRunConfig):
         return [ModelRole("reward model", "model", True, "classifier")]
 
 
+class _RolloutShapes:
+    """What a rollout trainer (PPO, GRPO) puts on the mesh per step: ``rollouts_per_prompt``
+    completions per prompt, updated in chunks of ``mini_batch_size / accumulate_gradient_steps``
+    rows, over sequences of prompt + continuation."""
+
+    def batches(self) -> list:
+        """The rollout rows per step, and the rows of each update's chunk."""
+        from torchxla_rlhf.trainers.registry import Batch
+
+        chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
+        return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
+                      "train_dataset.batch_size", self.train_dataset.batch_size * self.rollouts_per_prompt),
+                Batch("mini_batch_size / accumulate_gradient_steps (rows per chunk)",
+                      "mini_batch_size", chunk, must_divide=False)]
+
+    def sequence_length(self) -> tuple[str, int]:
+        return ("train_dataset.seq_length + max_continuation_len",
+                self.train_dataset.seq_length + self.max_continuation_len)
+
+
 @dataclass
-class PPOConfig(RunConfig):
+class PPOConfig(_RolloutShapes, RunConfig):
     """``python -m torchxla_rlhf.ppo``: PPO with policy, reference, reward and value models on
     one mesh (docs/ppo.md). ``model`` is the policy (and the reference's start)."""
 
@@ -560,20 +580,6 @@ class PPOConfig(RunConfig):
                 ModelRole("reward model", "reward_model", False, "classifier"),
                 ModelRole("value model", value_key, True, "classifier")]
 
-    def batches(self) -> list:
-        """The rollout rows per step, and the rows of each PPO update's chunk."""
-        from torchxla_rlhf.trainers.registry import Batch
-
-        chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
-        return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
-                      "train_dataset.batch_size", self.train_dataset.batch_size * self.rollouts_per_prompt),
-                Batch("mini_batch_size / accumulate_gradient_steps (rows per chunk)",
-                      "mini_batch_size", chunk, must_divide=False)]
-
-    def sequence_length(self) -> tuple[str, int]:
-        return ("train_dataset.seq_length + max_continuation_len",
-                self.train_dataset.seq_length + self.max_continuation_len)
-
 
 def _tiny_vowels(text: str) -> float:
     from torchxla_rlhf.data.synthetic import oracle_score
@@ -609,7 +615,7 @@ class RewardsConfig:
 
 
 @dataclass
-class GRPOConfig(RunConfig):
+class GRPOConfig(_RolloutShapes, RunConfig):
     """``python -m torchxla_rlhf.grpo``: critic-free RL (GRPO and its DAPO / Dr. GRPO / GSPO
     variants, or RLOO) on the PPO engine: G rollouts per prompt, advantages from the group,
     no value model; the frozen reference only when a KL term is on (beta > 0)."""
@@ -744,16 +750,3 @@ class GRPOConfig(RunConfig):
             roles.append(ModelRole("reward model", "reward_model", False, "classifier"))
         return roles
 
-    def batches(self) -> list:
-        """The rollout rows per step (G per prompt), and the rows of each update's chunk."""
-        from torchxla_rlhf.trainers.registry import Batch
-
-        chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
-        return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
-                      "train_dataset.batch_size", self.train_dataset.batch_size * self.rollouts_per_prompt),
-                Batch("mini_batch_size / accumulate_gradient_steps (rows per chunk)",
-                      "mini_batch_size", chunk, must_divide=False)]
-
-    def sequence_length(self) -> tuple[str, int]:
-        return ("train_dataset.seq_length + max_continuation_len",
-                self.train_dataset.seq_length + self.max_continuation_len)
