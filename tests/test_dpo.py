@@ -165,6 +165,50 @@ def test_missing_model_checkpoint_is_a_clear_error(tmp_path):
                             "tokenizer=tiny"))
 
 
+_RESUME = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+from torchxla_rlhf.configs import DPOConfig
+from torchxla_rlhf.trainers.dpo import DPOTrainer
+t = DPOTrainer(tiny_config(DPOConfig, "dpo", {out!r}, *{overrides!r}))
+start = t.step
+t.train(); t.close()
+print(json.dumps([start, t.step, t.compiles_after_first_step]))
+"""
+
+
+@pytest.mark.slow
+def test_resumed_run_compiles_nothing_after_its_first_step(tmp_path):
+    """A preempted run resumed in a new process (as on a pod) compiles nothing after its
+    first step: the loaded training state carries the sharding annotations a step's outputs
+    carry, so the resumed first step's graphs are every later step's. (In one process the
+    graphs the interrupted run compiled would hide a difference.)"""
+    import signal
+
+    from torchxla_rlhf.trainers.dpo import DPOTrainer
+
+    common = ["total_steps=5", "eval_dataset=null", "save_training_state=true",
+              "save_model_freq=0"]
+    out = str(tmp_path / "run")
+    trainer = DPOTrainer(tiny_cfg(out, *common))
+    step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = step()
+        if trainer.step == 1:  # during the 2nd update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm
+    trainer.train()
+    trainer.close()
+    assert trainer.preempted_at == 2
+    code = _RESUME.format(tests=os.path.join(REPO, "tests"), out=out,
+                          overrides=[*common, "resume_from=auto"])
+    assert run_with_devices(code, 1) == [2, 5, 0]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     """Preemption: SIGTERM during step 2 -> training-state-latest (the state alone), stop.

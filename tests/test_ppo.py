@@ -67,7 +67,10 @@ def test_ppo_raises_reward_with_bounded_kl_and_exports(tmp_path, tiny_models):
     rewards = np.array([r["env/reward_mean"] for r in rows])
     kl = np.array([r["objective/kl"] for r in rows])
     assert np.all(np.isfinite(rewards)) and np.all(np.isfinite(kl))
-    assert rewards[-10:].mean() > rewards[:5].mean() + 0.5, rewards
+    # Measured with these models over seeds 0-4: the last 10 steps' mean exceeds the first 5
+    # steps' by 0.48-0.89; a run that does not update the policy (generate_only) by -0.11 and
+    # -0.07. The bound sits between the two.
+    assert rewards[-10:].mean() > rewards[:5].mean() + 0.3, rewards
     assert np.abs(kl).max() < 25.0, kl
     for key in ("objective/kl_per_token", "objective/kl_coef", "ppo/mean_scores", "ppo/std_scores",
                 "ppo/mean_non_score_reward", "ppo/loss/policy", "ppo/loss/value", "ppo/loss/total",

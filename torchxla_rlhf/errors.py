@@ -112,7 +112,13 @@ def run_guarded(fn: Callable[[], T], prog: str, debug: bool) -> T:
     try:
         return fn()
     except Preempted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        # The state is saved: a second Ctrl-C whose handler runs only now (Python runs signal
+        # handlers between bytecodes, so one pressed during a long device call lands late)
+        # must not turn this into Python's death by SIGINT.
+        try:
+            print(f"{prog}: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
         raise SystemExit(EXIT_PREEMPTED) from None
     except KeyboardInterrupt:
         if debug:

@@ -34,8 +34,9 @@ ENTRY_POINTS = (
     "XlaShardingSpec", "_xla_tensors_from_aten", "_global_tensor_from_cpu_shards",
     "_xla_get_runtime_devices", "_get_xla_op_sharding", "_xla_mark_sharding",
     "_get_xla_sharding_spec",
-    # local shards of the training state
+    # local shards of the training state (a loaded unannotated tensor is marked replicated)
     "_get_local_shard_replica_and_indices", "_get_local_shards", "_load_local_shards",
+    "OpSharding",
     # graphs: trace then launch, background metric reads
     "_check_device_tensor_need_materialization", "_get_allow_execution", "_set_allow_execution",
     "_get_current_graph_name", "_set_current_graph_name", "_xla_get_cpu_tensors",

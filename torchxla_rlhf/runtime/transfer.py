@@ -154,8 +154,17 @@ def load_local_shards(tensor: torch.Tensor, shards: Sequence[torch.Tensor]) -> N
 
     full = tuple((0, int(d)) for d in tensor.shape)
     if all(box == full for _, box in local_shard_boxes(tensor)):
-        # Unsharded or replicated (_load_local_shards refuses those): copy_ keeps the sharding.
+        # Unsharded or replicated (_load_local_shards refuses those): copy_ keeps an annotation
+        # the tensor has, but an unannotated one (AdamW's update count) comes from the host
+        # without any, where a graph's output would carry `{replicated}`: the step graph that
+        # updates it in place would then differ from the next one (a compilation after the
+        # first resumed step). Annotate it as the graph would.
+        annotated = bool(xlac._get_xla_sharding_spec(tensor))
         tensor.copy_(shards[0])
+        if not annotated:
+            from torch_xla.distributed.spmd import ShardingType
+
+            xlac._xla_mark_sharding(tensor, xlac.OpSharding([], [], [], ShardingType.REPLICATED))
         return
     devices = xlac._xla_get_runtime_devices()
     if len(devices) != len(shards):
