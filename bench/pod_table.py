@@ -3,11 +3,12 @@
     PYTHONPATH=. python bench/pod_table.py [--model DIR_OR_HUB_NAME]
 
 Each line is the pre-flight ``python -m torchxla_rlhf plan --config CONFIG --tpu POD
-OVERRIDES`` runs (the start-up checks and the memory plan), with every model of the run given
-the shape of ``--model`` (default: Llama-2 13B's config.json, shipped in ``bench/shapes/``: the
-paper's policy, reference, reward and value models are all Llama-2 13B fine-tunes, and the
-reward model does not exist before its stage has run). Prints a Markdown table of the lines
-that fit, with the planner's per-device peak, then each line that does not and why.
+OVERRIDES`` runs (the start-up checks and the memory plan), with the models' shapes read as
+``plan`` reads them: ``allenai/tulu-2-13b`` from the hub, or from its shipped config.json when
+the hub cannot answer; PPO's reward model, which the reward stage exports, with that stage's
+model's shape. ``--model`` gives every model of every line that shape instead. Prints a
+Markdown table of the lines that fit, with the planner's per-device peak, then each line that
+does not and why, then how the shapes were read.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from torchxla_rlhf import memory_plan  # noqa: E402
+from torchxla_rlhf.config import find_config  # noqa: E402
 from torchxla_rlhf.errors import UserError  # noqa: E402
 from torchxla_rlhf.preflight import checks  # noqa: E402
 from torchxla_rlhf.preflight.mesh import GIB, tpu_pod  # noqa: E402
+from torchxla_rlhf.preflight.stages import read_plan_shapes  # noqa: E402
 from torchxla_rlhf.trainers import registry  # noqa: E402
-
-LLAMA2_13B = os.path.join(REPO, "bench", "shapes", "llama-2-13b")
 
 LINES = [
     # (pod, shipped config, overrides): the shipped mesh where it matches the pod, else the
@@ -39,6 +39,8 @@ LINES = [
     ("v3-128", "reward_13b.yaml", ["mesh_dim=-1,32,4"]),
     ("v3-128", "ppo_13b.yaml", ["mesh_dim=1,32,4"]),
     ("v3-128", "ppo_13b.yaml", ["mesh_dim=1,32,4", "optimizer.accumulate_gradient_steps=2"]),
+    ("v3-256", "grpo_13b.yaml", []),
+    ("v3-128", "grpo_13b.yaml", ["mesh_dim=1,32,4"]),
     ("v4-64", "dpo_13b.yaml", ["mesh_dim=-1,4,8"]),
     ("v4-64", "reward_13b.yaml", ["mesh_dim=-1,4,8"]),
     ("v4-64", "reward_13b.yaml", ["mesh_dim=-1,4,8", "train_dataset.batch_size=4",
@@ -56,14 +58,19 @@ LINES = [
 ]
 
 
-def preflight(pod_name: str, config: str, overrides: list[str], model: str):
-    """``(fits, plan or None, why)`` of one line, as ``plan`` computes it."""
-    cfg = registry.load(config, overrides)
-    keys = {r.key for r in cfg.model_roles()}
-    cfg = registry.load(config, overrides + [f"{k}.name_or_path={model}" for k in sorted(keys)])
+def preflight(pod_name: str, config: str, overrides: list[str], model: str | None,
+              notes: list[str]):
+    """``(fits, plan or None, why)`` of one line, as ``plan`` computes it; how the shapes were
+    read goes to ``notes``."""
+    path = find_config(config)
+    cfg = registry.load(path, overrides)
+    if model is not None:
+        keys = {r.key for r in cfg.model_roles()}
+        cfg = registry.load(path, overrides + [f"{k}.name_or_path={model}" for k in sorted(keys)])
     pod = tpu_pod(pod_name)
     try:
-        shapes = memory_plan.read_shapes(cfg)
+        shapes, read_notes = read_plan_shapes(cfg, path)
+        notes += [n for n in read_notes if n not in notes]
         report = checks.check_run(cfg, shapes, pod.devices, pod.hosts, pod.devices_per_host,
                                   hbm_bytes=pod.hbm_bytes)
     except UserError as e:
@@ -80,11 +87,12 @@ def preflight(pod_name: str, config: str, overrides: list[str], model: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=LLAMA2_13B, help="shape of every model (config.json)")
+    parser.add_argument("--model", default=None, help="the shape of every model (a directory "
+                        "or hub name with a config.json; default: each model's own)")
     args = parser.parse_args()
-    fit, misfit = [], []
+    fit, misfit, notes = [], [], []
     for pod, config, overrides in LINES:
-        ok, p, why = preflight(pod, config, overrides, args.model)
+        ok, p, why = preflight(pod, config, overrides, args.model, notes)
         shown = " ".join(overrides) or "(as shipped)"
         if ok:
             d = p.dominant
@@ -97,6 +105,8 @@ def main() -> None:
     print("\n".join(fit))
     if misfit:
         print("\nDoes not fit (the planner's peak):\n" + "\n".join(misfit))
+    if notes:
+        print("\nShapes:\n" + "\n".join(f"- {n}" for n in notes))
 
 
 if __name__ == "__main__":

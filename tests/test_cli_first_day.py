@@ -287,6 +287,69 @@ def test_pipeline_prints_stage_headers_and_a_summary(tmp_path, monkeypatch, caps
     assert f"{root}/ppo/metrics.jsonl" in summary
 
 
+def test_pipeline_with_a_grpo_stage_prints_its_header_and_summary(tmp_path, monkeypatch, capsys):
+    import torchxla_rlhf.trainers.base as base
+    from torchxla_rlhf.__main__ import main
+
+    runs = []
+    monkeypatch.setattr(base, "run", lambda cls, cfg, setup_logging, label: runs.append((label, cfg)) or {})
+    root = tmp_path / "p"
+    assert main(["pipeline", "--configs", os.path.join(REPO, "configs", "tiny"), "--output-root",
+                 str(root), "--stages", "dpo,reward,grpo", "grpo.total_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"stage 3/3: grpo -> {root}/grpo\n" in out
+    assert [label for label, _ in runs] == ["dpo (stage 1/3)", "reward (stage 2/3)", "grpo (stage 3/3)"]
+    grpo = runs[-1][1]
+    assert grpo.model.name_or_path == f"{root}/dpo/final" and grpo.total_steps == 3
+    summary = out[out.index("pipeline done"):]
+    assert f"{root}/grpo/final " in summary and f"{root}/grpo/metrics.jsonl" in summary
+    assert "ppo" not in summary
+
+
+@pytest.mark.parametrize("stages,overrides,wired", [
+    (("dpo", "reward", "ppo"), [], {"ppo": {"model": "dpo", "reward_model": "reward"}}),
+    # The tiny GRPO config scores with a verifier only: no reward model to wire...
+    (("dpo", "reward", "grpo"), [], {"grpo": {"model": "dpo"}}),
+    # ...unless its config has one; then it is the reward stage's, as PPO's.
+    (("dpo", "reward", "grpo"), ["grpo.reward_model.param_dtype=float32"],
+     {"grpo": {"model": "dpo", "reward_model": "reward"}}),
+    # A command-line path wins over the wiring (and is not reported as wired).
+    (("dpo", "reward", "grpo"), ["grpo.reward_model.name_or_path=tiny"], {"grpo": {"model": "dpo"}}),
+    (("grpo",), [], {}),
+    (("reward", "dpo", "ppo"), [], {"ppo": {"model": "dpo", "reward_model": "reward"}}),
+])
+def test_pipeline_stages_are_wired_from_what_each_trainer_declares(stages, overrides, wired, tmp_path):
+    """No data read, nothing trained: which earlier output feeds which key follows from each
+    trainer's model roles (a trained causal ``model`` = a policy, a trained classifier = a
+    reward model), for any registered kinds in any order."""
+    from torchxla_rlhf.__main__ import wire_stages
+
+    root = str(tmp_path)
+    got = wire_stages(os.path.join(REPO, "configs", "tiny"), root, overrides, stages)
+    assert [st.kind for st in got] == list(stages)
+    assert all(st.out == f"{root}/{st.kind}" and st.cfg.output_dir == st.out for st in got)
+    assert {st.kind: st.wired for st in got if st.wired} == {
+        kind: {key: f"{root}/{src}/final" for key, src in keys.items()} for kind, keys in wired.items()}
+    for st in got:
+        for key, path in st.wired.items():
+            assert getattr(st.cfg, key).name_or_path == path
+
+
+@pytest.mark.parametrize("stages,match", [
+    ("dpo,sft", "unknown trainer 'sft'; known: dpo, reward, ppo, grpo"),
+    ("dpo,dpo", "name each stage once"),
+])
+def test_pipeline_stage_errors_are_one_line(stages, match, tmp_path, capsys):
+    from torchxla_rlhf.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--configs", os.path.join(REPO, "configs", "tiny"), "--output-root",
+              str(tmp_path), "--stages", stages])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert match in err[0] and all("--debug" in line for line in err[1:]), err
+
+
 def test_top_level_help_lists_every_entry_point(capsys):
     from torchxla_rlhf.__main__ import main
 

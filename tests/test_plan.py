@@ -39,6 +39,64 @@ def test_bare_shipped_name_and_tpu_from_any_directory(tmp_path, monkeypatch, cap
     assert "of 16.00 GiB: DOES NOT FIT" in out and "meshes on 128 devices that pass every check" in out
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network and an empty HF cache, as on a machine that never downloaded the models."""
+    from torchxla_rlhf.preflight import shapes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(shapes, "_hub_answers", {})
+
+
+@pytest.mark.parametrize("config", ["dpo_13b.yaml", "reward_13b.yaml", "ppo_13b.yaml", "grpo_13b.yaml"])
+def test_every_13b_config_plans_offline_from_another_directory(config, tmp_path, monkeypatch, capsys,
+                                                               offline_hub):
+    """The shipped 13B configs as they are, from a directory that is not the repository, with
+    no hub: the policy's shape comes from the shipped copy of its config.json (said so), PPO's
+    reward model (the reward stage's output, not there yet) from the reward stage's model."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(["plan", "--config", config, "--tpu", "v3-256"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("v3-256: 256 device(s) on 32 host(s), 16 GiB per device")
+    assert ("note: allenai/tulu-2-13b: shape from the shipped copy of its config.json; the hub "
+            "was not reached (HF_HUB_OFFLINE is set)") in out
+    assert "FITS" in out and "DOES NOT FIT" not in out
+    stage_note = ("note: reward_model.name_or_path='outputs/reward_13b/final' does not exist yet: "
+                  "reward_13b.yaml exports it; planned with the shape of that stage's model "
+                  "'allenai/tulu-2-13b'")
+    assert (stage_note in out) == (config == "ppo_13b.yaml")
+
+
+def test_stage_output_takes_the_producing_stage_model_shape(tmp_path, monkeypatch, capsys):
+    """A configs folder of its own: the RM stage's model is a local 2-layer Llama, so the PPO
+    plan's reward (and value) model is that shape; an existing directory is read as it is."""
+    import json
+
+    from torchxla_rlhf.preflight.stages import read_plan_shapes
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)))
+    folder = tmp_path / "cfgs"
+    folder.mkdir()
+    (folder / "rm.yaml").write_text(f"trainer: reward\noutput_dir: {tmp_path}/out/rm\n"
+                                    f"model: {{name_or_path: {base}}}\n"
+                                    "train_dataset: {path: pairs.jsonl}\n")
+    (folder / "ppo.yaml").write_text(f"trainer: ppo\nmodel: {{name_or_path: {LLAMA2_13B_DIR}}}\n"
+                                     f"reward_model: {{name_or_path: {tmp_path}/out/rm/final/}}\n"
+                                     "mini_batch_size: 8\ntrain_dataset: {path: prompts.jsonl}\n")
+    cfg = registry.load(str(folder / "ppo.yaml"))
+    shapes, notes = read_plan_shapes(cfg, str(folder / "ppo.yaml"))
+    assert shapes["model"].hidden == 5120 and shapes["reward_model"].hidden == 64
+    assert len(notes) == 1 and "rm.yaml exports it" in notes[0] and str(base) in notes[0]
+    (tmp_path / "out" / "rm" / "final").mkdir(parents=True)
+    with pytest.raises(Exception, match="the directory has no config.json"):
+        read_plan_shapes(cfg, str(folder / "ppo.yaml"))
+
+
 def test_v4_and_v5p_are_one_device_per_chip(capsys):
     assert cli(["plan", "--config", "dpo_13b.yaml", "--tpu", "v4-64", "mesh_dim=-1,4,8", AS_13B[0]]) == 0
     assert "v4-64: 32 device(s) on 8 host(s), 32 GiB per device" in capsys.readouterr().out
@@ -67,9 +125,10 @@ def test_a_config_with_only_base_and_overrides_plans_its_trainer(capsys):
     (["--config", "tiny/dpo.yaml"], "mesh_dim='1,-1,1' has a -1 axis: pass --tpu TYPE or --devices N"),
     (["--config", "tiny/dpo.yaml", "--tpu", "v3-8", "mesh_dim=1,2,2"], "uses 4 device"),
     (["--config", "tiny/dpo.yaml", "--devices", "4", "trainer=grpc"], "unknown trainer 'grpc'"),
-    (["--config", "ppo_13b.yaml", "--tpu", "v3-256"], "reward_model.name_or_path='outputs/reward_13b/final': "
-     "no such model directory (to plan before it exists, e.g. the output of an earlier stage, set "
-     "reward_model.name_or_path to a model of the same shape)"),
+    (["--config", "ppo_13b.yaml", "--tpu", "v3-256", "reward_model.name_or_path=outputs/nowhere/final"],
+     "reward_model.name_or_path='outputs/nowhere/final': no such model directory (to plan before it "
+     "exists, e.g. the output of an earlier stage, set reward_model.name_or_path to a model of the "
+     "same shape)"),
 ])
 def test_every_error_is_one_line_with_exit_2(args, match, capsys):
     extra = [AS_13B[0]] if "ppo_13b.yaml" in args else []

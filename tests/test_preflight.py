@@ -80,10 +80,75 @@ def test_a_size_in_the_name_is_never_read(monkeypatch, tmp_path):
         model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)))
     assert read_shape(_model(str(d))).hidden == 64
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(RemoteError, match="meta-llama/Llama-2-13b-hf.*HF_HUB_OFFLINE"):
+        read_shape(_model("meta-llama/Llama-2-13b-hf"), "reward_model")
+
+
+def _offline(monkeypatch, tmp_path):
+    from torchxla_rlhf.preflight import shapes
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(RemoteError, match="allenai/tulu-2-13b.*HF_HUB_OFFLINE"):
-        read_shape(_model("allenai/tulu-2-13b"), "reward_model")
+    monkeypatch.setattr(shapes, "_hub_answers", {})
+
+
+def test_offline_hub_fails_fast_and_falls_back_to_the_shipped_config_json(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE: the cache is the only answer (no network wait); for plan
+    (shipped_fallback) a hub model a shipped config names then comes from its shipped
+    config.json, with a note; others, another revision than the shipped one, and a run's own
+    start-up read stay errors."""
+    from torchxla_rlhf.preflight import shapes
+
+    _offline(monkeypatch, tmp_path)
+    monkeypatch.setattr(shapes, "_remote", lambda *a: pytest.fail("waited for the network"))
+    with pytest.raises(RemoteError, match="HF_HUB_OFFLINE"):  # a run needs the hub anyway
+        read_shape(_model("allenai/tulu-2-13b"), "model")
+    s = read_shape(_model("allenai/tulu-2-13b"), "model", shipped_fallback=True)
+    assert (s.vocab, s.hidden, s.intermediate, s.layers, s.heads, s.kv_heads) == (
+        32000, 5120, 13824, 40, 40, 40)
+    assert s.note == ("allenai/tulu-2-13b: shape from the shipped copy of its config.json; "
+                      "the hub was not reached (HF_HUB_OFFLINE is set)")
+    with pytest.raises(RemoteError, match="HF_HUB_OFFLINE"):
+        read_shape(_model("allenai/tulu-2-13b", revision="v1"), "model", shipped_fallback=True)
+
+
+def test_every_hub_model_a_shipped_config_names_has_its_config_json_shipped():
+    """Every hub name in configs/ (the model keys' name_or_path) has a shipped config.json, and
+    every shipped config.json is named by a config (setup.cfg installs them)."""
+    import glob
+    import re
+
+    from torchxla_rlhf.preflight.shapes import SHIPPED_MODEL_CONFIGS, shipped_model_config
+
+    named = set()
+    for path in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True):
+        for name in re.findall(r"name_or_path:\s*([^\s#]+)", open(path).read()):
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(os.path.join(os.path.dirname(path), name)) \
+                    and not name.startswith(("outputs/", "data/")):
+                named.add(name)
+    assert named, "no hub model in the shipped configs?"
+    assert {n for n in named if shipped_model_config(n) is None} == set()
+    shipped = {f.removesuffix(".json").replace("--", "/") for f in os.listdir(SHIPPED_MODEL_CONFIGS)}
+    assert shipped == named
+    with open(os.path.join(REPO, "setup.cfg")) as f:
+        assert "preflight/model_configs/*.json" in f.read()
+
+
+def test_a_hub_that_answers_wins_over_the_shipped_copy(monkeypatch, tmp_path):
+    from torchxla_rlhf.preflight import shapes
+
+    monkeypatch.setattr(shapes, "_hub_answers", {})
+    d = tmp_path / "hub"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4)))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(d / "config.json"))
+    s = read_shape(_model("allenai/tulu-2-13b"), shipped_fallback=True)
+    assert s.hidden == 64 and s.note == ""
 
 
 def test_hub_name_reads_config_json_with_revision_and_token(monkeypatch, tmp_path):
@@ -95,6 +160,9 @@ def test_hub_name_reads_config_json_with_revision_and_token(monkeypatch, tmp_pat
 
     import huggingface_hub
 
+    from torchxla_rlhf.preflight import shapes
+
+    monkeypatch.setattr(shapes, "_hub_answers", {})
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert read_shape(_model("org/model", revision="v2")).layers == 40

@@ -58,6 +58,26 @@ def test_one_command_tiny_pipeline(tmp_path):
         assert os.path.exists(os.path.join(tmp_path, path, "_COMPLETE")), path
 
 
+@pytest.mark.slow
+def test_pipeline_grpo_stage_starts_from_the_dpo_policy(tmp_path):
+    """--stages dpo,grpo: GRPO loads DPO's exported policy and exports its own (a few steps)."""
+    from torchxla_rlhf.__main__ import run_pipeline
+
+    data = f"{REPO}/data/tiny"
+    quick = ["total_steps=2", "logger.progress_bar=false", "save_model_freq=0"]
+    overrides = (
+        [f"dpo.{o}" for o in quick + ["eval_dataset=null", f"train_dataset.path={data}/preference_train.jsonl"]]
+        + [f"grpo.{o}" for o in quick + ["eval_dataset=null", f"train_dataset.path={data}/rlvr_train.jsonl"]]
+    )
+    results = run_pipeline(os.path.join(REPO, "configs", "tiny"), str(tmp_path), overrides,
+                           stages=("dpo", "grpo"))
+    assert set(results) == {"dpo", "grpo"}
+    with open(os.path.join(tmp_path, "grpo", "config.yaml")) as f:
+        assert f"name_or_path: {tmp_path}/dpo/final" in f.read()
+    for path in ("dpo/final", "grpo/final"):
+        assert os.path.exists(os.path.join(tmp_path, path, "_COMPLETE")), path
+
+
 def test_pipeline_overrides_need_a_stage_prefix(tmp_path):
     from torchxla_rlhf.__main__ import main
 

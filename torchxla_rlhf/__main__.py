@@ -2,14 +2,15 @@
 
     python -m torchxla_rlhf                       # lists the entry points
     python -m torchxla_rlhf train --config FILE [KEY=VALUE ...]   # the trainer FILE names
-    python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny] [--resume]
-                                     [dpo.KEY=VALUE ...] [reward.KEY=VALUE ...] [ppo.KEY=VALUE ...]
+    python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny]
+                                     [--stages dpo,reward,ppo] [--resume] [STAGE.KEY=VALUE ...]
     python -m torchxla_rlhf plan --config FILE [--tpu v3-256 | --devices N --hbm-gib G] [KEY=VALUE ...]
 
-The pipeline runs DPO (the policy), the reward model, then PPO from those two, wiring the
-output directories together: PPO's ``model.name_or_path`` is DPO's ``final`` and its
-``reward_model.name_or_path`` the reward run's ``final``. Overrides are prefixed by the stage
-they apply to.
+The pipeline runs its stages (registered trainer kinds, each from ``DIR/KIND.yaml``) in order,
+wiring the output directories together: a stage that trains a policy starts from the last
+earlier stage's exported policy (PPO's and GRPO's ``model`` is DPO's ``final``), and a stage
+with a reward model scores with the last earlier stage's exported classifier (the reward run's
+``final``). Overrides are prefixed by the stage they apply to.
 """
 
 from __future__ import annotations
@@ -18,18 +19,86 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from torchxla_rlhf.config import ConfigError, load_config
 
-STAGES = ("dpo", "reward", "ppo")
-"""The pipeline's stages, in order (each a registered trainer kind)."""
+DEFAULT_STAGES = ("dpo", "reward", "ppo")
+"""The pipeline's stages unless ``--stages`` says otherwise (each a registered trainer kind)."""
 logger = logging.getLogger("torchxla_rlhf")
 
 
+@dataclass
+class Stage:
+    kind: str
+    out: str
+    """Its ``output_dir``."""
+    cfg: Any
+    wired: dict[str, str]
+    """Config key -> the earlier stage's output it reads (``model``, ``reward_model``)."""
+    tokenizer_from: Any = None
+    """The config of the stage whose policy this one starts from (its tokenizer goes with it)."""
+
+
+def _trained_model_head(cfg: Any) -> str | None:
+    """The head of the model a run trains from its ``model`` key (what it exports as
+    ``final``): ``causal`` (a policy), ``classifier`` (a reward model) or None."""
+    return next((r.head for r in cfg.model_roles() if r.key == "model" and r.trained), None)
+
+
+def wire_stages(configs: str, output_root: str, overrides: list[str],
+                stages: tuple[str, ...] = DEFAULT_STAGES, resume_keys: dict[str, list[str]] | None = None
+                ) -> list[Stage]:
+    """The pipeline's stages with their configs loaded and wired (no data read, nothing run).
+
+    Which output feeds which key follows from what each trainer declares in the registry
+    (:meth:`model_roles`), not from its name: a stage that trains a causal ``model`` after a
+    stage that exported one starts from it; a stage whose roles include a ``reward_model``
+    reads the last earlier stage that trained a classifier."""
+    from torchxla_rlhf.trainers import registry
+
+    if len(set(stages)) != len(stages) or not stages:
+        raise ConfigError(f"--stages {','.join(stages)!r}: name each stage once "
+                          f"(known: {', '.join(registry.TRAINERS)})")
+    for kind in stages:
+        registry.get(kind, where=f"--stages {','.join(stages)}")
+    per_stage: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        stage, _, rest = item.partition(".")
+        if stage not in per_stage or not rest:
+            raise ConfigError(f"override {item!r}: prefix it with the stage it applies to "
+                              f"({', '.join(s + '.' for s in stages)})")
+        per_stage[stage].append(rest)
+    resume_keys = resume_keys or {}
+    done: list[Stage] = []
+    for kind in stages:
+        out = f"{output_root.rstrip('/')}/{kind}"
+        path = os.path.join(configs, f"{kind}.yaml")
+        spec = registry.get(kind)
+        tail = [*resume_keys.get(kind, []), *per_stage[kind]]
+        plain = load_config(spec.config, path, [f"output_dir={out}", *tail])
+        wired: dict[str, str] = {}
+        policy = next((st for st in reversed(done) if _trained_model_head(st.cfg) == "causal"), None)
+        if policy is not None and _trained_model_head(plain) == "causal":
+            wired["model"] = f"{policy.out}/final"
+        scorer = next((st for st in reversed(done) if _trained_model_head(st.cfg) == "classifier"), None)
+        if scorer is not None and any(r.key == "reward_model" for r in plain.model_roles()):
+            wired["reward_model"] = f"{scorer.out}/final"
+        # Overrides on the command line win over the wiring, as over the file.
+        cfg = load_config(spec.config, path, [f"output_dir={out}",
+                                              *(f"{k}.name_or_path={v}" for k, v in wired.items()), *tail])
+        wired = {k: v for k, v in wired.items() if getattr(cfg, k).name_or_path == v}
+        done.append(Stage(kind, out, cfg, wired, policy.cfg if "model" in wired else None))
+    return done
+
+
 def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume: bool = False,
-                 setup_logging: bool = False) -> dict[str, dict[str, float]]:
-    """DPO -> reward -> PPO with the directories wired; returns each stage's last metrics.
-    ``setup_logging``: console logging at each stage's ``log_level`` (the command line).
+                 setup_logging: bool = False, stages: tuple[str, ...] = DEFAULT_STAGES
+                 ) -> dict[str, dict[str, float]]:
+    """``stages`` (default DPO -> reward -> PPO) with the directories wired
+    (:func:`wire_stages`); returns each stage's last metrics. ``setup_logging``: console
+    logging at each stage's ``log_level`` (the command line).
 
     Every stage's config and data are checked before the first stage trains. A preempted
     stage raises :class:`~torchxla_rlhf.errors.Preempted` (the pipeline stops there);
@@ -41,65 +110,42 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
     from torchxla_rlhf.trainers import registry
     from torchxla_rlhf.trainers.base import run
 
-    per_stage: dict[str, list[str]] = {s: [] for s in STAGES}
-    for item in overrides:
-        stage, _, rest = item.partition(".")
-        if stage not in per_stage or not rest:
-            raise ConfigError(f"override {item!r}: prefix it with the stage it applies to "
-                              f"({', '.join(s + '.' for s in STAGES)})")
-        per_stage[stage].append(rest)
-    out = {s: f"{output_root.rstrip('/')}/{s}" for s in STAGES}
-    wiring = {
-        "dpo": [],
-        "reward": [],
-        "ppo": [f"model.name_or_path={out['dpo']}/final",
-                f"reward_model.name_or_path={out['reward']}/final"],
-    }
-    kinds = {s: registry.get(s) for s in STAGES}
-    done = {s: resume and is_complete_checkpoint(f"{out[s]}/final") for s in STAGES}
-    resume_keys = {s: ["resume_from=auto"] if resume and not done[s] else [] for s in STAGES}
+    root = output_root.rstrip("/")
+    done = {s: resume and is_complete_checkpoint(f"{root}/{s}/final") for s in stages}
+    resume_keys = {s: ["resume_from=auto"] if resume and not done[s] else [] for s in stages}
     # Parse every stage's config before running any, so a typo fails in seconds...
-    cfgs = {
-        s: load_config(kinds[s].config, os.path.join(configs, f"{s}.yaml"),
-                       [f"output_dir={out[s]}", *wiring[s], *resume_keys[s], *per_stage[s]])
-        for s in STAGES
-    }
+    wired = wire_stages(configs, output_root, overrides, tuple(stages), resume_keys)
     # ...and read every stage's data, so bad PPO prompts do not wait for DPO and the RM.
-    # PPO's model is DPO's output, whose tokenizer is DPO's.
-    dpo = cfgs["dpo"]
-    for s in STAGES:
-        if not done[s]:
-            source = cfgs[s].tokenizer or (
-                dpo.tokenizer or dpo.model.name_or_path if s == "ppo" else cfgs[s].model.name_or_path)
-            tok = load_tokenizer(source, cfgs[s].tokenizer_pad_token_id,
-                                 sentencepiece_legacy=cfgs[s].tokenizer_legacy)
-            kinds[s].trainer_class().check_data(cfgs[s], tok)
+    # A stage that starts from an earlier stage's policy uses that stage's tokenizer.
+    for st in wired:
+        if not done[st.kind]:
+            source = st.cfg.tokenizer or (
+                st.tokenizer_from.tokenizer or st.tokenizer_from.model.name_or_path
+                if st.tokenizer_from is not None else st.cfg.model.name_or_path)
+            tok = load_tokenizer(source, st.cfg.tokenizer_pad_token_id,
+                                 sentencepiece_legacy=st.cfg.tokenizer_legacy)
+            registry.get(st.kind).trainer_class().check_data(st.cfg, tok)
     results: dict[str, dict[str, float]] = {}
-    for i, s in enumerate(STAGES, 1):
-        if done[s]:
-            logger.info("pipeline --resume: %s/final is complete, skipping %s", out[s], s)
+    n = len(wired)
+    for i, st in enumerate(wired, 1):
+        if done[st.kind]:
+            logger.info("pipeline --resume: %s/final is complete, skipping %s", st.out, st.kind)
             continue
-        print(f"stage {i}/{len(STAGES)}: {s} -> {out[s]}", flush=True)
-        results[s] = run(kinds[s].trainer_class(), cfgs[s], setup_logging=setup_logging,
-                         label=f"{s} (stage {i}/{len(STAGES)})")
-    print(pipeline_summary(out), flush=True)
+        print(f"stage {i}/{n}: {st.kind} -> {st.out}", flush=True)
+        results[st.kind] = run(registry.get(st.kind).trainer_class(), st.cfg,
+                               setup_logging=setup_logging, label=f"{st.kind} (stage {i}/{n})")
+    print(pipeline_summary(wired), flush=True)
     return results
 
 
-OUTPUTS = {
-    "dpo": [("final", "the DPO policy (AutoModelForCausalLM)")],
-    "reward": [("final", "the reward model (AutoModelForSequenceClassification)")],
-    "ppo": [("final", "the PPO policy (AutoModelForCausalLM)"),
-            ("final-value", "its value model")],
-}
-
-
-def pipeline_summary(out: dict[str, str]) -> str:
+def pipeline_summary(stages: list[Stage]) -> str:
     """Where the pipeline's outputs are: each stage's exported checkpoints and metrics."""
-    rows = [(f"{out[s]}/{name}", what) for s in STAGES for name, what in OUTPUTS[s]]
+    from torchxla_rlhf.preflight.stages import exports
+
+    rows = [(f"{st.out}/{name}", what) for st in stages for name, what in exports(st.cfg)]
     width = max(len(path) for path, _ in rows)
     lines = ["pipeline done; outputs:"] + [f"  {path:<{width}}  {what}" for path, what in rows]
-    lines.append(f"  metrics: {', '.join(f'{out[s]}/metrics.jsonl' for s in STAGES)}")
+    lines.append(f"  metrics: {', '.join(f'{st.out}/metrics.jsonl' for st in stages)}")
     return "\n".join(lines)
 
 
@@ -114,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  python -m torchxla_rlhf train --config FILE [key=value ...]   "
               "the trainer the config names (trainer: KIND)")
         print("  python -m torchxla_rlhf pipeline [--configs DIR] [--output-root DIR] "
-              "[STAGE.key=value ...]   DPO -> reward -> PPO, wired together")
+              "[--stages dpo,reward,ppo|grpo] [STAGE.key=value ...]   the stages, wired together")
         print("  python -m torchxla_rlhf plan --config FILE [--tpu v3-256] [key=value ...]   "
               "the start-up checks and the per-device memory plan, without a device")
         print("  python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [options] -- COMMAND ...   "
@@ -130,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {argv[0]!r}; try: python -m torchxla_rlhf --help", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog="python -m torchxla_rlhf pipeline")
-    parser.add_argument("--configs", default="configs/tiny", help="directory with dpo/reward/ppo.yaml")
+    parser.add_argument("--configs", default="configs/tiny", help="directory with KIND.yaml per stage")
     parser.add_argument("--output-root", default="outputs/tiny")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                        help="comma-separated trainer kinds, in order (e.g. dpo,reward,grpo)")
     parser.add_argument("--resume", action="store_true",
                         help="skip finished stages, continue the others with resume_from=auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -139,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv[1:])
     from torchxla_rlhf.errors import debug_requested, run_guarded
 
+    stages = tuple(k.strip() for k in args.stages.split(",") if k.strip())
     run_guarded(lambda: run_pipeline(args.configs, args.output_root, args.overrides,
-                                     resume=args.resume, setup_logging=True),
+                                     resume=args.resume, setup_logging=True, stages=stages),
                 "python -m torchxla_rlhf pipeline", args.debug or debug_requested([]))
     return 0
 
@@ -236,14 +285,19 @@ def _plan(args: argparse.Namespace) -> int:
     from torchxla_rlhf.preflight.mesh import GIB, MeshError, fixed_devices, tpu_pod
     from torchxla_rlhf.trainers import registry
 
+    from torchxla_rlhf.config import find_config
+    from torchxla_rlhf.preflight.stages import read_plan_shapes
+
     pod = tpu_pod(args.tpu) if args.tpu else None
-    cfg = registry.load(args.config, args.overrides)
+    config_path = find_config(args.config)
+    cfg = registry.load(config_path, args.overrides)
     devices = args.devices or (pod.devices if pod else None) or fixed_devices(cfg.mesh_dim)
     if devices is None:
         raise MeshError(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --tpu TYPE or --devices N")
     hbm = args.hbm_gib * GIB if args.hbm_gib is not None else (pod.hbm_bytes if pod else None)
     hosts = pod.hosts if pod is not None and pod.devices == devices else None
-    report = checks.check_run(cfg, memory_plan.read_shapes(cfg), devices, hosts,
+    shapes, notes = read_plan_shapes(cfg, config_path)
+    report = checks.check_run(cfg, shapes, devices, hosts,
                               None if hosts is None else devices // hosts, hbm_bytes=hbm)
     p = report.plan
     if p is None or (not report.ok and p.fits is not False):
@@ -251,6 +305,8 @@ def _plan(args: argparse.Namespace) -> int:
     where = f"{pod.name}: " if pod is not None else ""
     print(f"{where}{devices} device(s)" + (f" on {hosts} host(s)" if hosts else "")
           + ("" if hbm is None else f", {hbm / GIB:g} GiB per device"))
+    for note in notes:
+        print(f"note: {note}")
     print(memory_plan.format_plan(p))
     for c in report.warnings:
         print(f"  warning ({c.key}): {c.detail}")

@@ -3,7 +3,9 @@
 :func:`read_shape` is the one reader: ``tiny`` (the config's own numbers), a local directory,
 a ``gs://`` (any fsspec) directory, or a hub name (``revision``, ``HF_TOKEN``; the hub's cache
 answers offline). A name is never read for a size: ``tulu-2-13b`` is whatever its
-``config.json`` says. :meth:`Shape.params` lists the parameters a transformers Llama of that
+``config.json`` says. For ``plan``, when the hub cannot answer (offline, unreachable), a hub
+model that a shipped config names is read from the copy of its ``config.json`` shipped in
+``model_configs/`` (``ORG--NAME.json``), and the shape says so in :attr:`Shape.note`. :meth:`Shape.params` lists the parameters a transformers Llama of that
 shape has (names and shapes, as ``named_parameters`` gives them), which is what the sharding
 checks and the memory plan count. No torch, no transformers.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from torchxla_rlhf.errors import UserError
@@ -72,6 +74,8 @@ class Shape:
     mlp_bias: bool = False
     source: str = field(default="", compare=False)
     """Where it was read (for messages)."""
+    note: str = field(default="", compare=False)
+    """How it was read when that is not the model's own file (``plan`` prints it)."""
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -149,10 +153,14 @@ def shape_from_config(c: dict, where: str) -> Shape:
                  mlp_bias=bool(c.get("mlp_bias", False)), source=where)
 
 
-def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0) -> Shape:
+def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0,
+               shipped_fallback: bool = False) -> Shape:
     """The shape of ``ModelConfig`` ``model_cfg`` (at config key ``key``), from its config.json:
     ``tiny``; a local directory; a ``gs://`` (fsspec) directory; a hub name (``revision``,
-    ``HF_TOKEN``; the local HF cache first). A remote read gives up after ``timeout_s``."""
+    ``HF_TOKEN``; the local HF cache first). A remote read gives up after ``timeout_s``.
+    ``shipped_fallback`` (``plan``, which loads no weights): a hub model the hub cannot answer
+    for is read from its shipped config.json, if there is one; a run's start-up and
+    ``--check`` leave it off, since the run needs the hub for the weights anyway."""
     name = model_cfg.name_or_path
     where = f"{key}.name_or_path={name!r}"
     if name == "tiny":
@@ -170,7 +178,45 @@ def read_shape(model_cfg: Any, key: str = "model", timeout_s: float = 20.0) -> S
         return shape_from_config(_read_json(path, where), where)
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise NoSuchModel(f"{where}: no such model directory", key)
-    return shape_from_config(_read_hub(name, model_cfg.revision, where, timeout_s), where)
+    return _hub_shape(name, model_cfg.revision, where, timeout_s, shipped_fallback)
+
+
+SHIPPED_MODEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+"""``ORG--NAME.json``: the ``config.json`` of the hub models the shipped configs name."""
+
+_hub_answers: dict[tuple[str, str | None], Any] = {}
+"""(name, revision) -> config dict or the RemoteError the hub gave: one wait per model per
+process (the policy and its reference are the same hub model)."""
+
+
+def shipped_model_config(name: str) -> str | None:
+    """The path of the shipped copy of hub model ``name``'s config.json, or None."""
+    path = os.path.join(SHIPPED_MODEL_CONFIGS, name.replace("/", "--") + ".json")
+    return path if "/" in name and os.path.isfile(path) else None
+
+
+def _hub_shape(name: str, revision: str | None, where: str, timeout_s: float,
+               shipped_fallback: bool) -> Shape:
+    """A hub model's shape: the hub (its cache first); when it cannot answer, the shipped copy
+    of its config.json (the default revision's only) with a note saying so."""
+    from torchxla_rlhf.errors import RemoteError
+
+    key = (name, revision)
+    if key not in _hub_answers:
+        try:
+            _hub_answers[key] = _read_hub(name, revision, where, timeout_s)
+        except RemoteError as e:
+            _hub_answers[key] = e
+    answer = _hub_answers[key]
+    if not isinstance(answer, RemoteError):
+        return shape_from_config(answer, where)
+    shipped = shipped_model_config(name) if shipped_fallback and revision in (None, "main") else None
+    if shipped is None:
+        raise answer
+    shape = shape_from_config(_read_json(shipped, where), where)
+    why = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
+    return replace(shape, note=f"{name}: shape from the shipped copy of its config.json; "
+                               f"the hub was not reached{why}")
 
 
 def _read_json(path: str, where: str) -> dict:
@@ -221,6 +267,11 @@ def _remote(fn, timeout_s: float, where: str):
     return out["value"]
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is on, as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _read_hub(name: str, revision: str | None, where: str, timeout_s: float) -> dict:
     from huggingface_hub import hf_hub_download
 
@@ -236,5 +287,7 @@ def _read_hub(name: str, revision: str | None, where: str, timeout_s: float) -> 
     try:
         path = download(local_only=True)
     except UserError:
+        if hub_offline():
+            raise  # HF_HUB_OFFLINE: the cache was the only answer; no wait for a network call
         path = _remote(lambda: download(local_only=False), timeout_s, where)
     return _read_json(path, where)
