@@ -18,7 +18,7 @@ import yaml
 
 from helpers import REPO
 from torchxla_rlhf.config import cli_main, from_dict, load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs import DPOConfig, PPOConfig
 
 from torchxla_rlhf.trainers import registry
 

@@ -8,7 +8,6 @@ what trains or needs a fresh interpreter is ``slow``.
 
 import errno
 import json
-import math
 import os
 import signal
 import subprocess

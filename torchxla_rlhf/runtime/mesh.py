@@ -4,7 +4,6 @@ which piece of a tensor each device holds."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 

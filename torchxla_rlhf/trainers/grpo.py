@@ -170,7 +170,6 @@ class GRPOTrainer(PPOTrainer):
 
     @torch.no_grad()
     def _score_chunk(self, chunk) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
         out = {}
         if self.keep_old:
             out["old_logps"] = self._logps(self.policy, chunk)
