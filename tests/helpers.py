@@ -74,3 +74,19 @@ def A(content: str) -> dict:
 def S(content: str) -> dict:
     """A system message."""
     return {"role": "system", "content": content}
+
+
+def sigterm_during_second_update(trainer) -> None:
+    """Make ``trainer`` receive SIGTERM right after its first update (so during the 2nd step):
+    the preemption path then saves at the next step boundary and stops at step 2."""
+    import signal
+
+    step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = step()
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm

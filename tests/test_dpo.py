@@ -12,7 +12,7 @@ import torch
 from torchxla_rlhf import runtime
 from torchxla_rlhf.configs import DPOConfig
 
-from helpers import REPO, read_metrics, run_with_devices, tiny_config
+from helpers import REPO, read_metrics, run_with_devices, sigterm_during_second_update, tiny_config
 
 TINY = os.path.join(REPO, "configs", "tiny", "dpo.yaml")
 
@@ -184,23 +184,13 @@ def test_resumed_run_compiles_nothing_after_its_first_step(tmp_path):
     first step: the loaded training state carries the sharding annotations a step's outputs
     carry, so the resumed first step's graphs are every later step's. (In one process the
     graphs the interrupted run compiled would hide a difference.)"""
-    import signal
-
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
     common = ["total_steps=5", "eval_dataset=null", "save_training_state=true",
               "save_model_freq=0"]
     out = str(tmp_path / "run")
     trainer = DPOTrainer(tiny_cfg(out, *common))
-    step = trainer.train_step
-
-    def step_then_sigterm():
-        metrics = step()
-        if trainer.step == 1:  # during the 2nd update
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    trainer.train_step = step_then_sigterm
+    sigterm_during_second_update(trainer)
     trainer.train()
     trainer.close()
     assert trainer.preempted_at == 2
@@ -213,8 +203,6 @@ def test_resumed_run_compiles_nothing_after_its_first_step(tmp_path):
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     """Preemption: SIGTERM during step 2 -> training-state-latest (the state alone), stop.
     resume_from=auto then runs steps 3-4 exactly as an uninterrupted run does."""
-    import signal
-
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
     common = ["total_steps=4", "eval_dataset=null", "save_training_state=true",
@@ -228,15 +216,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
 
     out = str(tmp_path / "preempted")
     trainer = DPOTrainer(tiny_cfg(out, *common))
-    step = trainer.train_step
-
-    def step_then_sigterm():
-        metrics = step()
-        if trainer.step == 1:  # during the 2nd update
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    trainer.train_step = step_then_sigterm
+    sigterm_during_second_update(trainer)
     trainer.train()
     trainer.close()
     assert trainer.step == 2 and trainer.preempted_at == 2

@@ -3,7 +3,6 @@ the compile guard, HF export, and exact resume after SIGTERM."""
 
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import GRPOConfig
 from torchxla_rlhf.errors import UserError
 
-from helpers import REPO, read_metrics
+from helpers import REPO, read_metrics, sigterm_during_second_update
 
 TINY = os.path.join(REPO, "configs", "tiny")
 
@@ -103,15 +102,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 
     out = str(tmp_path / "preempted")
     trainer = GRPOTrainer(grpo_cfg(out, *common))
-    step = trainer.train_step
-
-    def step_then_sigterm():
-        metrics = step()
-        if trainer.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    trainer.train_step = step_then_sigterm
+    sigterm_during_second_update(trainer)
     trainer.train()
     trainer.close()
     assert trainer.preempted_at == 2
