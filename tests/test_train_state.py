@@ -227,13 +227,16 @@ def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newe
             *scaled]
     env = dict(os.environ, PJRT_DEVICE="CPU", PYTHONPATH=REPO)
     seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
-    kill_after = random.Random(seed).uniform(0.5, 8.0)  # seconds after the first step
+    rng = random.Random(seed)
+    # A random step of the run, then a random moment within it (inside a save or not): drawn
+    # in steps, not seconds, so a fast machine cannot finish the run before the kill.
+    kill_at_step, kill_after = rng.randint(1, total - 4), rng.uniform(0.0, 0.3)
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 600
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= kill_at_step):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
         time.sleep(0.05)
     time.sleep(kill_after)
@@ -248,7 +251,8 @@ def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newe
     usable = [c.step for c in manager.candidates() if c.step is not None]
     r = subprocess.run([sys.executable, *args, "resume_from=auto"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=900)
-    context = f"seed {seed}, killed {kill_after:.2f}s in, usable steps {usable}:\n{r.stderr[-3000:]}"
+    context = (f"seed {seed}, killed {kill_after:.2f}s after step {kill_at_step}, usable steps "
+               f"{usable}:\n{r.stderr[-3000:]}")
     assert r.returncode == 0, context
     resumed = re.search(r"resumed from (\S+) at step (\d+)", r.stderr)
     if usable:
