@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import signal
 import sys
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -115,6 +116,10 @@ def run_guarded(fn: Callable[[], T], prog: str, debug: bool) -> T:
         # The state is saved: a second Ctrl-C whose handler runs only now (Python runs signal
         # handlers between bytecodes, so one pressed during a long device call lands late)
         # must not turn this into Python's death by SIGINT.
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # pending handler calls are skipped too
+        except ValueError:  # not the main thread
+            pass
         try:
             print(f"{prog}: {e}", file=sys.stderr)
         except KeyboardInterrupt:
