@@ -99,9 +99,10 @@ def test_seed_13b_runs_fit_on_v3(config, devices, mesh):
 
 
 def test_check_fits_stops_a_run_that_does_not_fit():
-    """The RM at seq 4096 with 4 rows per device on a v3-128 does not fit in 16 GiB (the
-    checkpointed layer inputs alone are 15.7 GiB); with 2 rows per device it does."""
-    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,16,8")
+    """The RM at seq 4096 on a v3-128 with mp=16, which does not divide the 40 heads: 8 rows
+    per device, each device computes every head's [4096, 4096] scores, one layer's backward
+    needs over 20 GiB, so it does not fit in 16 GiB; on -1,32,4 it does."""
+    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,8,16")
     with pytest.raises(memory_plan.DoesNotFit, match="DOES NOT FIT"):
         memory_plan.check_fits(cfg, 128, 16 * GIB)
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,32,4")
@@ -114,8 +115,9 @@ def test_plan_command(capsys):
                 "--hbm-gib", "16", *AS_13B]) == 0
     out = capsys.readouterr().out
     for term in ("policy parameters", "policy AdamW moments", "reference (frozen)", "KV cache",
-                 "policy activations", "policy attention scores", "policy logits",
-                 "rollout buffers", "gathered weights", "FITS", "dominant term:"):
+                 "policy layer recompute + backward", "value layer recompute + backward",
+                 "policy gathered weights", "peak moment:", "rollout buffers",
+                 "gathered weights", "FITS", "dominant term:"):
         assert term in out, term
     assert cli(["plan", "--config", f"{CONFIGS}/dpo_13b.yaml", "--devices", "256",
                 "--hbm-gib", "1", AS_13B[0]]) == 1

@@ -70,15 +70,22 @@ def test_the_shipped_meshes_are_the_headers_first_pod_and_the_seed_dpo_mesh_is_c
     assert {(p[1], p[2], p[3]) for p in pods} == {("v3-256", 256, 32), ("v3-128", 128, 16)}
 
 
-def test_ppo_13b_at_the_seeds_chunk_does_not_fit_a_v3_128():
-    """At 2 rows per device per PPO chunk the v3-128 plan peaks over a v3 core's 16 GiB: the
-    run stops at start-up, naming the memory check and the meshes that do fit."""
-    report = check("ppo", "1,32,4", 128, 16)
+def test_a_13b_run_that_does_not_fit_a_v3_128_names_the_meshes_that_do():
+    """The RM with mp=16 on a v3-128: 8 rows per device and every device computing all 40
+    heads' scores peak over a v3 core's 16 GiB: the run stops at start-up, naming the memory
+    check and the meshes that do fit."""
+    report = check("reward", "-1,8,16", 128, 16)
     assert not report.ok and report.plan is not None and report.plan.fits is False
     bad = {c.name: c.detail for c in report.errors}
     assert "of 16.00 GiB" in bad["memory per device"]
     fits = re.findall(r"'(\d+,\d+,\d+)'", bad["a mesh that fits"])
-    assert fits and "1,32,4" not in fits and all(check("ppo", m, 128, 16).ok for m in fits)
+    assert fits and "1,8,16" not in fits and all(check("reward", m, 128, 16).ok for m in fits)
+
+
+def test_ppo_13b_fits_a_v3_128_on_the_seeds_mesh():
+    """PPO 13B at 1,32,4 on a v3-128 peaks in the rollout (KV cache), under 16 GiB."""
+    report = check("ppo", "1,32,4", 128, 16)
+    assert report.ok and report.plan.fits and report.plan.peak_phase == "rollout"
 
 
 def test_seed_dpo_mesh_runs_with_uneven_heads_and_says_what_it_costs():
@@ -92,13 +99,14 @@ def test_seed_dpo_mesh_runs_with_uneven_heads_and_says_what_it_costs():
 
 
 def test_70b_shapes_on_the_seed_dpo_mesh():
-    """The 70B's dims split over the seed's mesh; its memory is another matter (4096-token
-    rows do not fit a v3 core), so this checks the splits with the device memory unknown."""
+    """The 70B's dims split over the seed's mesh; its memory is another matter (on 64 v3
+    cores its sharded state alone, 70B x 16 B / 64, is over a core's 16 GiB), so this checks
+    the splits with the device memory unknown."""
     report = check("dpo", "-1,16,16", 256, 32, shape=LLAMA2_70B, hbm=None)
     assert report.ok, report.failures_text()
     assert any("num_key_value_heads=8" in c.detail for c in report.warnings)
     assert "not checked" in next(c.detail for c in report.checks if c.name == "memory per device")
-    assert not check("dpo", "-1,16,16", 256, 32, shape=LLAMA2_70B).ok
+    assert not check("dpo", "-1,8,8", 64, 8, shape=LLAMA2_70B).ok
 
 
 def test_state_that_does_not_fit_a_device_is_refused():

@@ -164,3 +164,95 @@ def all_gathers_in_and_out_of_loops(
     outside = [ag for name, text in comps.items() if name not in body
                for ag in all_gathers(text, n_devices)]
     return inside, outside
+
+
+# ----------------------------------------------------------------------------------------
+# The buffer assignment's live ranges: what a peak is made of
+# ----------------------------------------------------------------------------------------
+
+_ALL_REDUCE = re.compile(
+    r"%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* all-reduce(?:-start)?\(.*?replica_groups="
+    r"(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+)
+
+
+@dataclass(frozen=True)
+class BufferTimeline:
+    """One module's buffers over its schedule, from ``*-buffer-assignment.txt``."""
+
+    total: int
+    """``Total bytes used``: every allocation (what bench/memory.py calls the module's peak)."""
+    parameter_bytes: int
+    """Allocations of entry parameters (the caller's buffers: weights, optimizer state)."""
+    temp: list[tuple[str, int, int, int]]
+    """``(value, bytes, first, last)`` of every value outside the parameter allocations."""
+
+    def live(self, names: set[str] | None = None) -> list[int]:
+        """Bytes of the temp values (of ``names`` only, if given) live at each schedule step."""
+        n = max((last for _, _, _, last in self.temp), default=0) + 2
+        delta = [0] * (n + 1)
+        for name, size, first, last in self.temp:
+            if names is None or name in names:
+                delta[first] += size
+                delta[last + 1] -= size
+        out, cur = [], 0
+        for d in delta[:n]:
+            cur += d
+            out.append(cur)
+        return out
+
+
+def buffer_timeline(dump_dir: str, name: str) -> BufferTimeline:
+    """The (last) dumped module named ``name``'s buffers and their live ranges."""
+    paths = sorted(p for p in glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt"))
+                   if module_name(p) == name)
+    if not paths:
+        raise FileNotFoundError(f"no buffer assignment of a module named {name!r} in {dump_dir}")
+    with open(paths[-1]) as f:
+        text = f.read()
+    head, _, tail = text.partition("\nTotal bytes used: ")
+    total = int(tail.split(" ", 1)[0])
+    in_params, param_bytes = set(), 0
+    for block in re.split(r"\n(?=allocation \d+:)", head):
+        m = re.match(r"allocation \d+: size (\d+), parameter", block)
+        if m:
+            param_bytes += int(m.group(1))
+            in_params |= set(re.findall(r"value: <\d+ ([\w.\-]+) @", block))
+    sizes: dict[str, int] = {}
+    for m in re.finditer(r"value: <\d+ ([\w.\-]+) @[\d,]*> \(size=(\d+)", text):
+        sizes[m.group(1)] = max(sizes.get(m.group(1), 0), int(m.group(2)))
+    ranges = text.partition("BufferLiveRange:")[2].partition("Live ranges at")[0]
+    temp = [(m.group(1), sizes.get(m.group(1), 0), int(m.group(2)), int(m.group(3)))
+            for m in re.finditer(r"^\s+([\w.\-]+)\{\}:(\d+)-(\d+)$", ranges, re.M)
+            if m.group(1) not in in_params]
+    return BufferTimeline(total, param_bytes, temp)
+
+
+def gradient_all_reduces(hlo: str, n_devices: int, group_size: int,
+                         elements: set[int]) -> set[str]:
+    """Names of the all-reduces over groups of ``group_size`` devices (the fsdp axis) whose
+    output has one of ``elements`` elements (a weight, whole over fsdp): the FSDP gradient
+    reductions, as opposed to the activations' all-reduces over ``mp``."""
+    out = set()
+    for m in _ALL_REDUCE.finditer(hlo):
+        groups = expand_replica_groups(m.group(4), n_devices)
+        count = 1
+        for d in _dims(m.group(3)):
+            count *= d
+        if len(groups[0]) == group_size and count in elements:
+            out.add(m.group(1))
+    return out
+
+
+def peak_with_scattered_gradients(dump_dir: str, name: str, n_devices: int, fsdp: int,
+                                  weight_elements: set[int]) -> int:
+    """The module's ``Total bytes used`` had its FSDP gradient all-reduces been
+    reduce-scatters (what TPU and GPU compilers make of all-reduce + slice): from the buffer
+    live ranges, every gradient all-reduce's output counted at ``1 / fsdp`` of its bytes over
+    the same range, the temp peak taken again. XLA:CPU forms no reduce-scatter; this is the
+    same program's schedule, not a second compile."""
+    tl = buffer_timeline(dump_dir, name)
+    grads = gradient_all_reduces(optimized_hlo(dump_dir, name), n_devices, fsdp, weight_elements)
+    live, grad = tl.live(), tl.live(grads)
+    scattered = max(a - g + g / fsdp for a, g in zip(live, grad))
+    return int(tl.total - max(live) + scattered)

@@ -4,23 +4,26 @@
 
 Every trainer runs the plan in its pre-flight (``preflight/checks.py``, before loading any
 weights) and stops with the table when the run cannot fit. Each trainer's terms are a function
-registered with it (``trainers/registry.py``): :func:`plan_pairs`, :func:`plan_ppo`; the terms
-below are what they are built from. The figures are what the compiled per-device programs hold,
-counted the way XLA lays them out (checked against XLA:CPU's buffer assignment on scaled-down
-proxies by ``bench/memory.py``):
+registered with it (``trainers/registry.py``): :func:`plan_pairs`, :func:`plan_ppo`,
+:func:`plan_grpo`; the terms below are what they are built from. The figures are what the
+compiled per-device programs hold, counted the way XLA lays them out, and checked against
+XLA:CPU's buffer assignment on 13B-shaped proxies at 2 to 16 layers, two meshes and two
+sequence lengths by ``bench/memory.py`` (``tests/test_memory_depth.py`` repeats two of them):
 
 - Persistent state, split over all devices (every large weight is sharded over ``fsdp`` and
-  ``mp``): trained parameters, their gradients and both AdamW moments (``param_dtype``), frozen
-  models (matmul weights in ``frozen_dtype``), PPO's rollout buffers.
-- Transient per phase, the largest phase counts: activations of a training forward kept for
-  backward (with checkpointing: one ``[rows, S, H]`` layer input per layer plus one layer's
-  recompute), the attention scores (``heads / mp`` heads per device when ``mp`` divides the heads
-  (attention.py); every head when it does not, since GSPMD then cannot split them), the logits,
-  the KV cache of a rollout and its prefill.
+  ``mp``): trained parameters, their gradient shards and both AdamW moments
+  (``param_dtype``), frozen models (matmul weights in ``frozen_dtype``), rollout buffers.
+- The rollout (PPO, GRPO): the policy's weights whole over ``fsdp`` as
+  ``sampling.gather_weights`` says, the KV cache, the prefill's largest layer.
+- A training step (forward, backward and AdamW in one graph): one layer's recompute and
+  backward and its weights whole over ``fsdp``, plus the largest of the backward's start
+  (saved layer inputs, logits), the backward's end (gradients whole over ``fsdp`` where the
+  compiler all-reduces them: ``gradients="all_reduce"``, XLA:CPU) and the forwards (weights
+  gathered ahead: shallow models only).
 
-Rows per device are a micro-batch's rows over ``dp * fsdp``. The residual stream and the
-per-layer checkpoints are whole on each device of an ``mp`` group (what the optimized HLO of
-the proxies holds); what the column-parallel matmuls produce is split over ``mp``.
+Rows per device are a micro-batch's rows over ``dp * fsdp``. Between layers the residual
+stream is split over ``mp`` (GSPMD keeps the row-parallel matmuls' output sharded and
+all-gathers it before the column-parallel ones), so saved layer inputs are ``H / mp`` wide.
 """
 
 from __future__ import annotations
@@ -65,60 +68,67 @@ def model_bytes(shape: Shape, lm_head: bool, dtype: str, linear_dtype: str | Non
     return linear + shape.other_params() * BYTES[dtype]
 
 
-def layer_working_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, c: int, r: int) -> float:
-    """One decoder layer's tensors (scores apart) for ``rows`` rows of ``q`` tokens, per device:
-    what a training forward keeps for backward (and a checkpointed layer recomputes).
-    ``c``: compute dtype bytes, ``r``: residual (param) dtype bytes.
+def checkpoint_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, r: int) -> float:
+    """One layer's saved input with checkpointing, per device: the residual stream
+    ``[rows, S, H]`` in ``r`` (param dtype), split over ``mp`` (the optimized HLO keeps the
+    residual stream split over ``mp`` between layers and all-gathers it before the
+    column-parallel matmuls)."""
+    return rows * seq * shape.hidden * r / mesh.mp
 
-    Counted per token. Whole on every device of an ``mp`` group (the optimized HLO holds them
-    as full-hidden ``[rows * S, H]`` buffers: the row-parallel o/down projections all-reduce
-    over ``mp``): the residual stream, its norms and the residual sums (``3 H`` in ``r``) and
-    the o/down projections' outputs (``2 H`` in ``c``). Split over ``mp``: the normed inputs
-    as the column-parallel matmuls read them, q/k/v, rotated q/k and the attention output
-    (``4 H + 3 kv`` in ``c``), the MLP's gate, up, activation and product (``4 I`` in ``c``).
+
+def layer_backward_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, r: int) -> float:
+    """One decoder layer's recompute and backward, per device (its weights and the saved
+    inputs apart): the larger of its two moments, as XLA holds them (measured on the trainer
+    proxies and the 1-layer attention probe of bench/memory.py).
+
+    - MLP: per token, seven ``[tokens, I/mp]`` tensors and gradients (gate, up, activation,
+      product) in ``c``, nine ``[tokens, H/mp]`` residual-stream, norm and attention tensors in
+      ``r``, seven ``[tokens, H]`` in ``c`` (the residual stream all-gathered over ``mp`` for
+      the q/k/v and gate/up matmuls and their weight gradients); the fp32 probabilities the
+      attention's backward still needs and the fp32 ``[S, S]`` attention mask of each row.
+    - The softmax's backward: per score of the heads a device holds, fp32 scores, their
+      gradient and the probabilities (8 + ``c`` bytes); per ``[S, S]`` row pair the fp32
+      causal mask; two ``[tokens, H]`` in ``c``. (The probe at seq 2048 holds 3.5 fp32
+      ``[S, S]`` buffers per head: 2 heads' scores x 3 and the mask.)
     """
-    kv = shape.kv_heads * shape.head_dim
     h, i = shape.hidden, shape.intermediate
-    return rows * q * (3 * h * r + 2 * h * c + (4 * h + 3 * kv + 4 * i) * c / mesh.mp)
+    tokens = rows * seq
+    mlp = (tokens * (7 * i / mesh.mp * c + 7 * h * c + 9 * h / mesh.mp * r)
+           + scores_bytes(shape, mesh, rows, seq, seq, 4) + rows * seq * seq * 4)
+    softmax = (tokens * 2 * h * c + scores_bytes(shape, mesh, rows, seq, seq, 8 + c)
+               + rows * seq * seq * 4)
+    return max(mlp, softmax)
 
 
-def scores_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, k: int, c: int) -> float:
-    """One layer's attention scores per device: fp32 scores, fp32 softmax and the
-    probabilities in ``c``, for the heads a device holds."""
-    return rows * heads_per_device(shape, mesh.mp) * q * k * (4 + 4 + c)
-
-
-def activation_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, r: int,
-                     checkpointing: bool) -> float:
-    """What a training forward keeps for backward (scores apart), per device, at the peak of
-    backward: with checkpointing one ``[rows, S, H]`` layer input per layer plus one layer
-    recomputed with its gradients; without, every layer's tensors plus one layer's gradients.
-    The saved layer inputs are whole over ``mp`` (the residual stream is)."""
-    layer = layer_working_bytes(shape, mesh, rows, seq, c, r)
-    if checkpointing:
-        return shape.layers * rows * seq * shape.hidden * r + 2 * layer
-    return (shape.layers + 1) * layer
-
-
-def score_layers(shape: Shape, checkpointing: bool) -> int:
-    """How many layers' scores are alive at the peak: the one recomputed layer with
-    checkpointing (its backward reuses those buffers: the 1-layer probe of bench/memory.py
-    holds one layer's scores, not two); every layer plus one gradient without."""
-    return 1 if checkpointing else shape.layers + 1
+def scores_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, k: int,
+                 per_score: float = 4) -> float:
+    """One layer's attention scores per device, for the heads a device holds:
+    ``per_score`` bytes each (a training layer's backward: the fp32 scores; an inference
+    forward: fp32 scores, fp32 softmax and the probabilities in the compute dtype)."""
+    return rows * heads_per_device(shape, mesh.mp) * q * k * per_score
 
 
 def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backward: bool) -> float:
     """LM-head logits (vocab over ``mp``): the ``c`` logits plus fp32 copies (upcast,
     log-softmax; in training also its exponent, the gradient and a frozen reference's logits:
-    five ``[rows, S, V/mp]`` fp32 buffers are alive at the DPO proxy's peak)."""
+    five ``[rows, S, V/mp]`` fp32 buffers in all)."""
     return rows * seq * shape.vocab / mesh.mp * (c + (16 if backward else 8))
+
+
+def whole_gradient_bytes(shape: Shape, mesh: Mesh, lm_head: bool, dtype: str) -> float:
+    """A trained model's gradients whole over ``fsdp`` (split over ``mp`` only): what a
+    device holds at the end of the backward when the compiler reduces gradients with an
+    all-reduce and slices the shard only in the optimizer (XLA:CPU), instead of a
+    reduce-scatter (TPU and GPU compilers turn all-reduce + slice into one)."""
+    vocab = shape.vocab * shape.hidden * (1 + int(lm_head))
+    return (shape.layers * shape.layer_linear + vocab) * BYTES[dtype] / mesh.mp
 
 
 def gathered_weights_bytes(shape: Shape, mesh: Mesh, lm_head: bool, dtype: str,
                            linear_dtype: str | None = None) -> float:
-    """Weights a device holds whole over ``fsdp`` while a model runs: FSDP all-gathers each
-    matrix before its matmul; XLA keeps about two layers' worth in flight, plus the
-    embedding and the LM head (each split over ``mp`` only)."""
+    """Weights a device holds whole over ``fsdp`` while a model's forward runs: FSDP
+    all-gathers each matrix before its matmul and XLA gathers ahead, about two layers' worth,
+    plus the embedding and the LM head (each split over ``mp`` only)."""
     layers = min(shape.layers, 2) * shape.layer_linear * BYTES[linear_dtype or dtype]
     vocab = shape.vocab * shape.hidden * (BYTES[dtype] + (BYTES[linear_dtype or dtype] if lm_head else 0))
     return (layers + vocab) / mesh.mp
@@ -144,7 +154,7 @@ def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int
     scores against the ``total``-slot cache, and the last position's logits."""
     mlp = rows * prompt * (shape.hidden * r + 3 * shape.intermediate * c / mesh.mp)
     logits = rows * shape.vocab / mesh.mp * (c + 8)
-    return mlp + scores_bytes(shape, mesh, rows, prompt, total, c) + logits
+    return mlp + scores_bytes(shape, mesh, rows, prompt, total, 8 + c) + logits
 
 
 @dataclass
@@ -196,32 +206,90 @@ def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int) -> T
                 f"matmul weights {linear}")
 
 
-def _frozen_gathered(shape: Shape, mesh: Mesh, lm_head: bool, model_cfg: Any) -> float:
-    return gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype, frozen_dtype(model_cfg))
+GRADIENT_REDUCTIONS = ("reduce_scatter", "all_reduce")
+"""How the compiled step reduces FSDP gradients over ``fsdp``: ``reduce_scatter`` (TPU and
+GPU compilers: each device receives its shard) or ``all_reduce`` (XLA:CPU: every gradient is
+whole over ``fsdp`` until the optimizer slices it)."""
+
+INTERLEAVED = 0.5
+"""Share of a second trained model's layer working set at the backward's peak. PPO's policy
+and value model run their backwards in one graph and XLA interleaves them: on the PPO proxies
+(bench/memory.py) the peak holds one layer of the first and about half a layer of the other."""
 
 
-def _train_terms(prefix: str, shape: Shape, mesh: Mesh, rows: float, seq: int, model_cfg: Any,
-                 lm_head: bool, logit_positions: int | None = None) -> list[Term]:
-    """A training forward + backward's transient terms (activations, scores, logits at
-    ``logit_positions`` positions a row, default every position)."""
-    c, r = BYTES[model_cfg.compute_dtype], BYTES[model_cfg.param_dtype]
-    ckpt = model_cfg.gradient_checkpointing
-    other = activation_bytes(shape, mesh, rows, seq, c, r, not ckpt)
-    scores = scores_bytes(shape, mesh, rows, seq, seq, c)
-    terms = [
-        Term(f"{prefix} activations", activation_bytes(shape, mesh, rows, seq, c, r, ckpt),
-             f"{rows:g} rows x {seq}, checkpointing {'on' if ckpt else 'off'} "
-             f"({'off' if ckpt else 'on'}: {_gib(other)})"),
-        Term(f"{prefix} attention scores", score_layers(shape, ckpt) * scores,
-             f"{heads_per_device(shape, mesh.mp)} heads/device, {_gib(scores)} a layer "
-             f"(checkpointing {'off' if ckpt else 'on'}: "
-             f"{_gib(score_layers(shape, not ckpt) * scores)})"),
-    ]
-    if lm_head:
-        positions = logit_positions or seq
-        terms.append(Term(f"{prefix} logits", logits_bytes(shape, mesh, rows, positions, c, True),
-                          f"{positions} positions, vocab/{mesh.mp}"))
+@dataclass
+class TrainedPass:
+    """One trained model's forward + backward in a training step."""
+
+    prefix: str
+    shape: Shape
+    model_cfg: Any
+    rows: float
+    """Rows per device."""
+    seq: int
+    lm_head: bool
+    logit_positions: int | None = None
+    """Positions a row whose logits are taken (default: every position)."""
+
+
+def _train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
+                 forward_gathered: float) -> list[Term]:
+    """The transient terms of a training step (forward, backward, optimizer in one graph).
+
+    Per layer of the backward, a device holds that layer's recompute and gradients and its
+    weights whole over fsdp. Walking the backward from the last layer to the first, the saved
+    layer inputs of the layers still to go shrink while the finished gradients grow, so the
+    backward's peak is at one of its two ends; the step's peak is the larger of those and the
+    forwards (``forward_gathered``: the weights every model's forward holds whole over fsdp,
+    frozen models included: it is the peak of shallow models only):
+
+    - start: every saved layer input (checkpointing; without it, every layer's tensors) and
+      the logits and their gradient, as far as they exceed one layer's working set (the
+      logits' backward ends before the last layer's recompute starts);
+    - end: every gradient whole over fsdp, when gradients are all-reduced (``all_reduce``);
+      with a reduce-scatter they are shards, counted with the persistent state.
+    """
+    terms, layer_total, saved, logits, whole = [], 0.0, 0.0, 0.0, 0.0
+    for k, t in enumerate(passes):
+        share = 1.0 if k == 0 else INTERLEAVED
+        c, r = BYTES[t.model_cfg.compute_dtype], BYTES[t.model_cfg.param_dtype]
+        layer = layer_backward_bytes(t.shape, mesh, t.rows, t.seq, c, r)
+        layer_total += share * layer
+        terms += [
+            Term(f"{t.prefix} layer recompute + backward", share * layer,
+                 f"{t.rows:g} rows x {t.seq}, {heads_per_device(t.shape, mesh.mp)} heads/device"
+                 + ("" if k == 0 else f"; {share:g} of a layer (interleaved)")),
+            Term(f"{t.prefix} gathered weights", share * t.shape.layer_linear
+                 * BYTES[t.model_cfg.param_dtype] / mesh.mp, "one layer, whole over fsdp"),
+        ]
+        if t.model_cfg.gradient_checkpointing:
+            saved += t.shape.layers * checkpoint_bytes(t.shape, mesh, t.rows, t.seq, r)
+        else:
+            saved += t.shape.layers * layer
+        if t.lm_head:
+            logits += logits_bytes(t.shape, mesh, t.rows, t.logit_positions or t.seq, c, True)
+        if gradients == "all_reduce":
+            whole += (whole_gradient_bytes(t.shape, mesh, t.lm_head, t.model_cfg.param_dtype)
+                      - model_bytes(t.shape, t.lm_head, t.model_cfg.param_dtype) / mesh.devices)
+    start = saved + max(0.0, logits - layer_total)
+    forward = forward_gathered - sum(t.bytes for t in terms)
+    ckpt = all(t.model_cfg.gradient_checkpointing for t in passes)
+    note = (f"start: {'saved layer inputs' if ckpt else 'every layer kept'} {_gib(saved)} + logits "
+            f"{_gib(logits)} beyond a layer; end: gradients whole over fsdp {_gib(whole)} "
+            f"({gradients.replace('_', '-')}); forwards: weights whole over fsdp "
+            f"{_gib(forward_gathered)}")
+    moments = {"backward start": start, "backward end": whole, "forwards (gathered weights)": forward}
+    name = max(moments, key=moments.get)
+    terms.append(Term(f"peak moment: {name}", max(0.0, moments[name]), note))
     return terms
+
+
+def _forward_gathered(models: list[tuple[Shape, bool, Any, bool]], mesh: Mesh) -> float:
+    """Weights whole over fsdp while the step's forwards run: ``(shape, lm_head, model_cfg,
+    frozen)`` of every model the step runs (frozen ones in their matmul dtype)."""
+    return sum(gathered_weights_bytes(shape, mesh, lm_head, cfg.param_dtype,
+                                      frozen_dtype(cfg) if frozen else None)
+               for shape, lm_head, cfg, frozen in models)
 
 
 def _mesh(cfg: Any, n_devices: int) -> Mesh:
@@ -244,13 +312,17 @@ def read_shapes(cfg: Any) -> dict[str, Shape]:
 
 
 def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
-         shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None) -> Plan:
+         shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None,
+         gradients: str = "reduce_scatter") -> Plan:
     """The per-device plan of a trainer config on ``n_devices`` devices: the trainer's own
     memory terms (registered with it in ``trainers/registry.py``). ``shapes``: the models'
     shapes by config key (default: read from their config.json); ``mesh``: another mesh than
-    the config's ``mesh_dim`` (the start-up checks try them all)."""
+    the config's ``mesh_dim`` (the start-up checks try them all); ``gradients``: how the
+    compiler reduces them (:data:`GRADIENT_REDUCTIONS`; TPU: ``reduce_scatter``)."""
     from torchxla_rlhf.trainers import registry
 
+    if gradients not in GRADIENT_REDUCTIONS:
+        raise ValueError(f"gradients={gradients!r}: expected one of {GRADIENT_REDUCTIONS}")
     spec = registry.spec_for(cfg)
     mesh = mesh or _mesh(cfg, n_devices)
     shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
@@ -259,11 +331,11 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
     if heads_per_device(shape, mesh.mp) == shape.heads and mesh.mp > 1:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
                      f"{shape.kv_heads}: every device computes all heads' scores")
-    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes)
+    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes, gradients=gradients)
 
 
 def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-               notes: list[str]) -> Plan:
+               notes: list[str], gradients: str = "reduce_scatter") -> Plan:
     """Memory terms of a trainer on preference pairs (DPO: policy with LM head and its frozen
     reference; reward model: a classifier): one trained model, frozen models held meanwhile."""
     n = mesh.devices
@@ -277,18 +349,26 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
     for r in frozen:
         persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
-    train = _train_terms("train", shape, mesh, rows, seq, model_cfg, lm_head)
-    gathered = gathered_weights_bytes(shape, mesh, lm_head, model_cfg.param_dtype)
-    for r in frozen:
-        gathered += _frozen_gathered(shapes[r.key], mesh, r.head == "causal", getattr(cfg, r.key))
-    train.append(Term("gathered weights", gathered, "2 layers + embeddings, whole over fsdp"))
+    forward = _forward_gathered(
+        [(shape, lm_head, model_cfg, False)]
+        + [(shapes[r.key], r.head == "causal", getattr(cfg, r.key), True) for r in frozen], mesh)
+    train = _train_terms([TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)], mesh,
+                         gradients, forward)
     phases = {"train micro-step": train}
     return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
+DECODE_CACHE_COPIES = 0.5
+"""Share of the KV cache the decode loop's module holds a second time: XLA copies the carried
+cache into the ``While``'s state and back (copy insertion for a carry that may alias its
+input), and at the module's peak the 8- and 16-layer PPO proxies hold 0.5 and 0.44 of the
+cache in those copies (bench/memory.py)."""
+
+
 def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
-    """The generation phase of PPO and GRPO: the policy's gathered weights, its KV cache and
-    the prefill of one rollout piece."""
+    """The generation phase of PPO and GRPO: the policy's gathered weights, its KV cache, and
+    the larger of the prefill of one rollout piece and the decode loop's copies of the cache
+    (two graphs, one after the other)."""
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
@@ -303,15 +383,18 @@ def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
              f"{'1 layer' if cfg.sampling.gather_weights == 'per_layer' else 'every layer'} "
              "+ LM head, whole over fsdp"),
         Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}"),
-        Term("prefill (one layer) + logits",
-             prefill_bytes(shape, mesh, micro, pl, t, c, BYTES[cfg.model.param_dtype]),
-             f"{micro:g} rows x {pl} prompt tokens"),
     ]
+    prefill = prefill_bytes(shape, mesh, micro, pl, t, c, BYTES[cfg.model.param_dtype])
+    copies = DECODE_CACHE_COPIES * cache
+    rollout.append(
+        Term("prefill (one layer) + logits" if prefill >= copies else "decode loop's cache copies",
+             max(prefill, copies), f"prefill: {micro:g} rows x {pl} prompt tokens, {_gib(prefill)}; "
+             f"decode loop: {DECODE_CACHE_COPIES:g} of the KV cache copied, {_gib(copies)}"))
     return rollout
 
 
 def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-             notes: list[str]) -> Plan:
+             notes: list[str], gradients: str = "reduce_scatter") -> Plan:
     """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
     the rollout and the training micro-step are the two phases."""
     n = mesh.devices
@@ -337,18 +420,17 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
     rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    train = (_train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
-             + _train_terms("value", value_shape, mesh, chunk, t, value_cfg, False))
-    gathered = (gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype)
-                + gathered_weights_bytes(value_shape, mesh, False, value_cfg.param_dtype)
-                + _frozen_gathered(shape, mesh, True, cfg.model)
-                + _frozen_gathered(rm_shape, mesh, False, cfg.reward_model))
-    train.append(Term("gathered weights", gathered, "4 models: 2 layers + embeddings each, whole over fsdp"))
+    forward = _forward_gathered([(shape, True, cfg.model, False), (value_shape, False, value_cfg, False),
+                                 (shape, True, cfg.model, True),
+                                 (rm_shape, False, cfg.reward_model, True)], mesh)
+    train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
+                          TrainedPass("value", value_shape, value_cfg, chunk, t, False)],
+                         mesh, gradients, forward)
     return _rollout_plan("ppo", mesh, hbm_bytes, persistent, rollout, train, notes)
 
 
 def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-              notes: list[str]) -> Plan:
+              notes: list[str], gradients: str = "reduce_scatter") -> Plan:
     """Memory terms of GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value
     model, the frozen reference only with a KL term (beta > 0), a reward model only when one
     is configured (``cfg.model_roles()``)."""
@@ -372,12 +454,11 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
     rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    train = _train_terms("policy", shape, mesh, chunk, t, cfg.model, True, cl)
-    gathered = gathered_weights_bytes(shape, mesh, True, cfg.model.param_dtype) + sum(
-        _frozen_gathered(shapes[r.key], mesh, r.head == "causal", getattr(cfg, r.key))
-        for r in frozen)
-    train.append(Term("gathered weights", gathered,
-                      f"{1 + len(frozen)} model(s): 2 layers + embeddings each, whole over fsdp"))
+    forward = _forward_gathered(
+        [(shape, True, cfg.model, False)]
+        + [(shapes[r.key], r.head == "causal", getattr(cfg, r.key), True) for r in frozen], mesh)
+    train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)], mesh,
+                         gradients, forward)
     return _rollout_plan("grpo", mesh, hbm_bytes, persistent, rollout, train, notes)
 
 
