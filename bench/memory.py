@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/memory.py [--quick]
 
-1. Trainer proxies (DPO, reward model, PPO) with the 13B model's ratios (head_dim 128,
+1. Trainer proxies (DPO, reward model, PPO, GRPO) with the 13B model's ratios (head_dim 128,
    intermediate/hidden 2.7, vocab/hidden 6.25; fp32, checkpointing on) at 2, 4, 8 and 16
    layers and 256-token sequences, on two 8-device meshes with mp > 1, and held-out
    DPO and reward-model proxies at 2048 tokens (2 and 8 layers, mesh 1,4,2). Each is
@@ -12,7 +12,7 @@
    all-reduce. The ``train, grads scattered`` row is the same graph's peak with each FSDP
    gradient all-reduce's output counted at 1/fsdp over its live range (what a reduce-scatter
    holds; ``tools.xla_dump.peak_with_scattered_gradients``), planned as for a TPU. For PPO's
-   rollout graphs, plus the bytes of the shards that stay resident meanwhile (value model,
+   rollout graphs (PPO, GRPO), plus the bytes of the shards that stay resident meanwhile (value model,
    optimizer state, frozen models), read from the tensors' shard shapes. Target: planner
    within +-15 %. Training steps also show the planner's figure with checkpointing off.
 2. The 1-layer attention probe (8 heads, hidden 320, mesh 1,2,4, 4 rows per device, seq 512,
@@ -36,10 +36,11 @@ sys.path.insert(0, REPO)
 from tools import xla_dump  # noqa: E402
 from torchxla_rlhf import memory_plan  # noqa: E402
 from torchxla_rlhf.config import load_config  # noqa: E402
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig  # noqa: E402
+from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig  # noqa: E402
 
 MIB = 1 << 20
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+ROLLOUT_KINDS = ("ppo", "grpo")
 
 
 DEPTHS = (2, 4, 8, 16)
@@ -71,6 +72,11 @@ def proxy_overrides(kind: str, mesh: str, layers: int, seq: int = 256) -> list[s
         return out + shape_overrides("reward_model", layers) + [
             "train_dataset.seq_length=128", "max_continuation_len=128", "train_dataset.batch_size=8",
             "mini_batch_size=8", "optimizer.accumulate_gradient_steps=2"]
+    if kind == "grpo":  # 2 prompts x 4 completions, a KL term (the frozen reference loaded)
+        return out + [
+            "train_dataset.seq_length=128", "max_continuation_len=128", "train_dataset.batch_size=2",
+            "rollouts_per_prompt=4", "mini_batch_size=8", "optimizer.accumulate_gradient_steps=2",
+            "beta=0.04"]
     return out + [f"train_dataset.seq_length={seq}", f"train_dataset.batch_size={max(2, 1024 // seq)}"]
 
 
@@ -109,7 +115,7 @@ def weight_elements(mesh: str, layers: int) -> set[int]:
 def measure_proxy(kind: str, mesh: str, devices: int, layers: int, seq: int = 256) -> list[tuple]:
     """``(phase, measured)`` per-device peak bytes of a trainer proxy's phases: the training
     step (``train micro-step``; again as :data:`SCATTERED`, derived from the same buffer live
-    ranges) and, for PPO, the rollout (its graphs plus the shards that stay resident
+    ranges) and, for PPO and GRPO, the rollout (its graphs plus the shards that stay resident
     meanwhile)."""
     config = os.path.join(REPO, "configs", "tiny", f"{kind}.yaml")
     overrides = proxy_overrides(kind, mesh, layers, seq)
@@ -119,7 +125,7 @@ def measure_proxy(kind: str, mesh: str, devices: int, layers: int, seq: int = 25
         rows = [("train micro-step", graph_bytes(dump, "proxy_train")),
                 (SCATTERED, xla_dump.peak_with_scattered_gradients(
                     dump, "proxy_train", devices, fsdp, weight_elements(mesh, layers)))]
-        if kind == "ppo":
+        if kind in ROLLOUT_KINDS:
             rollout = max(graph_bytes(dump, "generation_prefill"),
                           graph_bytes(dump, "generation_decode_loop"))
             rows.append(("rollout", rollout + out["outside"]["generation"]))

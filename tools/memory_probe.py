@@ -3,7 +3,7 @@ its per-device programs: what tests/test_attention_hlo.py and bench/memory.py re
 
     XLA_FLAGS=--xla_dump_to=DIR CPU_NUM_DEVICES=8 PJRT_DEVICE=CPU \\
         python -m tools.memory_probe '{"mesh": "1,2,4", "hidden": 320, ...}'
-        python -m tools.memory_probe dpo|reward|ppo CONFIG.yaml [key=value ...]
+        python -m tools.memory_probe dpo|reward|ppo|grpo CONFIG.yaml [key=value ...]
 
 The device count is fixed per process, so callers run this in a subprocess. Graph names in
 the dump: ``probe_train`` (forward + backward of ``logsumexp(logits)``, checkpointing as
@@ -132,15 +132,18 @@ def _logps(model, ids, mask, positions: int | None = None) -> torch.Tensor:
 def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict:
     """Build the ``kind`` trainer's models from its config (models.py, as the trainer does)
     and compile its step's phases as single graphs (``proxy_train``: forward, backward and
-    AdamW; PPO also ``generation_*``). Returns the bytes each device holds outside a phase's
-    graph while it runs (PPO's rollout: the value model, optimizer state and frozen models)."""
+    AdamW; PPO and GRPO also ``generation_*``). Returns the bytes each device holds outside a
+    phase's graph while it runs (the rollout: gradients, optimizer state, value and frozen
+    models)."""
     from torchxla_rlhf import models, runtime
     from torchxla_rlhf.config import load_config
     from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
     from torchxla_rlhf.generation import Generator
     from torchxla_rlhf.optim import AdamW, Schedule
 
-    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig}[kind]
+    from torchxla_rlhf.configs import GRPOConfig
+
+    cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}[kind]
     cfg = load_config(cls, config_path, overrides)
     mesh = runtime.make_mesh(cfg.mesh_dim)
     gen = torch.Generator().manual_seed(0)
@@ -181,17 +184,19 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
 
     pad = cfg.tokenizer_pad_token_id
     policy, popt = trained(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad))
-    value, vopt = trained(models.load_sequence_classifier(cfg.value_model or cfg.reward_model, mesh,
-                                                          pad_token_id=pad))
-    ref = models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh)
-    rm = models.freeze(models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad),
-                       cfg.reward_model, mesh)
+    if kind == "ppo":
+        value, vopt = trained(models.load_sequence_classifier(cfg.value_model or cfg.reward_model,
+                                                              mesh, pad_token_id=pad))
+        rm = models.freeze(models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad),
+                           cfg.reward_model, mesh)
+    ref = (models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh)
+           if kind == "ppo" or cfg.needs_reference else None)
     runtime.sync()
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     chunk = cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps
     batch = _random_rows(vocab, chunk, pl + cl, mesh, gen)
 
-    def step(ids, mask):
+    def ppo_step(ids, mask):
         with ac:
             with torch.no_grad():
                 ref_lp = _logps(ref, ids, mask, cl)
@@ -203,13 +208,31 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
         loss.backward()
         return popt.step(), vopt.step()
 
-    runtime.compile(step, name="proxy_train")(batch["ids"], batch["mask"])
+    def grpo_step(ids, mask):
+        # A group-relative advantage per row and, with beta > 0, the k3 KL to the reference.
+        with ac:
+            lp = _logps(policy, ids, mask, cl)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp = _logps(ref, ids, mask, cl)
+        adv = (lp.detach().sum(-1, keepdim=True) - lp.detach().sum(-1).mean())
+        loss = -(torch.exp(lp - lp.detach()) * adv).mean()
+        if ref is not None:
+            loss = loss + cfg.beta * (torch.exp(ref_lp - lp) - (ref_lp - lp) - 1).mean()
+        loss.backward()
+        return popt.step()
+
+    runtime.compile(ppo_step if kind == "ppo" else grpo_step, name="proxy_train")(
+        batch["ids"], batch["mask"])
     runtime.sync()
     # The rollout graphs hold the policy only; everything else stays resident meanwhile.
-    resident = [p.grad for p in list(policy.parameters()) + list(value.parameters())
-                if p.grad is not None]
-    resident += list(value.parameters()) + list(ref.parameters()) + list(rm.parameters())
-    resident += popt.exp_avg + popt.exp_avg_sq + vopt.exp_avg + vopt.exp_avg_sq
+    trained_models = [policy] + ([value] if kind == "ppo" else [])
+    frozen_models = [m for m in (ref, rm if kind == "ppo" else None) if m is not None]
+    resident = [p.grad for m in trained_models for p in m.parameters() if p.grad is not None]
+    resident += [p for m in trained_models[1:] + frozen_models for p in m.parameters()]
+    resident += popt.exp_avg + popt.exp_avg_sq
+    if kind == "ppo":
+        resident += vopt.exp_avg + vopt.exp_avg_sq
     outside["generation"] = _device_bytes(resident)
     n_roll = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     prompts = _random_rows(vocab, n_roll, pl, mesh, gen)
@@ -221,7 +244,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
 
 
 if __name__ == "__main__":
-    if sys.argv[1] in ("dpo", "reward", "ppo"):
+    if sys.argv[1] in ("dpo", "reward", "ppo", "grpo"):
         print(json.dumps(run_trainer_proxy(sys.argv[1], sys.argv[2], sys.argv[3:])))
     else:
         print(json.dumps(run(ProbeSpec(**json.loads(sys.argv[1])))))

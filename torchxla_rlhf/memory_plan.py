@@ -149,12 +149,13 @@ def rollout_gathered_weights_bytes(shape: Shape, mesh: Mesh, gather_weights: str
 def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int, c: int,
                   r: int) -> float:
     """The prefill's largest working set per device besides weights and the KV cache: an
-    inference forward frees each layer's tensors as it goes, so one layer's MLP (the residual
-    input in ``r``; gate, up and their product over ``mp`` in ``c``), that layer's attention
-    scores against the ``total``-slot cache, and the last position's logits."""
+    inference forward frees each layer's tensors as it goes, and a layer's attention scores
+    (against the ``total``-slot cache) before its MLP runs, so the larger of the two (the
+    MLP: the residual input in ``r``; gate, up and their product over ``mp`` in ``c``), and
+    the last position's logits."""
     mlp = rows * prompt * (shape.hidden * r + 3 * shape.intermediate * c / mesh.mp)
     logits = rows * shape.vocab / mesh.mp * (c + 8)
-    return mlp + scores_bytes(shape, mesh, rows, prompt, total, 8 + c) + logits
+    return max(mlp, scores_bytes(shape, mesh, rows, prompt, total, 8 + c)) + logits
 
 
 @dataclass
