@@ -47,13 +47,15 @@ DEPTHS = (2, 4, 8, 16)
 MESHES = (("1,4,2", 8), ("1,2,4", 8))
 
 
+PROXY_SHAPE = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
+                   intermediate_size=688, vocab_size=1600)
+"""Llama-2 13B's ratios at hidden 256: head_dim 128, intermediate/hidden 13824/5120 (= 2.7:
+688, divisible by mp 4), vocab/hidden 6.25."""
+
+
 def shape_overrides(section: str, layers: int, max_positions: int = 1024) -> list[str]:
-    """A Llama-2 13B-shaped proxy at ``layers`` layers: head_dim 128, intermediate/hidden
-    13824/5120 (= 2.7: 688 at hidden 256, divisible by mp 4), vocab/hidden 6.25; fp32
-    parameters, checkpointing on."""
-    shape = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
-                 intermediate_size=688, num_hidden_layers=layers, vocab_size=1600,
-                 max_position_embeddings=max_positions)
+    """The :data:`PROXY_SHAPE` model at ``layers`` layers, fp32 parameters, checkpointing on."""
+    shape = dict(PROXY_SHAPE, num_hidden_layers=layers, max_position_embeddings=max_positions)
     return ([f"{section}.name_or_path=tiny", f"{section}.compute_dtype=float32",
              f"{section}.param_dtype=float32", f"{section}.gradient_checkpointing=true"]
             + [f"{section}.tiny.{k}={v}" for k, v in shape.items()])
@@ -102,12 +104,11 @@ SCATTERED = "train, grads scattered"
 """The training step's row with its gradient all-reduces counted as reduce-scatters."""
 
 
-def weight_elements(mesh: str, layers: int) -> set[int]:
+def weight_elements(mesh: str) -> set[int]:
     """Elements of each proxy weight whole over fsdp and split over mp (what a gradient
     all-reduce over fsdp outputs)."""
-    shape = dict(s.split("=") for s in shape_overrides("model", layers) if ".tiny." in s)
-    h, i, v = (int(shape[f"model.tiny.{k}"]) for k in ("hidden_size", "intermediate_size", "vocab_size"))
-    kv = h // int(shape["model.tiny.num_attention_heads"]) * int(shape["model.tiny.num_key_value_heads"])
+    h, i, v = (PROXY_SHAPE[k] for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    kv = h // PROXY_SHAPE["num_attention_heads"] * PROXY_SHAPE["num_key_value_heads"]
     mp = int(mesh.split(",")[2])
     return {h * h // mp, kv * h // mp, i * h // mp, v * h // mp}
 
@@ -124,7 +125,7 @@ def measure_proxy(kind: str, mesh: str, devices: int, layers: int, seq: int = 25
         fsdp = int(mesh.split(",")[1])
         rows = [("train micro-step", graph_bytes(dump, "proxy_train")),
                 (SCATTERED, xla_dump.peak_with_scattered_gradients(
-                    dump, "proxy_train", devices, fsdp, weight_elements(mesh, layers)))]
+                    dump, "proxy_train", devices, fsdp, weight_elements(mesh)))]
         if kind in ROLLOUT_KINDS:
             rollout = max(graph_bytes(dump, "generation_prefill"),
                           graph_bytes(dump, "generation_decode_loop"))

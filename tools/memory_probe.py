@@ -135,13 +135,11 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     AdamW; PPO and GRPO also ``generation_*``). Returns the bytes each device holds outside a
     phase's graph while it runs (the rollout: gradients, optimizer state, value and frozen
     models)."""
-    from torchxla_rlhf import models, runtime
+    from torchxla_rlhf import losses, models, runtime
     from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+    from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
     from torchxla_rlhf.generation import Generator
     from torchxla_rlhf.optim import AdamW, Schedule
-
-    from torchxla_rlhf.configs import GRPOConfig
 
     cls = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}[kind]
     cfg = load_config(cls, config_path, overrides)
@@ -184,6 +182,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
 
     pad = cfg.tokenizer_pad_token_id
     policy, popt = trained(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad))
+    value = vopt = rm = None  # GRPO: no value or reward model
     if kind == "ppo":
         value, vopt = trained(models.load_sequence_classifier(cfg.value_model or cfg.reward_model,
                                                               mesh, pad_token_id=pad))
@@ -218,7 +217,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
         adv = (lp.detach().sum(-1, keepdim=True) - lp.detach().sum(-1).mean())
         loss = -(torch.exp(lp - lp.detach()) * adv).mean()
         if ref is not None:
-            loss = loss + cfg.beta * (torch.exp(ref_lp - lp) - (ref_lp - lp) - 1).mean()
+            loss = loss + cfg.beta * losses.k3_kl(lp, ref_lp).mean()
         loss.backward()
         return popt.step()
 
@@ -226,13 +225,10 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
         batch["ids"], batch["mask"])
     runtime.sync()
     # The rollout graphs hold the policy only; everything else stays resident meanwhile.
-    trained_models = [policy] + ([value] if kind == "ppo" else [])
-    frozen_models = [m for m in (ref, rm if kind == "ppo" else None) if m is not None]
-    resident = [p.grad for m in trained_models for p in m.parameters() if p.grad is not None]
-    resident += [p for m in trained_models[1:] + frozen_models for p in m.parameters()]
-    resident += popt.exp_avg + popt.exp_avg_sq
-    if kind == "ppo":
-        resident += vopt.exp_avg + vopt.exp_avg_sq
+    resident = [p.grad for m in (policy, value) if m is not None for p in m.parameters()
+                if p.grad is not None]
+    resident += [p for m in (value, ref, rm) if m is not None for p in m.parameters()]
+    resident += [s for o in (popt, vopt) if o is not None for s in o.exp_avg + o.exp_avg_sq]
     outside["generation"] = _device_bytes(resident)
     n_roll = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     prompts = _random_rows(vocab, n_roll, pl, mesh, gen)

@@ -12,6 +12,7 @@ largest over its graphs (everything a graph touches is among its parameters).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 _TOTAL = re.compile(r"^Total bytes used: (\d+)", re.M)
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*)$", re.M)
 _ARRAY = re.compile(r"\b(pred|s8|s16|s32|s64|u8|u16|u32|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_ALL_GATHER = re.compile(
-    r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(.*?replica_groups=(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
-)
+_GROUPS = r"(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+"""A collective's ``replica_groups``, explicit or iota (:func:`expand_replica_groups`)."""
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* all-gather(?:-start)?\(.*?replica_groups=" + _GROUPS)
 
 
 def module_name(path: str) -> str:
@@ -171,9 +172,7 @@ def all_gathers_in_and_out_of_loops(
 # ----------------------------------------------------------------------------------------
 
 _ALL_REDUCE = re.compile(
-    r"%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* all-reduce(?:-start)?\(.*?replica_groups="
-    r"(\{[{}\d,]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
-)
+    r"%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* all-reduce(?:-start)?\(.*?replica_groups=" + _GROUPS)
 
 
 @dataclass(frozen=True)
@@ -236,10 +235,7 @@ def gradient_all_reduces(hlo: str, n_devices: int, group_size: int,
     out = set()
     for m in _ALL_REDUCE.finditer(hlo):
         groups = expand_replica_groups(m.group(4), n_devices)
-        count = 1
-        for d in _dims(m.group(3)):
-            count *= d
-        if len(groups[0]) == group_size and count in elements:
+        if len(groups[0]) == group_size and math.prod(_dims(m.group(3))) in elements:
             out.add(m.group(1))
     return out
 

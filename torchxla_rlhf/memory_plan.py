@@ -218,6 +218,13 @@ and value model run their backwards in one graph and XLA interleaves them: on th
 (bench/memory.py) the peak holds one layer of the first and about half a layer of the other."""
 
 
+DECODE_CACHE_COPIES = 0.5
+"""Share of the KV cache the decode loop's module holds a second time: XLA copies the carried
+cache into the ``While``'s state and back (copy insertion for a carry that may alias its
+input), and at the module's peak the 8- and 16-layer PPO proxies hold 0.5 and 0.44 of the
+cache in those copies (bench/memory.py)."""
+
+
 @dataclass
 class TrainedPass:
     """One trained model's forward + backward in a training step."""
@@ -285,12 +292,17 @@ def _train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
     return terms
 
 
-def _forward_gathered(models: list[tuple[Shape, bool, Any, bool]], mesh: Mesh) -> float:
-    """Weights whole over fsdp while the step's forwards run: ``(shape, lm_head, model_cfg,
-    frozen)`` of every model the step runs (frozen ones in their matmul dtype)."""
-    return sum(gathered_weights_bytes(shape, mesh, lm_head, cfg.param_dtype,
-                                      frozen_dtype(cfg) if frozen else None)
-               for shape, lm_head, cfg, frozen in models)
+def _forward_gathered(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh) -> float:
+    """Weights whole over fsdp while a training step's forwards run: every model the step
+    runs (the config's resident model roles; frozen ones in their matmul dtype)."""
+    total = 0.0
+    for r in cfg.model_roles():
+        if r.resident:
+            model_cfg = getattr(cfg, r.key)
+            total += gathered_weights_bytes(shapes[r.key], mesh, r.head == "causal",
+                                            model_cfg.param_dtype,
+                                            None if r.trained else frozen_dtype(model_cfg))
+    return total
 
 
 def _mesh(cfg: Any, n_devices: int) -> Mesh:
@@ -350,20 +362,10 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
     for r in frozen:
         persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
-    forward = _forward_gathered(
-        [(shape, lm_head, model_cfg, False)]
-        + [(shapes[r.key], r.head == "causal", getattr(cfg, r.key), True) for r in frozen], mesh)
     train = _train_terms([TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)], mesh,
-                         gradients, forward)
+                         gradients, _forward_gathered(cfg, shapes, mesh))
     phases = {"train micro-step": train}
     return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
-
-
-DECODE_CACHE_COPIES = 0.5
-"""Share of the KV cache the decode loop's module holds a second time: XLA copies the carried
-cache into the ``While``'s state and back (copy insertion for a carry that may alias its
-input), and at the module's peak the 8- and 16-layer PPO proxies hold 0.5 and 0.44 of the
-cache in those copies (bench/memory.py)."""
 
 
 def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
@@ -421,12 +423,9 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
     rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    forward = _forward_gathered([(shape, True, cfg.model, False), (value_shape, False, value_cfg, False),
-                                 (shape, True, cfg.model, True),
-                                 (rm_shape, False, cfg.reward_model, True)], mesh)
     train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
                           TrainedPass("value", value_shape, value_cfg, chunk, t, False)],
-                         mesh, gradients, forward)
+                         mesh, gradients, _forward_gathered(cfg, shapes, mesh))
     return _rollout_plan("ppo", mesh, hbm_bytes, persistent, rollout, train, notes)
 
 
@@ -455,11 +454,8 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
     rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    forward = _forward_gathered(
-        [(shape, True, cfg.model, False)]
-        + [(shapes[r.key], r.head == "causal", getattr(cfg, r.key), True) for r in frozen], mesh)
     train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)], mesh,
-                         gradients, forward)
+                         gradients, _forward_gathered(cfg, shapes, mesh))
     return _rollout_plan("grpo", mesh, hbm_bytes, persistent, rollout, train, notes)
 
 
