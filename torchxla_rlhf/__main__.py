@@ -258,9 +258,14 @@ def plan_main(argv: list[str]) -> int:
                         help="device count (default: --tpu's, else mesh_dim's product when fixed)")
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="memory per device, GiB (default: --tpu's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --tpu: also ask the TPU compiler (libtpu's compile-only client, "
+                        "the aot extra) for each graph's per-device peak, on this machine")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    if args.compile and not args.tpu:
+        parser.error("--compile needs --tpu TYPE (the topology the TPU compiler compiles for)")
     # The hub client logs each retry of an unreachable host; the one-line error says it all.
     from huggingface_hub.utils import logging as hub_logging
 
@@ -310,6 +315,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(memory_plan.format_plan(p))
     for c in report.warnings:
         print(f"  warning ({c.key}): {c.detail}")
+    if args.compile:
+        return _plan_compile(args, cfg, config_path, shapes, p, pod, hbm)
     if p.fits is None:
         print("  for a fits verdict give the device memory: --tpu v3-128|v3-256|v4-64|v5p-32 "
               "(devices and memory per device) or --hbm-gib G")
@@ -319,6 +326,25 @@ def _plan(args: argparse.Namespace) -> int:
             print(f"  {fits}")
         return 1
     return 0
+
+
+def _plan_compile(args, cfg, config_path, shapes, p, pod, hbm) -> int:
+    """``plan --compile``: the TPU compiler's peak per graph beside the planner's; exit 1
+    when a graph does not fit (``aot/verdict.py``)."""
+    from torchxla_rlhf.aot import verdict as aot
+
+    aot.require_aot()
+    mesh = (p.mesh.dp, p.mesh.fsdp, p.mesh.mp)
+    print(f"TPU compiler ({pod.name}, libtpu compile-only), graphs traced at "
+          f"{', '.join(map(str, aot.DEPTHS))} of {shapes['model'].layers} layers:", flush=True)
+    verdicts = aot.compile_run(config_path, args.overrides, shapes, pod.name, mesh,
+                               say=lambda line: print(line, flush=True))
+    resident = aot.resident_outside(p)
+    planned = {name: aot.planned_graph_bytes(p, name) for name in verdicts}
+    lines, fits = aot.format_verdict(verdicts, planned, hbm, resident)
+    print("\n".join(lines))
+    print(aot.verdict_line(verdicts, resident, hbm, fits))
+    return 0 if fits is not False else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,19 @@ from typing import Iterable
 logger = logging.getLogger(__name__)
 
 ENV = "LIBTPU_INIT_ARGS"
+
+TORCH_XLA_TPU_FLAGS = (
+    "--xla_tpu_use_enhanced_launch_barrier=false",
+    "--xla_latency_hiding_scheduler_rerun=1",
+    "--xla_tpu_prefer_async_allgather_to_allreduce=true",
+    "--xla_tpu_enable_flash_attention=false",
+)
+"""The flags torch_xla 2.9 gives libtpu on every TPU host (``torch_xla/__init__.py``,
+``_setup_libtpu_flags``; v5 adds two async-collective flags): the TPU compiler that
+``plan --compile`` asks runs with them, as a pod's does. They change scheduling and memory
+(all-gathers kept async and rematerialized in the backward instead of held)."""
+
+TORCH_XLA_V5_FLAGS = ("--xla_enable_async_all_gather=true", "--xla_enable_async_collective_permute=true")
 _FLAG = re.compile(r"--([A-Za-z_][A-Za-z0-9_]*)(?:=.*)?")
 
 

@@ -387,9 +387,12 @@ def _build_sharded(
     mesh: runtime.MeshInfo,
     cfg: ModelConfig,
     get_tensor,
+    place=None,
 ) -> torch.nn.Module:
     """Skeleton on ``meta``; each parameter read by ``get_tensor(name)`` (CPU), cast to
-    ``param_dtype``, moved to the device and sharded, one at a time."""
+    ``param_dtype``, moved to the device and sharded, one at a time. ``place(shape, dtype,
+    spec, requires_grad) -> Parameter`` instead makes each parameter itself (a placeholder of
+    :func:`placeholder_model`)."""
     config._attn_implementation = attention.resolve(cfg.attn_implementation)
     # use_cache stays as the source config has it (exported config.json keeps it, so vLLM and
     # HF generate cache keys/values); every training forward passes use_cache=False itself.
@@ -404,17 +407,20 @@ def _build_sharded(
     dtype = DTYPES[cfg.param_dtype]
     dev = runtime.device()
     for name, meta_param in list(model.named_parameters()):
-        cpu = get_tensor(name)
-        if tuple(cpu.shape) != tuple(meta_param.shape):
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(cpu.shape)}, the model expects "
-                f"{tuple(meta_param.shape)}"
-            )
-        # One tensor at a time: the host holds at most one weight.
-        t = runtime.shard_to_device(cpu.to(dtype), mesh, specs[name])
+        if place is not None:
+            param = place(tuple(meta_param.shape), dtype, specs[name], meta_param.requires_grad)
+        else:
+            cpu = get_tensor(name)
+            if tuple(cpu.shape) != tuple(meta_param.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(cpu.shape)}, the model expects "
+                    f"{tuple(meta_param.shape)}"
+                )
+            # One tensor at a time: the host holds at most one weight.
+            t = runtime.shard_to_device(cpu.to(dtype), mesh, specs[name])
+            param = torch.nn.Parameter(t, requires_grad=meta_param.requires_grad)
         module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, attr, torch.nn.Parameter(t, requires_grad=meta_param.requires_grad))
+        setattr(model.get_submodule(module_name), attr, param)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # lm_head still points at the meta tensor the skeleton tied it to
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the device.
@@ -426,6 +432,35 @@ def _build_sharded(
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def llama_config(shape: Any, layers: int | None = None, pad_token_id: int = 0) -> LlamaConfig:
+    """A ``LlamaConfig`` of ``shape`` (a ``preflight.shapes.Shape``), with ``layers`` decoder
+    layers instead of its own when given."""
+    return LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim or shape.hidden // shape.heads,
+        max_position_embeddings=shape.max_positions or 4096, tie_word_embeddings=shape.tie,
+        attention_bias=shape.attention_bias, mlp_bias=shape.mlp_bias, pad_token_id=pad_token_id,
+    )
+
+
+def placeholder_model(head: str, config: LlamaConfig, mesh: runtime.MeshInfo, cfg: ModelConfig,
+                      capture: Any) -> transformers.PreTrainedModel:
+    """The model ``cfg`` describes, of ``config``'s shape, sharded by the partition rules, with
+    every weight a placeholder of ``capture`` (a ``runtime.GraphCapture``): no buffer, nothing
+    read; what ``plan --compile`` traces 13B-wide graphs with. ``head``: ``causal`` or
+    ``classifier`` (``num_labels=1``, as :func:`load_sequence_classifier`)."""
+    if head == "classifier":
+        config.num_labels = 1
+    cls = LlamaForCausalLM if head == "causal" else LlamaForSequenceClassification
+
+    def place(shape, dtype, spec, requires_grad):
+        param = torch.nn.Parameter(capture.placeholder(shape, dtype, spec), requires_grad=requires_grad)
+        return capture.adopt(param, capture.sharding_text(spec, len(shape)))
+
+    return _build_sharded(cls, config, mesh, cfg, None, place)
 
 
 def enable_gradient_checkpointing(model: transformers.PreTrainedModel) -> None:

@@ -48,6 +48,9 @@ ENTRY_POINTS = (
     # preemption agreement between hosts
     "_ensure_xla_coordinator_initialized", "_activate_preemption_sync_manager",
     "_sync_point_reached",
+    # graph capture (runtime/capture.py): placeholders, launches recorded instead of run
+    "_xla_create_placeholder_tensor", "_replace_xla_tensor", "_xla_get_tensor_id",
+    "_xla_step_marker",
 )
 """Every ``torch_xla._XLAC`` attribute the runtime uses."""
 

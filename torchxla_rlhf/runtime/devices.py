@@ -20,19 +20,16 @@ _STATE: dict[str, Any] = {"initialized": False}
 def init() -> torch.device:
     """Set up PJRT and SPMD once per process and return the XLA device.
 
-    ``PJRT_DEVICE`` defaults to ``TPU`` when libtpu is importable and to ``CPU`` otherwise
-    (said once in the log). Must run before any tensor reaches the XLA device.
+    ``PJRT_DEVICE`` defaults to ``TPU`` on a host with TPU chips and libtpu
+    (:func:`tpu_found`) and to ``CPU`` otherwise (said once in the log). Must run before any tensor reaches the XLA device.
     """
     if _STATE["initialized"]:
         return _STATE["device"]
     if "PJRT_DEVICE" not in os.environ:
-        try:
-            import libtpu  # noqa: F401
-
-            os.environ["PJRT_DEVICE"] = "TPU"
-        except ImportError:
-            os.environ["PJRT_DEVICE"] = "CPU"
-            logger.warning("No TPU found (libtpu not installed): running on XLA:CPU.")
+        found = tpu_found()
+        os.environ["PJRT_DEVICE"] = "TPU" if found is None else "CPU"
+        if found is not None:
+            logger.warning("No TPU found (%s): running on XLA:CPU.", found)
     if os.environ["PJRT_DEVICE"] == "TPU":
         from torchxla_rlhf.libtpu_flags import drop_unknown_init_args
 
@@ -53,6 +50,20 @@ def init() -> torch.device:
         xr.process_count(),
     )
     return device
+
+
+def tpu_found() -> str | None:
+    """None when this host has TPU chips and libtpu to drive them, else why not. libtpu
+    alone is no TPU: the ``aot`` extra installs it on CPU machines for the TPU compiler
+    (``plan --compile``), and a run there must stay on XLA:CPU."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return "libtpu not installed"
+    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return "libtpu is installed, but this host has no TPU chips (/dev/accel*, /dev/vfio)"
+    return None
 
 
 def device() -> torch.device:

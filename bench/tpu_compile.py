@@ -1,0 +1,102 @@
+"""The TPU compiler's per-device peak of every 13B run on its pods, beside the planner's.
+
+    PYTHONPATH=. python bench/tpu_compile.py [--pods v3-256,v3-128] [--save FILE]
+    PYTHONPATH=. python bench/tpu_compile.py --replan [FILE]   # the planner against saved figures
+
+For each line of the pod table (``bench/pod_table.py``) on the chosen pods this runs what
+``python -m torchxla_rlhf plan --config CONFIG --tpu POD --compile`` runs: the trainer's graphs
+traced with placeholder weights at the config's widths and batches at 2 and 4 layers on at most
+64 virtual CPU devices, each compiled by libtpu's compile-only client for the pod (the ``aot``
+extra), and the per-layer slope taken to 40 layers. ``--save`` writes the compiler's figures
+(per graph and depth: peak, flops, ``optimal_seconds``, collectives) to a JSON file;
+``--replan`` reads it and prints the planner's figure for each graph beside the compiler's
+(no compile: seconds), which is what ``tests/test_tpu_plan.py`` checks (within +-15 %).
+Default file: ``bench/results/tpu_compile_13b.json``. Several minutes per line on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # shapes from the shipped config.json
+
+from bench.pod_table import LINES  # noqa: E402
+from torchxla_rlhf.aot import verdict as aot  # noqa: E402
+from torchxla_rlhf.config import find_config  # noqa: E402
+from torchxla_rlhf.memory_plan import plan  # noqa: E402
+from torchxla_rlhf.preflight.mesh import GIB, tpu_pod  # noqa: E402
+from torchxla_rlhf.preflight.stages import read_plan_shapes  # noqa: E402
+from torchxla_rlhf.trainers import registry  # noqa: E402
+
+DEFAULT = os.path.join(REPO, "bench", "results", "tpu_compile_13b.json")
+
+
+def line_plan(pod_name: str, config: str, overrides: list[str]):
+    path = find_config(config)
+    cfg = registry.load(path, overrides)
+    shapes, _ = read_plan_shapes(cfg, path)
+    pod = tpu_pod(pod_name)
+    return path, cfg, shapes, plan(cfg, pod.devices, pod.hbm_bytes, shapes), pod
+
+
+def measure(pods: list[str]) -> list[dict]:
+    rows = []
+    for pod_name, config, overrides in LINES:
+        if pod_name not in pods:
+            continue
+        path, cfg, shapes, p, pod = line_plan(pod_name, config, overrides)
+        mesh = [p.mesh.dp, p.mesh.fsdp, p.mesh.mp]
+        t0 = time.time()
+        print(f"{pod_name} {config} {' '.join(overrides)}", flush=True)
+        verdicts = aot.compile_run(path, overrides, shapes, pod_name, mesh,
+                                   say=lambda s: print(s, flush=True))
+        rows.append({"pod": pod_name, "config": config, "overrides": overrides, "mesh": mesh,
+                     "layers": shapes["model"].layers, "seconds": round(time.time() - t0),
+                     "graphs": {n: {str(d): r for d, r in v.results.items()} for n, v in verdicts.items()}})
+    return rows
+
+
+def replan(rows: list[dict]) -> list[tuple]:
+    """Per saved graph: ``(line, graph, compiler GiB, planner GiB, ratio)``."""
+    out = []
+    for row in rows:
+        _, _, _, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
+        for name, by_depth in row["graphs"].items():
+            v = aot.GraphVerdict(name, {int(d): r for d, r in by_depth.items()}, row["layers"])
+            if v.peak is None:
+                continue
+            planned = aot.planned_graph_bytes(p, name)
+            out.append((f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip(), name,
+                        v.peak / GIB, planned / GIB, planned / v.peak, v))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pods", default="v3-256,v3-128")
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--replan", nargs="?", const=DEFAULT, default=None)
+    args = parser.parse_args()
+    if args.replan:
+        with open(args.replan) as f:
+            rows = json.load(f)
+    else:
+        rows = measure(args.pods.split(","))
+        save = args.save or DEFAULT
+        os.makedirs(os.path.dirname(save), exist_ok=True)
+        with open(save, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("| line | graph | TPU compiler GiB (40 layers) | per layer | planner GiB | planner / compiler |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for line, graph, tpu, planned, ratio, v in replan(rows):
+        print(f"| {line} | {graph} | {tpu:.2f} | {v.slope / GIB:.3f} | {planned:.2f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
