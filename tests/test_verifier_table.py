@@ -1,7 +1,7 @@
 """The gsm8k and math verifiers on the hand-checked answer / ground-truth table
-(tests/verifier_table.py: GSM8K- and MATH-style pairs, every failure class of issue 29,
-negative cases; rows marked DISAGREE say where open-instruct's verifiers differ and why the
-project's verdict is the one kept)."""
+(tests/verifier_table.py: GSM8K- and MATH-style pairs, every failure class of the old
+exact-match verifier, negative cases; rows marked DISAGREE say where open-instruct's
+verifiers differ and why the project's verdict is the one kept)."""
 
 import pytest
 
