@@ -596,11 +596,20 @@ class RewardsConfig:
     """What a completion earns in GRPO / RLOO: a weighted sum of a verifiable reward, a format
     check and a reward model's score (a term with weight 0 or no source is off)."""
 
-    verifier: str | None = "math"
-    """Verifiable reward: 'math' (exact match of the final answer with the record's
-    ground_truth: GSM8K '#### 42' or '\\boxed{42}', numbers normalized) or a user function
-    'module:function' called once per step as function(completions, records) -> list of
-    floats. null: none."""
+    verifier: str | None = "by_dataset"
+    """Verifiable reward: 'by_dataset' (each record's dataset field picks its verifier:
+    gsm8k, math, ifeval, or a name mapped in verifiers), one verifier for every record
+    ('gsm8k': the number after ####, else the last number, exact; 'math': MATH-style LaTeX
+    answers judged by math-verify; 'ifeval': the instruction constraint the ground_truth
+    names), or a user function 'module:function' called once per step as
+    function(completions, records) -> list of floats. null: none. docs/grpo.md has the rules."""
+    verifiers: str = ""
+    """With verifier=by_dataset: more dataset names and their verifiers, as
+    'name=verifier, name=verifier' (a built-in or module:function; names are matched
+    case-insensitively; gsm8k, math and ifeval map to their namesakes unless named here)."""
+    verifier_timeout_s: int = 5
+    """math-verify's limit (whole seconds) per parse and per comparison; a record that hits it
+    scores 0 and is counted in rewards/math/frac_timeout (main thread only: signal.alarm)."""
     verifier_weight: float = 1.0
     """Weight of the verifiable reward."""
     format_weight: float = 0.0
@@ -608,10 +617,13 @@ class RewardsConfig:
     reward_model_weight: float = 1.0
     """Weight of the reward model's score (the top-level reward_model key)."""
 
-    @property
-    def needs_ground_truth(self) -> bool:
-        """A built-in verifier reads every record's ground_truth."""
-        return self.verifier == "math" and self.verifier_weight != 0
+    def validate(self) -> None:
+        from torchxla_rlhf.rewards import parse_verifier_map  # noqa: PLC0415 - no torch inside
+
+        parse_verifier_map(self.verifiers)
+        if self.verifier_timeout_s < 1:
+            raise ValueError(f"verifier_timeout_s: must be >= 1 (whole seconds), got "
+                             f"{self.verifier_timeout_s}")
 
 
 @dataclass

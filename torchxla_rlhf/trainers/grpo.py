@@ -33,7 +33,7 @@ from torchxla_rlhf.data.rlvr import build_rlvr_prompts
 from torchxla_rlhf.generation import Generator
 from torchxla_rlhf.losses import grpo_policy_loss, rloo_policy_loss
 from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.rewards import call_reward_function, format_reward, resolve_verifier
+from torchxla_rlhf.rewards import Verifiers, format_reward
 from torchxla_rlhf.rl import (
     apply_eos_penalty,
     group_advantages,
@@ -56,15 +56,19 @@ class GRPOTrainer(PPOTrainer):
     @classmethod
     def _datasets(cls, cfg, tokenizer):
         """Training and held-out prompts with their records' fields (RLVR schema); a record
-        without ground_truth fails here when the math verifier needs it."""
-        needs_truth = cfg.rewards.needs_ground_truth
+        that its verifier cannot score (no verifier for its dataset, no or an unreadable
+        ground_truth) fails here, naming its file and line."""
+        verifiers = Verifiers.from_config(cfg.rewards)
+        check = verifiers.check_record if verifiers is not None else None
         train = build_rlvr_prompts(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
-                                   require_ground_truth=needs_truth, name="train_dataset")
+                                   require_ground_truth=False, check_record=check,
+                                   name="train_dataset")
         train.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
         held_out = None
         if cfg.eval_dataset is not None:
             held_out = build_rlvr_prompts(cfg.eval_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
-                                          require_ground_truth=needs_truth, name="eval_dataset")
+                                          require_ground_truth=False, check_record=check,
+                                          name="eval_dataset")
         return train, held_out
 
     @classmethod
@@ -73,6 +77,8 @@ class GRPOTrainer(PPOTrainer):
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
+        # Resolved before any weights load: an unknown verifier or function fails in seconds.
+        self.verifiers = Verifiers.from_config(cfg.rewards)
         self.prompts, self.eval_prompts = self._datasets(cfg, tok)
         self.data_reports = {"train": self.prompts.report}
         if self.eval_prompts is not None:
@@ -88,8 +94,6 @@ class GRPOTrainer(PPOTrainer):
             logger.warning("importance_sampling_level=sequence with loss_type=%s sums per-token "
                            "terms, weighting each sequence by its length; GSPO's objective is "
                            "loss_type=grpo", cfg.loss_type)
-        # Resolved before any weights load: an unknown function fails in seconds.
-        self.verifier = resolve_verifier(cfg.rewards.verifier) if cfg.rewards.verifier else None
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
         self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
@@ -154,11 +158,12 @@ class GRPOTrainer(PPOTrainer):
         total = torch.zeros(len(completions), dtype=torch.float32)
         metrics: dict = {}
         t0 = time.perf_counter()
-        if self.verifier is not None and cfg.verifier_weight:
-            values = torch.tensor(call_reward_function(cfg.verifier, self.verifier, completions,
-                                                       records), dtype=torch.float32)
+        if self.verifiers is not None:
+            scores, health = self.verifiers.score(completions, records)
+            values = torch.tensor(scores, dtype=torch.float32)
             total += cfg.verifier_weight * values
             metrics["rewards/verifier_mean"] = float(values.mean())
+            metrics.update(health)
         if cfg.format_weight:
             values = torch.tensor(format_reward(completions, records), dtype=torch.float32)
             total += cfg.format_weight * values
