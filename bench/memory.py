@@ -166,7 +166,7 @@ def planned(kind: str, mesh: str, devices: int, layers: int, phase: str,
         overrides = [o.replace("gradient_checkpointing=true", f"gradient_checkpointing={ckpt}")
                      for o in proxy_overrides(kind, mesh, layers, seq)]
         plan = memory_plan.plan(load_config(KINDS[kind], config, overrides), devices,
-                                gradients=gradients)
+                                gradients=gradients, compiler="xla_cpu")
         out.append(sum(t.bytes for t in plan.persistent) + plan.phase_total(phase))
     return out[0], out[1]
 

@@ -339,7 +339,7 @@ def _plan_compile(args, cfg, config_path, shapes, p, pod, hbm) -> int:
           f"{', '.join(map(str, aot.DEPTHS))} of {shapes['model'].layers} layers:", flush=True)
     verdicts = aot.compile_run(config_path, args.overrides, shapes, pod.name, mesh,
                                say=lambda line: print(line, flush=True))
-    resident = aot.resident_outside(p)
+    resident = aot.resident_outside(p, list(verdicts))
     planned = {name: aot.planned_graph_bytes(p, name) for name in verdicts}
     lines, fits = aot.format_verdict(verdicts, planned, hbm, resident)
     print("\n".join(lines))

@@ -29,6 +29,7 @@ all-gathers it before the column-parallel ones), so saved layer inputs are ``H /
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -54,11 +55,16 @@ class DoesNotFit(UserError, RuntimeError):
 # ----------------------------------------------------------------------------------------
 
 
-def heads_per_device(shape: Shape, mp: int) -> int:
+def heads_per_device(shape: Shape, mp: int, compiler: str = "xla_cpu") -> int:
     """Heads whose scores one device computes: ``heads / mp`` when ``mp`` divides both head
-    counts (einsum attention keeps them split), else all of them."""
+    counts (einsum attention keeps them split). Else XLA:CPU computes all of them on every
+    device, while the TPU compiler splits the heads over the largest factor of ``mp`` that
+    divides both counts (13B's 40 heads on mp=16: 5 a device, ``[1,5,4096,4096]`` scores in
+    the compiled module)."""
     if shape.heads % mp == 0 and shape.kv_heads % mp == 0:
         return shape.heads // mp
+    if compiler == "tpu":
+        return shape.heads // math.gcd(shape.heads, shape.kv_heads, mp)
     return shape.heads
 
 
@@ -101,11 +107,11 @@ def layer_backward_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int
 
 
 def scores_bytes(shape: Shape, mesh: Mesh, rows: float, q: int, k: int,
-                 per_score: float = 4) -> float:
+                 per_score: float = 4, compiler: str = "xla_cpu") -> float:
     """One layer's attention scores per device, for the heads a device holds:
     ``per_score`` bytes each (a training layer's backward: the fp32 scores; an inference
     forward: fp32 scores, fp32 softmax and the probabilities in the compute dtype)."""
-    return rows * heads_per_device(shape, mesh.mp) * q * k * per_score
+    return rows * heads_per_device(shape, mesh.mp, compiler) * q * k * per_score
 
 
 def logits_bytes(shape: Shape, mesh: Mesh, rows: float, seq: int, c: int, backward: bool) -> float:
@@ -147,7 +153,7 @@ def rollout_gathered_weights_bytes(shape: Shape, mesh: Mesh, gather_weights: str
 
 
 def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int, c: int,
-                  r: int) -> float:
+                  r: int, compiler: str = "xla_cpu") -> float:
     """The prefill's largest working set per device besides weights and the KV cache: an
     inference forward frees each layer's tensors as it goes, and a layer's attention scores
     (against the ``total``-slot cache) before its MLP runs, so the larger of the two (the
@@ -155,7 +161,7 @@ def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int
     the last position's logits."""
     mlp = rows * prompt * (shape.hidden * r + 3 * shape.intermediate * c / mesh.mp)
     logits = rows * shape.vocab / mesh.mp * (c + 8)
-    return max(mlp, scores_bytes(shape, mesh, rows, prompt, total, 8 + c)) + logits
+    return max(mlp, scores_bytes(shape, mesh, rows, prompt, total, 8 + c, compiler)) + logits
 
 
 @dataclass
@@ -292,6 +298,71 @@ def _train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
     return terms
 
 
+TPU_MLP_TENSORS = (7, 3)
+"""XLA:TPU's moment in a layer's MLP backward: ``[tokens, H]`` and ``[tokens, I / mp]``
+tensors in the compute dtype alive together (fitted on libtpu compiles of the trainer proxies
+at hidden 256, ``bench/tpu_compile.py --proxies``; XLA:TPU fuses most of what XLA:CPU keeps)."""
+
+TPU_SCORE_BYTES = (4, 1.5)
+"""Bytes per attention score of the heads a device holds at the softmax's backward on XLA:TPU:
+``4 + 1.5 * c`` (fp32 scores, and compute-dtype probabilities and gradients partly fused);
+the causal mask is fused, never held. Fitted on two compiles that the scores dominate: the
+DPO proxy at 2048 tokens in fp32 (2.6 ``[2048, 2048]`` fp32 buffers a row) and 13B's DPO
+micro-step in bf16 on a v3-256 (1.9 fp32 ``[5, 4096, 4096]`` buffers a device)."""
+
+TPU_UPDATE_COPIES = 1.0
+"""The AdamW update's transient on XLA:TPU, in trained parameters' bytes per device."""
+
+
+def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
+    """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
+    client, ``plan --compile``): per trained model, one layer's recompute and backward (the
+    larger of its MLP and its softmax moments, :data:`TPU_MLP_TENSORS`,
+    :data:`TPU_SCORE_BYTES`), that layer's weights whole over fsdp in the compute dtype (XLA:TPU
+    gathers after the cast), and per layer the larger of its saved input and its fresh
+    gradient shard: the backward frees saved inputs as it goes and keeps the new gradients
+    (reduce-scattered) until it adds them into the accumulated ones at its end."""
+    terms, layer_total, logits = [], 0.0, 0.0
+    for k, t in enumerate(passes):
+        share = 1.0 if k == 0 else INTERLEAVED
+        c, r = BYTES[t.model_cfg.compute_dtype], BYTES[t.model_cfg.param_dtype]
+        shape, tokens = t.shape, t.rows * t.seq
+        heads = heads_per_device(shape, mesh.mp, "tpu")
+        scores = t.rows * heads * t.seq * t.seq
+        mlp = tokens * c * (TPU_MLP_TENSORS[0] * shape.hidden
+                            + TPU_MLP_TENSORS[1] * shape.intermediate / mesh.mp)
+        softmax = scores * (TPU_SCORE_BYTES[0] + TPU_SCORE_BYTES[1] * c) + tokens * 2 * shape.hidden * c
+        layer = max(mlp, softmax)
+        layer_total += share * layer
+        saved = (checkpoint_bytes(shape, mesh, t.rows, t.seq, r) if t.model_cfg.gradient_checkpointing
+                 else layer)
+        fresh = shape.layer_linear * r / mesh.devices
+        terms += [
+            Term(f"{t.prefix} layer recompute + backward", share * layer,
+                 f"{t.rows:g} rows x {t.seq}, {heads} heads/device; "
+                 f"{'softmax' if softmax >= mlp else 'MLP'} moment"
+                 + ("" if k == 0 else f"; {share:g} of a layer (interleaved)")),
+            Term(f"{t.prefix} gathered weights", share * shape.layer_linear * c / mesh.mp,
+                 f"one layer, whole over fsdp, {t.model_cfg.compute_dtype}"),
+            Term(f"{t.prefix} per layer: saved input or fresh gradients",
+                 shape.layers * max(saved, fresh),
+                 f"{shape.layers} x max(saved input {_gib(saved)}, gradient shard {_gib(fresh)})"),
+        ]
+        if t.lm_head:
+            logits += logits_bytes(shape, mesh, t.rows, t.logit_positions or t.seq, c, True)
+    if logits > layer_total:
+        terms.append(Term("logits beyond a layer", logits - layer_total,
+                          "the LM head's backward, before the last layer's recompute"))
+    return terms
+
+
+def _update_terms_tpu(trained: list[Term]) -> list[Term]:
+    """The AdamW update graph's transient (XLA:TPU): :data:`TPU_UPDATE_COPIES` of the trained
+    parameters."""
+    params = sum(t.bytes for t in trained if t.name.endswith(" parameters"))
+    return [Term("AdamW update", TPU_UPDATE_COPIES * params, "the update's fp32 temporaries")]
+
+
 def _forward_gathered(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh) -> float:
     """Weights whole over fsdp while a training step's forwards run: every model the step
     runs (the config's resident model roles; frozen ones in their matmul dtype)."""
@@ -324,31 +395,41 @@ def read_shapes(cfg: Any) -> dict[str, Shape]:
     return {key: read_shape(getattr(cfg, key), key, cfg.remote_timeout_s) for key in keys}
 
 
+COMPILERS = ("tpu", "xla_cpu")
+"""Whose memory layout the plan follows: XLA:TPU's (calibrated on libtpu's compile-only
+client, ``plan --compile``; the pre-flight's) or XLA:CPU's (calibrated on its buffer
+assignment, ``bench/memory.py``; what the CPU tests measure)."""
+
+
 def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
          shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None,
-         gradients: str = "reduce_scatter") -> Plan:
+         gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
     """The per-device plan of a trainer config on ``n_devices`` devices: the trainer's own
     memory terms (registered with it in ``trainers/registry.py``). ``shapes``: the models'
     shapes by config key (default: read from their config.json); ``mesh``: another mesh than
     the config's ``mesh_dim`` (the start-up checks try them all); ``gradients``: how the
-    compiler reduces them (:data:`GRADIENT_REDUCTIONS`; TPU: ``reduce_scatter``)."""
+    compiler reduces them on XLA:CPU (:data:`GRADIENT_REDUCTIONS`; XLA:TPU always
+    reduce-scatters); ``compiler``: :data:`COMPILERS`."""
     from torchxla_rlhf.trainers import registry
 
     if gradients not in GRADIENT_REDUCTIONS:
         raise ValueError(f"gradients={gradients!r}: expected one of {GRADIENT_REDUCTIONS}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler={compiler!r}: expected one of {COMPILERS}")
     spec = registry.spec_for(cfg)
     mesh = mesh or _mesh(cfg, n_devices)
     shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
     shape = shapes["model"]
     notes = []
-    if heads_per_device(shape, mesh.mp) == shape.heads and mesh.mp > 1:
+    heads = heads_per_device(shape, mesh.mp, compiler)
+    if shape.heads % mesh.mp or shape.kv_heads % mesh.mp:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
-                     f"{shape.kv_heads}: every device computes all heads' scores")
-    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes, gradients=gradients)
+                     f"{shape.kv_heads}: every device computes {heads} heads' scores")
+    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes, gradients=gradients, compiler=compiler)
 
 
 def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-               notes: list[str], gradients: str = "reduce_scatter") -> Plan:
+               notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
     """Memory terms of a trainer on preference pairs (DPO: policy with LM head and its frozen
     reference; reward model: a classifier): one trained model, frozen models held meanwhile."""
     n = mesh.devices
@@ -362,9 +443,13 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
     for r in frozen:
         persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
-    train = _train_terms([TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)], mesh,
-                         gradients, _forward_gathered(cfg, shapes, mesh))
-    phases = {"train micro-step": train}
+    passes = [TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
+    if compiler == "tpu":
+        phases = {"train micro-step": _train_terms_tpu(passes, mesh),
+                  "train update": _update_terms_tpu(persistent)}
+    else:
+        phases = {"train micro-step": _train_terms(passes, mesh, gradients,
+                                                   _forward_gathered(cfg, shapes, mesh))}
     return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
@@ -396,8 +481,37 @@ def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
     return rollout
 
 
+TPU_DECODE_CACHE_COPIES = 0.5
+"""Share of the KV cache XLA:TPU's decode-loop module holds a second time (its ``While``
+state's copies), calibrated on libtpu compiles (``bench/tpu_compile.py``)."""
+
+
+def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], list[Term]]:
+    """The rollout's two graphs as XLA:TPU holds them: each holds the policy's weights whole
+    over fsdp as ``sampling.gather_weights`` says (in the compute dtype: XLA:TPU gathers after
+    the cast) and the KV cache; the prefill one layer's working set and the last position's
+    logits, the decode loop its copies of the cache (:data:`TPU_DECODE_CACHE_COPIES`)."""
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    c = BYTES[cfg.model.compute_dtype]
+    micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
+    heads = heads_per_device(shape, mesh.mp, "tpu")
+    cache = 2 * shape.layers * micro * t * heads * shape.kv_heads // shape.heads * shape.head_dim * c
+    how = cfg.sampling.gather_weights
+    weights = Term("gathered weights", rollout_gathered_weights_bytes(shape, mesh, how, cfg.model.compute_dtype),
+                   f"policy, sampling.gather_weights={how}: "
+                   f"{'1 layer' if how == 'per_layer' else 'every layer'} + LM head, whole over fsdp")
+    kv = Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}")
+    prefill = prefill_bytes(shape, mesh, micro, pl, t, c, BYTES[cfg.model.param_dtype], "tpu")
+    return ([weights, kv, Term("prefill (one layer) + logits", prefill,
+                               f"{micro:g} rows x {pl} prompt tokens")],
+            [weights, kv, Term("decode loop's cache copies", TPU_DECODE_CACHE_COPIES * cache,
+                               f"{TPU_DECODE_CACHE_COPIES:g} of the KV cache")])
+
+
 def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-             notes: list[str], gradients: str = "reduce_scatter") -> Plan:
+             notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
     """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
     the rollout and the training micro-step are the two phases."""
     n = mesh.devices
@@ -420,17 +534,16 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
     scored = 6 * cl * 4 if cfg.mode == "standard" else 0
     persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
                            f"{all_rows:g} rows x {t} tokens"))
-    rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
-                          TrainedPass("value", value_shape, value_cfg, chunk, t, False)],
-                         mesh, gradients, _forward_gathered(cfg, shapes, mesh))
-    return _rollout_plan("ppo", mesh, hbm_bytes, persistent, rollout, train, notes)
+    passes = [TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
+              TrainedPass("value", value_shape, value_cfg, chunk, t, False)]
+    return _rollout_plan("ppo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
+                         gradients, compiler)
 
 
 def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-              notes: list[str], gradients: str = "reduce_scatter") -> Plan:
+              notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
     """Memory terms of GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value
     model, the frozen reference only with a KL term (beta > 0), a reward model only when one
     is configured (``cfg.model_roles()``)."""
@@ -451,23 +564,33 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
     kept = (int(cfg.num_iterations > 1) + int(cfg.needs_reference)) * cl * 4
     persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + kept),
                            f"{all_rows:g} rows x {t} tokens"))
-    rollout = _rollout_terms(cfg, shape, mesh)
     chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
                   "mini_batch_size / accumulate_gradient_steps")
-    train = _train_terms([TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)], mesh,
-                         gradients, _forward_gathered(cfg, shapes, mesh))
-    return _rollout_plan("grpo", mesh, hbm_bytes, persistent, rollout, train, notes)
+    passes = [TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)]
+    return _rollout_plan("grpo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
+                         gradients, compiler)
 
 
-def _rollout_plan(trainer: str, mesh: Mesh, hbm_bytes: float | None, persistent: list[Term],
-                  rollout: list[Term], train: list[Term], notes: list[str]) -> Plan:
-    """A plan with a rollout and a training phase. Gradients live from the first
+def _rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh,
+                  hbm_bytes: float | None, persistent: list[Term], passes: list[TrainedPass],
+                  notes: list[str], gradients: str, compiler: str) -> Plan:
+    """A plan with a rollout and the training phases. Gradients live from the first
     micro-batch's backward to the optimizer step, which clears them: they belong to the
-    training phase, and the rollouts run without them."""
+    training phases, and the rollouts run without them. XLA:TPU: the rollout's two graphs
+    (prefill, decode loop) and the training's two (micro-step, update) are a phase each."""
     grads = [t for t in persistent if t.name.endswith(" gradients")]
     persistent = [t for t in persistent if t not in grads]
-    return Plan(trainer, mesh, hbm_bytes, persistent,
-                {"rollout": rollout, "train micro-step": train + grads}, notes)
+    shape = shapes["model"]
+    if compiler == "tpu":
+        prefill, decode = _rollout_terms_tpu(cfg, shape, mesh)
+        phases = {"rollout prefill": prefill, "rollout decode": decode,
+                  "train micro-step": _train_terms_tpu(passes, mesh) + grads,
+                  "train update": _update_terms_tpu(persistent) + grads}
+    else:
+        phases = {"rollout": _rollout_terms(cfg, shape, mesh),
+                  "train micro-step": _train_terms(passes, mesh, gradients,
+                                                   _forward_gathered(cfg, shapes, mesh)) + grads}
+    return Plan(trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
 # ----------------------------------------------------------------------------------------

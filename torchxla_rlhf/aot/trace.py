@@ -7,9 +7,10 @@ process). SPEC: ``{"config": PATH, "overrides": [...], "mesh": "1,4,16", "layers
 "shapes": {key: Shape fields}, "out": DIR}``. Every model the trainer puts on the mesh is
 built with the config's shape at ``layers`` decoder layers, its weights, AdamW moments and
 inputs placeholders (``runtime.GraphCapture``), and the trainer's phases are traced as the
-proxies of ``bench/memory.py`` compile them (:func:`trainer_graphs`): a training step
-(forward, backward and AdamW in one graph; PPO: policy and value model; GRPO/RLOO: the policy
-with the k3 KL to the reference when ``beta > 0``), and for PPO and GRPO the rollout through
+trainers compile them (:func:`trainer_graphs` with ``split``): a training micro-step
+(forward and backward adding into the gradients; PPO: policy and value model; GRPO/RLOO: the
+policy with the k3 KL to the reference when ``beta > 0``), the AdamW update, and for PPO and
+GRPO the rollout through
 the trainers' own :class:`~torchxla_rlhf.generation.Generator` (``generation_prefill`` and
 the decode ``While``, ``generation_decode_loop``). Each graph lands in ``DIR`` as
 ``NAME.hlo.pb`` + ``NAME.json`` for :mod:`torchxla_rlhf.aot.compile`.
@@ -25,6 +26,11 @@ from typing import Any, Callable
 import torch
 
 TRAIN_GRAPH = "proxy_train"
+"""Forward, backward and AdamW in one graph (``bench/memory.py``'s XLA:CPU proxies)."""
+MICRO_GRAPH, UPDATE_GRAPH = "train_micro_step", "train_update"
+"""The trainers' own split (``PairTrainer``, PPO, GRPO): a micro-step's forward and backward
+adding into the gradients of the earlier micro-steps, then the AdamW update; what
+``plan --compile`` traces."""
 ROLLOUT_GRAPHS = ("generation_prefill", "generation_decode_loop")
 
 
@@ -102,9 +108,13 @@ class PlaceholderSource(ModelSource):
 
     def optimizer(self, model):
         opt = super().optimizer(model)
-        # The moments stand for the parameters' shardings (AdamW allocates them so).
-        opt.exp_avg = [self.capture.placeholder_like(m, like=p) for m, p in zip(opt.exp_avg, opt.params)]
-        opt.exp_avg_sq = [self.capture.placeholder_like(m, like=p) for m, p in zip(opt.exp_avg_sq, opt.params)]
+        # The moments stand for the parameters' shardings (AdamW allocates them so), and so
+        # do the gradients a later micro-step adds into.
+        like = self.capture.placeholder_like
+        opt.exp_avg = [like(m, like=p) for m, p in zip(opt.exp_avg, opt.params)]
+        opt.exp_avg_sq = [like(m, like=p) for m, p in zip(opt.exp_avg_sq, opt.params)]
+        for p in opt.params:
+            p.grad = like(p)
         return opt
 
     def built(self) -> None:
@@ -115,12 +125,13 @@ class PlaceholderSource(ModelSource):
         self.capture.graphs.pop()
 
 
-def trainer_graphs(kind: str, cfg, mesh, source: ModelSource) -> dict[str, int]:
-    """Run the ``kind`` trainer's phases once as single graphs on ``mesh`` with models from
-    ``source``: the training step (:data:`TRAIN_GRAPH`) and, for PPO and GRPO, a rollout
-    (:data:`ROLLOUT_GRAPHS`). Returns the bytes each device holds outside the rollout's
-    graphs while it runs (gradients, optimizer state, value and frozen models), keyed
-    ``"generation"`` (PPO and GRPO only)."""
+def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = False) -> dict[str, int]:
+    """Run the ``kind`` trainer's phases once on ``mesh`` with models from ``source``: the
+    training step (one graph, :data:`TRAIN_GRAPH`; with ``split``, the trainers' micro-step
+    and update graphs, :data:`MICRO_GRAPH` and :data:`UPDATE_GRAPH`) and, for PPO and GRPO,
+    a rollout (:data:`ROLLOUT_GRAPHS`). Returns the bytes each device holds outside the
+    rollout's graphs while it runs (gradients, optimizer state, value and frozen models),
+    keyed ``"generation"`` (PPO and GRPO only)."""
     from torchxla_rlhf import losses, models, runtime
     from torchxla_rlhf.generation import Generator
 
@@ -149,10 +160,9 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource) -> dict[str, int]:
                     z = models.sequence_classifier_scores(policy, ids, mask)
             loss = -torch.nn.functional.logsigmoid(z.view(2, -1)[0] - z.view(2, -1)[1]).mean()
             loss.backward()
-            return opt.step()
+            return loss.detach() if split else opt.step()
 
-        runtime.compile(step, name=TRAIN_GRAPH)(batch["ids"], batch["mask"])
-        runtime.sync()
+        _train(step, [opt], split, batch)
         return outside
 
     pad = cfg.tokenizer_pad_token_id
@@ -181,7 +191,7 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource) -> dict[str, int]:
         adv = (score[:, None] - ref_lp).detach()
         loss = -(torch.exp(lp - lp.detach()) * adv).mean() + ((v.float() - adv) ** 2).mean()
         loss.backward()
-        return popt.step(), vopt.step()
+        return loss.detach() if split else (popt.step(), vopt.step())
 
     def grpo_step(ids, mask):
         # A group-relative advantage per row and, with beta > 0, the k3 KL to the reference.
@@ -195,11 +205,10 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource) -> dict[str, int]:
         if ref is not None:
             loss = loss + cfg.beta * losses.k3_kl(lp, ref_lp).mean()
         loss.backward()
-        return popt.step()
+        return loss.detach() if split else popt.step()
 
-    runtime.compile(ppo_step if kind == "ppo" else grpo_step, name=TRAIN_GRAPH)(
-        batch["ids"], batch["mask"])
-    runtime.sync()
+    _train(ppo_step if kind == "ppo" else grpo_step, [o for o in (popt, vopt) if o is not None],
+           split, batch)
     # The rollout graphs hold the policy only; everything else stays resident meanwhile.
     resident = [p.grad for m in (policy, value) if m is not None for p in m.parameters()
                 if p.grad is not None]
@@ -213,6 +222,19 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource) -> dict[str, int]:
         generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)
     runtime.sync()
     return outside
+
+
+def _train(step, optimizers: list, split: bool, batch: dict) -> None:
+    """The training step's graphs: ``step`` with its AdamW update in one graph, or (``split``)
+    the micro-step then the update, as the trainers compile them."""
+    from torchxla_rlhf import runtime
+
+    if not split:
+        runtime.compile(step, name=TRAIN_GRAPH)(batch["ids"], batch["mask"])
+    else:
+        runtime.compile(step, name=MICRO_GRAPH)(batch["ids"], batch["mask"])
+        runtime.compile(lambda: [o.step() for o in optimizers], name=UPDATE_GRAPH)()
+    runtime.sync()
 
 
 def trace(spec: dict) -> list[str]:
@@ -229,7 +251,8 @@ def trace(spec: dict) -> list[str]:
     os.makedirs(spec["out"], exist_ok=True)
     capture = GraphCapture(mesh)
     with capture:
-        trainer_graphs(cfg.trainer, cfg, mesh, PlaceholderSource(cfg, mesh, capture, shapes, spec["layers"]))
+        trainer_graphs(cfg.trainer, cfg, mesh, PlaceholderSource(cfg, mesh, capture, shapes, spec["layers"]),
+                       split=True)
     names = []
     for g in capture.graphs:
         if g.name in names:  # a graph launched twice is written once

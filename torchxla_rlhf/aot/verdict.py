@@ -203,25 +203,36 @@ def _collectives(r: dict) -> str:
 
 
 def outside_terms(p: Any, graph: str) -> list:
-    """The planner's persistent terms a graph does not take as arguments, though they stay on
-    the device while it runs: the rollout buffers beside the training step; beside the rollout's
-    graphs, everything but the policy's weights (optimizer state, value and frozen models)."""
-    if phase_of(graph) == "rollout":
+    """The planner's persistent terms a graph does not take as arguments though they stay on
+    the device while it runs: beside a micro-step, the AdamW moments; beside the update, the
+    frozen models; beside the rollout's graphs, everything but the policy's weights; and the
+    rollout buffers beside every training graph."""
+    if graph.startswith("generation"):
         return [t for t in p.persistent if t.name != "policy parameters"]
-    return [t for t in p.persistent if t.name == "rollout buffers"]
+    if graph == "train_micro_step":
+        keep = lambda t: t.name.endswith("AdamW moments")  # noqa: E731
+    elif graph == "train_update":
+        keep = lambda t: t.name.endswith("(frozen)")  # noqa: E731
+    else:
+        keep = lambda t: False  # noqa: E731
+    return [t for t in p.persistent if keep(t) or t.name == "rollout buffers"]
 
 
-def resident_outside(p: Any) -> dict[str, float]:
-    """Per graph name pattern: bytes resident outside it (:func:`outside_terms`)."""
-    return {name: sum(t.bytes for t in outside_terms(p, name))
-            for name in ("proxy_train", "generation_prefill", "generation_decode_loop")}
+def resident_outside(p: Any, graphs: Sequence[str]) -> dict[str, float]:
+    """Per graph: bytes resident outside it (:func:`outside_terms`)."""
+    return {name: sum(t.bytes for t in outside_terms(p, name)) for name in graphs}
+
+
+PHASES = {"train_micro_step": "train micro-step", "proxy_train": "train micro-step",
+          "train_update": "train update", "generation_prefill": "rollout prefill",
+          "generation_decode_loop": "rollout decode"}
+"""The planner's phase (XLA:TPU's plan: one a graph) of each traced graph."""
 
 
 def planned_graph_bytes(p: Any, graph: str) -> float:
-    """The planner's figure for what the compiled graph itself holds: its phase's peak less
-    what stays resident outside the graph."""
-    phase = phase_of(graph)
-    total = sum(t.bytes for t in p.persistent) + p.phase_total(phase)
+    """The planner's figure for what the compiled graph itself holds: the persistent state
+    and the graph's phase, less what stays resident outside the graph."""
+    total = sum(t.bytes for t in p.persistent) + p.phase_total(PHASES[graph])
     return total - sum(t.bytes for t in outside_terms(p, graph))
 
 
@@ -271,6 +282,3 @@ def verdict_line(verdicts: dict[str, GraphVerdict], resident: dict[str, float],
     return f"  TPU compiler verdict: {word} in {_gib(hbm_bytes)} per device{where}"
 
 
-def phase_of(graph: str) -> str:
-    """The planner's phase a graph belongs to."""
-    return "rollout" if graph.startswith("generation") else "train micro-step"

@@ -8,8 +8,8 @@ A trainer is three things:
   run puts on the mesh: :meth:`model_roles` (which models, trained or frozen, causal LM or
   classifier) and :meth:`batches` (the rows uploaded per step and how they must split);
 - its trainer class (a module in ``trainers/``), imported only when a run starts;
-- its memory terms: a function ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients) ->
-  memory_plan.Plan`` (``gradients``: how the compiler reduces them, see ``memory_plan``).
+- its memory terms: a function ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients, compiler)
+  -> memory_plan.Plan`` (``gradients``, ``compiler``: whose layout, see ``memory_plan``).
 
 Adding a trainer is one module in ``trainers/``, its config class, and one
 :func:`register` line below. Importing this module imports neither torch nor torch_xla.
@@ -63,7 +63,8 @@ class TrainerSpec:
     trainer: str
     """``module:Class`` of the trainer (imported only to run it)."""
     memory: Callable[..., Any]
-    """The trainer's memory terms: ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients) -> Plan``."""
+    """The trainer's memory terms: ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients, compiler)
+    -> Plan``."""
     summary: str
 
     @property
