@@ -363,13 +363,78 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
             f.write(data)
 
 
+LOCK_FIELDS = ("host", "pid", "run_id")
+"""What every ``run.lock`` this library writes holds (besides boot id and start time)."""
+
+
+def _require_directory(fs: fsspec.AbstractFileSystem, path: str, output_dir: str) -> None:
+    if fs.exists(path) and not fs.isdir(path):
+        raise OutputDirError(f"output_dir {output_dir}: exists and is not a directory (it is a "
+                             "file); choose a directory path")
+
+
+def read_lock(output_dir: str, *, wait_s: float = 1.0) -> dict[str, Any] | None:
+    """The holder recorded in ``output_dir``'s ``run.lock`` (None: no lock). A lock whose
+    content is not what :func:`acquire_lock` writes (empty after ``wait_s`` -- a write in
+    progress is given that long --, not JSON, not an object with host, pid and run id) is an
+    :class:`OutputDirError` saying so and how to clear it."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    lock = f"{path.rstrip('/')}/{LOCK_FILE}"
+    where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = fs.cat_file(lock)
+        except FileNotFoundError:
+            return None
+        if raw.strip() or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)  # created, content on its way
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        holder = None
+    if not (isinstance(holder, dict) and all(k in holder for k in LOCK_FIELDS)):
+        shown = raw[:60].decode("utf-8", "replace").strip() or "empty"
+        what = "is empty" if shown == "empty" else f"holds {shown!r}"
+        raise OutputDirError(
+            f"output_dir {output_dir}: {where} {what}, not a lock a run wrote (JSON with "
+            f"{', '.join(LOCK_FIELDS)}); if no run writes to {output_dir}, delete {where} and "
+            "rerun")
+    return holder
+
+
+def check_lock(output_dir: str, *, takeover_stale: bool) -> dict[str, Any] | None:
+    """Whether a run may take ``output_dir``'s lock, without taking it (what ``--check``
+    asks, and what :func:`acquire_lock` asks before each try): the stale holder it would take
+    over, or None when there is no lock; an :class:`OutputDirError` naming the holder when a
+    live run has it (or a dead one and not ``takeover_stale``), or when the lock is not one."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    _require_directory(fs, path, output_dir)
+    other = read_lock(output_dir)
+    if other is None:
+        return None
+    where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
+    if not _stale(other):
+        raise OutputDirError(
+            f"output_dir {output_dir} is in use by {_describe_holder(other)} ({where}); "
+            f"wait for it to finish or choose another output_dir")
+    if not takeover_stale:
+        raise OutputDirError(
+            f"output_dir {output_dir}: {where} was left by {_describe_holder(other)}, "
+            f"which is no longer running; if no other run writes there, delete {where} "
+            f"and rerun (or rerun with resume_from=auto to continue that run)")
+    return other
+
+
 def acquire_lock(output_dir: str, *, takeover_stale: bool) -> RunLock:
     """Take ``output_dir``'s ``run.lock`` for this process, creating the directory if needed;
-    an :class:`OutputDirError` naming the holder when another run has it.
+    an :class:`OutputDirError` naming the holder when another run has it (:func:`check_lock`).
 
     ``takeover_stale``: a lock whose process is gone (:func:`_stale`) is replaced with a warning
     (a relaunch with ``resume_from`` after a crash) instead of refused."""
     fs, path = fsspec.core.url_to_fs(output_dir)
+    _require_directory(fs, path, output_dir)
     created = not fs.exists(path)
     if created:
         _check_creatable(fs, path, output_dir)
@@ -378,33 +443,20 @@ def acquire_lock(output_dir: str, *, takeover_stale: bool) -> RunLock:
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": uuid.uuid4().hex[:12]}
     data = (json.dumps(holder) + "\n").encode()
-    for _ in range(2):
+    for _ in range(3):
         try:
             _create_exclusive(fs, lock, data)
             return RunLock(output_dir, holder, created)
         except FileExistsError:
-            try:
-                other = json.loads(fs.cat_file(lock))
-            except (FileNotFoundError, ValueError):  # released or being written right now
-                other = {}
-            if not other:
-                time.sleep(0.2)
-                continue
-            where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
-            if not _stale(other):
-                raise OutputDirError(
-                    f"output_dir {output_dir} is in use by {_describe_holder(other)} ({where}); "
-                    f"wait for it to finish or choose another output_dir") from None
-            if not takeover_stale:
-                raise OutputDirError(
-                    f"output_dir {output_dir}: {where} was left by {_describe_holder(other)}, "
-                    f"which is no longer running; if no other run writes there, delete {where} "
-                    f"and rerun (or rerun with resume_from=auto to continue that run)") from None
+            other = check_lock(output_dir, takeover_stale=takeover_stale)
+            if other is None:
+                continue  # released between our try and the read: try again
             logger.warning("output_dir %s: taking over the lock of %s, which is no longer "
                            "running", output_dir, _describe_holder(other))
             fs.rm_file(lock)
-    raise OutputDirError(f"output_dir {output_dir}: could not take {LOCK_FILE} (another run "
-                         f"is taking and releasing it); retry")
+    raise OutputDirError(f"output_dir {output_dir}: could not take {LOCK_FILE}: other runs "
+                         f"took and released it three times while this one tried; run one at "
+                         f"a time")
 
 
 def _check_creatable(fs: fsspec.AbstractFileSystem, path: str, output_dir: str) -> None:
