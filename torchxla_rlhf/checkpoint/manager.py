@@ -182,6 +182,8 @@ class CheckpointManager:
         """The minutes schedule in steps, once calibrated (the same on every host)."""
         self._marks: dict[int, float] = {}
         self._state_saved_at: int | None = None
+        self.last_state_path: str | None = None
+        """The checkpoint the last training state went to (what a resume starts from)."""
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -203,12 +205,13 @@ class CheckpointManager:
         for name in self.schedule.actions(step, last):
             path = self.path(name)
             self._save_dir(path, step, hf=True, with_state=self.save_training_state)
-            with_state |= self.save_training_state
+            if self.save_training_state:
+                with_state, self.last_state_path = True, path
             written.append(path)
         if not with_state and (preempted or self._state_due(step)):
             self._save_dir(self.state_latest, step, hf=False, with_state=True)
             written.append(self.state_latest)
-            with_state = True
+            with_state, self.last_state_path = True, self.state_latest
         if with_state:
             self._state_saved_at = step
             self._purge(step, written)

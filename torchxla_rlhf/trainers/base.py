@@ -419,7 +419,9 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
         if lock is not None:
             lock.release()
     if trainer.preempted_at is not None:
-        raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
+        # The checkpoint the stop saved: a save step's own export when it carried the state.
+        raise Preempted(trainer.preempted_at,
+                        trainer.checkpoints.last_state_path or trainer.checkpoints.state_latest)
     return metrics
 
 
