@@ -42,7 +42,7 @@ from typing import Any
 import fsspec
 import yaml
 
-from torchxla_rlhf.errors import OutputDirError
+from torchxla_rlhf.errors import OutputDirError, ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -226,13 +226,103 @@ def _changed_keys(previous_flat: dict[str, Any], current: dict[str, Any]) -> lis
     return [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
-def record_config(output_dir: str, cfg: Any, plan: str, step: int) -> None:
+WRITTEN_BY_FILE = "written_by.json"
+"""Beside a checkpoint's training state (``<checkpoint>/training_state/``): what wrote it."""
+WRITTEN_BY_FORMAT = "torchxla_rlhf.written_by/1"
+MODEL_KEYS = tuple(k for k in DATA_KEYS if k.startswith(("model.", "reward_model.", "value_model.")))
+"""Keys naming the models a run starts from: a resume from any directory must keep them."""
+
+
+def written_by(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint's training state records about the run that wrote it (plain JSON):
+    its trainer kind, config class, models (role, config key, head, trained) and resolved
+    config. A resume compares it with its own (:func:`check_resume_source`)."""
+    from torchxla_rlhf.config import to_dict
+
+    return {"format": WRITTEN_BY_FORMAT, "trainer": cfg.trainer, "config_class": type(cfg).__name__,
+            "models": _models(cfg), "config": to_dict(cfg)}
+
+
+def _models(cfg: Any) -> list[str]:
+    """The models a run trains (what its training state holds), as ``role (key, head)``."""
+    return [f"{r.role} ({r.key}, {r.head})" for r in cfg.model_roles() if r.trained]
+
+
+def read_written_by(checkpoint: str, state_dir: str = "training_state") -> dict[str, Any] | None:
+    """The :func:`written_by` record of ``checkpoint`` (flattened ``config``). A checkpoint
+    saved before the record existed answers with its run's ``config.yaml`` (plus
+    ``config_changes.jsonl``) when its directory has one; None when nothing says."""
+    root = checkpoint.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(f"{root}/{state_dir}/{WRITTEN_BY_FILE}")
+    if fs.exists(path):
+        try:
+            meta = json.loads(fs.cat_file(path))
+            if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
+                raise ValueError("not a written_by record")
+        except ValueError as e:
+            raise OutputDirError(f"{root}/{state_dir}/{WRITTEN_BY_FILE}: unreadable ({e}); the "
+                                 "checkpoint cannot say what wrote it") from None
+        return dict(meta, config=_flatten(meta["config"]))
+    run = root.rpartition("/")[0]
+    recorded = recorded_config(run) if run else None
+    if recorded is None:
+        return None
+    kind, flat = recorded
+    return {"trainer": flat.get("trainer") or kind, "config_class": kind, "models": None,
+            "config": flat}
+
+
+def _same_dir(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_resume_source(cfg: Any, checkpoint: str, output_dir: str) -> dict[str, list[Any]]:
+    """Refuse to resume ``cfg``'s run from ``checkpoint`` when another kind of trainer or other
+    models wrote it (one line naming both); the other config differences, ``{key: [the
+    checkpoint's, this run's]}``, when it comes from another directory (those inside
+    ``output_dir`` are :func:`check_output_dir`'s and :func:`record_config`'s). Reads JSON only."""
+    meta = read_written_by(checkpoint)
+    source = f"resume_from={cfg.resume_from}" + ("" if cfg.resume_from == checkpoint
+                                                  else f" ({checkpoint})")
+    weights_only = ("a resume continues the same trainer on the same models; to start from its "
+                    "weights instead, set model.name_or_path to an exported checkpoint of that "
+                    "run (its final/ or checkpoint-*/) and leave resume_from unset")
+    if meta is None:
+        logger.warning("%s: the checkpoint records no trainer or config (saved by an older "
+                       "version, outside a run directory): not compared with this run", source)
+        return {}
+    kind, own = meta.get("trainer"), cfg.trainer
+    if kind not in (own, type(cfg).__name__):
+        raise ResumeError(f"{source}: written by a {kind} run, this is a {own} run; {weights_only}")
+    if meta.get("models") is not None and meta["models"] != _models(cfg):
+        raise ResumeError(f"{source}: its run trained {'; '.join(meta['models'])}, this one "
+                          f"{'; '.join(_models(cfg))}; {weights_only}")
+    now = _flatten(written_by(cfg)["config"])
+    before = meta["config"]
+    for key in _changed_keys(before, written_by(cfg)["config"]):
+        if _matches(key, MODEL_KEYS):
+            raise ResumeError(
+                f"{source}: its run started from {key}={before.get(key, '<absent>')!r}, this "
+                f"config has {now.get(key, '<absent>')!r}; {weights_only}")
+    if _same_dir(checkpoint.rstrip("/").rpartition("/")[0], output_dir):
+        return {}
+    return {k: [before.get(k), now.get(k)] for k in _changed_keys(before, written_by(cfg)["config"])
+            if not _matches(k, ("resume_from",))}
+
+
+def record_config(output_dir: str, cfg: Any, plan: str, step: int,
+                  checkpoint_changes: dict[str, list[Any]] | None = None) -> None:
     """Write the run's record once it has passed its start-up checks (process 0 only).
 
     ``plan`` is :func:`check_output_dir`'s answer: ``"replace"`` first moves the old run's
     files aside; ``"resume"`` keeps ``config.yaml`` as the run started and appends the changed
     keys (``{"from_step": step, "changes": {key: [before, after]}}``) to ``config_changes.jsonl``;
-    otherwise ``config.yaml`` is written."""
+    otherwise ``config.yaml`` is written. ``checkpoint_changes``: a run resumed from another
+    directory's checkpoint (:func:`check_resume_source`) writes its ``config.yaml`` and appends
+    how it differs from the checkpoint's run the same way."""
     from torchxla_rlhf.config import save_config, to_dict
 
     root = output_dir.rstrip("/")
@@ -242,20 +332,26 @@ def record_config(output_dir: str, cfg: Any, plan: str, step: int) -> None:
         recorded = recorded_config(root)
         if recorded is not None:
             now = _flatten(to_dict(cfg))
-            changes = {k: [recorded[1].get(k), now.get(k)]
-                       for k in _changed_keys(recorded[1], to_dict(cfg))
-                       if not _matches(k, ("resume_from",))}
-            if changes:
-                for key, (before, after) in changes.items():
-                    logger.warning("resume: %s changes from %r to %r from step %d on (recorded "
-                                   "in %s)", key, before, after, step + 1, CHANGES_FILE)
-                fs, path = fsspec.core.url_to_fs(f"{root}/{CHANGES_FILE}")
-                previous = fs.cat_file(path) if fs.exists(path) else b""
-                row = json.dumps({"from_step": step + 1, "changes": changes}) + "\n"
-                with fs.open(path, "wb") as f:  # rewritten whole: gs:// cannot append
-                    f.write(previous + row.encode())
+            _append_changes(root, step, {k: [recorded[1].get(k), now.get(k)]
+                                         for k in _changed_keys(recorded[1], to_dict(cfg))
+                                         if not _matches(k, ("resume_from",))})
             return
     save_config(cfg, f"{root}/{CONFIG_FILE}")
+    if checkpoint_changes:
+        _append_changes(root, step, checkpoint_changes, f" of the checkpoint's run ({cfg.resume_from})")
+
+
+def _append_changes(root: str, step: int, changes: dict[str, list[Any]], source: str = "") -> None:
+    if not changes:
+        return
+    for key, (before, after) in changes.items():
+        logger.warning("resume: %s changes from %r%s to %r from step %d on (recorded in %s)",
+                       key, before, source, after, step + 1, CHANGES_FILE)
+    fs, path = fsspec.core.url_to_fs(f"{root}/{CHANGES_FILE}")
+    previous = fs.cat_file(path) if fs.exists(path) else b""
+    row = json.dumps({"from_step": step + 1, "changes": changes}) + "\n"
+    with fs.open(path, "wb") as f:  # rewritten whole: gs:// cannot append
+        f.write(previous + row.encode())
 
 
 def replace_run(output_dir: str) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 
 import torch
 
@@ -33,7 +34,8 @@ from torchxla_rlhf.data.rlvr import build_rlvr_prompts
 from torchxla_rlhf.generation import Generator
 from torchxla_rlhf.losses import grpo_policy_loss, rloo_policy_loss
 from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.rewards import call_reward_function, format_reward, resolve_verifier
+from torchxla_rlhf.rewards import (RewardFunctionError, call_reward_function, format_reward,
+                                   resolve_verifier)
 from torchxla_rlhf.rl import (
     apply_eos_penalty,
     group_advantages,
@@ -45,6 +47,46 @@ from torchxla_rlhf.trainers.base import make_loader
 from torchxla_rlhf.trainers.ppo import PPOTrainer
 
 logger = logging.getLogger(__name__)
+
+
+def _import_verifier(spec: str):
+    """:func:`resolve_verifier`, with a module that fails while it is imported (a syntax
+    error, an exception in its code) reported as one line naming its file and line."""
+    try:
+        return resolve_verifier(spec)
+    except RewardFunctionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module ran and failed
+        if isinstance(e, SyntaxError):
+            what = f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            what = f"{frame.filename}:{frame.lineno}: {type(e).__name__}: {e}"
+        raise RewardFunctionError(f"rewards.verifier: importing the module of {spec!r} failed "
+                                  f"({what}); fix the module or the spec") from e
+
+
+def _record(dataset, i: int) -> dict:
+    """What a reward function gets of example ``i``: its record's fields and origin."""
+    return {**(dataset.fields[i] or {}), "origin": dataset.origins[i]}
+
+
+def _call_reward_functions(cfg, verifier, completions: list[str], records: list[dict]
+                           ) -> tuple[torch.Tensor, dict]:
+    """``[N]`` float32 rewards of the verifier and format terms (``cfg``: the ``rewards``
+    section), and their means."""
+    total = torch.zeros(len(completions), dtype=torch.float32)
+    metrics: dict = {}
+    if verifier is not None and cfg.verifier_weight:
+        values = torch.tensor(call_reward_function(cfg.verifier, verifier, completions, records),
+                              dtype=torch.float32)
+        total += cfg.verifier_weight * values
+        metrics["rewards/verifier_mean"] = float(values.mean())
+    if cfg.format_weight:
+        values = torch.tensor(format_reward(completions, records), dtype=torch.float32)
+        total += cfg.format_weight * values
+        metrics["rewards/format_mean"] = float(values.mean())
+    return total, metrics
 
 
 class GRPOTrainer(PPOTrainer):
@@ -68,12 +110,26 @@ class GRPOTrainer(PPOTrainer):
         return train, held_out
 
     @classmethod
+    def _task(cls, cfg, tokenizer):
+        """The datasets and the verifier, checked before any weights load (``--check`` runs
+        this, :meth:`build` uses what it returns): the data read and validated, the verifier
+        imported and every reward function called on the first record of each dataset."""
+        train, held_out = cls._datasets(cfg, tokenizer)
+        verifier = _import_verifier(cfg.rewards.verifier) if cfg.rewards.verifier else None
+        for dataset in (train, held_out):
+            if dataset is not None and len(dataset):
+                # An empty completion: what a rollout that stops at once hands the functions.
+                _call_reward_functions(cfg.rewards, verifier, [""], [_record(dataset, 0)])
+        return train, held_out, verifier
+
+    @classmethod
     def check_data(cls, cfg, tokenizer) -> None:
-        cls._datasets(cfg, tokenizer)
+        cls._task(cfg, tokenizer)
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
-        self.prompts, self.eval_prompts = self._datasets(cfg, tok)
+        # Resolved before any weights load: an unknown function fails in seconds.
+        self.prompts, self.eval_prompts, self.verifier = self._task(cfg, tok)
         self.data_reports = {"train": self.prompts.report}
         if self.eval_prompts is not None:
             self.data_reports["eval"] = self.eval_prompts.report
@@ -88,8 +144,6 @@ class GRPOTrainer(PPOTrainer):
             logger.warning("importance_sampling_level=sequence with loss_type=%s sums per-token "
                            "terms, weighting each sequence by its length; GSPO's objective is "
                            "loss_type=grpo", cfg.loss_type)
-        # Resolved before any weights load: an unknown function fails in seconds.
-        self.verifier = resolve_verifier(cfg.rewards.verifier) if cfg.rewards.verifier else None
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
         self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
@@ -148,21 +202,9 @@ class GRPOTrainer(PPOTrainer):
 
     def _host_rewards(self, dataset, completions: list[str], index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``[N]`` float32 rewards of the verifier and format terms, and their metrics."""
-        cfg = self.cfg.rewards
-        records = [{**(dataset.fields[int(i)] or {}), "origin": dataset.origins[int(i)]}
-                   for i in index.tolist()]
-        total = torch.zeros(len(completions), dtype=torch.float32)
-        metrics: dict = {}
+        records = [_record(dataset, int(i)) for i in index.tolist()]
         t0 = time.perf_counter()
-        if self.verifier is not None and cfg.verifier_weight:
-            values = torch.tensor(call_reward_function(cfg.verifier, self.verifier, completions,
-                                                       records), dtype=torch.float32)
-            total += cfg.verifier_weight * values
-            metrics["rewards/verifier_mean"] = float(values.mean())
-        if cfg.format_weight:
-            values = torch.tensor(format_reward(completions, records), dtype=torch.float32)
-            total += cfg.format_weight * values
-            metrics["rewards/format_mean"] = float(values.mean())
+        total, metrics = _call_reward_functions(self.cfg.rewards, self.verifier, completions, records)
         metrics["time/reward_fn_s"] = time.perf_counter() - t0
         return total, metrics
 
