@@ -23,6 +23,24 @@ CONFIGS = f"{REPO}/configs/tiny"
 DATA = f"{REPO}/data/tiny"
 
 
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """The entry point configures console logging (``logging.basicConfig(force=True)``) on
+    the stderr pytest captures for this test; put the root logger back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
 def args(kind: str, out, *extra: str) -> list[str]:
     data = {"grpo": ("rlvr_train", "rlvr_eval"), "dpo": ("preference_train", "preference_eval"),
             "reward": ("preference_train", "preference_eval")}[kind]

@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from helpers import REPO, read_metrics
-from test_check_agrees import args, both_refuse, entry, files
+from test_check_agrees import args, both_refuse, entry, files, root_logging_restored  # noqa: F401
 from torchxla_rlhf.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 COMMON = ["eval_dataset=null", "save_training_state=true", "save_model_freq=0"]
@@ -30,12 +30,19 @@ def dpo_args(out, *extra):
 def dpo_final(tmp_path_factory):
     """A DPO run of 2 steps; its ``final`` holds the training state."""
     out = tmp_path_factory.mktemp("dpo") / "run"
+    import logging
+
     from torchxla_rlhf.__main__ import main
 
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         code = main(dpo_args(out, "total_steps=2"))
     except SystemExit as e:
         code = e.code
+    finally:  # the entry point configured console logging: put it back
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert code in (0, None)
     return out / "final"
 
