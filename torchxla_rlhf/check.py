@@ -87,7 +87,7 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         what = {"new": "new", "same": "holds this run", "resume": "resumes its run",
                 "replace": "its files move aside once the run starts"}[plan]
         return (f"{cfg.output_dir}: {what}"
-                + (f"; a resume takes over the lock its stopped run left" if stale else ""))
+                + ("; a resume takes over the lock its stopped run left" if stale else ""))
 
     def resume(results: dict) -> str:
         from torchxla_rlhf.checkpoint.manager import resume_source

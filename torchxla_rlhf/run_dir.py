@@ -300,17 +300,17 @@ def check_resume_source(cfg: Any, checkpoint: str, output_dir: str) -> dict[str,
     if meta.get("models") is not None and meta["models"] != _models(cfg):
         raise ResumeError(f"{source}: its run trained {'; '.join(meta['models'])}, this one "
                           f"{'; '.join(_models(cfg))}; {weights_only}")
-    now = _flatten(written_by(cfg)["config"])
-    before = meta["config"]
-    for key in _changed_keys(before, written_by(cfg)["config"]):
+    tree = written_by(cfg)["config"]
+    now, before = _flatten(tree), meta["config"]
+    changed = _changed_keys(before, tree)
+    for key in changed:
         if _matches(key, MODEL_KEYS):
             raise ResumeError(
                 f"{source}: its run started from {key}={before.get(key, '<absent>')!r}, this "
                 f"config has {now.get(key, '<absent>')!r}; {weights_only}")
     if _same_dir(checkpoint.rstrip("/").rpartition("/")[0], output_dir):
         return {}
-    return {k: [before.get(k), now.get(k)] for k in _changed_keys(before, written_by(cfg)["config"])
-            if not _matches(k, ("resume_from",))}
+    return {k: [before.get(k), now.get(k)] for k in changed if not _matches(k, ("resume_from",))}
 
 
 def record_config(output_dir: str, cfg: Any, plan: str, step: int,
