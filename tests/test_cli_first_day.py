@@ -190,7 +190,7 @@ def test_check_on_the_tiny_configs(path, tmp_path, capsys, monkeypatch):
             extra += ["model.tiny.vocab_size=32000", "reward_model.tiny.vocab_size=32000"]
     code, out = _check(kind, path, tmp_path, capsys, *extra)
     assert code == 0, out
-    for name in ("config", "remote paths", "output_dir", "logging", "model config", "data",
+    for name in ("config", "remote paths", "output_dir", "resume_from", "logging", "model config", "data",
                  "mesh", "memory plan"):
         assert f"\n{name}: ok: " in "\n" + out, (name, out)
     assert "train_dataset: read " in out  # the data report

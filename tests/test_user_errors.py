@@ -83,6 +83,14 @@ def test_prompt_build_reports_truncated_kept(tok, caplog):
     assert ds.report.truncated_kept == 1 and ds.report.kept == 2
     assert any("kept their last 40 tokens" in r.getMessage() for r in caplog.records)
     assert any("read 2, kept 2 (1 truncated" in r.getMessage() for r in caplog.records)
+    # The sample tables log what the model saw: the kept end, marked as cut, not the record.
+    from torchxla_rlhf.data.prompts import TRUNCATED_MARK
+
+    assert not ds.texts[0].startswith(TRUNCATED_MARK)
+    seen = ds.texts[1]
+    assert seen.startswith(TRUNCATED_MARK) and "y" * 80 not in seen
+    shown = seen[len(TRUNCATED_MARK):]
+    assert tok(shown, add_special_tokens=False)["input_ids"] == ds.prompts.sequence(1).tolist()
 
 
 def test_max_dropped_fraction_is_validated():

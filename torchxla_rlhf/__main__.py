@@ -240,6 +240,21 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
+def _positive(kind: type, what: str):
+    """An argparse ``type``: a finite number > 0 of ``kind`` (a usage error otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
 def plan_main(argv: list[str]) -> int:
     """``plan``: the pre-flight a trainer runs at start-up (mesh, weight splits, batch rows,
     the per-device memory plan), without a device. The trainer is the one the config declares
@@ -254,9 +269,9 @@ def plan_main(argv: list[str]) -> int:
                         help="a trainer config: a file, a URL, or a shipped name (ppo_13b.yaml)")
     parser.add_argument("--tpu", help="TPU type (v3-128, v3-256, v4-64, v5p-32, ...): sets the "
                         "devices, hosts and memory per device as PJRT sees them")
-    parser.add_argument("--devices", type=int, default=None,
+    parser.add_argument("--devices", type=_positive(int, "a whole number of devices >= 1"), default=None,
                         help="device count (default: --tpu's, else mesh_dim's product when fixed)")
-    parser.add_argument("--hbm-gib", type=float, default=None,
+    parser.add_argument("--hbm-gib", type=_positive(float, "a finite number of GiB > 0"), default=None,
                         help="memory per device, GiB (default: --tpu's)")
     parser.add_argument("--compile", action="store_true",
                         help="with --tpu: also ask the TPU compiler (libtpu's compile-only client, "

@@ -46,13 +46,23 @@ def check_devices(cfg: Any, devices: int | None) -> tuple[int | None, str]:
     return None, ""
 
 
+BEFORE_DEVICE = ("remote paths", "output_dir", "resume_from", "logging")
+"""The entries of :func:`startup_checks` a run executes, through this list, in its set-up
+before the runtime starts (:func:`torchxla_rlhf.trainers.base.setup_run`). The others call
+what the run calls at its own moment: ``model config``, ``mesh`` and ``memory plan`` the
+pre-flight (:func:`~torchxla_rlhf.preflight.checks.check_run`, which the run calls with the
+runtime's device count), ``data`` the trainer's :meth:`check_data` (which its ``build``
+calls to get its datasets and reward functions)."""
+
+
 def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
                    ) -> list[tuple[str, Callable[[dict], str]]]:
     """The device-free start-up checks of a trainer config, in order: ``(name, fn)`` pairs
     where ``fn(results)`` returns a one-line detail or raises a user error; ``results`` holds
-    what earlier checks produced (``shapes``); ``say`` prints the longer reports. The one
-    place that knows which start-up code to call (the pre-flight package, the trainer's data
-    check, the run directory and remote probes)."""
+    what earlier checks produced (``shapes``, ``dir_plan``, ``resume_path``...); ``say`` prints
+    the longer reports. The one list of what a run checks before its first step short of
+    loading weights and touching devices: ``--check`` runs all of it, a run's set-up the
+    :data:`BEFORE_DEVICE` part (and the rest where it says)."""
     from torchxla_rlhf.config import to_dict
 
     n, n_from = check_devices(cfg, devices)
@@ -64,12 +74,33 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         check_remote_paths(cfg, cfg.remote_timeout_s)
         return f"{len(urls)} remote URL(s) answer" if urls else "no remote URLs"
 
-    def output_dir(_: dict) -> str:
-        from torchxla_rlhf.run_dir import check_output_dir
+    def output_dir(results: dict) -> str:
+        from torchxla_rlhf.run_dir import check_lock, check_output_dir
 
-        check_output_dir(cfg.output_dir.rstrip("/"), type(cfg).__name__, to_dict(cfg),
-                         resume=bool(cfg.resume_from), overwrite=cfg.overwrite_output_dir)
-        return f"{cfg.output_dir} is this run's to write"
+        out = cfg.output_dir.rstrip("/")
+        # The lock first (a run has taken it already, through the same check): in use?
+        stale = None if results.get("lock_taken") else check_lock(
+            out, takeover_stale=bool(cfg.resume_from))
+        results["dir_plan"] = plan = check_output_dir(
+            out, type(cfg).__name__, to_dict(cfg), resume=bool(cfg.resume_from),
+            overwrite=cfg.overwrite_output_dir)
+        what = {"new": "new", "same": "holds this run", "resume": "resumes its run",
+                "replace": "its files move aside once the run starts"}[plan]
+        return (f"{cfg.output_dir}: {what}"
+                + ("; a resume takes over the lock its stopped run left" if stale else ""))
+
+    def resume(results: dict) -> str:
+        from torchxla_rlhf.checkpoint.manager import resume_source
+        from torchxla_rlhf.run_dir import check_resume_source
+
+        results["resume_path"] = path = resume_source(cfg)
+        results["resume_changes"] = {}
+        if path is None:
+            return "no resume_from" if not cfg.resume_from else "nothing to resume: starts fresh"
+        results["resume_changes"] = changes = check_resume_source(cfg, path, cfg.output_dir)
+        return (f"{path}: written by this trainer with these models"
+                + (f"; {len(changes)} other key(s) differ, recorded in config_changes.jsonl"
+                   if changes else ""))
 
     def logging_(_: dict) -> str:
         from torchxla_rlhf.tracking import METRICS_FILE, destination_line, wandb_settings
@@ -118,9 +149,21 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         return (f"peak {p.peak / 2**30:.2f} GiB per device ({p.peak_phase}); compare with the "
                 "device's memory (python -m torchxla_rlhf plan --tpu TYPE gives a verdict)")
 
-    return [("remote paths", remote), ("output_dir", output_dir), ("logging", logging_),
-            ("model config", model_configs), ("data", data), ("mesh", mesh),
-            ("memory plan", memory)]
+    return [("remote paths", remote), ("output_dir", output_dir), ("resume_from", resume),
+            ("logging", logging_), ("model config", model_configs), ("data", data),
+            ("mesh", mesh), ("memory plan", memory)]
+
+
+def before_device(cfg: Any) -> dict:
+    """A run's set-up: the :data:`BEFORE_DEVICE` entries of :func:`startup_checks`, in order,
+    the first failure raised (nothing is written); returns their results (``dir_plan``,
+    ``resume_path``, ``resume_changes``). The lock is not looked at: process 0 took it
+    before (:func:`~torchxla_rlhf.run_dir.acquire_lock`, which runs the same check)."""
+    results: dict = {"lock_taken": True}
+    for name, fn in startup_checks(cfg, None, logger.info):
+        if name in BEFORE_DEVICE:
+            fn(results)
+    return results
 
 
 class _Skip(Exception):

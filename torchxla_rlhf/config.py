@@ -415,18 +415,36 @@ def _parse_yaml(text: str, path: str, origins: dict[str, str]) -> Any:
         loader.dispose()
 
 
-def _collect_lines(node: yaml.Node, prefix: str, path: str, origins: dict[str, str]) -> None:
+def _collect_lines(node: yaml.Node, prefix: str, path: str, origins: dict[str, str],
+                   open_nodes: tuple[int, ...] = ()) -> None:
+    """Record the ``file:line`` of every key under ``node``; refuse what a config cannot be:
+    a key that is not a plain scalar (a sequence or mapping as a key) and an alias inside the
+    node it names (a recursive structure, which no config key takes)."""
+    if id(node) in open_nodes:
+        raise ConfigError(f"'{prefix or '<top level>'}': an alias refers to a node that contains "
+                          "it (a recursive structure); write the value out instead",
+                          key=prefix or None, where=f"{path}:{node.start_mark.line + 1}")
+    open_nodes = (*open_nodes, id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _collect_lines(item, prefix, path, {}, open_nodes)
+        return
     if not isinstance(node, yaml.MappingNode):
         return
     seen: dict[str, int] = {}
     for k, v in node.value:
-        key, line = _join(prefix, k.value), k.start_mark.line + 1
+        line = k.start_mark.line + 1
+        if not isinstance(k, yaml.ScalarNode):
+            what = "a sequence" if isinstance(k, yaml.SequenceNode) else "a mapping"
+            raise ConfigError(f"a key {f'under {prefix!r} ' if prefix else ''}is {what}; "
+                              "keys must be plain names", key=prefix or None, where=f"{path}:{line}")
+        key = _join(prefix, k.value)
         if k.value in seen:
             raise ConfigError(f"duplicate key '{key}' (first set at line {seen[k.value]})",
                               key=key, where=f"{path}:{line}")
         seen[k.value] = line
         origins[key] = f"{path}:{line}"
-        _collect_lines(v, key, path, origins)
+        _collect_lines(v, key, path, origins, open_nodes)
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -42,7 +42,7 @@ from typing import Any
 import fsspec
 import yaml
 
-from torchxla_rlhf.errors import OutputDirError
+from torchxla_rlhf.errors import OutputDirError, ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -226,13 +226,103 @@ def _changed_keys(previous_flat: dict[str, Any], current: dict[str, Any]) -> lis
     return [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
-def record_config(output_dir: str, cfg: Any, plan: str, step: int) -> None:
+WRITTEN_BY_FILE = "written_by.json"
+"""Beside a checkpoint's training state (``<checkpoint>/training_state/``): what wrote it."""
+WRITTEN_BY_FORMAT = "torchxla_rlhf.written_by/1"
+MODEL_KEYS = tuple(k for k in DATA_KEYS if k.startswith(("model.", "reward_model.", "value_model.")))
+"""Keys naming the models a run starts from: a resume from any directory must keep them."""
+
+
+def written_by(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint's training state records about the run that wrote it (plain JSON):
+    its trainer kind, config class, models (role, config key, head, trained) and resolved
+    config. A resume compares it with its own (:func:`check_resume_source`)."""
+    from torchxla_rlhf.config import to_dict
+
+    return {"format": WRITTEN_BY_FORMAT, "trainer": cfg.trainer, "config_class": type(cfg).__name__,
+            "models": _models(cfg), "config": to_dict(cfg)}
+
+
+def _models(cfg: Any) -> list[str]:
+    """The models a run trains (what its training state holds), as ``role (key, head)``."""
+    return [f"{r.role} ({r.key}, {r.head})" for r in cfg.model_roles() if r.trained]
+
+
+def read_written_by(checkpoint: str, state_dir: str = "training_state") -> dict[str, Any] | None:
+    """The :func:`written_by` record of ``checkpoint`` (flattened ``config``). A checkpoint
+    saved before the record existed answers with its run's ``config.yaml`` (plus
+    ``config_changes.jsonl``) when its directory has one; None when nothing says."""
+    root = checkpoint.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(f"{root}/{state_dir}/{WRITTEN_BY_FILE}")
+    if fs.exists(path):
+        try:
+            meta = json.loads(fs.cat_file(path))
+            if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
+                raise ValueError("not a written_by record")
+        except ValueError as e:
+            raise OutputDirError(f"{root}/{state_dir}/{WRITTEN_BY_FILE}: unreadable ({e}); the "
+                                 "checkpoint cannot say what wrote it") from None
+        return dict(meta, config=_flatten(meta["config"]))
+    run = root.rpartition("/")[0]
+    recorded = recorded_config(run) if run else None
+    if recorded is None:
+        return None
+    kind, flat = recorded
+    return {"trainer": flat.get("trainer") or kind, "config_class": kind, "models": None,
+            "config": flat}
+
+
+def _same_dir(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_resume_source(cfg: Any, checkpoint: str, output_dir: str) -> dict[str, list[Any]]:
+    """Refuse to resume ``cfg``'s run from ``checkpoint`` when another kind of trainer or other
+    models wrote it (one line naming both); the other config differences, ``{key: [the
+    checkpoint's, this run's]}``, when it comes from another directory (those inside
+    ``output_dir`` are :func:`check_output_dir`'s and :func:`record_config`'s). Reads JSON only."""
+    meta = read_written_by(checkpoint)
+    source = f"resume_from={cfg.resume_from}" + ("" if cfg.resume_from == checkpoint
+                                                  else f" ({checkpoint})")
+    weights_only = ("a resume continues the same trainer on the same models; to start from its "
+                    "weights instead, set model.name_or_path to an exported checkpoint of that "
+                    "run (its final/ or checkpoint-*/) and leave resume_from unset")
+    if meta is None:
+        logger.warning("%s: the checkpoint records no trainer or config (saved by an older "
+                       "version, outside a run directory): not compared with this run", source)
+        return {}
+    kind, own = meta.get("trainer"), cfg.trainer
+    if kind not in (own, type(cfg).__name__):
+        raise ResumeError(f"{source}: written by a {kind} run, this is a {own} run; {weights_only}")
+    if meta.get("models") is not None and meta["models"] != _models(cfg):
+        raise ResumeError(f"{source}: its run trained {'; '.join(meta['models'])}, this one "
+                          f"{'; '.join(_models(cfg))}; {weights_only}")
+    tree = written_by(cfg)["config"]
+    now, before = _flatten(tree), meta["config"]
+    changed = _changed_keys(before, tree)
+    for key in changed:
+        if _matches(key, MODEL_KEYS):
+            raise ResumeError(
+                f"{source}: its run started from {key}={before.get(key, '<absent>')!r}, this "
+                f"config has {now.get(key, '<absent>')!r}; {weights_only}")
+    if _same_dir(checkpoint.rstrip("/").rpartition("/")[0], output_dir):
+        return {}
+    return {k: [before.get(k), now.get(k)] for k in changed if not _matches(k, ("resume_from",))}
+
+
+def record_config(output_dir: str, cfg: Any, plan: str, step: int,
+                  checkpoint_changes: dict[str, list[Any]] | None = None) -> None:
     """Write the run's record once it has passed its start-up checks (process 0 only).
 
     ``plan`` is :func:`check_output_dir`'s answer: ``"replace"`` first moves the old run's
     files aside; ``"resume"`` keeps ``config.yaml`` as the run started and appends the changed
     keys (``{"from_step": step, "changes": {key: [before, after]}}``) to ``config_changes.jsonl``;
-    otherwise ``config.yaml`` is written."""
+    otherwise ``config.yaml`` is written. ``checkpoint_changes``: a run resumed from another
+    directory's checkpoint (:func:`check_resume_source`) writes its ``config.yaml`` and appends
+    how it differs from the checkpoint's run the same way."""
     from torchxla_rlhf.config import save_config, to_dict
 
     root = output_dir.rstrip("/")
@@ -242,20 +332,26 @@ def record_config(output_dir: str, cfg: Any, plan: str, step: int) -> None:
         recorded = recorded_config(root)
         if recorded is not None:
             now = _flatten(to_dict(cfg))
-            changes = {k: [recorded[1].get(k), now.get(k)]
-                       for k in _changed_keys(recorded[1], to_dict(cfg))
-                       if not _matches(k, ("resume_from",))}
-            if changes:
-                for key, (before, after) in changes.items():
-                    logger.warning("resume: %s changes from %r to %r from step %d on (recorded "
-                                   "in %s)", key, before, after, step + 1, CHANGES_FILE)
-                fs, path = fsspec.core.url_to_fs(f"{root}/{CHANGES_FILE}")
-                previous = fs.cat_file(path) if fs.exists(path) else b""
-                row = json.dumps({"from_step": step + 1, "changes": changes}) + "\n"
-                with fs.open(path, "wb") as f:  # rewritten whole: gs:// cannot append
-                    f.write(previous + row.encode())
+            _append_changes(root, step, {k: [recorded[1].get(k), now.get(k)]
+                                         for k in _changed_keys(recorded[1], to_dict(cfg))
+                                         if not _matches(k, ("resume_from",))})
             return
     save_config(cfg, f"{root}/{CONFIG_FILE}")
+    if checkpoint_changes:
+        _append_changes(root, step, checkpoint_changes, f" of the checkpoint's run ({cfg.resume_from})")
+
+
+def _append_changes(root: str, step: int, changes: dict[str, list[Any]], source: str = "") -> None:
+    if not changes:
+        return
+    for key, (before, after) in changes.items():
+        logger.warning("resume: %s changes from %r%s to %r from step %d on (recorded in %s)",
+                       key, before, source, after, step + 1, CHANGES_FILE)
+    fs, path = fsspec.core.url_to_fs(f"{root}/{CHANGES_FILE}")
+    previous = fs.cat_file(path) if fs.exists(path) else b""
+    row = json.dumps({"from_step": step + 1, "changes": changes}) + "\n"
+    with fs.open(path, "wb") as f:  # rewritten whole: gs:// cannot append
+        f.write(previous + row.encode())
 
 
 def replace_run(output_dir: str) -> str | None:
@@ -363,13 +459,78 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
             f.write(data)
 
 
+LOCK_FIELDS = ("host", "pid", "run_id")
+"""What every ``run.lock`` this library writes holds (besides boot id and start time)."""
+
+
+def _require_directory(fs: fsspec.AbstractFileSystem, path: str, output_dir: str) -> None:
+    if fs.exists(path) and not fs.isdir(path):
+        raise OutputDirError(f"output_dir {output_dir}: exists and is not a directory (it is a "
+                             "file); choose a directory path")
+
+
+def read_lock(output_dir: str, *, wait_s: float = 1.0) -> dict[str, Any] | None:
+    """The holder recorded in ``output_dir``'s ``run.lock`` (None: no lock). A lock whose
+    content is not what :func:`acquire_lock` writes (empty after ``wait_s`` -- a write in
+    progress is given that long --, not JSON, not an object with host, pid and run id) is an
+    :class:`OutputDirError` saying so and how to clear it."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    lock = f"{path.rstrip('/')}/{LOCK_FILE}"
+    where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = fs.cat_file(lock)
+        except FileNotFoundError:
+            return None
+        if raw.strip() or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)  # created, content on its way
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        holder = None
+    if not (isinstance(holder, dict) and all(k in holder for k in LOCK_FIELDS)):
+        shown = raw[:60].decode("utf-8", "replace").strip() or "empty"
+        what = "is empty" if shown == "empty" else f"holds {shown!r}"
+        raise OutputDirError(
+            f"output_dir {output_dir}: {where} {what}, not a lock a run wrote (JSON with "
+            f"{', '.join(LOCK_FIELDS)}); if no run writes to {output_dir}, delete {where} and "
+            "rerun")
+    return holder
+
+
+def check_lock(output_dir: str, *, takeover_stale: bool) -> dict[str, Any] | None:
+    """Whether a run may take ``output_dir``'s lock, without taking it (what ``--check``
+    asks, and what :func:`acquire_lock` asks before each try): the stale holder it would take
+    over, or None when there is no lock; an :class:`OutputDirError` naming the holder when a
+    live run has it (or a dead one and not ``takeover_stale``), or when the lock is not one."""
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    _require_directory(fs, path, output_dir)
+    other = read_lock(output_dir)
+    if other is None:
+        return None
+    where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
+    if not _stale(other):
+        raise OutputDirError(
+            f"output_dir {output_dir} is in use by {_describe_holder(other)} ({where}); "
+            f"wait for it to finish or choose another output_dir")
+    if not takeover_stale:
+        raise OutputDirError(
+            f"output_dir {output_dir}: {where} was left by {_describe_holder(other)}, "
+            f"which is no longer running; if no other run writes there, delete {where} "
+            f"and rerun (or rerun with resume_from=auto to continue that run)")
+    return other
+
+
 def acquire_lock(output_dir: str, *, takeover_stale: bool) -> RunLock:
     """Take ``output_dir``'s ``run.lock`` for this process, creating the directory if needed;
-    an :class:`OutputDirError` naming the holder when another run has it.
+    an :class:`OutputDirError` naming the holder when another run has it (:func:`check_lock`).
 
     ``takeover_stale``: a lock whose process is gone (:func:`_stale`) is replaced with a warning
     (a relaunch with ``resume_from`` after a crash) instead of refused."""
     fs, path = fsspec.core.url_to_fs(output_dir)
+    _require_directory(fs, path, output_dir)
     created = not fs.exists(path)
     if created:
         _check_creatable(fs, path, output_dir)
@@ -378,33 +539,20 @@ def acquire_lock(output_dir: str, *, takeover_stale: bool) -> RunLock:
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": uuid.uuid4().hex[:12]}
     data = (json.dumps(holder) + "\n").encode()
-    for _ in range(2):
+    for _ in range(3):
         try:
             _create_exclusive(fs, lock, data)
             return RunLock(output_dir, holder, created)
         except FileExistsError:
-            try:
-                other = json.loads(fs.cat_file(lock))
-            except (FileNotFoundError, ValueError):  # released or being written right now
-                other = {}
-            if not other:
-                time.sleep(0.2)
-                continue
-            where = f"{output_dir.rstrip('/')}/{LOCK_FILE}"
-            if not _stale(other):
-                raise OutputDirError(
-                    f"output_dir {output_dir} is in use by {_describe_holder(other)} ({where}); "
-                    f"wait for it to finish or choose another output_dir") from None
-            if not takeover_stale:
-                raise OutputDirError(
-                    f"output_dir {output_dir}: {where} was left by {_describe_holder(other)}, "
-                    f"which is no longer running; if no other run writes there, delete {where} "
-                    f"and rerun (or rerun with resume_from=auto to continue that run)") from None
+            other = check_lock(output_dir, takeover_stale=takeover_stale)
+            if other is None:
+                continue  # released between our try and the read: try again
             logger.warning("output_dir %s: taking over the lock of %s, which is no longer "
                            "running", output_dir, _describe_holder(other))
             fs.rm_file(lock)
-    raise OutputDirError(f"output_dir {output_dir}: could not take {LOCK_FILE} (another run "
-                         f"is taking and releasing it); retry")
+    raise OutputDirError(f"output_dir {output_dir}: could not take {LOCK_FILE}: other runs "
+                         f"took and released it three times while this one tried; run one at "
+                         f"a time")
 
 
 def _check_creatable(fs: fsspec.AbstractFileSystem, path: str, output_dir: str) -> None:

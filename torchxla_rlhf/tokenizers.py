@@ -385,6 +385,11 @@ def with_sentencepiece_legacy(
     return _wrap_backend(Tokenizer.from_str(json.dumps(spec)), tok.name_or_path, tok.bos_token, **_settings_of(tok))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+"""Files one of which a local tokenizer directory holds (fast, SentencePiece, BPE/WordPiece)."""
+
+
 def _looks_like_local_path(name: str) -> bool:
     """True when ``name`` cannot be a hub id ("name" or "owner/name"), so it must be a path."""
     return name.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(name)
@@ -399,6 +404,14 @@ def _from_pretrained(name_or_path: str, token: str | None, sentencepiece_legacy:
             f"tokenizer: '{name_or_path}' is not an existing local path and not a hub id "
             "(expected 'tiny', a directory with tokenizer files, or 'owner/name')"
         )
+    if os.path.isdir(expanded) and not any(os.path.exists(os.path.join(expanded, f))
+                                           for f in TOKENIZER_FILES):
+        present = sorted(os.listdir(expanded))
+        raise FileNotFoundError(
+            f"tokenizer: directory '{name_or_path}' holds no tokenizer files (expected one of "
+            f"{', '.join(TOKENIZER_FILES)}; it holds {', '.join(present[:6]) or 'nothing'}"
+            f"{', ...' if len(present) > 6 else ''}); set tokenizer to the directory or hub id "
+            "of the model's tokenizer")
     proto = _bare_sentencepiece_bpe(expanded)
     if proto is not None:
         piece = {i: p.piece for i, p in enumerate(proto.pieces)}
@@ -416,6 +429,9 @@ def _from_pretrained(name_or_path: str, token: str | None, sentencepiece_legacy:
         )
     except OSError as e:  # the message from transformers never contains the token
         raise OSError(f"tokenizer: could not load '{name_or_path}': {e}") from e
+    except ValueError as e:  # files transformers cannot build a tokenizer from
+        raise OSError(f"tokenizer: could not load '{name_or_path}': "
+                      f"{' '.join(str(e).split())}") from e
     return with_sentencepiece_legacy(tok, sentencepiece_legacy)
 
 

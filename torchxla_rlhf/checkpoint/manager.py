@@ -49,7 +49,8 @@ from torchxla_rlhf.checkpoint.fsio import (
     write_bytes,
     write_json,
 )
-from torchxla_rlhf.errors import ResumeError
+from torchxla_rlhf.errors import ResumeError, one_line
+from torchxla_rlhf.run_dir import WRITTEN_BY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class CheckpointManager:
         trainer_state: the JSON-able state beside it (step, data position, ...).
         before_write: called before each checkpoint directory is written (every process, in
             the same order); the trainer's check that no step before it was non-finite.
+        written_by: what wrote the state (:func:`torchxla_rlhf.run_dir.written_by`), saved as
+            ``training_state/written_by.json`` beside it for a resume to compare.
     """
 
     def __init__(self, output_dir: str, *, schedule: CheckpointSchedule, save_every_minutes: float,
@@ -166,7 +169,8 @@ class CheckpointManager:
                  trained: Callable[[], dict[str, tuple[Any, Any]]],
                  trainer_state: Callable[[], dict[str, Any]],
                  clock: Callable[[], float] = time.monotonic,
-                 before_write: Callable[[], None] | None = None):
+                 before_write: Callable[[], None] | None = None,
+                 written_by: dict[str, Any] | None = None):
         if save_every_minutes < 0:
             raise ValueError(f"save_every_minutes={save_every_minutes}: expected >= 0 (0 disables)")
         self.output_dir = output_dir.rstrip("/")
@@ -177,11 +181,14 @@ class CheckpointManager:
         self.export, self.trained, self.trainer_state = export, trained, trainer_state
         self.clock = clock
         self.before_write = before_write
+        self.written_by = written_by
         self.start_step = 0
         self.state_every_steps: int | None = None
         """The minutes schedule in steps, once calibrated (the same on every host)."""
         self._marks: dict[int, float] = {}
         self._state_saved_at: int | None = None
+        self.last_state_path: str | None = None
+        """The checkpoint the last training state went to (what a resume starts from)."""
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -203,12 +210,13 @@ class CheckpointManager:
         for name in self.schedule.actions(step, last):
             path = self.path(name)
             self._save_dir(path, step, hf=True, with_state=self.save_training_state)
-            with_state |= self.save_training_state
+            if self.save_training_state:
+                with_state, self.last_state_path = True, path
             written.append(path)
         if not with_state and (preempted or self._state_due(step)):
             self._save_dir(self.state_latest, step, hf=False, with_state=True)
             written.append(self.state_latest)
-            with_state = True
+            with_state, self.last_state_path = True, self.state_latest
         if with_state:
             self._state_saved_at = step
             self._purge(step, written)
@@ -223,6 +231,8 @@ class CheckpointManager:
                 state.save_training_state(
                     staging, self.trained(), self.trainer_state(), is_main_process=self.is_main,
                     process_index=runtime.process_index(), process_count=runtime.process_count())
+                if self.is_main and self.written_by is not None:
+                    write_json(join(staging, state.STATE_DIR, WRITTEN_BY_FILE), self.written_by)
                 runtime.barrier()  # every host's shards are in before anything is published
                 if hf:
                     self.export(path)  # publishes the staging directory
@@ -352,10 +362,31 @@ class CheckpointManager:
         path = self.resolve(source)
         if path is None:
             return None
-        saved = state.load_training_state(path, self.trained())
+        try:
+            saved = state.load_training_state(path, self.trained())
+        except ValueError as e:  # saved for other models (a checkpoint without written_by.json)
+            raise ResumeError(f"resume_from={source}: {one_line(e)}; resume from a checkpoint "
+                              "of this trainer and these models") from e
         self.start_step = self._state_saved_at = int(saved["step"])
         logger.info("resumed from %s at step %d", path, self.start_step)
         return saved
+
+
+def resume_source(cfg: Any) -> str | None:
+    """The checkpoint ``cfg.resume_from`` names (``auto``: the newest resumable one in
+    ``output_dir``), as the run's manager resolves it; None when there is none to resume. Reads
+    the directory only (``--check`` and the run's set-up)."""
+    if not cfg.resume_from:
+        return None
+    manager = CheckpointManager(
+        cfg.output_dir, schedule=CheckpointSchedule(cfg.save_model_freq, cfg.save_milestone_freq),
+        save_every_minutes=0, save_training_state=False, is_main=False, export=_unused,
+        trained=dict, trainer_state=dict)
+    return manager.resolve(cfg.resume_from)
+
+
+def _unused(path: str) -> None:
+    raise AssertionError("a manager that only resolves checkpoints exports nothing")
 
 
 def _saved_step(fs, path: str) -> int | None:

@@ -204,6 +204,10 @@ def load_training_state(path: str, trained: dict[str, tuple[torch.nn.Module, Ada
         )
     root = f"{path.rstrip('/')}/{STATE_DIR}"
     fs, froot = fsspec.core.url_to_fs(root)
+    held = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(froot, detail=False)
+                  if fs.isdir(p))
+    if held and held != sorted(trained):  # (none at all: the shards' own error below)
+        raise ValueError(f"{root} holds the state of {held}, this run trains {sorted(trained)}")
     for name, (model, opt) in trained.items():
         saved = _read_manifests(fs, froot, name, root)
         entries = list(_entries(name, model, opt))

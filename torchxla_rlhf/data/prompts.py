@@ -34,6 +34,8 @@ __all__ = ["PromptDataset"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 4096
+TRUNCATED_MARK = "[truncated] ..."
+"""Starts the logged text of a prompt longer than ``seq_length`` (only its end was kept)."""
 
 
 @dataclass
@@ -42,7 +44,9 @@ class PromptDataset:
 
     Attributes:
       prompts: :class:`~torchxla_rlhf.data.preference.RaggedTokens` (each ``<= seq_length``).
-      texts: the rendered prompt text of each kept example (for sample tables in logs).
+      texts: the rendered prompt text of each kept example (for sample tables in logs); a
+        prompt cut to its last ``seq_length`` tokens is those tokens decoded, after
+        :data:`TRUNCATED_MARK`.
       origins: ``file:line`` of each kept example.
       fields: per kept example, what ``build``'s ``record_fields`` took from its record (None
         without one): the RLVR reader keeps ``ground_truth`` and ``dataset`` here.
@@ -106,6 +110,8 @@ class PromptDataset:
                         continue
                     stats["truncated_kept"] += 1
                     ids = ids[-L:]  # keep the end: the generation header must survive
+                    # The sample tables show what the model saw, marked as cut.
+                    text = TRUNCATED_MARK + tokenizer.decode(ids, skip_special_tokens=False)
                 ids_kept.append(ids)
                 texts_kept.append(text)
                 origins_kept.append(origin)

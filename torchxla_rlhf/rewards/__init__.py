@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -126,6 +127,14 @@ def resolve_verifier(spec: str, key: str = "rewards.verifier") -> BuiltinVerifie
         raise RewardFunctionError(
             f"{key}: cannot import module {module_name!r} of {spec!r} ({e}); is it "
             "on PYTHONPATH?") from e
+    except Exception as e:  # noqa: BLE001 - the user's module ran and failed while imported
+        if isinstance(e, SyntaxError):
+            what = f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            what = f"{frame.filename}:{frame.lineno}: {type(e).__name__}: {e}"
+        raise RewardFunctionError(f"{key}: importing the module of {spec!r} failed ({what}); "
+                                  "fix the module or the spec") from e
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from torchxla_rlhf import checkpoint, models, run_dir, runtime
+from torchxla_rlhf import check, checkpoint, models, run_dir, runtime
 from torchxla_rlhf.config import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
@@ -44,9 +44,8 @@ from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, P
                                   ResumeError, RunFailure, call_with_timeout, failure_during,
                                   one_line)
 from torchxla_rlhf.preflight import checks
-from torchxla_rlhf.remote import check_remote_paths
 from torchxla_rlhf.tokenizers import load_tokenizer
-from torchxla_rlhf.tracking import Tracker, wandb_settings
+from torchxla_rlhf.tracking import Tracker
 
 logger = logging.getLogger("torchxla_rlhf")
 
@@ -62,19 +61,20 @@ class RunContext:
     is_main: bool
     dir_plan: str = "new"
     """What the run does to ``output_dir`` once started (:func:`run_dir.check_output_dir`)."""
+    resume_path: str | None = None
+    """The checkpoint ``resume_from`` resolved to (None: a fresh start)."""
+    resume_changes: dict[str, list[Any]] | None = None
+    """How the run differs from the checkpoint's, when that came from another directory."""
 
 
 def setup_run(cfg: Any) -> RunContext:
-    """Checks that need no device first (remote paths answer, ``output_dir`` is this run's
-    to write), then runtime and mesh (SPMD must be on before any tensor reaches the device),
-    the start-up checks on the model's shapes, then the tokenizer. Nothing is written."""
+    """Checks that need no device first (the start-up list's part that ``--check`` runs too:
+    remote paths answer, ``output_dir`` is this run's to write, ``resume_from`` is a
+    checkpoint of this trainer and these models, the logging settings), then runtime and mesh
+    (SPMD must be on before any tensor reaches the device), the start-up checks on the
+    model's shapes, then the tokenizer. Nothing is written."""
     output_dir = cfg.output_dir.rstrip("/")
-    # Before anything is written or loaded: remote paths answer, output_dir is ours.
-    check_remote_paths(cfg, cfg.remote_timeout_s)
-    dir_plan = run_dir.check_output_dir(output_dir, type(cfg).__name__, to_dict(cfg),
-                                        resume=bool(cfg.resume_from),
-                                        overwrite=cfg.overwrite_output_dir)
-    wandb_settings(cfg.logger)  # a bad $WANDB_MODE fails now, not after the models load
+    found = check.before_device(cfg)
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
@@ -88,7 +88,8 @@ def setup_run(cfg: Any) -> RunContext:
         cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id, sentencepiece_legacy=cfg.tokenizer_legacy
     )
     return RunContext(cfg=cfg, mesh=mesh, tokenizer=tokenizer, output_dir=output_dir,
-                      is_main=is_main, dir_plan=dir_plan)
+                      is_main=is_main, dir_plan=found["dir_plan"],
+                      resume_path=found["resume_path"], resume_changes=found["resume_changes"])
 
 
 def make_loader(dataset, data_cfg, mesh: runtime.MeshInfo, *, train: bool = True) -> BatchLoader:
@@ -145,13 +146,14 @@ class Trainer:
             export=self.save, trained=self.trained_models,
             trainer_state=lambda: {"step": self.step, "total_steps": self.total_steps,
                                    "data": self.data_state()},
-            before_write=self._settle_metrics)
+            before_write=self._settle_metrics, written_by=run_dir.written_by(cfg))
         self._resume()
         # Written only now that config, data and models have been checked: a run that fails
         # at start-up leaves an existing run's config.yaml (and, with overwrite, its files)
         # untouched. A resumed run records what it changed instead of rewriting config.yaml.
         if self.ctx.is_main:
-            run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step)
+            run_dir.record_config(self.ctx.output_dir, cfg, self.ctx.dir_plan, self.step,
+                                  self.ctx.resume_changes)
         # Last, so that a failure above leaves no wandb run or progress bar open.
         self.tracker = Tracker(cfg.logger, self.ctx.output_dir, to_dict(cfg), self.ctx.is_main,
                                self.total_steps, resume_step=self.step if cfg.resume_from else None,
@@ -205,10 +207,11 @@ class Trainer:
 
     def _resume(self) -> None:
         """Load ``resume_from``'s training state into what :meth:`build` made (the manager
-        resolves ``auto``: the newest complete checkpoint with a state, of any kind)."""
-        state = self.checkpoints.load(self.cfg.resume_from)
-        if state is None:
+        resolves ``auto``: the newest complete checkpoint with a state, of any kind). The set-up
+        checked that this trainer and these models wrote it (:func:`run_dir.check_resume_source`)."""
+        if self.ctx.resume_path is None:
             return
+        state = self.checkpoints.load(self.ctx.resume_path)
         if state.get("total_steps") != self.total_steps:
             logger.warning("resuming a run planned for %s steps as one of %s steps",
                            state.get("total_steps"), self.total_steps)
@@ -218,7 +221,7 @@ class Trainer:
         except ValueError as e:  # the data pipeline differs from the checkpoint's
             raise ResumeError(f"resume_from={self.cfg.resume_from}: {e}; resume with the data "
                               "settings the run was started with") from e
-        self.last_good_checkpoint = (self.checkpoints.resolve(self.cfg.resume_from), self.step)
+        self.last_good_checkpoint = (self.ctx.resume_path, self.step)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -419,7 +422,9 @@ def run(trainer_cls: type[Trainer], cfg: Any, *, setup_logging: bool = False,
         if lock is not None:
             lock.release()
     if trainer.preempted_at is not None:
-        raise Preempted(trainer.preempted_at, trainer.checkpoints.state_latest)
+        # The checkpoint the stop saved: a save step's own export when it carried the state.
+        raise Preempted(trainer.preempted_at,
+                        trainer.checkpoints.last_state_path or trainer.checkpoints.state_latest)
     return metrics
 
 

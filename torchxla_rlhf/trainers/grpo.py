@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 
 import torch
 
@@ -47,6 +48,30 @@ from torchxla_rlhf.trainers.ppo import PPOTrainer
 logger = logging.getLogger(__name__)
 
 
+def _record(dataset, i: int) -> dict:
+    """What a reward function gets of example ``i``: its record's fields and origin."""
+    return {**(dataset.fields[i] or {}), "origin": dataset.origins[i]}
+
+
+def _call_reward_functions(cfg, verifiers: Verifiers | None, completions: list[str],
+                           records: list[dict]) -> tuple[torch.Tensor, dict]:
+    """``[N]`` float32 rewards of the verifier and format terms (``cfg``: the ``rewards``
+    section), their means and the verifiers' health."""
+    total = torch.zeros(len(completions), dtype=torch.float32)
+    metrics: dict = {}
+    if verifiers is not None:
+        scores, health = verifiers.score(completions, records)
+        values = torch.tensor(scores, dtype=torch.float32)
+        total += cfg.verifier_weight * values
+        metrics["rewards/verifier_mean"] = float(values.mean())
+        metrics.update(health)
+    if cfg.format_weight:
+        values = torch.tensor(format_reward(completions, records), dtype=torch.float32)
+        total += cfg.format_weight * values
+        metrics["rewards/format_mean"] = float(values.mean())
+    return total, metrics
+
+
 class GRPOTrainer(PPOTrainer):
     """Reuses the PPO trainer's rollout machinery (prompt pieces, generation, chunk split,
     log-probs, data position); replaces the models, the targets and the loss."""
@@ -54,11 +79,10 @@ class GRPOTrainer(PPOTrainer):
     name = "grpo"
 
     @classmethod
-    def _datasets(cls, cfg, tokenizer):
+    def _datasets(cls, cfg, tokenizer, verifiers: Verifiers | None):
         """Training and held-out prompts with their records' fields (RLVR schema); a record
         that its verifier cannot score (no verifier for its dataset, no or an unreadable
         ground_truth) fails here, naming its file and line."""
-        verifiers = Verifiers.from_config(cfg.rewards)
         check = verifiers.check_record if verifiers is not None else None
         train = build_rlvr_prompts(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
                                    require_ground_truth=False, check_record=check,
@@ -72,14 +96,26 @@ class GRPOTrainer(PPOTrainer):
         return train, held_out
 
     @classmethod
+    def _task(cls, cfg, tokenizer):
+        """The datasets and the verifier, checked before any weights load (``--check`` runs
+        this, :meth:`build` uses what it returns): the data read and validated, the verifier
+        imported and every reward function called on the first record of each dataset."""
+        verifiers = Verifiers.from_config(cfg.rewards)
+        train, held_out = cls._datasets(cfg, tokenizer, verifiers)
+        for dataset in (train, held_out):
+            if dataset is not None and len(dataset):
+                # An empty completion: what a rollout that stops at once hands the functions.
+                _call_reward_functions(cfg.rewards, verifiers, [""], [_record(dataset, 0)])
+        return train, held_out, verifiers
+
+    @classmethod
     def check_data(cls, cfg, tokenizer) -> None:
-        cls._datasets(cfg, tokenizer)
+        cls._task(cfg, tokenizer)
 
     def build(self) -> int:
         cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
         # Resolved before any weights load: an unknown verifier or function fails in seconds.
-        self.verifiers = Verifiers.from_config(cfg.rewards)
-        self.prompts, self.eval_prompts = self._datasets(cfg, tok)
+        self.prompts, self.eval_prompts, self.verifiers = self._task(cfg, tok)
         self.data_reports = {"train": self.prompts.report}
         if self.eval_prompts is not None:
             self.data_reports["eval"] = self.eval_prompts.report
@@ -152,22 +188,9 @@ class GRPOTrainer(PPOTrainer):
 
     def _host_rewards(self, dataset, completions: list[str], index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``[N]`` float32 rewards of the verifier and format terms, and their metrics."""
-        cfg = self.cfg.rewards
-        records = [{**(dataset.fields[int(i)] or {}), "origin": dataset.origins[int(i)]}
-                   for i in index.tolist()]
-        total = torch.zeros(len(completions), dtype=torch.float32)
-        metrics: dict = {}
+        records = [_record(dataset, int(i)) for i in index.tolist()]
         t0 = time.perf_counter()
-        if self.verifiers is not None:
-            scores, health = self.verifiers.score(completions, records)
-            values = torch.tensor(scores, dtype=torch.float32)
-            total += cfg.verifier_weight * values
-            metrics["rewards/verifier_mean"] = float(values.mean())
-            metrics.update(health)
-        if cfg.format_weight:
-            values = torch.tensor(format_reward(completions, records), dtype=torch.float32)
-            total += cfg.format_weight * values
-            metrics["rewards/format_mean"] = float(values.mean())
+        total, metrics = _call_reward_functions(self.cfg.rewards, self.verifiers, completions, records)
         metrics["time/reward_fn_s"] = time.perf_counter() - t0
         return total, metrics
 
