@@ -45,10 +45,19 @@ def line_plan(pod_name: str, config: str, overrides: list[str]):
     return path, cfg, shapes, plan(cfg, pod.devices, pod.hbm_bytes, shapes), pod
 
 
-def measure(pods: list[str]) -> list[dict]:
+def measure(pods: list[str], save: str, lines: str | None = None) -> list[dict]:
+    """Compile every line of ``pods`` (or the lines whose config names match ``lines``),
+    writing the figures to ``save`` after each line (a run cut short keeps what it did;
+    lines already in ``save`` are kept and not compiled again)."""
     rows = []
+    if os.path.exists(save):
+        with open(save) as f:
+            rows = json.load(f)
+    done = {(r["pod"], r["config"], tuple(r["overrides"])) for r in rows}
     for pod_name, config, overrides in LINES:
-        if pod_name not in pods:
+        if pod_name not in pods or (pod_name, config, tuple(overrides)) in done:
+            continue
+        if lines and not any(k in config for k in lines.split(",")):
             continue
         path, cfg, shapes, p, pod = line_plan(pod_name, config, overrides)
         mesh = [p.mesh.dp, p.mesh.fsdp, p.mesh.mp]
@@ -59,6 +68,9 @@ def measure(pods: list[str]) -> list[dict]:
         rows.append({"pod": pod_name, "config": config, "overrides": overrides, "mesh": mesh,
                      "layers": shapes["model"].layers, "seconds": round(time.time() - t0),
                      "graphs": {n: {str(d): r for d, r in v.results.items()} for n, v in verdicts.items()}})
+        os.makedirs(os.path.dirname(save), exist_ok=True)
+        with open(save, "w") as f:
+            json.dump(rows, f, indent=1)
     return rows
 
 
@@ -80,18 +92,16 @@ def replan(rows: list[dict]) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", default="v3-256,v3-128")
-    parser.add_argument("--save", default=None)
+    parser.add_argument("--lines", default=None, help="only the configs whose names contain one "
+                        "of these (comma-separated), e.g. ppo,grpo")
+    parser.add_argument("--save", default=DEFAULT)
     parser.add_argument("--replan", nargs="?", const=DEFAULT, default=None)
     args = parser.parse_args()
     if args.replan:
         with open(args.replan) as f:
             rows = json.load(f)
     else:
-        rows = measure(args.pods.split(","))
-        save = args.save or DEFAULT
-        os.makedirs(os.path.dirname(save), exist_ok=True)
-        with open(save, "w") as f:
-            json.dump(rows, f, indent=1)
+        rows = measure(args.pods.split(","), args.save, args.lines)
     print("| line | graph | TPU compiler GiB (40 layers) | per layer | planner GiB | planner / compiler |")
     print("| --- | --- | --- | --- | --- | --- |")
     for line, graph, tpu, planned, ratio, v in replan(rows):

@@ -40,8 +40,10 @@ def test_pods_map_to_libtpu_topologies():
 def test_trace_mesh_shrinks_fsdp_then_dp_and_keeps_mp():
     assert aot.trace_mesh((1, 16, 16)) == (1, 4, 16)
     assert aot.trace_mesh((1, 64, 4)) == (1, 16, 4)
-    assert aot.trace_mesh((2, 64, 2)) == (1, 32, 2)
+    assert aot.trace_mesh((2, 64, 2)) == (2, 16, 2)
+    assert aot.trace_mesh((8, 16, 8)) == (4, 2, 8)  # an axis over several devices keeps two
     assert aot.trace_mesh((1, 4, 2)) == (1, 4, 2)
+    assert aot.trace_mesh((1, 4, 2), 4) == (1, 2, 2)
     with pytest.raises(aot.CompileFailed):
         aot.trace_mesh((1, 1, 128))
 
@@ -55,10 +57,10 @@ def _text(spec, mesh):
 @pytest.mark.parametrize("spec", [((1,), (2,)), ((2,), (1,)), ((1,), ()), ((), (2,)), ((1, 2), ()),
                                   ((0, 1), (2,))])
 def test_remap_re_expresses_each_partition_spec_on_the_target_mesh(spec):
-    """A sharding the 3-axis mesh (dp, fsdp, mp) = (1, 4, 2) produces becomes the one the same
-    spec produces on (1, 16, 2) and on (2, 8, 4)."""
-    for dst in ((1, 16, 2), (2, 8, 4)):
-        assert remap_sharding(_text(spec, (1, 4, 2)), (1, 4, 2), dst) == _text(spec, dst)
+    """A sharding a 3-axis mesh (dp, fsdp, mp) produces becomes the one the same spec produces
+    on the target mesh (each axis over one device on both, or over several on both)."""
+    for src, dst in (((1, 4, 2), (1, 16, 2)), ((1, 4, 2), (1, 8, 16)), ((2, 4, 2), (4, 16, 2))):
+        assert remap_sharding(_text(spec, src), src, dst) == _text(spec, dst)
 
 
 def test_remap_reads_the_iota_form_and_keeps_tuples_and_replicated():

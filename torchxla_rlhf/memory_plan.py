@@ -298,10 +298,11 @@ def _train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
     return terms
 
 
-TPU_MLP_TENSORS = (7, 3)
+TPU_MLP_TENSORS = (2, 6.5)
 """XLA:TPU's moment in a layer's MLP backward: ``[tokens, H]`` and ``[tokens, I / mp]``
-tensors in the compute dtype alive together (fitted on libtpu compiles of the trainer proxies
-at hidden 256, ``bench/tpu_compile.py --proxies``; XLA:TPU fuses most of what XLA:CPU keeps)."""
+tensors in the compute dtype alive together (fitted on libtpu compiles of the DPO proxy at
+hidden 256 on meshes 1,4,2 and 1,2,4, where the MLP is the larger moment; XLA:TPU fuses most
+of what XLA:CPU keeps: seven ``[tokens, H]`` there)."""
 
 TPU_SCORE_BYTES = (4, 1.5)
 """Bytes per attention score of the heads a device holds at the softmax's backward on XLA:TPU:
@@ -310,21 +311,30 @@ the causal mask is fused, never held. Fitted on two compiles that the scores dom
 DPO proxy at 2048 tokens in fp32 (2.6 ``[2048, 2048]`` fp32 buffers a row) and 13B's DPO
 micro-step in bf16 on a v3-256 (1.9 fp32 ``[5, 4096, 4096]`` buffers a device)."""
 
-TPU_UPDATE_COPIES = 1.0
-"""The AdamW update's transient on XLA:TPU, in trained parameters' bytes per device."""
+TPU_SAVED_BYTES = {2: 18.0, 4: 6.0}
+"""Bytes XLA:TPU keeps per layer of a checkpointed model for its backward, per element of
+``[tokens, H / mp]``, by compute dtype bytes. Checkpointing saves the layer input (fp32, 4 B),
+but under bf16 autocast the TPU compiler also keeps compute-dtype copies it would otherwise
+recompute (the per-layer growth of libtpu's compiles: 13B DPO on a v3-256 16.8 B, 13B PPO 20 B
+per trained model; in fp32 the DPO and RM proxies 6.2 and 5.6 B)."""
+
+
+def _largest_matrix(shape: Shape) -> int:
+    """Elements of the largest weight of a decoder layer (XLA:TPU gathers one at a time)."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return max(shape.hidden * shape.intermediate, shape.hidden * q, shape.hidden * kv)
 
 
 def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
     """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
-    client, ``plan --compile``): per trained model, one layer's recompute and backward (the
-    larger of its MLP and its softmax moments, :data:`TPU_MLP_TENSORS`,
-    :data:`TPU_SCORE_BYTES`), that layer's weights whole over fsdp in the compute dtype (XLA:TPU
-    gathers after the cast), and per layer the larger of its saved input and its fresh
-    gradient shard: the backward frees saved inputs as it goes and keeps the new gradients
-    (reduce-scattered) until it adds them into the accumulated ones at its end."""
+    client, ``plan --compile``): one layer's recompute and backward (the larger of its MLP and
+    its softmax moments, :data:`TPU_MLP_TENSORS`, :data:`TPU_SCORE_BYTES`; a second trained
+    model's backward does not overlap it), each trained model's largest weight whole over fsdp
+    in the compute dtype (XLA:TPU gathers one matrix at a time, after the cast), and per layer
+    of each model what the backward keeps (:data:`TPU_SAVED_BYTES`; every layer's tensors
+    without checkpointing); the LM head's logits where they exceed the layer."""
     terms, layer_total, logits = [], 0.0, 0.0
     for k, t in enumerate(passes):
-        share = 1.0 if k == 0 else INTERLEAVED
         c, r = BYTES[t.model_cfg.compute_dtype], BYTES[t.model_cfg.param_dtype]
         shape, tokens = t.shape, t.rows * t.seq
         heads = heads_per_device(shape, mesh.mp, "tpu")
@@ -333,27 +343,29 @@ def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
                             + TPU_MLP_TENSORS[1] * shape.intermediate / mesh.mp)
         softmax = scores * (TPU_SCORE_BYTES[0] + TPU_SCORE_BYTES[1] * c) + tokens * 2 * shape.hidden * c
         layer = max(mlp, softmax)
-        layer_total += share * layer
-        saved = (checkpoint_bytes(shape, mesh, t.rows, t.seq, r) if t.model_cfg.gradient_checkpointing
-                 else layer)
-        fresh = shape.layer_linear * r / mesh.devices
+        saved = (tokens * shape.hidden / mesh.mp * TPU_SAVED_BYTES[c]
+                 if t.model_cfg.gradient_checkpointing else layer)
+        if k == 0:
+            layer_total = layer
+            terms.append(Term(f"{t.prefix} layer recompute + backward", layer,
+                              f"{t.rows:g} rows x {t.seq}, {heads} heads/device; "
+                              f"{'softmax' if softmax >= mlp else 'MLP'} moment"))
         terms += [
-            Term(f"{t.prefix} layer recompute + backward", share * layer,
-                 f"{t.rows:g} rows x {t.seq}, {heads} heads/device; "
-                 f"{'softmax' if softmax >= mlp else 'MLP'} moment"
-                 + ("" if k == 0 else f"; {share:g} of a layer (interleaved)")),
-            Term(f"{t.prefix} gathered weights", share * shape.layer_linear * c / mesh.mp,
-                 f"one layer, whole over fsdp, {t.model_cfg.compute_dtype}"),
-            Term(f"{t.prefix} per layer: saved input or fresh gradients",
-                 shape.layers * max(saved, fresh),
-                 f"{shape.layers} x max(saved input {_gib(saved)}, gradient shard {_gib(fresh)})"),
+            Term(f"{t.prefix} gathered weight", _largest_matrix(shape) * c / mesh.mp,
+                 f"the largest matrix, whole over fsdp, {t.model_cfg.compute_dtype}"),
+            Term(f"{t.prefix} kept for the backward", shape.layers * saved,
+                 f"{shape.layers} layers x {_gib(saved)}"),
         ]
-        if t.lm_head:
-            logits += logits_bytes(shape, mesh, t.rows, t.logit_positions or t.seq, c, True)
+        if t.lm_head:  # XLA:TPU fuses the log-softmax: the logits and one fp32 copy
+            logits += t.rows * (t.logit_positions or t.seq) * shape.vocab / mesh.mp * (c + 4)
     if logits > layer_total:
         terms.append(Term("logits beyond a layer", logits - layer_total,
                           "the LM head's backward, before the last layer's recompute"))
     return terms
+
+
+TPU_UPDATE_COPIES = 1.0
+"""The AdamW update's transient on XLA:TPU, in trained parameters' bytes per device."""
 
 
 def _update_terms_tpu(trained: list[Term]) -> list[Term]:
@@ -487,25 +499,25 @@ state's copies), calibrated on libtpu compiles (``bench/tpu_compile.py``)."""
 
 
 def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], list[Term]]:
-    """The rollout's two graphs as XLA:TPU holds them: each holds the policy's weights whole
-    over fsdp as ``sampling.gather_weights`` says (in the compute dtype: XLA:TPU gathers after
-    the cast) and the KV cache; the prefill one layer's working set and the last position's
-    logits, the decode loop its copies of the cache (:data:`TPU_DECODE_CACHE_COPIES`)."""
+    """The rollout's two graphs as XLA:TPU holds them: the KV cache, and the policy's LM head
+    and largest layer weight whole over fsdp in the compute dtype (XLA:TPU gathers one matrix
+    at a time, after the cast, with either ``sampling.gather_weights``: ``hoisted`` does not
+    hoist there); the prefill one layer's MLP and residual stream (its attention is fused:
+    no ``[S, S]`` scores are held), the decode loop its copies of the cache
+    (:data:`TPU_DECODE_CACHE_COPIES`)."""
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
-    c = BYTES[cfg.model.compute_dtype]
+    c, r = BYTES[cfg.model.compute_dtype], BYTES[cfg.model.param_dtype]
     micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     heads = heads_per_device(shape, mesh.mp, "tpu")
     cache = 2 * shape.layers * micro * t * heads * shape.kv_heads // shape.heads * shape.head_dim * c
-    how = cfg.sampling.gather_weights
-    weights = Term("gathered weights", rollout_gathered_weights_bytes(shape, mesh, how, cfg.model.compute_dtype),
-                   f"policy, sampling.gather_weights={how}: "
-                   f"{'1 layer' if how == 'per_layer' else 'every layer'} + LM head, whole over fsdp")
+    weights = Term("gathered weights", (shape.vocab * shape.hidden + _largest_matrix(shape)) * c / mesh.mp,
+                   f"the policy's LM head and largest matrix, whole over fsdp, {cfg.model.compute_dtype}")
     kv = Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}")
-    prefill = prefill_bytes(shape, mesh, micro, pl, t, c, BYTES[cfg.model.param_dtype], "tpu")
-    return ([weights, kv, Term("prefill (one layer) + logits", prefill,
-                               f"{micro:g} rows x {pl} prompt tokens")],
+    tokens = micro * pl
+    prefill = tokens * (shape.hidden * r + 3 * shape.intermediate / mesh.mp * c)
+    return ([weights, kv, Term("prefill: one layer's MLP", prefill, f"{micro:g} rows x {pl} prompt tokens")],
             [weights, kv, Term("decode loop's cache copies", TPU_DECODE_CACHE_COPIES * cache,
                                f"{TPU_DECODE_CACHE_COPIES:g} of the KV cache")])
 

@@ -78,11 +78,13 @@ def topology(pod_name: str) -> tuple[str, dict]:
 
 def trace_mesh(mesh: Sequence[int], limit: int = MAX_TRACE_DEVICES) -> tuple[int, int, int]:
     """The pod's ``(dp, fsdp, mp)`` with ``fsdp``, then ``dp``, halved until at most ``limit``
-    devices (``mp`` kept: the heads' split decides the code's own annotations)."""
+    devices (``mp`` kept: the heads' split decides the code's own annotations). An axis longer
+    than one keeps at least two devices: a sharding over an axis of one device could not say
+    whether it splits over that axis, and the remap must know."""
     dp, fsdp, mp = mesh
-    while dp * fsdp * mp > limit and fsdp % 2 == 0 and fsdp > 1:
+    while dp * fsdp * mp > limit and fsdp % 2 == 0 and fsdp > 2:
         fsdp //= 2
-    while dp * fsdp * mp > limit and dp % 2 == 0 and dp > 1:
+    while dp * fsdp * mp > limit and dp % 2 == 0 and dp > 2:
         dp //= 2
     if dp * fsdp * mp > limit:
         raise CompileFailed(f"mesh {mesh}: cannot trace on {limit} devices or fewer with mp={mp}")
