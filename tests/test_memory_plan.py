@@ -77,22 +77,24 @@ def test_rollout_micro_batch_shrinks_only_the_kv_cache():
 
 
 def test_rollout_gathered_weights_follow_the_decode_policy():
-    """per_layer: one layer + the LM head whatever the depth; hoisted: every layer, so a 13B
-    rollout on 1,64,4 does not fit a v3 core (which is why per_layer is the default)."""
-    per_layer = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml"), 256, 16 * GIB)
-    hoisted = memory_plan.plan(
-        _cfg(PPOConfig, "ppo_13b.yaml", "sampling.gather_weights=hoisted"), 256, 16 * GIB)
-    shape, mesh = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR)), per_layer.mesh
-    layer = shape.layer_linear * 4 / mesh.mp  # fp32 parameters, whole over fsdp
-    for phase in ("rollout prefill", "rollout decode"):
-        assert "gathered weights" in [t.name for t in per_layer.phases[phase]]
-    gathered = _term(hoisted, "gathered weights") - _term(per_layer, "gathered weights")
-    assert gathered == pytest.approx((shape.layers - 1) * layer / 2)  # gathered in bf16 on TPU
+    """XLA:CPU: per_layer holds one layer + the LM head whatever the depth, hoisted every
+    layer, so a 13B rollout on 1,64,4 would not fit a v3 core. XLA:TPU gathers one matrix at a
+    time with either policy (hoisted does not hoist there): the same bytes."""
     cpu = [memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", f"sampling.gather_weights={g}"), 256,
                             16 * GIB, compiler="xla_cpu") for g in ("per_layer", "hoisted")]
+    shape, mesh = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR)), cpu[0].mesh
+    layer = shape.layer_linear * 4 / mesh.mp  # fp32 parameters, whole over fsdp
+    assert "gathered weights" in [t.name for t in cpu[0].phases["rollout"]]
     assert _term(cpu[1], "gathered weights") - _term(cpu[0], "gathered weights") == pytest.approx(
-        (shape.layers - 1) * layer)  # XLA:CPU gathers the fp32 parameters
-    assert hoisted.fits is False
+        (shape.layers - 1) * layer)
+    assert cpu[1].fits is False
+    tpu = [memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", f"sampling.gather_weights={g}"), 256,
+                            16 * GIB) for g in ("per_layer", "hoisted")]
+    for phase in ("rollout prefill", "rollout decode"):
+        assert "gathered weights" in [t.name for t in tpu[0].phases[phase]]
+    assert _term(tpu[0], "gathered weights") == _term(tpu[1], "gathered weights")
+    assert _term(tpu[0], "gathered weights") == pytest.approx(
+        (shape.vocab * shape.hidden + shape.hidden * shape.intermediate) * 2 / mesh.mp)
 
 
 @pytest.mark.parametrize("config,devices,mesh", [
@@ -107,10 +109,10 @@ def test_seed_13b_runs_fit_on_v3(config, devices, mesh):
 
 
 def test_check_fits_stops_a_run_that_does_not_fit():
-    """The RM at seq 4096 on a v3-128 with mp=16, which does not divide the 40 heads: 8 rows
-    per device, each device computes every head's [4096, 4096] scores, one layer's backward
-    needs over 20 GiB, so it does not fit in 16 GiB; on -1,32,4 it does."""
-    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,8,16")
+    """The RM at seq 4096 on a v3-128 with mp=32: 16 rows per device, each holding 5 heads'
+    [4096, 4096] scores in a layer's backward, and 40 layers of what the backward keeps: over
+    16 GiB; on -1,32,4 it fits."""
+    cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,4,32")
     with pytest.raises(memory_plan.DoesNotFit, match="DOES NOT FIT"):
         memory_plan.check_fits(cfg, 128, 16 * GIB)
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,32,4")
@@ -123,9 +125,10 @@ def test_plan_command(capsys):
                 "--hbm-gib", "16", *AS_13B]) == 0
     out = capsys.readouterr().out
     for term in ("policy parameters", "policy AdamW moments", "reference (frozen)", "KV cache",
-                 "policy layer recompute + backward", "value layer recompute + backward",
-                 "policy gathered weights", "peak moment:", "rollout buffers",
-                 "gathered weights", "FITS", "dominant term:"):
+                 "policy layer recompute + backward", "value kept for the backward",
+                 "policy gathered weight", "rollout buffers", "-- rollout prefill",
+                 "-- rollout decode", "-- train update", "gathered weights", "FITS",
+                 "dominant term:"):
         assert term in out, term
     assert cli(["plan", "--config", f"{CONFIGS}/dpo_13b.yaml", "--devices", "256",
                 "--hbm-gib", "1", AS_13B[0]]) == 1

@@ -33,12 +33,12 @@ def test_bare_shipped_name_and_tpu_from_any_directory(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert out.startswith("v3-256: 256 device(s) on 32 host(s), 16 GiB per device")
     assert "memory plan: ppo, mesh dp=1 fsdp=64 mp=4" in out and "FITS" in out
-    # The seed's PPO mesh on a v3-128 fits; with the decode loop's weights hoisted it does
-    # not, on any mesh, and that is said plainly.
+    # The seed's PPO mesh on a v3-128 fits; with twice the rollout rows per device it does
+    # not, and the meshes that do are said plainly.
     assert cli(["plan", "--config", "ppo_13b.yaml", "--tpu", "v3-128", "mesh_dim=1,32,4", *AS_13B]) == 0
     assert "FITS" in capsys.readouterr().out
-    assert cli(["plan", "--config", "ppo_13b.yaml", "--tpu", "v3-128", "mesh_dim=1,32,4",
-                "sampling.gather_weights=hoisted", *AS_13B]) == 1
+    assert cli(["plan", "--config", "ppo_13b.yaml", "--tpu", "v3-128", "mesh_dim=1,16,8",
+                "train_dataset.batch_size=1024", *AS_13B]) == 1
     out = capsys.readouterr().out
     assert "of 16.00 GiB: DOES NOT FIT" in out and "meshes on 128 devices that pass every check" in out
 
