@@ -102,10 +102,27 @@ def main() -> None:
             rows = json.load(f)
     else:
         rows = measure(args.pods.split(","), args.save, args.lines)
-    print("| line | graph | TPU compiler GiB (40 layers) | per layer | planner GiB | planner / compiler |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for line, graph, tpu, planned, ratio, v in replan(rows):
-        print(f"| {line} | {graph} | {tpu:.2f} | {v.slope / GIB:.3f} | {planned:.2f} | {ratio:.2f} |")
+    checked = replan(rows)
+    print("Per graph: the TPU compiler's per-device peak at 2 and 4 layers (compiled), at 40 "
+          "(extrapolated by the per-layer slope), and the planner's for the same graph.\n")
+    print("| line | graph | compiled, 2 / 4 layers (GiB) | per layer | 40 layers (GiB) | planner | planner / compiler |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for line, graph, tpu, planned, ratio, v in checked:
+        at = " / ".join(f"{v.peak_at(d) / GIB:.2f}" for d in sorted(v.results))
+        print(f"| {line} | {graph} | {at} | {v.slope / GIB:.3f} | {tpu:.2f} | {planned:.2f} | {ratio:.2f} |")
+    print("\nPer run: the largest graph's peak plus what stays resident beside it (the planner's "
+          "persistent terms the graph does not take), against a v3 core's 16 GiB.\n")
+    print("| line | TPU compiler: peak (graph) | planner's peak | fits |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        *_, p, pod = line_plan(row["pod"], row["config"], row["overrides"])
+        graphs = [c for c in checked if c[0].startswith(f"{row['pod']} {row['config']}")
+                  and c[0].endswith(" ".join(row["overrides"]))]
+        resident = aot.resident_outside(p, [g for _, g, *_ in graphs])
+        peak, graph = max(((c[5].peak + resident[c[1]]), c[1]) for c in graphs)
+        line = f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip()
+        print(f"| {line} | {peak / GIB:.2f} ({graph}) | {p.peak / GIB:.2f} ({p.peak_phase}) | "
+              f"{'yes' if peak <= pod.hbm_bytes else 'NO'} |")
 
 
 if __name__ == "__main__":

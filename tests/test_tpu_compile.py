@@ -160,14 +160,14 @@ def test_small_trainer_graph_compiled_for_v3_8_is_planned_and_reduce_scatters(tm
     path, overrides, cfg, shapes = _proxy(4)
     verdicts = aot.compile_run(path, overrides, shapes, "v3-8", (1, 4, 2), depths=(4,),
                                workdir=str(tmp_path), say=lambda s: None)
-    v = verdicts["proxy_train"]
-    peak = v.peak_at(4)
-    planned = aot.planned_graph_bytes(plan(cfg, 8, None, shapes), "proxy_train")
-    assert planned == pytest.approx(peak, rel=0.15)
-    # Every fsdp-sharded weight's gradient is reduce-scattered (XLA:TPU's all-reduce-scatter
-    # fusion), not all-reduced whole and sliced as XLA:CPU does.
+    p = plan(cfg, 8, None, shapes)
+    for graph in ("train_micro_step", "train_update"):
+        v = verdicts[graph]
+        assert aot.planned_graph_bytes(p, graph) == pytest.approx(v.peak_at(4), rel=0.15), graph
+    # The micro-step reduces every fsdp-sharded weight's gradient with a reduce-scatter
+    # (XLA:TPU's all-reduce-scatter fusion), not an all-reduce of the whole gradient.
     weights = 2 + 7 * 4  # embedding, LM head, 7 matrices a layer
-    assert v.at(4)["collectives"].get("reduce-scatter", 0) >= weights
+    assert verdicts["train_micro_step"].at(4)["collectives"].get("reduce-scatter", 0) >= weights
 
 
 @needs_aot
@@ -196,7 +196,8 @@ def test_xla_cpu_through_the_route_agrees_with_torch_xla(tmp_path):
     (own / "proxy_train.json").write_text(json.dumps({"name": "proxy_train", "mesh": [1, 4, 2], "from_proto": True}))
     # (b) the placeholder trace
     traced = aot.compile_run(path, overrides, shapes, "v3-8", (1, 4, 2), depths=(2,),
-                             workdir=str(tmp_path / "traced"), say=lambda s: None, cpu=True)
+                             workdir=str(tmp_path / "traced"), say=lambda s: None, cpu=True,
+                             split=False)
     subprocess.run([sys.executable, "-m", "torchxla_rlhf.aot.compile", str(own),
                     _target(tmp_path, {"cpu": True, "mesh": [1, 4, 2], "suffix": "cpu"})],
                    env=aot._env(1), check=True, capture_output=True, timeout=600)
@@ -224,8 +225,8 @@ def test_remapped_trace_compiles_as_a_native_trace(tmp_path):
                              workdir=str(tmp_path / "native"), say=lambda s: None)
     remapped = aot.compile_run(path, overrides, shapes, "v3-8", (1, 4, 2), depths=(2,),
                                workdir=str(tmp_path / "remapped"), say=lambda s: None, trace_devices=4)
-    a, b = native["proxy_train"].at(2)["memory"], remapped["proxy_train"].at(2)["memory"]
-    assert a == b
+    for graph in ("train_micro_step", "train_update"):
+        assert native[graph].at(2)["memory"] == remapped[graph].at(2)["memory"], graph
 
 
 @needs_aot
@@ -239,6 +240,6 @@ def test_plan_compile_answers_one_line_per_graph_and_a_verdict():
          "mesh_dim=1,4,2"], env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for graph in ("proxy_train", "generation_prefill", "generation_decode_loop"):
+    for graph in ("train_micro_step", "train_update", "generation_prefill", "generation_decode_loop"):
         assert f"  {graph}: " in out
     assert "TPU compiler verdict: FITS" in out

@@ -252,7 +252,7 @@ def trace(spec: dict) -> list[str]:
     capture = GraphCapture(mesh)
     with capture:
         trainer_graphs(cfg.trainer, cfg, mesh, PlaceholderSource(cfg, mesh, capture, shapes, spec["layers"]),
-                       split=True)
+                       split=spec.get("split", True))
     names = []
     for g in capture.graphs:
         if g.name in names:  # a graph launched twice is written once

@@ -150,10 +150,11 @@ def _run(argv: list[str], env: dict, what: str) -> str:
 def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: str,
                 pod_mesh: Sequence[int], depths: Sequence[int] = DEPTHS,
                 workdir: str | None = None, say=print, cpu: bool = False,
-                trace_devices: int = MAX_TRACE_DEVICES) -> dict[str, GraphVerdict]:
+                trace_devices: int = MAX_TRACE_DEVICES, split: bool = True) -> dict[str, GraphVerdict]:
     """Trace and compile the run's graphs at ``depths`` for ``pod_name`` (module docstring);
     the verdict per graph name. ``cpu``: compile with XLA:CPU instead (the cross-check);
-    ``trace_devices``: trace on at most this many devices (the remap's test)."""
+    ``trace_devices``: trace on at most this many devices (the remap's test); ``split``: the
+    trainers' micro-step and update graphs (False: both in one, as ``bench/memory.py``)."""
     require_aot()
     topo, topo_kwargs = topology(pod_name)
     src = trace_mesh(pod_mesh, trace_devices)
@@ -166,7 +167,7 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
             out = os.path.join(root, f"layers{depth}")
             os.makedirs(out, exist_ok=True)
             spec = {"config": config_path, "overrides": overrides, "mesh": ",".join(map(str, src)),
-                    "layers": depth, "out": out,
+                    "layers": depth, "out": out, "split": split,
                     "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()}}
             with open(os.path.join(out, "spec.json"), "w") as f:
                 json.dump(spec, f)
@@ -265,9 +266,11 @@ def format_verdict(verdicts: dict[str, GraphVerdict], planned: dict[str, float],
             f"  {name}: {_gib(peak)} per device at {v.layers} layers (TPU compiler at "
             f"{', '.join(f'{d}: {_gib(v.peak_at(d))}' for d in sorted(v.results))}{per_layer}, "
             f"extrapolated){ratio}; + {_gib(outside)} resident beside it")
+        optimal = cost.get("optimal_seconds")
+        optimal = f"{optimal:.3g} s" if optimal is not None and optimal >= 0 else "n/a"
         lines.append(
             f"      at {deepest} layer(s): {cost.get('flops', 0):.3g} flops, optimal_seconds "
-            f"{cost.get('optimal_seconds', float('nan')):.3g}; collectives: {_collectives(r)}")
+            f"{optimal}; collectives: {_collectives(r)}")
         if hbm_bytes is not None and peak is not None and peak + outside > hbm_bytes:
             fits = False
     if hbm_bytes is None and fits:
