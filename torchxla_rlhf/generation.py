@@ -517,12 +517,29 @@ class Generator:
         if copy is None:
             yield
             return
+        from . import runtime
+
+        mesh = self._layout_mesh
+
+        def replicated_over_tp(block: torch.nn.Module, args: tuple, output: Any) -> None:
+            # The residual stream: rows over data, whole over tp. Left to propagation it
+            # follows the embedding's hidden split over tp, and every column-parallel matmul
+            # all-gathers it again (5 all-gathers of [rows, hidden] per layer, seen here).
+            h = output if isinstance(output, torch.Tensor) else output[0]
+            rows = "data" if h.shape[0] % mesh.data == 0 else None
+            runtime.mark_sharding(h, mesh, (rows,) + (None,) * (h.ndim - 1))
+
         saved = [(m, pn, m._parameters[pn]) for m, pn, _, _ in self._layout_slots]
+        handles = []
         try:
             for (m, pn, _, _), c in zip(self._layout_slots, copy):
                 m._parameters[pn] = c
+            for block in self._weight_blocks()[:-1]:  # the embedding and every layer
+                handles.append(block.register_forward_hook(replicated_over_tp))
             yield
         finally:
+            for h in handles:
+                h.remove()
             for m, pn, p in saved:
                 m._parameters[pn] = p
 
