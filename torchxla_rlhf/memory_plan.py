@@ -618,6 +618,49 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def rollout_policies(cfg: Any, n_devices: int, hbm_bytes: float | None,
+                     shapes: Mapping[str, Shape] | None = None,
+                     mesh: Mesh | None = None) -> list[str]:
+    """One line per ``sampling.gather_weights`` policy of a PPO/GRPO config: the rollout's
+    per-token collective bytes per device (weights, activations), the rollout phase's
+    memory and the run's peak, and whether it fits (``auto`` picks the first that does in the
+    order generation_layout, per_layer). Empty for other trainers."""
+    import dataclasses
+
+    if getattr(cfg, "trainer", None) not in ("ppo", "grpo"):
+        return []
+    mesh = mesh or _mesh(cfg, n_devices)
+    shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
+    shape = shapes["model"]
+    rows = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    chosen = resolve_sampling(cfg, n_devices, hbm_bytes, shapes, mesh)
+    tp = chosen.generation_tp if chosen.gather_weights == "generation_layout" else 0
+    lines = []
+    for policy in ("per_layer", "hoisted", "generation_layout"):
+        s = dataclasses.replace(cfg.sampling, gather_weights=policy,
+                                generation_tp=tp if policy == "generation_layout" else
+                                cfg.sampling.generation_tp)
+        p = plan(dataclasses.replace(cfg, sampling=s), n_devices, hbm_bytes, shapes, mesh)
+        b = per_token_collective_bytes(shape, mesh, policy, rows, cfg.model.param_dtype,
+                                       cfg.model.compute_dtype, generation_tp(s_cfg(cfg, s), mesh))
+        verdict = {None: "fits: unknown", True: "fits", False: "DOES NOT FIT"}[p.fits]
+        name = policy + (f" (tp={generation_tp(s_cfg(cfg, s), mesh)})"
+                         if policy == "generation_layout" else "")
+        lines.append(f"  rollout {name:<26} per token per device: weights "
+                     f"{b['weights'] / 2**20:9.2f} MiB, activations {b['activations'] / 2**20:7.2f} "
+                     f"MiB; rollout +{_gib(p.phase_total('rollout'))}, peak {_gib(p.peak)}: "
+                     f"{verdict}" + ("  <- auto" if policy == chosen.gather_weights
+                                    and cfg.sampling.gather_weights == "auto" else ""))
+    return lines
+
+
+def s_cfg(cfg: Any, sampling: Any) -> Any:
+    """``cfg`` with another ``sampling`` (a shallow copy)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, sampling=sampling)
+
+
 def check_fits(cfg: Any, n_devices: int, hbm_bytes: float | None,
                shapes: Mapping[str, Shape] | None = None) -> Plan | None:
     """Start-up check: log the plan; raise :class:`DoesNotFit` (message: the table) when the

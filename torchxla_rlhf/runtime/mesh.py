@@ -85,12 +85,12 @@ def generation_mesh(mesh: MeshInfo, tp: int) -> LayoutMesh:
     ``[n / tp, tp]``. ``make_mesh`` lays devices out ``(dp, fsdp, mp)`` with ``mp`` fastest,
     so a row of ``tp = mp * f`` devices is ``f`` consecutive fsdp positions of one dp replica,
     each with its whole mp group."""
-    import torch_xla.distributed.spmd as xs
-
     choices = generation_tp_choices(mesh)
     if tp not in choices:
         raise MeshError(f"sampling.generation_tp={tp}: expected mp * f with f dividing fsdp on "
                         f"mesh dp={mesh.dp} fsdp={mesh.fsdp} mp={mesh.mp}: one of {choices}")
+    import torch_xla.distributed.spmd as xs
+
     n = mesh.dp * mesh.fsdp * mesh.mp
     return LayoutMesh(mesh=xs.Mesh(np.arange(n), (n // tp, tp), GENERATION_AXES),
                       data=n // tp, tp=tp)
