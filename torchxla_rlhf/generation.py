@@ -45,8 +45,13 @@ How it runs:
   depend on that layer's input while the step and the prefill are traced (adding a ``-0.0``
   computed from it): the gathers then depend on the iteration and on the layers before, so
   they stay in the loop body, one layer at a time, at every token. ``hoisted`` leaves the
-  compiler free to gather everything once before the loop. The tokens are the same bit for
-  bit either way.
+  compiler free to gather everything once before the loop. ``generation_layout`` copies the
+  weights once per rollout (one compiled graph, ``generation_reshard``) into a tensor-parallel
+  layout on a second ``(data, tp)`` mesh over the same devices; the prefill and the loop read
+  that copy (loop invariants keyed by the layout, so a new copy traces nothing), rows and the
+  KV cache are split over ``data`` and heads over ``tp``, and a token moves only activations.
+  ``auto`` behaves as ``per_layer`` here (the trainers resolve it with the planner). The
+  tokens are the same bit for bit whichever policy (checked on an 8-device proxy).
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
