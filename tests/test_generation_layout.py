@@ -198,7 +198,7 @@ def test_planner_counts_the_layout_and_auto_needs_known_memory():
     assert p.fits and p.phases["rollout"][0].name == "weights copy (generation layout)"
     lines = memory_plan.rollout_policies(cfg, 256, 16 * memory_plan.GIB)
     assert [ln.split()[1] for ln in lines] == ["per_layer", "hoisted", "generation_layout"]
-    assert "DOES NOT FIT" in lines[1] and lines[2].endswith("<- auto")
+    assert "does not fit" in lines[1] and lines[2].endswith("<- auto")
 
 
 def test_loop_collectives_reads_every_kind_with_its_bytes():

@@ -73,8 +73,9 @@ def test_rollout_micro_batch_shrinks_only_the_kv_cache():
 
 def test_rollout_gathered_weights_follow_the_decode_policy():
     """per_layer: one layer + the LM head whatever the depth; hoisted: every layer, so a 13B
-    rollout on 1,64,4 does not fit a v3 core (which is why per_layer is the default)."""
-    per_layer = memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml"), 256, 16 * GIB)
+    rollout on 1,64,4 does not fit a v3 core (auto picks the generation layout instead)."""
+    per_layer = memory_plan.plan(
+        _cfg(PPOConfig, "ppo_13b.yaml", "sampling.gather_weights=per_layer"), 256, 16 * GIB)
     hoisted = memory_plan.plan(
         _cfg(PPOConfig, "ppo_13b.yaml", "sampling.gather_weights=hoisted"), 256, 16 * GIB)
     shape, mesh = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR)), per_layer.mesh

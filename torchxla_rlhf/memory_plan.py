@@ -643,7 +643,8 @@ def rollout_policies(cfg: Any, n_devices: int, hbm_bytes: float | None,
         p = plan(dataclasses.replace(cfg, sampling=s), n_devices, hbm_bytes, shapes, mesh)
         b = per_token_collective_bytes(shape, mesh, policy, rows, cfg.model.param_dtype,
                                        cfg.model.compute_dtype, generation_tp(s_cfg(cfg, s), mesh))
-        verdict = {None: "fits: unknown", True: "fits", False: "DOES NOT FIT"}[p.fits]
+        # Lower case: the plan's own verdict line is the one that says FITS / DOES NOT FIT.
+        verdict = {None: "fits: unknown", True: "fits", False: "does not fit"}[p.fits]
         name = policy + (f" (tp={generation_tp(s_cfg(cfg, s), mesh)})"
                          if policy == "generation_layout" else "")
         lines.append(f"  rollout {name:<26} per token per device: weights "
