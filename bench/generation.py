@@ -14,6 +14,14 @@ compilation) and steady state, engine vs HF ``generate`` on XLA; HF on XLA runs 
 tokens (``--hf-xla-debug-tokens``; a 16-token call took 200-300 s here) and its time is scaled
 by 64/16. HF-on-XLA runs go in a fresh subprocess each.
 
+Part 3 (``--policies``; alone: ``--policies-only``), ``sampling.gather_weights`` on the
+XLA:CPU proxy of a pod: 8 devices (a child process with CPU_NUM_DEVICES=8), mesh (1,4,2), an
+8-layer model (hidden 256, 8 heads, intermediate 688, vocab 320), sharded as the trainers
+shard it, bf16 autocast; 8 prompts of 16, 32 new tokens. One rollout per policy (per_layer,
+hoisted, generation_layout at tp=8), steady-state median, and the ratios to per_layer. On
+XLA:CPU the "devices" share the host's cores and a collective is a memory copy, so the
+ratios show the work each policy does per token, not a TPU's interconnect.
+
 All runs sample (temperature 0.7, top-k 50). HF runs get ``min_new_tokens = max_new_tokens``
 so that they, like the engine, always produce the full length. Times on XLA end with a copy
 of the output to the host. Each number is one measurement on a shared machine: compare them
@@ -164,6 +172,59 @@ def run_hf_xla(shape: str, cl: int, repeats: int) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+POLICY_MESH, POLICY_TP = "1,4,2", 8
+
+
+def policies_child(repeats: int) -> None:
+    """Part 3, inside an 8-device process: one steady-state rollout time per policy."""
+    from torchxla_rlhf import sharding
+
+    mesh = runtime.make_mesh(POLICY_MESH)
+    dev = runtime.device()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=688,
+                                   num_hidden_layers=8, num_attention_heads=8,
+                                   num_key_value_heads=8, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(cfg).to(dev)
+    sharding.shard_model(model, mesh)
+    ids, mask = make_prompts(8, 16, 320, seed=2)
+    ids, mask = ids.to(dev), mask.to(dev)
+    runtime.sync()
+    cl, out = 32, {}
+    for policy in ("per_layer", "hoisted", "generation_layout"):
+        gen = Generator(model, SamplingConfig(temperature=0.7, top_k=50, gather_weights=policy,
+                                              generation_tp=POLICY_TP),
+                        eos_token_id=EOS, pad_token_id=PAD, mesh=mesh)
+        run = engine_fn(gen, ids, mask, cl)
+
+        def autocast_run():
+            with runtime.autocast("bfloat16", "float32"):
+                return run()
+
+        out[policy] = measure(autocast_run, repeats)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_policies(repeats: int) -> None:
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8")
+    cmd = [sys.executable, __file__, "--policies-child", "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"policies run failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    tokens = 8 * 32
+    print(f"\n[3] sampling.gather_weights on 8 XLA:CPU devices, mesh ({POLICY_MESH}), 8 layers, "
+          f"hidden 256, bf16 autocast; B=8, PL=16, CL=32 (generation_layout: tp={POLICY_TP})")
+    for policy, m in r.items():
+        print(row(policy, m, tokens))
+    base = r["per_layer"]["steady_s"]
+    print("  steady rollout time / per_layer's: " + ", ".join(
+        f"{p} {m['steady_s'] / base:.2f}" for p, m in r.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="steady-state calls per setting")
@@ -182,7 +243,18 @@ def main() -> None:
     )
     p.add_argument("--hf-xla-repeats", type=int, default=1, help="steady calls, HF on XLA")
     p.add_argument("--hf-xla-child", nargs=2, metavar=("SHAPE", "CL"), help=argparse.SUPPRESS)
+    p.add_argument("--policies", action="store_true",
+                   help="part 3: time a rollout per sampling.gather_weights on 8 devices")
+    p.add_argument("--policies-only", action="store_true", help="part 3 only")
+    p.add_argument("--policies-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.policies_child:
+        runtime.init()
+        policies_child(args.repeats)
+        return
+    if args.policies_only:
+        run_policies(args.repeats)
+        return
     if args.hf_xla_child:
         hf_xla_child(args.hf_xla_child[0], int(args.hf_xla_child[1]), args.repeats)
         return
@@ -242,6 +314,8 @@ def main() -> None:
         f"{'met' if eng['steady_s'] <= 0.76 else 'NOT met'}), ~{speedup:.0f}x HF generate on XLA "
         f"(target >= 2x: {'met' if speedup >= 2 else 'NOT met'})"
     )
+    if args.policies:
+        run_policies(args.repeats)
 
 
 if __name__ == "__main__":

@@ -245,3 +245,26 @@ def test_variants_run_without_recompiling(tmp_path, monkeypatch, variant):
     rows = [m for m in read_metrics(out) if "grpo/loss/policy" in m]
     assert len(rows) == 3
     assert all(np.isfinite(r["grpo/loss/policy"]) and np.isfinite(r["reward/mean"]) for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_generation_layout_compiles_nothing_after_the_first_step(tmp_path):
+    """sampling.gather_weights=generation_layout on 4 devices (mesh 1,2,2, tp=4): the reshard,
+    prefill and decode loop compile in the first step only."""
+    from helpers import run_with_devices
+
+    code = f"""
+    import json, os, sys
+    sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
+    from test_grpo import grpo_cfg
+    from torchxla_rlhf.trainers.grpo import GRPOTrainer
+    t = GRPOTrainer(grpo_cfg({str(tmp_path / 'run')!r}, "mesh_dim=1,2,2", "total_steps=3",
+                             "eval_dataset=null", "save_model_freq=0",
+                             "sampling.gather_weights=generation_layout"))
+    t.train(); t.close()
+    print(json.dumps([t.compiles_first_step, t.compiles_after_first_step,
+                      t.generator._layout_mesh.tp]))
+    """
+    first, after, tp = run_with_devices(code, 4)
+    assert after == 0 and tp == 4, (first, after, tp)

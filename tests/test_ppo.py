@@ -149,6 +149,17 @@ def test_rollout_in_pieces_compiles_like_one_batch(tmp_path, tiny_models):
 
 
 @pytest.mark.multiprocess
+def test_generation_layout_compiles_nothing_after_the_first_step(tmp_path, tiny_models):
+    """sampling.gather_weights=generation_layout on 4 devices (mesh 1,2,2, tp=4): the
+    reshard, prefill and decode loop compile in the first step only."""
+    overrides = ppo_overrides(str(tmp_path / "layout"), tiny_models, "mesh_dim=1,2,2",
+                              "total_steps=3", "save_model_freq=0", "logger.log_freq=1",
+                              "sampling.gather_weights=generation_layout")
+    first, after = run_with_devices(_COUNT.format(cfg=f"{CONFIGS}/ppo.yaml", overrides=overrides), 4)
+    assert after == 0, (first, after)
+
+
+@pytest.mark.multiprocess
 def test_mesh_1_2_2_matches_single_device_first_step(tmp_path, tiny_models):
     keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/val/vpred", "tokens/responses_len_mean"]
     code = """

@@ -42,6 +42,10 @@ class ProbeSpec:
     """``{"batch": B, "prompt": PL, "new": CL}`` to also compile a rollout (empty: none)."""
     gather_weights: str = "per_layer"
     """The rollout's ``SamplingConfig.gather_weights``."""
+    generation_tp: int = 0
+    """The rollout's ``SamplingConfig.generation_tp`` (``generation_layout``)."""
+    greedy: bool = False
+    """Greedy decoding (the default samples with top-k, as the trainers do)."""
 
 
 def model_config(spec: ProbeSpec):
@@ -89,7 +93,9 @@ def run(spec: ProbeSpec) -> dict:
     if spec.decode:
         b, pl, cl = spec.decode["batch"], spec.decode["prompt"], spec.decode["new"]
         prompts = _random_rows(spec.vocab, b, pl, mesh, gen)
-        generator = Generator(model, SamplingConfig(gather_weights=spec.gather_weights),
+        generator = Generator(model, SamplingConfig(
+            gather_weights=spec.gather_weights, generation_tp=spec.generation_tp,
+            greedy=spec.greedy),
                               eos_token_id=2, pad_token_id=0, mesh=mesh)
         with runtime.autocast(spec.compute_dtype, spec.param_dtype):
             generator.generate(prompts["ids"], prompts["mask"], max_new_tokens=cl)

@@ -168,6 +168,100 @@ def all_gathers_in_and_out_of_loops(
 
 
 # ----------------------------------------------------------------------------------------
+# Every collective, per loop iteration: what a decode step moves
+# ----------------------------------------------------------------------------------------
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\w+\[[\d,]*\])\S* "
+    r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\((.*)$",
+    re.M)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective of any kind: its output arrays (a tuple-shaped all-reduce has several)
+    and device groups (``source_target_pairs`` of a collective-permute, as pairs)."""
+
+    name: str
+    kind: str
+    arrays: tuple[tuple[str, tuple[int, ...]], ...]
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of its output per device: what the device holds after it (an all-reduce's
+        buffer, an all-gather's gathered result): the measure of its traffic used here."""
+        return sum(_BYTES[d] * math.prod(dims) for d, dims in self.arrays)
+
+    @property
+    def elements(self) -> tuple[int, ...]:
+        return tuple(math.prod(dims) for _, dims in self.arrays)
+
+
+def collectives(hlo: str, n_devices: int) -> list[Transfer]:
+    """Every collective in ``hlo`` (text of a module or of some computations)."""
+    out = []
+    for m in _COLLECTIVE.finditer(hlo):
+        arrays = tuple((d, _dims(s)) for d, s in _ARRAY.findall(m.group(2)))
+        g = re.search(r"replica_groups=" + _GROUPS, m.group(4))
+        if g:
+            groups = tuple(expand_replica_groups(g.group(1), n_devices))
+        else:
+            pairs = re.search(r"source_target_pairs=(\{[{}\d,]*\})", m.group(4))
+            groups = tuple(expand_replica_groups(pairs.group(1), n_devices)) if pairs else ()
+        out.append(Transfer(m.group(1), m.group(3), arrays, groups))
+    return out
+
+
+@dataclass(frozen=True)
+class LoopCollectives:
+    """A module's collectives split by where they run: ``inside`` a ``While`` body (once per
+    iteration) and ``outside`` (once per launch)."""
+
+    inside: list[Transfer]
+    outside: list[Transfer]
+
+    @property
+    def bytes_per_iteration(self) -> int:
+        return sum(t.bytes for t in self.inside)
+
+    def table(self) -> str:
+        """One line per kind and shape: count, bytes per iteration and device, groups."""
+        lines = []
+        for where, items in (("while body (per iteration)", self.inside),
+                             ("outside the loop (per launch)", self.outside)):
+            total = sum(t.bytes for t in items)
+            lines.append(f"{where}: {len(items)} collectives, {total} bytes per device")
+            rows: dict[tuple, list[int]] = {}
+            for t in items:
+                key = (t.kind, t.arrays, len(t.groups[0]) if t.groups else 0)
+                rows.setdefault(key, []).append(t.bytes)
+            for (kind, arrays, size), bs in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+                shape = ",".join(f"{d}[{'x'.join(map(str, dims))}]" for d, dims in arrays)
+                lines.append(f"  {len(bs):4d} x {kind:<18} {shape:<28} groups of {size:<3} "
+                             f"{sum(bs):>12} bytes")
+        return "\n".join(lines)
+
+
+def loop_collectives(hlo: str, n_devices: int) -> LoopCollectives:
+    """The module's collectives, inside a ``While`` body and outside it."""
+    comps = computations(hlo)
+    body = while_body_computations(hlo)
+    inside = [t for name in sorted(body) for t in collectives(comps[name], n_devices)]
+    outside = [t for name, text in comps.items() if name not in body
+               for t in collectives(text, n_devices)]
+    return LoopCollectives(inside, outside)
+
+
+def weight_sized(transfers: list[Transfer], weight_elements: set[int]) -> list[Transfer]:
+    """The collectives one of whose arrays has a weight's element count, whole or split any
+    of the ways given (pass ``{numel / k}`` for the mesh's divisors ``k``)."""
+    return [t for t in transfers if any(e in weight_elements for e in t.elements)]
+
+
+# ----------------------------------------------------------------------------------------
 # The buffer assignment's live ranges: what a peak is made of
 # ----------------------------------------------------------------------------------------
 

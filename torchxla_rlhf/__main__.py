@@ -328,6 +328,8 @@ def _plan(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     print(memory_plan.format_plan(p))
+    for line in memory_plan.rollout_policies(cfg, devices, hbm, shapes, p.mesh):
+        print(line)
     for c in report.warnings:
         print(f"  warning ({c.key}): {c.detail}")
     if args.compile:

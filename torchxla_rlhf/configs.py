@@ -124,6 +124,10 @@ class OptimizerConfig(AdamWConfig):
 
 
 
+GATHER_WEIGHTS = ("auto", "per_layer", "hoisted", "generation_layout")
+"""The values of ``SamplingConfig.gather_weights``."""
+
+
 @dataclass
 class SamplingConfig:
     """How the next token is chosen. All fields are Python constants baked into the graph."""
@@ -151,19 +155,42 @@ class SamplingConfig:
     skipped steps would only write pad); what is saved is device time when most batches finish
     well before ``max_new_tokens``."""
 
-    gather_weights: Literal["per_layer", "hoisted"] = "per_layer"
-    """How the rollout's decode loop gets FSDP-sharded weights. ``per_layer``: each layer's
-    weights are all-gathered inside the loop when that layer runs, at every token (a device
-    holds about two layers gathered, as in training; weight traffic grows with tokens).
+    gather_weights: Literal["auto", "per_layer", "hoisted", "generation_layout"] = "auto"
+    """How the rollout gets the policy's FSDP-sharded weights (docs/ppo.md, "Weights in the
+    rollout"; ``plan`` prints each policy's memory and per-token traffic).
+
+    ``generation_layout``: once per rollout, one compiled graph copies the weights (matmul
+    weights in the compute dtype) into a tensor-parallel layout over groups of
+    ``generation_tp`` devices, data parallel across the groups; the prefill and the decode
+    loop read that copy, so a token moves only activations (two all-reduces of
+    ``[rows per group, hidden]`` per layer), no weights. Costs the copy, ``model /
+    generation_tp`` per device, for the rollout (freed after it).
+    ``per_layer``: each layer's weights are all-gathered over ``fsdp`` inside the loop when
+    that layer runs, at every token (a device holds about two layers gathered; weight
+    traffic grows with tokens: the whole model over ``mp`` per token).
     ``hoisted``: every weight is gathered once before the loop and held whole over ``fsdp``
-    for the whole rollout (no per-token traffic; the whole model / mp per device: does not
-    fit a 13B model on 16 GiB devices). The memory plan counts the chosen one."""
+    for the whole rollout (the whole model / mp per device; the TPU compiler does not hoist).
+    ``auto`` (default): the trainers ask the memory planner
+    (``memory_plan.resolve_sampling``): ``generation_layout`` with the smallest
+    ``generation_tp`` whose rollout fits beside the training state, else ``per_layer``. A
+    :class:`Generator` given ``auto`` directly behaves as ``per_layer``."""
+
+    generation_tp: int = 0
+    """Devices per tensor-parallel group of the generation layout: ``mp * f`` with ``f``
+    dividing ``fsdp``. 0 (default): chosen by the planner under ``auto`` (the smallest that
+    fits, preferring sizes that divide the heads), else ``mp * fsdp`` (one copy per dp
+    replica: the compute-dtype size of the training shards)."""
 
     def __post_init__(self) -> None:
-        if self.gather_weights not in ("per_layer", "hoisted"):
+        if self.gather_weights not in GATHER_WEIGHTS:
             raise ValueError(
-                f"SamplingConfig.gather_weights={self.gather_weights!r}: expected 'per_layer' "
-                "or 'hoisted'"
+                f"SamplingConfig.gather_weights={self.gather_weights!r}: expected one of "
+                f"{', '.join(GATHER_WEIGHTS)}"
+            )
+        if not isinstance(self.generation_tp, int) or self.generation_tp < 0:
+            raise ValueError(
+                f"SamplingConfig.generation_tp={self.generation_tp!r}: expected an int >= 0 "
+                "(0 = chosen by the planner)"
             )
         if not self.greedy and not self.temperature > 0:
             raise ValueError(

@@ -45,8 +45,13 @@ How it runs:
   depend on that layer's input while the step and the prefill are traced (adding a ``-0.0``
   computed from it): the gathers then depend on the iteration and on the layers before, so
   they stay in the loop body, one layer at a time, at every token. ``hoisted`` leaves the
-  compiler free to gather everything once before the loop. The tokens are the same bit for
-  bit either way.
+  compiler free to gather everything once before the loop. ``generation_layout`` copies the
+  weights once per rollout (one compiled graph, ``generation_reshard``) into a tensor-parallel
+  layout on a second ``(data, tp)`` mesh over the same devices; the prefill and the loop read
+  that copy (loop invariants keyed by the layout, so a new copy traces nothing), rows and the
+  KV cache are split over ``data`` and heads over ``tp``, and a token moves only activations.
+  ``auto`` behaves as ``per_layer`` here (the trainers resolve it with the planner). The
+  tokens are the same bit for bit whichever policy (checked on an 8-device proxy).
 * Sampling: Gumbel-max over processed logits (temperature, top-k, top-p, the HF order). The
   noise comes from a counter-based hash of ``(seed, step, row, token)``: no global RNG state is
   read or advanced, the same seed gives the same tokens on CPU, on XLA and on any mesh.
@@ -338,6 +343,10 @@ class Generator:
         self._compiled: dict[str, Any] = {}
         self._loop: Any = None  # runtime.DeviceLoop of the decode step, made on first use
         self._loop_cache: Any = None  # the rollout's StaticCache while the loop is called
+        self._layout_mesh: Any = None  # runtime.LayoutMesh of the generation layout
+        self._layout_slots: list[tuple[torch.nn.Module, str, tuple, bool]] | None = None
+        self._reshard: Any = None  # the compiled reshard graph
+        self._batch_mesh: Any = mesh  # the mesh the rollout's rows and cache are laid out on
 
     # -- public ----------------------------------------------------------------------------
 
@@ -363,15 +372,21 @@ class Generator:
         """
         self._check_inputs(input_ids, attention_mask, max_new_tokens)
         was_training = self.model.training
+        on_xla = input_ids.device.type == "xla"
         self.model.eval()
+        # The generation layout's copy of the weights: made here (one compiled graph, launched
+        # asynchronously), read by the prefill and the decode loop, and dropped when this call
+        # returns (its buffers are freed once the loop that reads them has run).
+        copy = self._layout_copy() if on_xla and self._layout_on() else None
+        self._batch_mesh = self._layout_mesh if copy is not None else self.mesh
         try:
-            with self._weights_gathered_per_layer(input_ids.device.type == "xla"):
+            with self._weights_in_layout(copy), self._weights_gathered_per_layer(on_xla):
                 state = self._run(
                     "prefill", self._prefill, input_ids, attention_mask, max_new_tokens, seed
                 )
-            if input_ids.device.type == "xla":
+            if on_xla:
                 # Every later token in ONE compiled device loop; nothing here waits for it.
-                decode_steps = self._decode_loop(state, max_new_tokens - 1)
+                decode_steps = self._decode_loop(state, max_new_tokens - 1, copy)
             else:
                 decode_steps = None
                 every = self.sampling.stop_check_every
@@ -381,6 +396,7 @@ class Generator:
                     state = self._decode_step(state)
         finally:
             self.model.train(was_training)
+            del copy
         return GenerationOutput(
             sequences=state.sequences,
             attention_mask=state.mask,
@@ -403,7 +419,7 @@ class Generator:
             self._compiled[name] = runtime.compile(fn, name=f"generation_{name}", full_graph=True)
         return self._compiled[name](*args)
 
-    def _decode_loop(self, state: _State, steps: int) -> torch.Tensor:
+    def _decode_loop(self, state: _State, steps: int, copy: list | None = None) -> torch.Tensor:
         """Run ``steps`` decode steps on ``state`` (updated in place) inside one device loop
         (:class:`runtime.DeviceLoop`, an XLA ``While``): the host traces the decode step once
         per ``(B, PL, CL)`` for the Generator's lifetime, not once per token, and the cost of a
@@ -421,12 +437,16 @@ class Generator:
                 self._decode_flat, name="generation_decode_loop", stop_slot=stop
             )
         self._loop_cache = state.cache  # what _decode_flat swaps the carried tensors into
+        carry = [getattr(state, f) for f in _STATE_FIELDS] + [getattr(o, a) for o, a in slots]
         try:
-            return self._loop(
-                [getattr(state, f) for f in _STATE_FIELDS] + [getattr(o, a) for o, a in slots],
-                steps,
-                invariants=[*self.model.parameters(), *self.model.buffers()],
-            )
+            if copy is None:
+                return self._loop(carry, steps,
+                                  invariants=[*self.model.parameters(), *self.model.buffers()])
+            # The generation layout: the loop reads this rollout's copy (new tensors at every
+            # rollout, same shapes and shardings: the loop is cached by the key, not by them).
+            with self._weights_in_layout(copy):
+                return self._loop(carry, steps, invariants=[*copy, *self.model.buffers()],
+                                  invariants_key=("generation_layout", self._layout_mesh.tp))
         finally:
             self._loop_cache = None
 
@@ -447,6 +467,86 @@ class Generator:
         finally:
             for (o, a), t in zip(slots, originals):
                 setattr(o, a, t)
+
+    # -- the generation layout --------------------------------------------------------------
+
+    def _layout_on(self) -> bool:
+        """``gather_weights: generation_layout`` on a mesh (on one device there is nothing to
+        lay out: the policy's own weights are read, as with ``hoisted``)."""
+        return self.sampling.gather_weights == "generation_layout" and self.mesh is not None
+
+    def _layout_copy(self) -> list[torch.Tensor]:
+        """This rollout's copy of the policy's weights in the generation layout (one per
+        ``(module, parameter)`` slot, tied weights included: the embedding and the LM head
+        get their own copies, in their own specs and dtypes). One compiled graph, the same
+        at every rollout; launched, not waited for."""
+        from . import runtime
+        from .sharding import GENERATION_COMPUTE_DTYPE, GENERATION_RULES, match_specs
+
+        if self._layout_slots is None:
+            tp = self.sampling.generation_tp or self.mesh.mp * self.mesh.fsdp
+            self._layout_mesh = runtime.generation_mesh(self.mesh, tp)
+            named = [(f"{mn}.{pn}" if mn else pn, m, pn, p)
+                     for mn, m in self.model.named_modules()
+                     for pn, p in m._parameters.items() if p is not None]
+            specs = match_specs(((n, tuple(p.shape)) for n, _, _, p in named),
+                                GENERATION_RULES, axis_sizes=self._layout_mesh.shape,
+                                large_weight_numel=1 << 62)
+            self._layout_slots = [(m, pn, specs[n], bool(GENERATION_COMPUTE_DTYPE.search(n)))
+                                  for n, m, pn, _ in named]
+            self._reshard = runtime.compile(self._reshard_fn, name="generation_reshard",
+                                            full_graph=True)
+        # The matmul weights in the dtype the rollout's matmuls use: autocast's, if on.
+        cast = torch.get_autocast_dtype("xla") if torch.is_autocast_enabled("xla") else None
+        sources = [m._parameters[pn].detach() for m, pn, _, _ in self._layout_slots]
+        return self._reshard(sources, cast)
+
+    def _reshard_fn(self, sources: list[torch.Tensor], cast: torch.dtype | None) -> list:
+        """The reshard graph: every weight, cast (matmul weights, under autocast) and
+        annotated with its generation-layout spec, so the graph's outputs are laid out so."""
+        from . import runtime
+
+        out = []
+        for (_, _, spec, matmul), w in zip(self._layout_slots, sources):
+            # `* 1.0` makes a new value to annotate even when no cast is needed (annotating
+            # the input itself would re-shard the training weights in place).
+            c = w.to(cast) if matmul and cast is not None and cast != w.dtype else w * 1.0
+            out.append(runtime.mark_sharding(c, self._layout_mesh, spec))
+        return out
+
+    @contextlib.contextmanager
+    def _weights_in_layout(self, copy: list[torch.Tensor] | None):
+        """While the prefill or the decode step is traced: the model's parameter slots hold
+        the rollout's copy (not Parameters: a forward under no_grad only reads them); the
+        policy's own parameters are put back afterwards, untouched."""
+        if copy is None:
+            yield
+            return
+        from . import runtime
+
+        mesh = self._layout_mesh
+
+        def replicated_over_tp(block: torch.nn.Module, args: tuple, output: Any) -> None:
+            # The residual stream: rows over data, whole over tp. Left to propagation it
+            # follows the embedding's hidden split over tp, and every column-parallel matmul
+            # all-gathers it again (5 all-gathers of [rows, hidden] per layer, seen here).
+            h = output if isinstance(output, torch.Tensor) else output[0]
+            rows = "data" if h.shape[0] % mesh.data == 0 else None
+            runtime.mark_sharding(h, mesh, (rows,) + (None,) * (h.ndim - 1))
+
+        saved = [(m, pn, m._parameters[pn]) for m, pn, _, _ in self._layout_slots]
+        handles = []
+        try:
+            for (m, pn, _, _), c in zip(self._layout_slots, copy):
+                m._parameters[pn] = c
+            for block in self._weight_blocks()[:-1]:  # the embedding and every layer
+                handles.append(block.register_forward_hook(replicated_over_tp))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m, pn, p in saved:
+                m._parameters[pn] = p
 
     def _weight_blocks(self) -> list[torch.nn.Module]:
         """The modules whose weights ``per_layer`` gathers one at a time: the input
@@ -475,7 +575,7 @@ class Generator:
         top of the body.) Costs per layer and token: one scalar max over the devices and one
         elementwise add over the weight shards. The model's own parameters are put back
         afterwards, untouched."""
-        if not on or self.sampling.gather_weights != "per_layer":
+        if not on or self.sampling.gather_weights not in ("per_layer", "auto"):
             yield
             return
         swapped: dict[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]] = {}
@@ -594,24 +694,41 @@ class Generator:
     def _mask_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _batch_layout(self) -> tuple[Any, Any, str, int, int]:
+        """``(mesh, batch axes, heads axis, batch ways, heads ways)`` of the rollout's rows
+        and KV cache: ``(dp, fsdp)`` and ``mp`` on the training mesh, ``data`` and ``tp`` in
+        the generation layout."""
+        from . import runtime
+
+        m = self._batch_mesh
+        if isinstance(m, runtime.LayoutMesh):
+            return m, "data", "tp", m.data, m.tp
+        return m, runtime.BATCH_AXES, "mp", m.batch_parallel, m.mp
+
     def _shard_batch(self, t: torch.Tensor) -> None:
-        if self.mesh is None or t.shape[0] % self.mesh.batch_parallel:
+        if self._batch_mesh is None:
+            return
+        mesh, axes, _, ways, _ = self._batch_layout()
+        if t.shape[0] % ways:
             return
         from . import runtime
 
-        runtime.mark_sharding(t, self.mesh, runtime.batch_spec(t.ndim))
+        runtime.mark_sharding(t, mesh, (axes,) + (None,) * (t.ndim - 1))
 
     def _shard_cache(self, cache: Any, batch: int) -> None:
-        """KV cache ``[B, kv_heads, T, head_dim]``: batch over (dp, fsdp), kv-heads over mp."""
-        if self.mesh is None:
+        """KV cache ``[B, kv_heads, T, head_dim]``: batch over (dp, fsdp), kv-heads over mp;
+        in the generation layout batch over data, kv-heads over tp (replicated over tp where
+        tp does not divide them)."""
+        if self._batch_mesh is None:
             return
         from . import runtime
 
-        batch_axes = runtime.BATCH_AXES if batch % self.mesh.batch_parallel == 0 else None
+        mesh, axes, heads_axis, ways, heads_ways = self._batch_layout()
+        batch_axes = axes if batch % ways == 0 else None
         for layer in cache.layers:
             for t in (layer.keys, layer.values):
-                heads = "mp" if t.shape[1] % self.mesh.mp == 0 else None
-                runtime.mark_sharding(t, self.mesh, (batch_axes, heads, None, None))
+                heads = heads_axis if t.shape[1] % heads_ways == 0 else None
+                runtime.mark_sharding(t, mesh, (batch_axes, heads, None, None))
 
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int

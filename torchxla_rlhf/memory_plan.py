@@ -164,6 +164,120 @@ def prefill_bytes(shape: Shape, mesh: Mesh, rows: float, prompt: int, total: int
     return max(mlp, scores_bytes(shape, mesh, rows, prompt, total, 8 + c, compiler)) + logits
 
 
+# -- the generation layout (sampling.gather_weights: generation_layout) ----------------------
+
+
+def generation_tp_choices(mesh: Mesh) -> list[int]:
+    """Tensor-parallel group sizes of the generation layout: ``mp * f``, ``f`` dividing
+    ``fsdp`` (``runtime.generation_tp_choices``, on the planner's torch-free ``Mesh``)."""
+    return [mesh.mp * f for f in range(1, mesh.fsdp + 1) if mesh.fsdp % f == 0]
+
+
+def generation_tp(cfg: Any, mesh: Mesh) -> int:
+    """The configured ``sampling.generation_tp``, or ``mp * fsdp`` (one copy per dp replica)."""
+    return cfg.sampling.generation_tp or mesh.mp * mesh.fsdp
+
+
+def generation_copy_bytes(shape: Shape, tp: int, param_dtype: str, compute_dtype: str) -> float:
+    """The rollout's copy of the policy per device: matmul weights (layers and LM head) in the
+    compute dtype, embedding and norms in the parameter dtype, all split over ``tp``."""
+    return model_bytes(shape, True, param_dtype, compute_dtype) / tp
+
+
+def generation_reshard_bytes(shape: Shape, mesh: Mesh, param_dtype: str) -> float:
+    """The reshard graph's transient besides its output: the largest weight on its way from
+    the training layout (``fsdp``, ``mp``) to the tensor-parallel one, whole over ``fsdp``
+    (GSPMD gathers, then slices), in the parameter dtype."""
+    largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate,
+                  shape.hidden * shape.heads * shape.head_dim)
+    return largest * BYTES[param_dtype] / mesh.mp
+
+
+def generation_layout_terms(cfg: Any, shape: Shape, mesh: Mesh, micro: float, t: int) -> list[Term]:
+    """The rollout's terms under ``generation_layout`` (``micro``: rows per device in the
+    training layout, ``t``: prompt + continuation): the copy, the KV cache in the layout (rows
+    over ``data``, kv-heads over ``tp`` where they divide), and the larger of the prefill,
+    the decode loop's cache copies and the reshard's transient (three graphs, one after the
+    other)."""
+    tp = generation_tp(cfg, mesh)
+    data = mesh.devices // tp
+    c = BYTES[cfg.model.compute_dtype]
+    rows = micro * mesh.batch / data  # rows per device in the layout
+    kv_split = tp if shape.kv_heads % tp == 0 and shape.heads % tp == 0 else 1
+    cache = 2 * shape.layers * rows * t * shape.kv_heads / kv_split * shape.head_dim * c
+    prefill = prefill_bytes(shape, Mesh(1, data, tp), rows, cfg.train_dataset.seq_length, t, c,
+                            BYTES[cfg.model.param_dtype])
+    copies = DECODE_CACHE_COPIES * cache
+    reshard = generation_reshard_bytes(shape, mesh, cfg.model.param_dtype)
+    biggest = max((prefill, "prefill (one layer) + logits"), (copies, "decode loop's cache copies"),
+                  (reshard, "reshard (one weight whole over fsdp)"))
+    return [
+        Term("weights copy (generation layout)",
+             generation_copy_bytes(shape, tp, cfg.model.param_dtype, cfg.model.compute_dtype),
+             f"policy over tp={tp} (data={data}); matmuls {cfg.model.compute_dtype}"),
+        Term("KV cache", cache, f"{rows:g} rows x {t} x {shape.layers} layers, kv-heads over "
+             f"{kv_split}, {cfg.model.compute_dtype}"),
+        Term(biggest[1], biggest[0], f"prefill {_gib(prefill)}, decode copies {_gib(copies)}, "
+             f"reshard {_gib(reshard)}"),
+    ]
+
+
+def per_token_collective_bytes(shape: Shape, mesh: Mesh, gather_weights: str, rows: int,
+                               param_dtype: str, compute_dtype: str, tp: int = 0) -> dict[str, float]:
+    """What one decode step moves per device, from shapes (bytes of the collectives' outputs,
+    the measure ``tools/xla_dump.loop_collectives`` reads from compiled HLO), for ``rows``
+    rollout rows: ``{"weights": ..., "activations": ...}``.
+
+    ``per_layer``: every matmul weight and the LM head all-gathered over ``fsdp`` (split over
+    ``mp``) in the parameter dtype, plus the training layout's two all-reduces of
+    ``[rows / (dp * fsdp), hidden]`` per layer over ``mp``. (XLA:CPU gathers only the
+    column-parallel ones and moves activations for o/down; this counts the weights as
+    written.) ``hoisted``: the activations only. ``generation_layout``: two all-reduces of
+    ``[rows / data, hidden]`` per layer, plus the embedding's gather of ``[rows / data,
+    hidden]``; no weights."""
+    c, p = BYTES[compute_dtype], BYTES[param_dtype]
+    if gather_weights == "generation_layout":
+        tp = tp or mesh.mp * mesh.fsdp
+        rows_dev = rows / (mesh.devices // tp)
+        return {"weights": 0.0,
+                "activations": (2 * shape.layers * c + p) * rows_dev * shape.hidden}
+    rows_dev = rows / mesh.batch
+    act = 2 * shape.layers * rows_dev * shape.hidden * c if mesh.mp > 1 else 0.0
+    weights = 0.0
+    if gather_weights in ("per_layer", "auto") and mesh.fsdp > 1:
+        weights = (shape.layers * shape.layer_linear + shape.vocab * shape.hidden) * p / mesh.mp
+    return {"weights": weights, "activations": act}
+
+
+def resolve_sampling(cfg: Any, n_devices: int, hbm_bytes: float | None,
+                     shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None,
+                     compiler: str = "tpu") -> Any:
+    """``sampling`` with ``gather_weights: auto`` resolved (anything else is returned as is):
+    ``generation_layout`` with the smallest ``generation_tp`` (preferring one that divides the
+    heads, so the KV cache and attention split over tp) whose plan fits ``hbm_bytes``, else
+    ``per_layer``. With the device memory unknown (XLA:CPU) nothing is known to fit:
+    ``per_layer``."""
+    import dataclasses
+
+    s = cfg.sampling
+    if s.gather_weights != "auto":
+        return s
+    if hbm_bytes is None or cfg.trainer not in ("ppo", "grpo"):
+        return dataclasses.replace(s, gather_weights="per_layer")
+    mesh = mesh or _mesh(cfg, n_devices)
+    shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
+    shape = shapes["model"]
+    choices = [s.generation_tp] if s.generation_tp else generation_tp_choices(mesh)
+    even = [t for t in choices if shape.heads % t == 0 and shape.kv_heads % t == 0]
+    for tp in even + [t for t in choices if t not in even]:
+        trial = dataclasses.replace(s, gather_weights="generation_layout", generation_tp=tp)
+        p = plan(dataclasses.replace(cfg, sampling=trial), n_devices, hbm_bytes, shapes, mesh,
+                 compiler=compiler)
+        if p.fits:
+            return trial
+    return dataclasses.replace(s, gather_weights="per_layer")
+
+
 @dataclass
 class Term:
     name: str
@@ -433,6 +547,14 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
     shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
     shape = shapes["model"]
     notes = []
+    if getattr(getattr(cfg, "sampling", None), "gather_weights", None) == "auto":
+        import dataclasses
+
+        sampling = resolve_sampling(cfg, n_devices, hbm_bytes, shapes, mesh, compiler)
+        notes.append(f"sampling.gather_weights=auto: {sampling.gather_weights}"
+                     + (f" (generation_tp={sampling.generation_tp or generation_tp(cfg, mesh)})"
+                        if sampling.gather_weights == "generation_layout" else ""))
+        cfg = dataclasses.replace(cfg, sampling=sampling)
     heads = heads_per_device(shape, mesh.mp, compiler)
     if shape.heads % mesh.mp or shape.kv_heads % mesh.mp:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
@@ -476,6 +598,8 @@ def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
     micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     kv = heads_per_device(shape, mesh.mp) * shape.kv_heads // shape.heads * shape.head_dim
     cache = 2 * shape.layers * micro * t * kv * c
+    if cfg.sampling.gather_weights == "generation_layout":
+        return generation_layout_terms(cfg, shape, mesh, micro, t)
     rollout = [
         Term("gathered weights", rollout_gathered_weights_bytes(
             shape, mesh, cfg.sampling.gather_weights, cfg.model.param_dtype),
@@ -515,6 +639,9 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
     weights = Term("gathered weights", (shape.vocab * shape.hidden + _largest_matrix(shape)) * c / mesh.mp,
                    f"the policy's LM head and largest matrix, whole over fsdp, {cfg.model.compute_dtype}")
     kv = Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}")
+    if how == "generation_layout":  # its terms as XLA:CPU measured them (no TPU compile yet)
+        terms = generation_layout_terms(cfg, shape, mesh, micro, t)
+        return terms, terms
     tokens = micro * pl
     prefill = tokens * (shape.hidden * r + 3 * shape.intermediate / mesh.mp * c)
     return ([weights, kv, Term("prefill: one layer's MLP", prefill, f"{micro:g} rows x {pl} prompt tokens")],
@@ -629,6 +756,50 @@ def format_plan(p: Plan) -> str:
                  f"dominant term: {p.dominant.name} ({_gib(p.dominant.bytes)})")
     lines += [f"  note: {note}" for note in p.notes]
     return "\n".join(lines)
+
+
+def rollout_policies(cfg: Any, n_devices: int, hbm_bytes: float | None,
+                     shapes: Mapping[str, Shape] | None = None,
+                     mesh: Mesh | None = None) -> list[str]:
+    """One line per ``sampling.gather_weights`` policy of a PPO/GRPO config: the rollout's
+    per-token collective bytes per device (weights, activations), the rollout phase's
+    memory and the run's peak, and whether it fits (``auto`` picks the first that does in the
+    order generation_layout, per_layer). Empty for other trainers."""
+    import dataclasses
+
+    if getattr(cfg, "trainer", None) not in ("ppo", "grpo"):
+        return []
+    mesh = mesh or _mesh(cfg, n_devices)
+    shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
+    shape = shapes["model"]
+    rows = cfg.rollout_micro_batch_size or cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    chosen = resolve_sampling(cfg, n_devices, hbm_bytes, shapes, mesh)
+    tp = chosen.generation_tp if chosen.gather_weights == "generation_layout" else 0
+    lines = []
+    for policy in ("per_layer", "hoisted", "generation_layout"):
+        s = dataclasses.replace(cfg.sampling, gather_weights=policy,
+                                generation_tp=tp if policy == "generation_layout" else
+                                cfg.sampling.generation_tp)
+        p = plan(dataclasses.replace(cfg, sampling=s), n_devices, hbm_bytes, shapes, mesh)
+        b = per_token_collective_bytes(shape, mesh, policy, rows, cfg.model.param_dtype,
+                                       cfg.model.compute_dtype, generation_tp(s_cfg(cfg, s), mesh))
+        # Lower case: the plan's own verdict line is the one that says FITS / DOES NOT FIT.
+        verdict = {None: "fits: unknown", True: "fits", False: "does not fit"}[p.fits]
+        name = policy + (f" (tp={generation_tp(s_cfg(cfg, s), mesh)})"
+                         if policy == "generation_layout" else "")
+        lines.append(f"  rollout {name:<26} per token per device: weights "
+                     f"{b['weights'] / 2**20:9.2f} MiB, activations {b['activations'] / 2**20:7.2f} "
+                     f"MiB; rollout +{_gib(p.phase_total('rollout'))}, peak {_gib(p.peak)}: "
+                     f"{verdict}" + ("  <- auto" if policy == chosen.gather_weights
+                                    and cfg.sampling.gather_weights == "auto" else ""))
+    return lines
+
+
+def s_cfg(cfg: Any, sampling: Any) -> Any:
+    """``cfg`` with another ``sampling`` (a shallow copy)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, sampling=sampling)
 
 
 def check_fits(cfg: Any, n_devices: int, hbm_bytes: float | None,

@@ -54,6 +54,29 @@ SEQUENCE_CLASSIFIER_RULES: tuple[Rule, ...] = LLAMA_BACKBONE_RULES + (
 """``LlamaForSequenceClassification`` (reward and value models): backbone plus the
 ``[num_labels, hidden]`` score head, replicated."""
 
+GENERATION_RULES: tuple[Rule, ...] = (
+    (r"^model\.embed_tokens\.weight$", (None, "tp")),
+    (r"^model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)\.weight$", ("tp", None)),
+    (r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$", (None, "tp")),
+    (r"^model\.layers\.\d+\.mlp\.(gate_proj|up_proj)\.weight$", ("tp", None)),
+    (r"^model\.layers\.\d+\.mlp\.down_proj\.weight$", (None, "tp")),
+    (r"^model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight$", (None,)),
+    (r"^model\.norm\.weight$", (None,)),
+    (r"^lm_head\.weight$", ("tp", None)),
+)
+"""``LlamaForCausalLM`` in the rollout's generation layout (``sampling.gather_weights:
+generation_layout``, mesh axes ``(data, tp)``, :func:`runtime.generation_mesh`): Megatron
+tensor parallelism over ``tp`` and nothing over ``data`` (each tp group holds one whole
+copy). Column-parallel q/k/v/gate/up and LM head (out over tp), row-parallel o/down (in over
+tp), the embedding's hidden dim over tp (the lookup then needs no table gather), norms
+replicated. A decode step then moves activations only: an all-reduce of ``[rows, hidden]``
+after o and after down in every layer."""
+
+GENERATION_COMPUTE_DTYPE = re.compile(r"(_proj|lm_head)\.weight$")
+"""Weights the generation layout stores in the compute dtype: the matmul weights (what
+autocast would cast them to anyway). The embedding and the norms keep the parameter dtype, so
+the rollout's numerics are those of the other ``gather_weights`` policies."""
+
 LARGE_WEIGHT_NUMEL = 1 << 20
 """A parameter with at least this many elements must be sharded on some mesh axis (when the
 mesh has more than one device), so a missing rule cannot silently replicate a big matrix."""

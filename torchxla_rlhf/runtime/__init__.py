@@ -30,8 +30,9 @@ from torchxla_rlhf.runtime.memory import (
     HBM_ENV, device_memory_bytes, shard_nbytes, zeros_like_sharded,
 )
 from torchxla_rlhf.runtime.mesh import (
-    BATCH_AXES, MESH_AXES, MeshError, MeshInfo, PartitionSpec, batch_spec, device_coords,
-    make_mesh, mark_sharding, parse_mesh_dim, shard_slices, shard_to_device,
+    BATCH_AXES, GENERATION_AXES, MESH_AXES, LayoutMesh, MeshError, MeshInfo, PartitionSpec,
+    batch_spec, device_coords, generation_mesh, generation_tp_choices, make_mesh,
+    mark_sharding, parse_mesh_dim, shard_slices, shard_to_device,
 )
 from torchxla_rlhf.runtime.numerics import (activation_checkpoint_fn, autocast,
                                             gather_weights_per_layer, manual_seed)
@@ -48,7 +49,8 @@ from torchxla_rlhf.runtime.transfer import (
 )
 
 __all__ = [
-    "BATCH_AXES", "COORDINATOR_ENV", "HBM_ENV", "MESH_AXES", "Box", "DeviceLoop", "MeshError",
+    "BATCH_AXES", "COORDINATOR_ENV", "GENERATION_AXES", "HBM_ENV", "LayoutMesh", "MESH_AXES",
+    "Box", "DeviceLoop", "MeshError", "generation_mesh", "generation_tp_choices",
     "MeshInfo", "PackedScalar", "PartitionSpec", "activation_checkpoint_fn", "add_step_closure",
     "gather_weights_per_layer",
     "autocast", "barrier", "batch_spec", "batch_to_device", "compile", "compile_count",

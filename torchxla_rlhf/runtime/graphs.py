@@ -121,14 +121,20 @@ class DeviceLoop:
         return len(self._plans)
 
     def __call__(
-        self, carry: Sequence[torch.Tensor], n: int, invariants: Sequence[torch.Tensor] = ()
+        self, carry: Sequence[torch.Tensor], n: int, invariants: Sequence[torch.Tensor] = (),
+        invariants_key: Any = None,
     ) -> torch.Tensor:
+        """``invariants_key``: when given, the loop is cached by it (and the invariants'
+        shapes and dtypes) instead of by the invariant tensors' identities, so a later call
+        may pass NEW tensors in the same positions (a rollout's weight copy, made anew every
+        rollout) and traces nothing; they must have the same shapes, dtypes and shardings."""
         from torchxla_rlhf.runtime._xlac import xlac
 
         carry, invariants = list(carry), list(invariants)
+        inv = (tuple(id(t) for t in invariants) if invariants_key is None else
+               (invariants_key, tuple((tuple(t.shape), t.dtype) for t in invariants)))
         # The autocast state is traced into the body (bf16 matmuls under PPO's rollouts).
-        key = (int(n), tuple((tuple(t.shape), t.dtype) for t in carry),
-               tuple(id(t) for t in invariants),
+        key = (int(n), tuple((tuple(t.shape), t.dtype) for t in carry), inv,
                torch.is_autocast_enabled("xla") and torch.get_autocast_dtype("xla"))
         plan = self._plans.get(key)
         if plan is None:

@@ -54,11 +54,56 @@ def make_mesh(mesh_dim: str | Sequence[int]) -> MeshInfo:
     return MeshInfo(mesh=mesh, dp=dp, fsdp=fsdp, mp=mp)
 
 
+GENERATION_AXES = ("data", "tp")
+"""Axes of the rollout's generation layout (:func:`generation_mesh`): rows split over
+``data``, weights and heads over ``tp``."""
+
+
+@dataclass(frozen=True)
+class LayoutMesh:
+    """A second mesh over the same devices as a :class:`MeshInfo`: ``(data, tp)``, used by
+    the rollout's generation layout. Accepted wherever a mesh is (:func:`mark_sharding`)."""
+
+    mesh: Any  # torch_xla.distributed.spmd.Mesh
+    data: int
+    tp: int
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "tp": self.tp}
+
+
+def generation_tp_choices(mesh: MeshInfo | Any) -> list[int]:
+    """Tensor-parallel sizes a generation layout can take on ``mesh`` (anything with
+    ``dp``, ``fsdp``, ``mp``): ``mp * f`` for every ``f`` dividing ``fsdp``, ascending. Each
+    keeps every tp group a block of ``f`` whole mp groups (contiguous devices)."""
+    return [mesh.mp * f for f in range(1, mesh.fsdp + 1) if mesh.fsdp % f == 0]
+
+
+def generation_mesh(mesh: MeshInfo, tp: int) -> LayoutMesh:
+    """The ``(data, tp)`` mesh over ``mesh``'s devices: devices ``arange(n)`` reshaped to
+    ``[n / tp, tp]``. ``make_mesh`` lays devices out ``(dp, fsdp, mp)`` with ``mp`` fastest,
+    so a row of ``tp = mp * f`` devices is ``f`` consecutive fsdp positions of one dp replica,
+    each with its whole mp group."""
+    choices = generation_tp_choices(mesh)
+    if tp not in choices:
+        raise MeshError(f"sampling.generation_tp={tp}: expected mp * f with f dividing fsdp on "
+                        f"mesh dp={mesh.dp} fsdp={mesh.fsdp} mp={mesh.mp}: one of {choices}")
+    import torch_xla.distributed.spmd as xs
+
+    n = mesh.dp * mesh.fsdp * mesh.mp
+    return LayoutMesh(mesh=xs.Mesh(np.arange(n), (n // tp, tp), GENERATION_AXES),
+                      data=n // tp, tp=tp)
+
+
 PartitionSpec = tuple  # of axis names, None, or tuples of axis names; one entry per tensor dim
 
 
-def mark_sharding(tensor: torch.Tensor, mesh: MeshInfo, spec: PartitionSpec) -> torch.Tensor:
-    """Annotate an XLA tensor with a partition spec on the mesh (in place; returns it)."""
+def mark_sharding(tensor: torch.Tensor, mesh: MeshInfo | LayoutMesh,
+                  spec: PartitionSpec) -> torch.Tensor:
+    """Annotate an XLA tensor with a partition spec on the mesh (in place; returns it). On a
+    tensor that holds pending operations (inside a traced graph) this annotates the graph's
+    value: the graph computes it in that sharding."""
     import torch_xla.distributed.spmd as xs
 
     xs.mark_sharding(tensor, mesh.mesh, tuple(spec))

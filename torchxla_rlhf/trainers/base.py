@@ -475,3 +475,19 @@ def _exit_preempted_on_sigterm(lock: run_dir.RunLock | None = None) -> Any:
     except ValueError:
         return None
 
+
+def rollout_sampling(cfg: Any, mesh: runtime.MeshInfo) -> Any:
+    """The rollout's ``sampling`` with ``gather_weights: auto`` resolved by the memory planner
+    (``memory_plan.resolve_sampling``: the generation layout where it fits this device's
+    memory, else ``per_layer``); logged once."""
+    from torchxla_rlhf import memory_plan
+    from torchxla_rlhf.preflight.mesh import Mesh
+
+    sampling = memory_plan.resolve_sampling(
+        cfg, runtime.device_count(), runtime.device_memory_bytes(),
+        mesh=Mesh(mesh.dp, mesh.fsdp, mesh.mp))
+    if cfg.sampling.gather_weights == "auto":
+        logger.info("sampling.gather_weights=auto: %s%s", sampling.gather_weights,
+                    f" (generation_tp={sampling.generation_tp})"
+                    if sampling.gather_weights == "generation_layout" else "")
+    return sampling

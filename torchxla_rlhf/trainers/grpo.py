@@ -42,7 +42,7 @@ from torchxla_rlhf.rl import (
     rloo_advantages,
     sequence_kl_penalty,
 )
-from torchxla_rlhf.trainers.base import make_loader
+from torchxla_rlhf.trainers.base import make_loader, rollout_sampling
 from torchxla_rlhf.trainers.ppo import PPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,10 @@ class GRPOTrainer(PPOTrainer):
             rm_cfg, mesh, pad_token_id=pad, role="reward model", require_trained_head=True),
                                            rm_cfg, mesh) if rm_cfg is not None else None)
         self.policy.train()
-        self.generator = Generator(self.policy, cfg.sampling, eos_token_id=self.eos_id,
-                                   pad_token_id=pad, mesh=mesh)
+        self.generator = Generator(
+            self.policy, rollout_sampling(cfg, mesh), eos_token_id=self.eos_id,
+            pad_token_id=pad, mesh=mesh,
+        )
         self.eval_generator = Generator(self.policy, SamplingConfig(greedy=True),
                                         eos_token_id=self.eos_id, pad_token_id=pad, mesh=mesh)
 

@@ -41,7 +41,7 @@ from torchxla_rlhf.rl import (
     ppo_rollout_stats,
     scale_scores,
 )
-from torchxla_rlhf.trainers.base import Trainer, make_loader
+from torchxla_rlhf.trainers.base import Trainer, make_loader, rollout_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class PPOTrainer(Trainer):
         self.policy.train()
         self.value.train()
         self.generator = Generator(
-            self.policy, cfg.sampling, eos_token_id=self.eos_id, pad_token_id=pad, mesh=mesh
+            self.policy, rollout_sampling(cfg, mesh), eos_token_id=self.eos_id,
+            pad_token_id=pad, mesh=mesh,
         )
 
         # Shapes of a step: N rollouts = n_mini mini-batches = n_chunks chunks (micro-batches).
