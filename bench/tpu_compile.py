@@ -37,7 +37,15 @@ from torchxla_rlhf.trainers import registry  # noqa: E402
 DEFAULT = os.path.join(REPO, "bench", "results", "tpu_compile_13b.json")
 
 
+ROLLOUT_AS_COMPILED = ["sampling.gather_weights=per_layer"]
+"""PPO's and GRPO's rollouts are compiled with ``per_layer`` weights here (the default
+``auto`` picks the generation layout where the planner says it fits; its tensor-parallel
+sub-mesh splits ``fsdp`` in a way the sharding remap cannot yet re-express)."""
+
+
 def line_plan(pod_name: str, config: str, overrides: list[str]):
+    if config.startswith(("ppo", "grpo")):
+        overrides = [*overrides, *ROLLOUT_AS_COMPILED]
     path = find_config(config)
     cfg = registry.load(path, overrides)
     shapes, _ = read_plan_shapes(cfg, path)
@@ -63,7 +71,8 @@ def measure(pods: list[str], save: str, lines: str | None = None) -> list[dict]:
         mesh = [p.mesh.dp, p.mesh.fsdp, p.mesh.mp]
         t0 = time.time()
         print(f"{pod_name} {config} {' '.join(overrides)}", flush=True)
-        verdicts = aot.compile_run(path, overrides, shapes, pod_name, mesh,
+        traced = [*overrides, *ROLLOUT_AS_COMPILED] if config.startswith(("ppo", "grpo")) else overrides
+        verdicts = aot.compile_run(path, traced, shapes, pod_name, mesh,
                                    say=lambda s: print(s, flush=True))
         rows.append({"pod": pod_name, "config": config, "overrides": overrides, "mesh": mesh,
                      "layers": shapes["model"].layers, "seconds": round(time.time() - t0),

@@ -354,7 +354,8 @@ def _plan_compile(args, cfg, config_path, shapes, p, pod, hbm) -> int:
     mesh = (p.mesh.dp, p.mesh.fsdp, p.mesh.mp)
     print(f"TPU compiler ({pod.name}, libtpu compile-only), graphs traced at "
           f"{', '.join(map(str, aot.DEPTHS))} of {shapes['model'].layers} layers:", flush=True)
-    verdicts = aot.compile_run(config_path, args.overrides, shapes, pod.name, mesh,
+    overrides = [*args.overrides, *aot.sampling_overrides(cfg, pod.devices, hbm, shapes)]
+    verdicts = aot.compile_run(config_path, overrides, shapes, pod.name, mesh,
                                say=lambda line: print(line, flush=True))
     resident = aot.resident_outside(p, list(verdicts))
     planned = {name: aot.planned_graph_bytes(p, name) for name in verdicts}

@@ -639,7 +639,7 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
     weights = Term("gathered weights", (shape.vocab * shape.hidden + _largest_matrix(shape)) * c / mesh.mp,
                    f"the policy's LM head and largest matrix, whole over fsdp, {cfg.model.compute_dtype}")
     kv = Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}")
-    if how == "generation_layout":  # its terms as XLA:CPU measured them (no TPU compile yet)
+    if cfg.sampling.gather_weights == "generation_layout":  # as XLA:CPU measured it (no TPU compile yet)
         terms = generation_layout_terms(cfg, shape, mesh, micro, t)
         return terms, terms
     tokens = micro * pl

@@ -193,6 +193,18 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
     return verdicts
 
 
+def sampling_overrides(cfg: Any, n_devices: int, hbm_bytes: float | None, shapes: dict) -> list[str]:
+    """The rollout's ``sampling`` as the run resolves it on the pod (``gather_weights: auto``:
+    ``memory_plan.resolve_sampling``, what ``trainers.base.rollout_sampling`` does), as
+    overrides for the trace: the graphs traced are the ones the run would compile."""
+    from torchxla_rlhf.memory_plan import resolve_sampling
+
+    if getattr(cfg, "sampling", None) is None:
+        return []
+    s = resolve_sampling(cfg, n_devices, hbm_bytes, shapes)
+    return [f"sampling.gather_weights={s.gather_weights}", f"sampling.generation_tp={s.generation_tp}"]
+
+
 GIB = 1 << 30
 
 

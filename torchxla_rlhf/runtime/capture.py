@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import torch
 
-from torchxla_rlhf.runtime._xlac import xlac
 from torchxla_rlhf.runtime.mesh import MeshInfo, PartitionSpec, mark_sharding
 
 
@@ -64,6 +63,8 @@ class GraphCapture:
         """The HLO sharding a partition spec gives on the mesh (``""``: replicated), read from
         a small real tensor marked with it (the mesh's own device order, as torch_xla
         computes it)."""
+        from torchxla_rlhf.runtime._xlac import xlac
+
         if spec is None or all(a is None for a in spec):
             return ""
         key = (tuple(spec), rank)
@@ -104,6 +105,8 @@ class GraphCapture:
 
     def sharding_of(self, tensor: torch.Tensor) -> str:
         """The sharding ``tensor`` has or stands for (``""``: replicated)."""
+        from torchxla_rlhf.runtime._xlac import xlac
+
         known = self._known.get(id(tensor))
         annotated = xlac._get_xla_sharding_spec(tensor)
         return annotated or (known[2] if known is not None else "")
@@ -120,12 +123,16 @@ class GraphCapture:
         return t
 
     def _register(self, t: torch.Tensor, text: str) -> None:
+        from torchxla_rlhf.runtime._xlac import xlac
+
         _, shadows = xlac._get_tensors_xla_device_data_node([t])
         self._known[id(t)] = (t, shadows[0], text)
 
     # -- launches -------------------------------------------------------------------------
 
     def __enter__(self) -> "GraphCapture":
+        from torchxla_rlhf.runtime._xlac import xlac
+
         self._saved = (xlac._xla_step_marker, xlac._xla_sync_multi, xlac._xla_mark_sharding)
         mark = xlac._xla_mark_sharding
 
@@ -147,11 +154,15 @@ class GraphCapture:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        from torchxla_rlhf.runtime._xlac import xlac
+
         xlac._xla_step_marker, xlac._xla_sync_multi, xlac._xla_mark_sharding = self._saved
 
     def record(self, tensors: Sequence[torch.Tensor], name: str | None = None) -> CapturedGraph | None:
         """Record the graph that computes the pending ones of ``tensors``, then replace each
         by a placeholder (module docstring). Returns the graph (None: nothing pending)."""
+        from torchxla_rlhf.runtime._xlac import xlac
+
         # Python tensors that share one XLA tensor (a Parameter over a placeholder) are one
         # result, and each of them is replaced below.
         groups: dict[int, list[torch.Tensor]] = {}
