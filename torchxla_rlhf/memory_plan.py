@@ -425,12 +425,13 @@ the causal mask is fused, never held. Fitted on two compiles that the scores dom
 DPO proxy at 2048 tokens in fp32 (2.6 ``[2048, 2048]`` fp32 buffers a row) and 13B's DPO
 micro-step in bf16 on a v3-256 (1.9 fp32 ``[5, 4096, 4096]`` buffers a device)."""
 
-TPU_SAVED_BYTES = {2: 18.0, 4: 6.0}
-"""Bytes XLA:TPU keeps per layer of a checkpointed model for its backward, per element of
-``[tokens, H / mp]``, by compute dtype bytes. Checkpointing saves the layer input (fp32, 4 B),
-but under bf16 autocast the TPU compiler also keeps compute-dtype copies it would otherwise
-recompute (the per-layer growth of libtpu's compiles: 13B DPO on a v3-256 16.8 B, 13B PPO 20 B
-per trained model; in fp32 the DPO and RM proxies 6.2 and 5.6 B)."""
+TPU_FROZEN_KEEP_BYTES = {2: 16.0, 4: 2.0}
+"""What XLA:TPU keeps per layer of each frozen model a training step runs (a reference, a
+reward model), per element of ``[tokens, H / mp]``, by compute dtype bytes: its scheduler
+runs the frozen forward's layers beside the trained model's backward and holds their outputs
+meanwhile. Fitted on the per-layer growth of libtpu's compiles: 13B on a v3-256, DPO (the
+reference) 13.7 B, PPO (reference and reward model) 17.4 B each, while the reward-model run,
+with no frozen model, keeps the checkpointed inputs alone (4 B); in fp32, the DPO proxy 2 B."""
 
 
 def _largest_matrix(shape: Shape) -> int:
@@ -439,14 +440,15 @@ def _largest_matrix(shape: Shape) -> int:
     return max(shape.hidden * shape.intermediate, shape.hidden * q, shape.hidden * kv)
 
 
-def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
+def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[Term]:
     """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
     client, ``plan --compile``): one layer's recompute and backward (the larger of its MLP and
     its softmax moments, :data:`TPU_MLP_TENSORS`, :data:`TPU_SCORE_BYTES`; a second trained
     model's backward does not overlap it), each trained model's largest weight whole over fsdp
-    in the compute dtype (XLA:TPU gathers one matrix at a time, after the cast), and per layer
-    of each model what the backward keeps (:data:`TPU_SAVED_BYTES`; every layer's tensors
-    without checkpointing); the LM head's logits where they exceed the layer."""
+    in the compute dtype (XLA:TPU gathers one matrix at a time, after the cast), per layer of
+    each trained model its checkpointed input (every layer's tensors without checkpointing),
+    and per layer of each of the ``frozen`` models the step runs what XLA:TPU keeps of it
+    (:data:`TPU_FROZEN_KEEP_BYTES`); the LM head's logits where they exceed the layer."""
     terms, layer_total, logits = [], 0.0, 0.0
     for k, t in enumerate(passes):
         c, r = BYTES[t.model_cfg.compute_dtype], BYTES[t.model_cfg.param_dtype]
@@ -457,13 +459,17 @@ def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
                             + TPU_MLP_TENSORS[1] * shape.intermediate / mesh.mp)
         softmax = scores * (TPU_SCORE_BYTES[0] + TPU_SCORE_BYTES[1] * c) + tokens * 2 * shape.hidden * c
         layer = max(mlp, softmax)
-        saved = (tokens * shape.hidden / mesh.mp * TPU_SAVED_BYTES[c]
+        saved = (checkpoint_bytes(shape, mesh, t.rows, t.seq, r)
                  if t.model_cfg.gradient_checkpointing else layer)
         if k == 0:
             layer_total = layer
             terms.append(Term(f"{t.prefix} layer recompute + backward", layer,
                               f"{t.rows:g} rows x {t.seq}, {heads} heads/device; "
                               f"{'softmax' if softmax >= mlp else 'MLP'} moment"))
+            if frozen:
+                keep = tokens * shape.hidden / mesh.mp * TPU_FROZEN_KEEP_BYTES[c]
+                terms.append(Term("frozen models' layers kept", frozen * shape.layers * keep,
+                                  f"{frozen} frozen model(s) x {shape.layers} layers x {_gib(keep)}"))
         terms += [
             Term(f"{t.prefix} gathered weight", _largest_matrix(shape) * c / mesh.mp,
                  f"the largest matrix, whole over fsdp, {t.model_cfg.compute_dtype}"),
@@ -579,7 +585,7 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
         persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
     passes = [TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
     if compiler == "tpu":
-        phases = {"train micro-step": _train_terms_tpu(passes, mesh),
+        phases = {"train micro-step": _train_terms_tpu(passes, mesh, len(frozen)),
                   "train update": _update_terms_tpu(persistent)}
     else:
         phases = {"train micro-step": _train_terms(passes, mesh, gradients,
@@ -710,6 +716,11 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
                          gradients, compiler)
 
 
+def _frozen_models(cfg: Any) -> int:
+    """How many frozen models a training step runs (the config's model roles)."""
+    return sum(1 for r in cfg.model_roles() if not r.trained and r.resident)
+
+
 def _rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh,
                   hbm_bytes: float | None, persistent: list[Term], passes: list[TrainedPass],
                   notes: list[str], gradients: str, compiler: str) -> Plan:
@@ -723,7 +734,7 @@ def _rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mes
     if compiler == "tpu":
         prefill, decode = _rollout_terms_tpu(cfg, shape, mesh)
         phases = {"rollout prefill": prefill, "rollout decode": decode,
-                  "train micro-step": _train_terms_tpu(passes, mesh) + grads,
+                  "train micro-step": _train_terms_tpu(passes, mesh, _frozen_models(cfg)) + grads,
                   "train update": _update_terms_tpu(persistent) + grads}
     else:
         phases = {"rollout": _rollout_terms(cfg, shape, mesh),
