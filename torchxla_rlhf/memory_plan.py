@@ -800,7 +800,8 @@ def rollout_policies(cfg: Any, n_devices: int, hbm_bytes: float | None,
                          if policy == "generation_layout" else "")
         lines.append(f"  rollout {name:<26} per token per device: weights "
                      f"{b['weights'] / 2**20:9.2f} MiB, activations {b['activations'] / 2**20:7.2f} "
-                     f"MiB; rollout +{_gib(p.phase_total('rollout'))}, peak {_gib(p.peak)}: "
+                     f"MiB; rollout +{_gib(max(p.phase_total(k) for k in p.phases if k.startswith('rollout')))}"
+                     f", peak {_gib(p.peak)}: "
                      f"{verdict}" + ("  <- auto" if policy == chosen.gather_weights
                                     and cfg.sampling.gather_weights == "auto" else ""))
     return lines

@@ -268,9 +268,12 @@ def _prepare(proto: bytes, meta: dict, dst_mesh: Sequence[int]):
     with mlir.make_ir_context():
         module = ir.Module.parse(shlo)
         main = next(op for op in module.body.operations
-                    if ir.StringAttr(op.attributes["sym_name"]).value == "main")
+                    if "sym_name" in op.attributes and ir.StringAttr(op.attributes["sym_name"]).value == "main")
         attrs = []
-        for i, d in enumerate(ir.ArrayAttr(main.attributes["arg_attrs"])):
+        n_args = len(main.regions[0].blocks[0].arguments)
+        given = (list(ir.ArrayAttr(main.attributes["arg_attrs"])) if "arg_attrs" in main.attributes
+                 else [ir.DictAttr.get({})] * n_args)  # no argument has attributes
+        for i, d in enumerate(given):
             d = ir.DictAttr(d)
             entries = {d[j].name: d[j].attr for j in range(len(d))}
             if i in shardings and "mhlo.sharding" not in entries:
