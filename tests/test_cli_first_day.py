@@ -216,6 +216,8 @@ def test_check_on_the_13b_configs_with_local_stand_ins(path, tmp_path, capsys, l
              "train_dataset.hf_name=null", f"train_dataset.path={data}"]
     if kind == "ppo":
         extra.append(f"reward_model.name_or_path={llama13b_dir}")
+    if kind == "sft":
+        extra.append("messages_key=chosen")  # the tiny data's conversations
     code, out = _check(kind, path, tmp_path, capsys, *extra)
     assert code == 0, out
     assert "40 layers, hidden 5120" in out and "on 256 device(s) (--devices)" in out
@@ -336,7 +338,7 @@ def test_pipeline_stages_are_wired_from_what_each_trainer_declares(stages, overr
 
 
 @pytest.mark.parametrize("stages,match", [
-    ("dpo,sft", "unknown trainer 'sft'; known: dpo, reward, ppo, grpo"),
+    ("dpo,kto", "unknown trainer 'kto'; known: sft, dpo, reward, ppo, grpo"),
     ("dpo,dpo", "name each stage once"),
 ])
 def test_pipeline_stage_errors_are_one_line(stages, match, tmp_path, capsys):

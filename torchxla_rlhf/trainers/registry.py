@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from torchxla_rlhf import memory_plan
 from torchxla_rlhf.config import ConfigError, declared_value
 from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.sft import SFTConfig, plan_sft
 from torchxla_rlhf.preflight.shapes import Head
 
 
@@ -94,6 +95,8 @@ def register(spec: TrainerSpec) -> TrainerSpec:
     return spec
 
 
+register(TrainerSpec(SFTConfig, "torchxla_rlhf.trainers.sft:SFTTrainer", plan_sft,
+                     "supervised fine-tuning on chat conversations, packed (loss on assistant turns)"))
 register(TrainerSpec(DPOConfig, "torchxla_rlhf.trainers.dpo:DPOTrainer", memory_plan.plan_pairs,
                      "DPO / IPO / cDPO / length-normalized DPO / SimPO on preference pairs"))
 register(TrainerSpec(RewardConfig, "torchxla_rlhf.trainers.reward:RewardTrainer",
