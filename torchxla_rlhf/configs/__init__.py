@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from torchxla_rlhf import memory_plan
 from torchxla_rlhf.data.config import DataSource, DatasetConfig
+from torchxla_rlhf.roles import Batch, ModelRole
 
 # The sections below are defined here, not next to the code that uses them (models,
 # optim, generation, tracking re-import them), so that parsing a config or printing --help
@@ -305,11 +307,16 @@ class RunConfig:
     # config class says it; see trainers/registry.py).
 
     def model_roles(self) -> list:
-        """The models the trainer puts on the mesh (``trainers.registry.ModelRole``)."""
+        """The models the trainer puts on the mesh (:class:`~torchxla_rlhf.roles.ModelRole`)."""
         raise NotImplementedError
 
     def batches(self) -> list:
-        """The rows it uploads per step and how they split (``trainers.registry.Batch``)."""
+        """The rows it uploads per step and how they split (:class:`~torchxla_rlhf.roles.Batch`)."""
+        raise NotImplementedError
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        """The trainer's per-device memory plan (:class:`memory_plan.Plan`) from the models'
+        shapes on ``mesh``: what :func:`memory_plan.plan` is handed by the config."""
         raise NotImplementedError
 
     def sequence_length(self) -> tuple[str, int]:
@@ -337,10 +344,12 @@ class PairRunConfig(RunConfig):
 
     def batches(self) -> list:
         """Rows uploaded per micro-batch (held-out pairs come in batches of the same size)."""
-        from torchxla_rlhf.trainers.registry import Batch
-
         return [Batch("train_dataset.batch_size x 2 (chosen + rejected rows)",
                       "train_dataset.batch_size", 2 * self.train_dataset.batch_size)]
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_pairs(self, shapes, mesh, hbm_bytes, notes,
+                                      gradients=gradients, compiler=compiler)
 
     def sequence_length(self) -> tuple[str, int]:
         """The longest sequence a model sees, and the keys that set it."""
@@ -406,8 +415,6 @@ class DPOConfig(PairRunConfig):
     def model_roles(self) -> list:
         """The policy and its frozen reference (freed after start-up when its log-probs are
         precalculated)."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         policy = [ModelRole("policy", "model", True, "causal")]
         if not self.needs_reference:  # simpo: no reference model at all
             return policy
@@ -430,7 +437,6 @@ class RewardConfig(PairRunConfig):
     """Seed of the score head's normal(0, initializer_range) init (causal-LM starts only)."""
 
     def model_roles(self) -> list:
-        from torchxla_rlhf.trainers.registry import ModelRole
 
         return [ModelRole("reward model", "model", True, "classifier")]
 
@@ -442,7 +448,6 @@ class _RolloutShapes:
 
     def batches(self) -> list:
         """The rollout rows per step, and the rows of each update's chunk."""
-        from torchxla_rlhf.trainers.registry import Batch
 
         chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
         return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
@@ -572,13 +577,15 @@ class PPOConfig(_RolloutShapes, RunConfig):
     def model_roles(self) -> list:
         """Policy and value model trained; reference and reward model frozen. The value model
         starts from ``value_model`` when set, else from the reward model."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         value_key = "value_model" if self.value_model is not None else "reward_model"
         return [ModelRole("policy", "model", True, "causal"),
                 ModelRole("reference", "model", False, "causal"),
                 ModelRole("reward model", "reward_model", False, "classifier"),
                 ModelRole("value model", value_key, True, "classifier")]
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_ppo(self, shapes, mesh, hbm_bytes, notes,
+                                    gradients=gradients, compiler=compiler)
 
 
 def _tiny_vowels(text: str) -> float:
@@ -753,12 +760,14 @@ class GRPOConfig(_RolloutShapes, RunConfig):
 
     def model_roles(self) -> list:
         """The policy trained; the reference only with a KL term; a reward model if set."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         roles = [ModelRole("policy", "model", True, "causal")]
         if self.needs_reference:
             roles.append(ModelRole("reference", "model", False, "causal"))
         if self.reward_model is not None:
             roles.append(ModelRole("reward model", "reward_model", False, "classifier"))
         return roles
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_grpo(self, shapes, mesh, hbm_bytes, notes,
+                                     gradients=gradients, compiler=compiler)
 

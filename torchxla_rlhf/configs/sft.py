@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from torchxla_rlhf import memory_plan
 from torchxla_rlhf.configs import OptimizerConfig, RunConfig
 from torchxla_rlhf.data.config import DataSource, DatasetConfig
+from torchxla_rlhf.roles import Batch, ModelRole
 
 
 @dataclass
@@ -64,14 +65,10 @@ class SFTConfig(RunConfig):
 
     def model_roles(self) -> list:
         """The policy, trained; nothing else."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         return [ModelRole("policy", "model", True, "causal")]
 
     def batches(self) -> list:
         """Rows uploaded per micro-batch (held-out rows come in batches of the same size)."""
-        from torchxla_rlhf.trainers.registry import Batch
-
         return [Batch("train_dataset.batch_size rows", "train_dataset.batch_size",
                       self.train_dataset.batch_size)]
 
@@ -81,6 +78,10 @@ class SFTConfig(RunConfig):
         if self.eval_dataset is not None:
             lengths.append(self.eval_dataset.seq_length)
         return "train_dataset.seq_length", max(lengths)
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return plan_sft(self, shapes, mesh, hbm_bytes, notes, gradients=gradients,
+                        compiler=compiler)
 
 
 def plan_sft(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_plan.Mesh,
