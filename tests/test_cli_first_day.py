@@ -380,3 +380,23 @@ def test_check_fails_on_a_bad_wandb_mode_before_loading_anything(tmp_path, capsy
     monkeypatch.setenv("WANDB_MODE", "offline")
     code, out = _check("dpo", "tiny/dpo", tmp_path, capsys, "logger.wandb_mode=disabled")
     assert code == 0 and "W&B disabled (logger.wandb_mode; WANDB_MODE=offline ignored)" in out
+
+
+def test_help_names_every_trainer_with_an_entry_point_and_no_jargon(capsys):
+    """The top-level --help lists every registered trainer by a command that exists; neither it
+    nor any trainer's --help says "the seed" (development jargon)."""
+    import importlib.util
+
+    from torchxla_rlhf.__main__ import main
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert top.splitlines()[0].startswith("torchxla_rlhf: SFT, DPO, reward models, PPO and GRPO")
+    for kind in KINDS:
+        assert f"python -m torchxla_rlhf.{kind} " in top
+        assert importlib.util.find_spec(f"torchxla_rlhf.{kind}") is not None, kind
+    texts = [top]
+    for kind in KINDS:
+        assert run_cli(kind, ["--help"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert all(len(t) > 200 and "the seed" not in t.lower() and "seed's" not in t for t in texts)

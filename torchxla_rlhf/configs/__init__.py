@@ -1,9 +1,9 @@
 """The trainers' config trees (one dataclass tree per trainer; a docstring per field).
 
-Field names follow the seed's EasyLM flags where one exists, so the paper's commands carry
+Field names follow EasyLM's flags (the paper's JAX code) where one exists, so the paper's commands carry
 over: ``mesh_dim``, ``tokenizer_pad_token_id``, ``train_dataset.seq_length``,
 ``optimizer.accumulate_gradient_steps``, ``save_model_freq``, ``max_continuation_len``, ...
-The README maps every seed flag to its key here. This module imports neither torch nor
+The README maps every EasyLM flag to its key here. This module imports neither torch nor
 model code, so that ``--help`` and config errors answer in well under a second.
 """
 
@@ -246,7 +246,7 @@ class RunConfig:
     tokenizer: str | None = None
     """Tokenizer directory or hub name (default: the model's); 'tiny' for the byte-level one."""
     tokenizer_pad_token_id: int = 0
-    """Pad id (the seed's --tokenizer_pad_token_id; LLaMA-2/Tulu 2 use 0)."""
+    """Pad id (EasyLM's --tokenizer_pad_token_id; LLaMA-2/Tulu 2 use 0)."""
     tokenizer_legacy: bool = True
     """LLaMA-family SentencePiece tokenizers only: true (the paper's JAX code, Tulu 2) puts the
     dummy-prefix '▁' after every special token ('<s><|user|>' -> [1, 529]); false is
@@ -264,7 +264,7 @@ class RunConfig:
     save_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """Dtype of saved weights (config.json's torch_dtype matches)."""
     save_training_state: bool = False
-    """Also save parameters, optimizer state and data position for exact resume (the seed's
+    """Also save parameters, optimizer state and data position for exact resume (EasyLM's
     --checkpointer.save_optimizer_state; costs 3x the model's fp32 size per checkpoint)."""
     save_every_minutes: float = 0.0
     """Save the training state alone (each host its own shards, no gather) to
@@ -500,7 +500,7 @@ class PPOConfig(_RolloutShapes, RunConfig):
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 1e-6
-    """Learning rate of the policy and the value model (the seed's --lr)."""
+    """Learning rate of the policy and the value model (EasyLM's --lr)."""
     value_lr: float | None = None
     """Learning rate of the value model (default: lr)."""
     warmup_epochs: float = 0.1
@@ -528,7 +528,7 @@ class PPOConfig(_RolloutShapes, RunConfig):
     missing_eos_penalty: float | None = -10.0
     """Reward of a response cut off without eos (the paper: -10); null keeps the RM's score."""
     max_steps_per_epoch: int | None = None
-    """Stop each epoch after this many steps (debugging aid, as the seed's flag)."""
+    """Stop each epoch after this many steps (debugging aid, as EasyLM's flag)."""
     generate_only: bool = False
     """Roll out and score, log the samples, but never update (debugging aid)."""
     num_logged_samples: int = 8
