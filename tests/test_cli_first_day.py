@@ -216,6 +216,8 @@ def test_check_on_the_13b_configs_with_local_stand_ins(path, tmp_path, capsys, l
              "train_dataset.hf_name=null", f"train_dataset.path={data}"]
     if kind == "ppo":
         extra.append(f"reward_model.name_or_path={llama13b_dir}")
+    if kind == "sft":
+        extra.append("messages_key=chosen")  # the tiny data's conversations
     code, out = _check(kind, path, tmp_path, capsys, *extra)
     assert code == 0, out
     assert "40 layers, hidden 5120" in out and "on 256 device(s) (--devices)" in out
@@ -336,7 +338,7 @@ def test_pipeline_stages_are_wired_from_what_each_trainer_declares(stages, overr
 
 
 @pytest.mark.parametrize("stages,match", [
-    ("dpo,sft", "unknown trainer 'sft'; known: dpo, reward, ppo, grpo"),
+    ("dpo,kto", "unknown trainer 'kto'; known: sft, dpo, reward, ppo, grpo"),
     ("dpo,dpo", "name each stage once"),
 ])
 def test_pipeline_stage_errors_are_one_line(stages, match, tmp_path, capsys):
@@ -378,3 +380,23 @@ def test_check_fails_on_a_bad_wandb_mode_before_loading_anything(tmp_path, capsy
     monkeypatch.setenv("WANDB_MODE", "offline")
     code, out = _check("dpo", "tiny/dpo", tmp_path, capsys, "logger.wandb_mode=disabled")
     assert code == 0 and "W&B disabled (logger.wandb_mode; WANDB_MODE=offline ignored)" in out
+
+
+def test_help_names_every_trainer_with_an_entry_point_and_no_jargon(capsys):
+    """The top-level --help lists every registered trainer by a command that exists; neither it
+    nor any trainer's --help says "the seed" (development jargon)."""
+    import importlib.util
+
+    from torchxla_rlhf.__main__ import main
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert top.splitlines()[0].startswith("torchxla_rlhf: SFT, DPO, reward models, PPO and GRPO")
+    for kind in KINDS:
+        assert f"python -m torchxla_rlhf.{kind} " in top
+        assert importlib.util.find_spec(f"torchxla_rlhf.{kind}") is not None, kind
+    texts = [top]
+    for kind in KINDS:
+        assert run_cli(kind, ["--help"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert all(len(t) > 200 and "the seed" not in t.lower() and "seed's" not in t for t in texts)

@@ -11,6 +11,7 @@ import pytest
 from torchxla_rlhf.__main__ import main as cli
 from torchxla_rlhf.config import ConfigError, load_config
 from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.sft import SFTConfig
 from torchxla_rlhf.trainers import registry
 
 from helpers import REPO
@@ -177,7 +178,7 @@ def test_plan_imports_neither_torch_nor_torch_xla(tmp_path):
 
 
 def test_every_trainer_declares_itself():
-    assert list(registry.TRAINERS) == ["dpo", "reward", "ppo", "grpo"]
+    assert list(registry.TRAINERS) == ["sft", "dpo", "reward", "ppo", "grpo"]
     for kind, spec in registry.TRAINERS.items():
         assert spec.kind == kind == spec.config().trainer
         module, _, cls = spec.trainer.partition(":")
@@ -194,7 +195,7 @@ def test_each_shipped_config_declares_its_trainer():
         kind = os.path.basename(path).split("_")[0].split(".")[0]
         assert registry.kind_of_file(path) == kind, path
         assert type(registry.load(path)) is {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig,
-                                             "grpo": GRPOConfig}[kind]
+                                             "grpo": GRPOConfig, "sft": SFTConfig}[kind]
 
 
 def test_roles_follow_the_config():

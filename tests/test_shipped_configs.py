@@ -7,10 +7,12 @@ import pytest
 
 from torchxla_rlhf.config import load_config
 from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.sft import SFTConfig
 
 from helpers import REPO
 
-KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
+         "sft": SFTConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)))

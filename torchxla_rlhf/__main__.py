@@ -3,12 +3,12 @@
     python -m torchxla_rlhf                       # lists the entry points
     python -m torchxla_rlhf train --config FILE [KEY=VALUE ...]   # the trainer FILE names
     python -m torchxla_rlhf pipeline [--configs configs/tiny] [--output-root outputs/tiny]
-                                     [--stages dpo,reward,ppo] [--resume] [STAGE.KEY=VALUE ...]
+                                     [--stages sft,dpo,reward,ppo] [--resume] [STAGE.KEY=VALUE ...]
     python -m torchxla_rlhf plan --config FILE [--tpu v3-256 | --devices N --hbm-gib G] [KEY=VALUE ...]
 
 The pipeline runs its stages (registered trainer kinds, each from ``DIR/KIND.yaml``) in order,
 wiring the output directories together: a stage that trains a policy starts from the last
-earlier stage's exported policy (PPO's and GRPO's ``model`` is DPO's ``final``), and a stage
+earlier stage's exported policy (DPO's ``model`` is SFT's ``final``, PPO's and GRPO's DPO's), and a stage
 with a reward model scores with the last earlier stage's exported classifier (the reward run's
 ``final``). Overrides are prefixed by the stage they apply to.
 """
@@ -154,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         from torchxla_rlhf.trainers.registry import TRAINERS
 
-        print("torchxla_rlhf: DPO, reward models and PPO for HF Llama models on PyTorch/XLA\n")
+        print("torchxla_rlhf: SFT, DPO, reward models, PPO and GRPO for HF Llama models on "
+              "PyTorch/XLA\n")
         for name, spec in TRAINERS.items():
             print(f"  python -m torchxla_rlhf.{name:<7} --config FILE [key=value ...]   {spec.summary}")
         print("  python -m torchxla_rlhf train --config FILE [key=value ...]   "
               "the trainer the config names (trainer: KIND)")
         print("  python -m torchxla_rlhf pipeline [--configs DIR] [--output-root DIR] "
-              "[--stages dpo,reward,ppo|grpo] [STAGE.key=value ...]   the stages, wired together")
+              "[--stages sft,dpo,reward,ppo|grpo] [STAGE.key=value ...]   the stages, wired together")
         print("  python -m torchxla_rlhf plan --config FILE [--tpu v3-256] [key=value ...]   "
               "the start-up checks and the per-device memory plan, without a device")
         print("  python -m torchxla_rlhf.launch --tpu NAME --zone ZONE [options] -- COMMAND ...   "
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="configs/tiny", help="directory with KIND.yaml per stage")
     parser.add_argument("--output-root", default="outputs/tiny")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                        help="comma-separated trainer kinds, in order (e.g. dpo,reward,grpo)")
+                        help="comma-separated trainer kinds, in order (e.g. sft,dpo,reward,ppo or dpo,grpo)")
     parser.add_argument("--resume", action="store_true",
                         help="skip finished stages, continue the others with resume_from=auto")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")

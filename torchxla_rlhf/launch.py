@@ -142,7 +142,7 @@ class Options:
 
 def parse_env(pairs: Sequence[str], environ: dict[str, str]) -> dict[str, str]:
     """``K=V`` pairs (a bare ``K`` takes this machine's value), plus :data:`SECRET_ENV` when
-    set here; ``PJRT_DEVICE=TPU`` and the seed's ``LIBTPU_INIT_ARGS`` unless given."""
+    set here; ``PJRT_DEVICE=TPU`` and EasyLM's ``LIBTPU_INIT_ARGS`` unless given."""
     env = {"PJRT_DEVICE": "TPU", "LIBTPU_INIT_ARGS": SEED_LIBTPU_INIT_ARGS}
     env.update({k: environ[k] for k in SECRET_ENV if environ.get(k)})
     for pair in pairs:
@@ -218,7 +218,7 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Op
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="environment for the command (values sent on stdin, never logged); "
                         "a bare K takes this machine's value; repeat for more (default: "
-                        "PJRT_DEVICE=TPU, the seed's LIBTPU_INIT_ARGS, and HF_TOKEN / "
+                        "PJRT_DEVICE=TPU, the LIBTPU_INIT_ARGS of the paper's runs, and HF_TOKEN / "
                         "WANDB_API_KEY when set here)")
     p.add_argument("--setup", action="store_true",
                    help="install the package on every worker first (launch/setup_tpu_vm.sh)")

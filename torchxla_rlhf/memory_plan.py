@@ -3,9 +3,9 @@
     python -m torchxla_rlhf plan --config dpo_13b.yaml --tpu v3-256
 
 Every trainer runs the plan in its pre-flight (``preflight/checks.py``, before loading any
-weights) and stops with the table when the run cannot fit. Each trainer's terms are a function
-registered with it (``trainers/registry.py``): :func:`plan_pairs`, :func:`plan_ppo`,
-:func:`plan_grpo`; the terms below are what they are built from. The figures are what the
+weights) and stops with the table when the run cannot fit. Each trainer's config hands over its
+terms (``memory_terms``): :func:`plan_pairs`, :func:`plan_ppo`, :func:`plan_grpo`,
+``configs.sft.plan_sft``; the terms below are what they are built from. The figures are what the
 compiled per-device programs hold, counted the way XLA lays them out, and checked against
 XLA:CPU's buffer assignment on 13B-shaped proxies at 2 to 16 layers, two meshes and two
 sequence lengths by ``bench/memory.py`` (``tests/test_memory_depth.py`` repeats two of them):
@@ -537,18 +537,15 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
          shapes: Mapping[str, Shape] | None = None, mesh: Mesh | None = None,
          gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
     """The per-device plan of a trainer config on ``n_devices`` devices: the trainer's own
-    memory terms (registered with it in ``trainers/registry.py``). ``shapes``: the models'
+    memory terms, handed over by its config (``cfg.memory_terms``). ``shapes``: the models'
     shapes by config key (default: read from their config.json); ``mesh``: another mesh than
     the config's ``mesh_dim`` (the start-up checks try them all); ``gradients``: how the
     compiler reduces them on XLA:CPU (:data:`GRADIENT_REDUCTIONS`; XLA:TPU always
     reduce-scatters); ``compiler``: :data:`COMPILERS`."""
-    from torchxla_rlhf.trainers import registry
-
     if gradients not in GRADIENT_REDUCTIONS:
         raise ValueError(f"gradients={gradients!r}: expected one of {GRADIENT_REDUCTIONS}")
     if compiler not in COMPILERS:
         raise ValueError(f"compiler={compiler!r}: expected one of {COMPILERS}")
-    spec = registry.spec_for(cfg)
     mesh = mesh or _mesh(cfg, n_devices)
     shapes = dict(shapes) if shapes is not None else read_shapes(cfg)
     shape = shapes["model"]
@@ -565,7 +562,7 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
     if shape.heads % mesh.mp or shape.kv_heads % mesh.mp:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
                      f"{shape.kv_heads}: every device computes {heads} heads' scores")
-    return spec.memory(cfg, shapes, mesh, hbm_bytes, notes, gradients=gradients, compiler=compiler)
+    return cfg.memory_terms(shapes, mesh, hbm_bytes, notes, gradients=gradients, compiler=compiler)
 
 
 def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,

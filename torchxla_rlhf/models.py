@@ -59,7 +59,7 @@ DEBUG_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-"""The seed code's (EasyLM's) ``debug`` Llama shape, used by the benchmarks: set it as the
+"""EasyLM's ``debug`` Llama shape, used by the benchmarks: set it as the
 ``tiny`` model's shape (``model.tiny.hidden_size=128`` ...) to build one."""
 
 

@@ -173,7 +173,7 @@ def heads_split_cost(heads: int, kv_heads: int, mp: int) -> str | None:
     """What it costs when ``mp`` does not divide the attention (or kv) heads, else None.
 
     The weights still shard: the rules split the q/k/v/o projection dims (heads x head_dim,
-    e.g. 40 x 128 = 5120 over mp=16 is 320 each), as the seed's JAX code split its matrix
+    e.g. 40 x 128 = 5120 over mp=16 is 320 each), as the paper's JAX code split its matrix
     dims. But a device's 320 columns are 2.5 heads, so at the reshape to heads GSPMD reshards
     q, k and v (an all-gather over mp of the layer's activations) and attention runs with heads
     not split over mp: up to mp times the attention FLOPs and score memory of an even split.

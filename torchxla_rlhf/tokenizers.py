@@ -9,7 +9,7 @@ the whole text), which gives other ids and shifts multi-turn loss masks by one.
 
 The tiny tokenizer stands in for LLaMA-2's in tests and tiny configs. It keeps LLaMA's special
 ids (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2), so every place that hard-codes "pad 0, bos 1, eos 2"
-(the seed's ``--tokenizer_pad_token_id=0``) behaves the same on both, and maps each of the 256
+(EasyLM's ``--tokenizer_pad_token_id=0``) behaves the same on both, and maps each of the 256
 bytes to one token (ids 3..258): any unicode text round-trips through encode/decode, and one
 character of ASCII text is one token, which makes hand-worked test expectations easy.
 
@@ -444,7 +444,7 @@ def load_tokenizer(
       name_or_path: ``"tiny"`` for :func:`build_tiny_tokenizer`, a local directory (a saved
         tokenizer, or just LLaMA's ``tokenizer.model``), or a hub id (e.g.
         ``allenai/tulu-2-13b``). Never ``trust_remote_code``.
-      pad_token_id: the pad id to force (the seed's ``--tokenizer_pad_token_id=0``: LLaMA-2 has
+      pad_token_id: the pad id to force (EasyLM's ``--tokenizer_pad_token_id=0``: LLaMA-2 has
         no pad token and ``<unk>`` = 0 serves); ``None`` keeps the tokenizer's own.
       token: hub token; defaults to ``$HF_TOKEN``. Never logged.
       sentencepiece_legacy: for LLaMA-family SentencePiece tokenizers, the dummy-prefix rule

@@ -2,7 +2,7 @@
 (:class:`DataSource`, enough for held-out pairs), plus how a training set is batched and
 shuffled (:class:`DatasetConfig`; preference and prompt datasets alike).
 
-Field names follow the seed's ``--train_dataset.json_torch_dataset.*`` /
+Field names follow EasyLM's ``--train_dataset.json_torch_dataset.*`` /
 ``--train_dataset.tulu_prompt_dataset.*`` flags, so ``hf_name``, ``hf_split``, ``path``,
 ``seq_length``, ``batch_size`` and ``remove_truncated_samples`` mean what they meant there.
 """

@@ -170,7 +170,7 @@ class PreferenceDataset:
         cfg.validate()
         pad = tokenizer.pad_token_id
         if pad is None:
-            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
+            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the paper's runs used 0)")
         L = cfg.seq_length
         stats = dict(kept=0, dropped_truncated=0, dropped_no_loss_tokens=0, skipped_malformed=0, truncated_kept=0)
         lengths: list[int] = []
@@ -241,7 +241,7 @@ class PreferenceDataset:
         ``0..B-1`` are the chosen responses and ``B..2B-1`` the rejected ones (right-padded
         with ``pad_token_id``; ``loss_mask[t] = 1`` means token t is scored from the logits at
         t - 1), float32 ``[B]`` ``margin`` and int64 ``[B]`` ``index``. Concatenating here,
-        on the host, makes the row count what is split over ``dp*fsdp``: the seed's 8 pairs are
+        on the host, makes the row count what is split over ``dp*fsdp``: the paper's 8 pairs are
         16 rows, one per device of its ``-1,16,16`` mesh's batch axes.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

@@ -77,7 +77,7 @@ class PromptDataset:
         cfg.validate()
         pad = tokenizer.pad_token_id
         if pad is None:
-            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the seed used 0)")
+            raise ValueError("tokenizer has no pad token: load it with pad_token_id (the paper's runs used 0)")
         bos_text, eos_text = special_texts(tokenizer)
         if add_bos and not bos_text:
             raise ConfigError("prompt_add_bos: true, but the tokenizer has no bos_token; set "

@@ -14,7 +14,7 @@ from torchxla_rlhf.runtime.devices import device, device_count, init
 logger = logging.getLogger("torchxla_rlhf.runtime")
 
 MESH_AXES = ("dp", "fsdp", "mp")
-"""Mesh axis names, in the order of the seed's ``--mesh_dim='dp,fsdp,mp'``."""
+"""Mesh axis names, in the order of EasyLM's ``--mesh_dim='dp,fsdp,mp'``."""
 
 BATCH_AXES = ("dp", "fsdp")
 """Mesh axes the batch dimension is split over."""

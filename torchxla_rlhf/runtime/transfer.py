@@ -96,7 +96,7 @@ def data_share(mesh: MeshInfo) -> tuple[int, int]:
     seeded order and :func:`batch_to_device` uploads only its own devices' shards. (Splitting
     rows between hosts would need the batch to divide the host count, and with mp > 1 the
     hosts' devices do not own disjoint row blocks; a global batch of 16 rows over 32 hosts is
-    the seed's DPO case.)"""
+    the paper's DPO case.)"""
     return 0, 1
 
 

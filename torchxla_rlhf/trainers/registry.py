@@ -1,18 +1,17 @@
 """The trainers, as they declare themselves: what the pre-flight, ``plan`` and the pipeline
 know of a trainer comes from here, never from ``isinstance`` chains.
 
-A trainer is three things:
+A trainer is two things:
 
-- its config class (in :mod:`torchxla_rlhf.configs`), which names the trainer in its
-  ``trainer`` key (``trainer: dpo`` in a YAML file; the class's default) and says what the
-  run puts on the mesh: :meth:`model_roles` (which models, trained or frozen, causal LM or
-  classifier) and :meth:`batches` (the rows uploaded per step and how they must split);
-- its trainer class (a module in ``trainers/``), imported only when a run starts;
-- its memory terms: a function ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients, compiler)
-  -> memory_plan.Plan`` (``gradients``, ``compiler``: whose layout, see ``memory_plan``).
+- its config module (``configs/KIND.py``; the first four kinds' classes are still in
+  :mod:`torchxla_rlhf.configs`), torch-free: the config class, which names the trainer in its
+  ``trainer`` key (``trainer: sft`` in a YAML file; the class's default), says what the run
+  puts on the mesh (:meth:`model_roles`, :meth:`batches`: plain data of
+  :mod:`torchxla_rlhf.roles`) and hands the memory plan its terms (:meth:`memory_terms`);
+- its trainer class (a module in ``trainers/``), imported only when a run starts.
 
-Adding a trainer is one module in ``trainers/``, its config class, and one
-:func:`register` line below. Importing this module imports neither torch nor torch_xla.
+Adding a trainer is its config module, one module in ``trainers/``, and one
+:func:`register` line below (``trainers/sft.py`` and ``configs/sft.py`` are the example). Importing this module imports neither torch nor torch_xla.
 """
 
 from __future__ import annotations
@@ -20,40 +19,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from torchxla_rlhf import memory_plan
 from torchxla_rlhf.config import ConfigError, declared_value
 from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
-from torchxla_rlhf.preflight.shapes import Head
-
-
-@dataclass(frozen=True)
-class ModelRole:
-    """One model a trainer puts on the mesh."""
-
-    role: str
-    """What it is in this run (``policy``, ``reference``, ``reward model``, ``value model``)."""
-    key: str
-    """The config key whose ``ModelConfig`` gives its weights and dtypes."""
-    trained: bool
-    """Trained (parameters, gradients, AdamW moments) or frozen."""
-    head: Head
-    """``causal`` (LM head) or ``classifier`` (one-label score head)."""
-    resident: bool = True
-    """Held on the devices while training (False: used once at start-up, then freed)."""
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rows a trainer uploads (or splits on the device) per step, dim 0 over ``dp*fsdp``."""
-
-    what: str
-    key: str
-    """The config key that sets them."""
-    rows: int
-    must_divide: bool = True
-    """False: an uneven split runs (GSPMD pads the shards) and is only warned about."""
+from torchxla_rlhf.configs.sft import SFTConfig
+from torchxla_rlhf.roles import Batch, ModelRole  # noqa: F401 (their old home)
 
 
 @dataclass(frozen=True)
@@ -62,9 +33,6 @@ class TrainerSpec:
     """The config class; its ``trainer`` default is the kind."""
     trainer: str
     """``module:Class`` of the trainer (imported only to run it)."""
-    memory: Callable[..., Any]
-    """The trainer's memory terms: ``(cfg, shapes, mesh, hbm_bytes, notes, *, gradients, compiler)
-    -> Plan``."""
     summary: str
 
     @property
@@ -94,14 +62,15 @@ def register(spec: TrainerSpec) -> TrainerSpec:
     return spec
 
 
-register(TrainerSpec(DPOConfig, "torchxla_rlhf.trainers.dpo:DPOTrainer", memory_plan.plan_pairs,
+register(TrainerSpec(SFTConfig, "torchxla_rlhf.trainers.sft:SFTTrainer",
+                     "supervised fine-tuning on chat conversations, packed (loss on assistant turns)"))
+register(TrainerSpec(DPOConfig, "torchxla_rlhf.trainers.dpo:DPOTrainer",
                      "DPO / IPO / cDPO / length-normalized DPO / SimPO on preference pairs"))
 register(TrainerSpec(RewardConfig, "torchxla_rlhf.trainers.reward:RewardTrainer",
-                     memory_plan.plan_pairs,
                      "a reward model (LlamaForSequenceClassification) on preference pairs"))
-register(TrainerSpec(PPOConfig, "torchxla_rlhf.trainers.ppo:PPOTrainer", memory_plan.plan_ppo,
+register(TrainerSpec(PPOConfig, "torchxla_rlhf.trainers.ppo:PPOTrainer",
                      "PPO with policy, reference, reward and value models"))
-register(TrainerSpec(GRPOConfig, "torchxla_rlhf.trainers.grpo:GRPOTrainer", memory_plan.plan_grpo,
+register(TrainerSpec(GRPOConfig, "torchxla_rlhf.trainers.grpo:GRPOTrainer",
                      "GRPO / RLOO with verifiable rewards (no value model)"))
 
 

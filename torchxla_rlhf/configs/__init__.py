@@ -1,9 +1,9 @@
 """The trainers' config trees (one dataclass tree per trainer; a docstring per field).
 
-Field names follow the seed's EasyLM flags where one exists, so the paper's commands carry
+Field names follow EasyLM's flags (the paper's JAX code) where one exists, so the paper's commands carry
 over: ``mesh_dim``, ``tokenizer_pad_token_id``, ``train_dataset.seq_length``,
 ``optimizer.accumulate_gradient_steps``, ``save_model_freq``, ``max_continuation_len``, ...
-The README maps every seed flag to its key here. This module imports neither torch nor
+The README maps every EasyLM flag to its key here. This module imports neither torch nor
 model code, so that ``--help`` and config errors answer in well under a second.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from torchxla_rlhf import memory_plan
 from torchxla_rlhf.data.config import DataSource, DatasetConfig
+from torchxla_rlhf.roles import Batch, ModelRole
 
 # The sections below are defined here, not next to the code that uses them (models,
 # optim, generation, tracking re-import them), so that parsing a config or printing --help
@@ -271,7 +273,7 @@ class RunConfig:
     tokenizer: str | None = None
     """Tokenizer directory or hub name (default: the model's); 'tiny' for the byte-level one."""
     tokenizer_pad_token_id: int = 0
-    """Pad id (the seed's --tokenizer_pad_token_id; LLaMA-2/Tulu 2 use 0)."""
+    """Pad id (EasyLM's --tokenizer_pad_token_id; LLaMA-2/Tulu 2 use 0)."""
     tokenizer_legacy: bool = True
     """LLaMA-family SentencePiece tokenizers only: true (the paper's JAX code, Tulu 2) puts the
     dummy-prefix '▁' after every special token ('<s><|user|>' -> [1, 529]); false is
@@ -289,7 +291,7 @@ class RunConfig:
     save_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     """Dtype of saved weights (config.json's torch_dtype matches)."""
     save_training_state: bool = False
-    """Also save parameters, optimizer state and data position for exact resume (the seed's
+    """Also save parameters, optimizer state and data position for exact resume (EasyLM's
     --checkpointer.save_optimizer_state; costs 3x the model's fp32 size per checkpoint)."""
     save_every_minutes: float = 0.0
     """Save the training state alone (each host its own shards, no gather) to
@@ -332,11 +334,16 @@ class RunConfig:
     # config class says it; see trainers/registry.py).
 
     def model_roles(self) -> list:
-        """The models the trainer puts on the mesh (``trainers.registry.ModelRole``)."""
+        """The models the trainer puts on the mesh (:class:`~torchxla_rlhf.roles.ModelRole`)."""
         raise NotImplementedError
 
     def batches(self) -> list:
-        """The rows it uploads per step and how they split (``trainers.registry.Batch``)."""
+        """The rows it uploads per step and how they split (:class:`~torchxla_rlhf.roles.Batch`)."""
+        raise NotImplementedError
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        """The trainer's per-device memory plan (:class:`memory_plan.Plan`) from the models'
+        shapes on ``mesh``: what :func:`memory_plan.plan` is handed by the config."""
         raise NotImplementedError
 
     def sequence_length(self) -> tuple[str, int]:
@@ -364,10 +371,12 @@ class PairRunConfig(RunConfig):
 
     def batches(self) -> list:
         """Rows uploaded per micro-batch (held-out pairs come in batches of the same size)."""
-        from torchxla_rlhf.trainers.registry import Batch
-
         return [Batch("train_dataset.batch_size x 2 (chosen + rejected rows)",
                       "train_dataset.batch_size", 2 * self.train_dataset.batch_size)]
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_pairs(self, shapes, mesh, hbm_bytes, notes,
+                                      gradients=gradients, compiler=compiler)
 
     def sequence_length(self) -> tuple[str, int]:
         """The longest sequence a model sees, and the keys that set it."""
@@ -433,8 +442,6 @@ class DPOConfig(PairRunConfig):
     def model_roles(self) -> list:
         """The policy and its frozen reference (freed after start-up when its log-probs are
         precalculated)."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         policy = [ModelRole("policy", "model", True, "causal")]
         if not self.needs_reference:  # simpo: no reference model at all
             return policy
@@ -457,7 +464,6 @@ class RewardConfig(PairRunConfig):
     """Seed of the score head's normal(0, initializer_range) init (causal-LM starts only)."""
 
     def model_roles(self) -> list:
-        from torchxla_rlhf.trainers.registry import ModelRole
 
         return [ModelRole("reward model", "model", True, "classifier")]
 
@@ -469,7 +475,6 @@ class _RolloutShapes:
 
     def batches(self) -> list:
         """The rollout rows per step, and the rows of each update's chunk."""
-        from torchxla_rlhf.trainers.registry import Batch
 
         chunk = self.mini_batch_size // self.optimizer.accumulate_gradient_steps
         return [Batch("train_dataset.batch_size x rollouts_per_prompt (rollout rows)",
@@ -522,7 +527,7 @@ class PPOConfig(_RolloutShapes, RunConfig):
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     lr: float = 1e-6
-    """Learning rate of the policy and the value model (the seed's --lr)."""
+    """Learning rate of the policy and the value model (EasyLM's --lr)."""
     value_lr: float | None = None
     """Learning rate of the value model (default: lr)."""
     warmup_epochs: float = 0.1
@@ -550,7 +555,7 @@ class PPOConfig(_RolloutShapes, RunConfig):
     missing_eos_penalty: float | None = -10.0
     """Reward of a response cut off without eos (the paper: -10); null keeps the RM's score."""
     max_steps_per_epoch: int | None = None
-    """Stop each epoch after this many steps (debugging aid, as the seed's flag)."""
+    """Stop each epoch after this many steps (debugging aid, as EasyLM's flag)."""
     generate_only: bool = False
     """Roll out and score, log the samples, but never update (debugging aid)."""
     num_logged_samples: int = 8
@@ -599,13 +604,15 @@ class PPOConfig(_RolloutShapes, RunConfig):
     def model_roles(self) -> list:
         """Policy and value model trained; reference and reward model frozen. The value model
         starts from ``value_model`` when set, else from the reward model."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         value_key = "value_model" if self.value_model is not None else "reward_model"
         return [ModelRole("policy", "model", True, "causal"),
                 ModelRole("reference", "model", False, "causal"),
                 ModelRole("reward model", "reward_model", False, "classifier"),
                 ModelRole("value model", value_key, True, "classifier")]
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_ppo(self, shapes, mesh, hbm_bytes, notes,
+                                    gradients=gradients, compiler=compiler)
 
 
 def _tiny_vowels(text: str) -> float:
@@ -780,12 +787,14 @@ class GRPOConfig(_RolloutShapes, RunConfig):
 
     def model_roles(self) -> list:
         """The policy trained; the reference only with a KL term; a reward model if set."""
-        from torchxla_rlhf.trainers.registry import ModelRole
-
         roles = [ModelRole("policy", "model", True, "causal")]
         if self.needs_reference:
             roles.append(ModelRole("reference", "model", False, "causal"))
         if self.reward_model is not None:
             roles.append(ModelRole("reward model", "reward_model", False, "classifier"))
         return roles
+
+    def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
+        return memory_plan.plan_grpo(self, shapes, mesh, hbm_bytes, notes,
+                                     gradients=gradients, compiler=compiler)
 

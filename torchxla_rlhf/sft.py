@@ -1,0 +1,24 @@
+"""``python -m torchxla_rlhf.sft --config FILE_OR_SHIPPED_NAME [--print-config | --check] [key=value ...]``
+
+parse -> run (set up, build, resume, train, close), or print the resolved config, or run the
+device-free start-up checks (:mod:`torchxla_rlhf.check`). ``main(config)`` is importable.
+"""
+
+from __future__ import annotations
+
+from torchxla_rlhf.check import run_checks
+from torchxla_rlhf.config import cli_main
+from torchxla_rlhf.configs.sft import SFTConfig
+
+
+def main(cfg: SFTConfig, *, setup_logging: bool = False) -> dict[str, float]:
+    """Supervised fine-tuning as configured; returns the last logged metrics."""
+    from torchxla_rlhf.trainers.base import run
+    from torchxla_rlhf.trainers.sft import SFTTrainer
+
+    return run(SFTTrainer, cfg, setup_logging=setup_logging)
+
+
+if __name__ == "__main__":
+    cli_main(SFTConfig, lambda cfg: main(cfg, setup_logging=True), prog="python -m torchxla_rlhf.sft",
+             check=run_checks)
