@@ -461,7 +461,7 @@ def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list
         layer = max(mlp, softmax)
         # Per layer, XLA:TPU keeps one row's worth whatever the rows per device (the 13B PPO
         # micro-step grows 0.13 GiB a layer with 1 and with 2 rows a device).
-        saved = (checkpoint_bytes(shape, mesh, 1, t.seq, r)
+        saved = (checkpoint_bytes(shape, mesh, t.rows, t.seq, r)
                  if t.model_cfg.gradient_checkpointing else layer)
         if k == 0:
             layer_total = layer
