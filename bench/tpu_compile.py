@@ -124,14 +124,24 @@ def main() -> None:
     print("| line | TPU compiler: peak (graph) | planner's peak | fits |")
     print("| --- | --- | --- | --- |")
     for row in rows:
-        *_, p, pod = line_plan(row["pod"], row["config"], row["overrides"])
-        graphs = [c for c in checked if c[0].startswith(f"{row['pod']} {row['config']}")
-                  and c[0].endswith(" ".join(row["overrides"]))]
-        resident = aot.resident_outside(p, [g for _, g, *_ in graphs])
-        peak, graph = max(((c[5].peak + resident[c[1]]), c[1]) for c in graphs)
-        line = f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip()
-        print(f"| {line} | {peak / GIB:.2f} ({graph}) | {p.peak / GIB:.2f} ({p.peak_phase}) | "
-              f"{'yes' if peak <= pod.hbm_bytes else 'NO'} |")
+        peak, planned, hbm, graph, phase = run_peaks(row, checked, names=True)
+        print(f"| {_line(row)} | {peak / GIB:.2f} ({graph}) | {planned / GIB:.2f} ({phase}) | "
+              f"{'yes' if peak <= hbm else 'NO'} |")
+
+
+def _line(row: dict) -> str:
+    return f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip()
+
+
+def run_peaks(row: dict, checked: list, names: bool = False):
+    """A line's peak per device: the TPU compiler's (its largest graph at 40 layers plus what
+    stays resident beside it) and the planner's, and the device memory."""
+    *_, p, pod = line_plan(row["pod"], row["config"], row["overrides"])
+    graphs = [c for c in checked if c[0] == _line(row)]
+    resident = aot.resident_outside(p, [c[1] for c in graphs])
+    peak, graph = max(((c[5].peak + resident[c[1]]), c[1]) for c in graphs)
+    out = (peak, p.peak, pod.hbm_bytes)
+    return (*out, graph, p.peak_phase) if names else out
 
 
 if __name__ == "__main__":
