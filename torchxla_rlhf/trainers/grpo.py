@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import traceback
 
 import torch
 

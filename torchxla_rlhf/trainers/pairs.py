@@ -85,9 +85,12 @@ class PairTrainer(Trainer):
         if cfg.eval_dataset is not None:
             PreferenceDataset.build(cfg.eval_dataset, tokenizer, name="eval_dataset")
 
+    data_class = PairData
+    """The data and loaders of a run (SFT: packed conversations, the same interface)."""
+
     def build(self) -> int:
         cfg = self.cfg
-        self.data = PairData(cfg, self.ctx.tokenizer, self.ctx.mesh)
+        self.data = self.data_class(cfg, self.ctx.tokenizer, self.ctx.mesh)
         total = self.data.total_updates(cfg)
         self.data_reports = self.data.reports
         self.model = self.build_model()

@@ -37,7 +37,6 @@ from torchxla_rlhf.data.preference import RaggedTokens
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.data.sources import iter_parsed
 from torchxla_rlhf.losses import token_logps
-from torchxla_rlhf.optim import AdamW, Schedule
 from torchxla_rlhf.trainers.base import make_loader
 from torchxla_rlhf.trainers.pairs import PairData, PairTrainer
 
@@ -339,21 +338,7 @@ class SFTTrainer(PairTrainer):
         if cfg.eval_dataset is not None:
             SFTDataset.build(cfg.eval_dataset, tokenizer, name="eval_dataset", **kw)
 
-    def build(self) -> int:
-        cfg = self.cfg
-        self.data = SFTData(cfg, self.ctx.tokenizer, self.ctx.mesh)
-        total = self.data.total_updates(cfg)
-        self.data_reports = self.data.reports
-        self.model = self.build_model()
-        self.model.train()
-        self.accumulate = cfg.optimizer.accumulate_gradient_steps
-        opt = cfg.optimizer
-        self.optimizer = AdamW(self.model.parameters(), opt,
-                               Schedule.linear(opt.lr, opt.end_lr, opt.warmup_ratio, total))
-        self._micro = runtime.compile(self._micro_step, name="sft_micro_step")
-        self._update = runtime.compile(self._update_step, name="sft_update")
-        self._eval = runtime.compile(self._eval_step, name="sft_eval_step")
-        return total
+    data_class = SFTData
 
     def build_model(self) -> torch.nn.Module:
         return models.load_causal_lm(self.cfg.model, self.ctx.mesh,
