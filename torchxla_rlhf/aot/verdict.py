@@ -185,9 +185,6 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
                 if fname.endswith(f".{target['suffix']}.result.json"):
                     with open(os.path.join(out, fname)) as f:
                         r = json.load(f)
-                    if not r.get("ok") and not r.get("oom"):
-                        raise CompileFailed(f"the TPU compiler refused {r['graph']} at {depth} "
-                                            f"layer(s): {r.get('error', '')[:600]}")
                     v = verdicts.setdefault(r["graph"], GraphVerdict(r["graph"], layers=layers))
                     v.results[depth] = r
     return verdicts
@@ -260,6 +257,11 @@ def format_verdict(verdicts: dict[str, GraphVerdict], planned: dict[str, float],
     for name, v in verdicts.items():
         deepest = max(v.results)
         r = v.at(deepest)
+        failed = next((x for x in v.results.values() if not x.get("ok") and not x.get("oom")), None)
+        if failed is not None:  # e.g. a sharding the remap cannot re-express on the pod's mesh
+            lines.append(f"  {name}: not compiled: {' '.join(failed.get('error', '').split())[:300]}")
+            fits = None if fits else fits
+            continue
         if v.oom:
             o = v.oom
             first = min(d for d, x in v.results.items() if x.get("oom"))
@@ -292,9 +294,10 @@ def format_verdict(verdicts: dict[str, GraphVerdict], planned: dict[str, float],
 
 def verdict_line(verdicts: dict[str, GraphVerdict], resident: dict[str, float],
                  hbm_bytes: float | None, fits: bool | None) -> str:
-    worst = max(((v.peak or 0) + resident.get(n, 0.0), n) for n, v in verdicts.items() if not v.oom) \
-        if any(not v.oom for v in verdicts.values()) else (None, None)
-    word = {True: "FITS", False: "DOES NOT FIT", None: "fits: unknown device memory"}[fits]
+    compiled = [(n, v) for n, v in verdicts.items() if v.peak is not None]
+    worst = max(((v.peak + resident.get(n, 0.0), n) for n, v in compiled), default=(None, None))
+    word = {True: "FITS", False: "DOES NOT FIT",
+            None: "unknown (a graph was not compiled, or the device memory is unknown)"}[fits]
     where = "" if worst[1] is None else f"; largest: {worst[1]} {_gib(worst[0])} with what stays resident"
     return f"  TPU compiler verdict: {word} in {_gib(hbm_bytes)} per device{where}"
 
