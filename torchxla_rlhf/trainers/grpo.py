@@ -189,6 +189,8 @@ class GRPOTrainer(PPOTrainer):
 
     def _host_rewards(self, dataset, completions: list[str], index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``[N]`` float32 rewards of the verifier and format terms, and their metrics."""
+        # ``index`` is the host copy of the step's prompt indices (read once per step with the
+        # completions' text, which the verifiers need on the host anyway).
         records = [_record(dataset, int(i)) for i in index.tolist()]
         t0 = time.perf_counter()
         total, metrics = _call_reward_functions(self.cfg.rewards, self.verifiers, completions, records)
