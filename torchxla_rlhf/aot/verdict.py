@@ -237,8 +237,9 @@ def resident_outside(p: Any, graphs: Sequence[str]) -> dict[str, float]:
 
 PHASES = {"train_micro_step": "train micro-step", "proxy_train": "train micro-step",
           "train_update": "train update", "generation_prefill": "rollout prefill",
-          "generation_decode_loop": "rollout decode"}
-"""The planner's phase (XLA:TPU's plan: one a graph) of each traced graph."""
+          "generation_decode_loop": "rollout decode", "generation_reshard": "rollout prefill"}
+"""The planner's phase (XLA:TPU's plan: one a graph) of each traced graph (the generation
+layout's reshard: its rollout terms, which count the reshard's transient)."""
 
 
 def planned_graph_bytes(p: Any, graph: str) -> float:
