@@ -353,8 +353,10 @@ def _plan_compile(args, cfg, config_path, shapes, p, pod, hbm) -> int:
 
     aot.require_aot()
     mesh = (p.mesh.dp, p.mesh.fsdp, p.mesh.mp)
+    layers = shapes["model"].layers
     print(f"TPU compiler ({pod.name}, libtpu compile-only), graphs traced at "
-          f"{', '.join(map(str, aot.DEPTHS))} of {shapes['model'].layers} layers:", flush=True)
+          f"{', '.join(str(d) for d in sorted({min(d, layers) for d in aot.DEPTHS}))} of {layers} "
+          "layers:", flush=True)
     overrides = [*args.overrides, *aot.sampling_overrides(cfg, pod.devices, hbm, shapes)]
     verdicts = aot.compile_run(config_path, overrides, shapes, pod.name, mesh,
                                say=lambda line: print(line, flush=True))

@@ -121,7 +121,10 @@ class GraphVerdict:
 
     @property
     def peak(self) -> float | None:
-        """Per-device peak at the model's depth: the line through the two deepest depths."""
+        """Per-device peak at the model's depth: compiled at that depth, else the line through
+        the two deepest depths."""
+        if self.peak_at(self.layers) is not None:
+            return self.peak_at(self.layers)
         (d1, p1), (d2, p2) = self._two()
         if p1 is None or p2 is None:
             return None
@@ -160,6 +163,7 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
     src = trace_mesh(pod_mesh, trace_devices)
     n_src = src[0] * src[1] * src[2]
     layers = shapes["model"].layers
+    depths = sorted({min(d, layers) for d in depths})  # a shallow model compiles whole
     verdicts: dict[str, GraphVerdict] = {}
     with tempfile.TemporaryDirectory(prefix="plan-compile-") as tmp:
         root = workdir or tmp
@@ -206,7 +210,9 @@ GIB = 1 << 30
 
 
 def _gib(b: float | None) -> str:
-    return "?" if b is None else f"{b / GIB:.2f} GiB"
+    if b is None:
+        return "?"
+    return f"{b / GIB:.2f} GiB" if abs(b) >= GIB / 4 else f"{b / (1 << 20):.1f} MiB"
 
 
 def _collectives(r: dict) -> str:
@@ -277,10 +283,11 @@ def format_verdict(verdicts: dict[str, GraphVerdict], planned: dict[str, float],
         cost = r.get("cost") or {}
         per_layer = "" if v.slope is None else f", {_gib(v.slope)}/layer"
         outside = resident.get(name, 0.0)
-        lines.append(
-            f"  {name}: {_gib(peak)} per device at {v.layers} layers (TPU compiler at "
-            f"{', '.join(f'{d}: {_gib(v.peak_at(d))}' for d in sorted(v.results))}{per_layer}, "
-            f"extrapolated){ratio}; + {_gib(outside)} resident beside it")
+        how = ("compiled" if v.layers in v.results else
+               f"TPU compiler at {', '.join(f'{d}: {_gib(v.peak_at(d))}' for d in sorted(v.results))}"
+               f"{per_layer}, extrapolated")
+        lines.append(f"  {name}: {_gib(peak)} per device at {v.layers} layers ({how}){ratio}; "
+                     f"+ {_gib(outside)} resident beside it")
         optimal = cost.get("optimal_seconds")
         optimal = f"{optimal:.3g} s" if optimal is not None and optimal >= 0 else "n/a"
         lines.append(
