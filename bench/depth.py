@@ -48,7 +48,7 @@ def _model(layers: int):
     import torch
     import transformers
 
-    from torchxla_rlhf.models import DEBUG_SHAPE
+    from torchxla_rlhf.models.llama import DEBUG_SHAPE
 
     torch.manual_seed(0)
     shape = dict(DEBUG_SHAPE, num_hidden_layers=layers)

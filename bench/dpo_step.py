@@ -58,7 +58,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # The seed code's "debug" Llama (EasyLM LLaMAConfig 'debug'), fp32.
-from torchxla_rlhf.models import DEBUG_SHAPE  # noqa: E402
+from torchxla_rlhf.models.llama import DEBUG_SHAPE  # noqa: E402
 MODEL_SEED = 0
 BETA = 0.1
 LR = 5e-7
@@ -105,14 +105,14 @@ def make_pairs(n: int, seq_len: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def debug_llama_config(seq_len: int):
-    """The HF ``LlamaConfig`` of the debug shape, exactly as ``models.load_causal_lm`` builds ``tiny``."""
-    from torchxla_rlhf import models
-    from torchxla_rlhf.configs import TinyModelConfig
+    """The HF ``LlamaConfig`` of the debug shape, exactly as ``llama.load_causal_lm`` builds ``tiny``."""
+    from torchxla_rlhf.models import llama
+    from torchxla_rlhf.configs.sections import TinyModelConfig
 
     tiny = TinyModelConfig(
         **DEBUG_SHAPE, max_position_embeddings=max(1024, seq_len), seed=MODEL_SEED
     )
-    return tiny, models.tiny_llama_config(tiny, pad_token_id=0)
+    return tiny, llama.tiny_llama_config(tiny, pad_token_id=0)
 
 
 def cpu_seconds() -> float:
@@ -141,7 +141,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     from datasets import Dataset
     from transformers import LlamaForCausalLM, TrainerCallback
 
-    from torchxla_rlhf.tokenizers import build_tiny_tokenizer
+    from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer
 
     class StepTimes(TrainerCallback):
         def __init__(self) -> None:
@@ -176,7 +176,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     }
     total = 1 + args.warmup + args.steps
     for mode in args.trl_modes.split(","):
-        torch.manual_seed(MODEL_SEED)  # what models._init_cpu_tensors does for 'tiny'
+        torch.manual_seed(MODEL_SEED)  # what llama._init_cpu_tensors does for 'tiny'
         policy = LlamaForCausalLM(config)
         torch.manual_seed(MODEL_SEED)
         reference = LlamaForCausalLM(config)
@@ -271,8 +271,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Build ``torchxla_rlhf.trainers.dpo.DPOTrainer`` and time ``train_step()`` calls."""
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     from torchxla_rlhf import runtime
-    from torchxla_rlhf.config import from_dict
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.loader import from_dict
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
     tiny, _ = debug_llama_config(args.seq_len)

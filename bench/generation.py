@@ -177,7 +177,7 @@ POLICY_MESH, POLICY_TP = "1,4,2", 8
 
 def policies_child(repeats: int) -> None:
     """Part 3, inside an 8-device process: one steady-state rollout time per policy."""
-    from torchxla_rlhf import sharding
+    from torchxla_rlhf.models import sharding
 
     mesh = runtime.make_mesh(POLICY_MESH)
     dev = runtime.device()

@@ -34,7 +34,7 @@ for path in (REPO, HERE):
         sys.path.insert(0, path)
 
 from ppo_step import CONTINUATION_LEN, MINI_BATCH_SIZE, PROMPT_LEN, _Counters  # noqa: E402
-from torchxla_rlhf.models import DEBUG_SHAPE  # noqa: E402
+from torchxla_rlhf.models.llama import DEBUG_SHAPE  # noqa: E402
 
 GROUP = 4
 PROMPTS = 2
@@ -57,8 +57,8 @@ def _overrides(variant: str, steps: int, out_dir: str) -> list[str]:
 def run_variant(variant: str, steps: int) -> dict:
     """In this process: build, then time 1 + ``steps`` steps."""
     from torchxla_rlhf import runtime
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import GRPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.grpo import GRPOConfig
     from torchxla_rlhf.trainers.grpo import GRPOTrainer
 
     with tempfile.TemporaryDirectory() as tmp:

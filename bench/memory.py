@@ -34,9 +34,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tools import xla_dump  # noqa: E402
-from torchxla_rlhf import memory_plan  # noqa: E402
-from torchxla_rlhf.config import load_config  # noqa: E402
-from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig  # noqa: E402
+from torchxla_rlhf.preflight import memory_plan  # noqa: E402
+from torchxla_rlhf.configs.loader import load_config  # noqa: E402
+from torchxla_rlhf.configs.dpo import DPOConfig  # noqa: E402
+from torchxla_rlhf.configs.grpo import GRPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 
 MIB = 1 << 20
 KINDS = {"dpo": DPOConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}

@@ -20,7 +20,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from torchxla_rlhf.config import find_config  # noqa: E402
+from torchxla_rlhf.configs.loader import find_config  # noqa: E402
 from torchxla_rlhf.errors import UserError  # noqa: E402
 from torchxla_rlhf.preflight import checks  # noqa: E402
 from torchxla_rlhf.preflight.mesh import GIB, tpu_pod  # noqa: E402

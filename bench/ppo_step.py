@@ -50,7 +50,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # The seed code's "debug" Llama (EasyLM LLaMAConfig 'debug'), fp32.
-from torchxla_rlhf.models import DEBUG_SHAPE  # noqa: E402
+from torchxla_rlhf.models.llama import DEBUG_SHAPE  # noqa: E402
 PROMPT_LEN = 128
 CONTINUATION_LEN = 64
 BATCH_SIZE = 8
@@ -213,8 +213,8 @@ def _install_profiler(trainer: Any, first: dict, later: dict, state: dict) -> No
 def worker(mode: str, steps: int, profile: bool) -> dict[str, Any]:
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     from torchxla_rlhf import runtime
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import PPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.ppo import PPOConfig
     from torchxla_rlhf.trainers.ppo import PPOTrainer
 
     with tempfile.TemporaryDirectory(prefix="ppo_bench_") as tmp:

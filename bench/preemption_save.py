@@ -24,8 +24,8 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchxla_rlhf import sharding  # noqa: E402
-from torchxla_rlhf.memory_plan import LLAMA2  # noqa: E402
+from torchxla_rlhf.models import sharding  # noqa: E402
+from torchxla_rlhf.preflight.memory_plan import LLAMA2  # noqa: E402
 from torchxla_rlhf.runtime import parse_mesh_dim  # noqa: E402
 
 DEVICES_PER_HOST = 8

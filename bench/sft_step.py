@@ -52,7 +52,7 @@ def synthetic_conversations(n: int, median: float, sigma: float, seed: int = 0) 
 
 def measure(path: str, out: str, packing: bool, args) -> dict:
     from torchxla_rlhf import runtime
-    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs.loader import load_config
     from torchxla_rlhf.configs.sft import SFTConfig
     from torchxla_rlhf.trainers.sft import SFTTrainer
 
@@ -104,7 +104,7 @@ def main() -> None:
             f.writelines(json.dumps(c) + "\n" for c in convs)
         results = [measure(path, os.path.join(tmp, mode), packing, args)
                    for mode, packing in (("packed", True), ("padded", False))]
-    from torchxla_rlhf.tokenizers import load_tokenizer
+    from torchxla_rlhf.data.tokenizers import load_tokenizer
     from torchxla_rlhf.trainers.sft import tokenize_conversations
 
     lengths = np.array([len(ids) for ids, _ in tokenize_conversations(

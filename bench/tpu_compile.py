@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # shapes from the shipped config.j
 
 from bench.pod_table import LINES  # noqa: E402
 from torchxla_rlhf.aot import verdict as aot  # noqa: E402
-from torchxla_rlhf.config import find_config  # noqa: E402
-from torchxla_rlhf.memory_plan import plan  # noqa: E402
+from torchxla_rlhf.configs.loader import find_config  # noqa: E402
+from torchxla_rlhf.preflight.memory_plan import plan  # noqa: E402
 from torchxla_rlhf.preflight.mesh import GIB, tpu_pod  # noqa: E402
 from torchxla_rlhf.preflight.stages import read_plan_shapes  # noqa: E402
 from torchxla_rlhf.trainers import registry  # noqa: E402

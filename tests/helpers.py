@@ -36,7 +36,7 @@ def read_metrics(out: str) -> list[dict]:
 def tiny_config(cls, name: str, out: str, *overrides: str):
     """``configs/tiny/<name>.yaml`` as ``cls``, writing to ``out``, with the shipped data's
     absolute paths (tests may run from any directory) and no progress bar."""
-    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs.loader import load_config
 
     return load_config(
         cls, os.path.join(REPO, "configs", "tiny", f"{name}.yaml"),

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch_xla.utils.checkpoint as xla_checkpoint
 
-from torchxla_rlhf import models, runtime
-from torchxla_rlhf.configs import ModelConfig
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.sections import ModelConfig
 from torchxla_rlhf.runtime.numerics import negative_zero_from
 
 
@@ -20,7 +21,7 @@ def mesh():
 
 
 def _loss_and_grads(model, ids, mask):
-    loss = models.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
+    loss = llama.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
     loss.backward()
     runtime.sync()  # one graph for the loss and all gradients
     return runtime.to_cpu(loss), {n: runtime.to_cpu(p.grad) for n, p in model.named_parameters()}
@@ -30,10 +31,10 @@ def test_same_bits_as_torch_xla_checkpoint(mesh):
     dev = runtime.device()
     ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(3)).to(dev)
     mask = torch.ones_like(ids)
-    plain = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+    plain = llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
     plain._set_gradient_checkpointing(
         enable=True, gradient_checkpointing_func=partial(xla_checkpoint.checkpoint, use_reentrant=True))
-    ours = models.load_causal_lm(
+    ours = llama.load_causal_lm(
         ModelConfig(compute_dtype="float32", gradient_checkpointing=True), mesh)
     loss_plain, grads_plain = _loss_and_grads(plain, ids, mask)
     loss_ours, grads_ours = _loss_and_grads(ours, ids, mask)
@@ -48,7 +49,7 @@ def test_recompute_reads_gradient_dependent_inputs_and_weights(mesh):
     """The forward runs on ``p + z`` with ``z`` from the layer's input (no gradient), the
     backward's recompute on ``p + z`` with ``z`` from the incoming gradient (gradients flow
     to ``p``), and every parameter is put back afterwards."""
-    model = models.load_causal_lm(
+    model = llama.load_causal_lm(
         ModelConfig(compute_dtype="float32", gradient_checkpointing=True), mesh)
     layer = model.model.layers[0]
     weight = layer.self_attn.q_proj.weight
@@ -57,7 +58,7 @@ def test_recompute_reads_gradient_dependent_inputs_and_weights(mesh):
         lambda m, args: seen.append((m.weight is weight, m.weight.requires_grad)))
     ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(4)).to(runtime.device())
     try:
-        models.causal_lm_logits(model, ids, torch.ones_like(ids)).float().sum().backward()
+        llama.causal_lm_logits(model, ids, torch.ones_like(ids)).float().sum().backward()
     finally:
         hook.remove()
     runtime.sync()
@@ -79,29 +80,29 @@ def test_frozen_model_gives_the_same_bits(mesh):
     those of the same weights without the hooks."""
     ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(5)).to(runtime.device())
     mask = torch.ones_like(ids)
-    plain = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh).eval()
-    frozen = models.freeze(models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh))
+    plain = llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh).eval()
+    frozen = llama.freeze(llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh))
     with torch.no_grad():
-        want = runtime.to_cpu(models.causal_lm_logits(plain, ids, mask))
-        got = runtime.to_cpu(models.causal_lm_logits(frozen, ids, mask))
+        want = runtime.to_cpu(llama.causal_lm_logits(plain, ids, mask))
+        got = runtime.to_cpu(llama.causal_lm_logits(frozen, ids, mask))
     assert torch.equal(got, want)
 
 
 def test_a_checkpointed_step_with_a_frozen_reference_compiles_once(mesh):
     """The hooks are trace-time only: once the optimizer holds its state (step 2; step 1 runs
     without gradients from before), the step's graph is never compiled again."""
-    from torchxla_rlhf.configs import AdamWConfig
-    from torchxla_rlhf.optim import AdamW, Schedule
+    from torchxla_rlhf.configs.sections import AdamWConfig
+    from torchxla_rlhf.algos.optim import AdamW, Schedule
 
     cfg = ModelConfig(compute_dtype="float32", gradient_checkpointing=True)
-    policy = models.load_causal_lm(cfg, mesh).train()
-    reference = models.freeze(models.load_causal_lm(cfg, mesh), cfg, mesh)
+    policy = llama.load_causal_lm(cfg, mesh).train()
+    reference = llama.freeze(llama.load_causal_lm(cfg, mesh), cfg, mesh)
     opt = AdamW(policy.parameters(), AdamWConfig(), Schedule(1e-3, 1e-3, 0, 10, decay=False))
 
     def step(ids, mask):
         with torch.no_grad():
-            ref = models.causal_lm_logits(reference, ids, mask).float().logsumexp(-1)
-        (models.causal_lm_logits(policy, ids, mask).float().logsumexp(-1) - ref).mean().backward()
+            ref = llama.causal_lm_logits(reference, ids, mask).float().logsumexp(-1)
+        (llama.causal_lm_logits(policy, ids, mask).float().logsumexp(-1) - ref).mean().backward()
         return opt.step()
 
     compiled = runtime.compile(step, name="checkpointed_step")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from torchxla_rlhf import attention
-from torchxla_rlhf.rl import position_ids_from_mask
+from torchxla_rlhf.models import attention
+from torchxla_rlhf.algos.rl import position_ids_from_mask
 
 
 def _pair(kv_heads: int, dtype=torch.float32) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:

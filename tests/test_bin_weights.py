@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from torchxla_rlhf import models, runtime
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import llama
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def mesh():
 def reference():
     """A tiny causal LM on the host (the weights to save)."""
     torch.manual_seed(3)
-    return LlamaForCausalLM(models.tiny_llama_config(models.TinyModelConfig())).eval()
+    return LlamaForCausalLM(llama.tiny_llama_config(llama.TinyModelConfig())).eval()
 
 
 def save_two_bin_shards(model, path):
@@ -43,7 +44,7 @@ def save_two_bin_shards(model, path):
 
 
 def cfg(path):
-    return models.ModelConfig(name_or_path=str(path), compute_dtype="float32")
+    return llama.ModelConfig(name_or_path=str(path), compute_dtype="float32")
 
 
 def test_two_bin_shards_load_tensor_by_tensor(tmp_path, mesh, reference, monkeypatch):
@@ -56,7 +57,7 @@ def test_two_bin_shards_load_tensor_by_tensor(tmp_path, mesh, reference, monkeyp
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    loaded = models.load_causal_lm(cfg(path), mesh)
+    loaded = llama.load_causal_lm(cfg(path), mesh)
     # Never a full unpickle, never the whole shard read into memory; each shard opened once.
     assert calls and all(w is True and m is True for _, w, m in calls)
     assert sorted(c[0] for c in calls) == ["pytorch_model-00001-of-00002.bin",
@@ -66,7 +67,7 @@ def test_two_bin_shards_load_tensor_by_tensor(tmp_path, mesh, reference, monkeyp
     ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     dev = runtime.device()
-    ours = runtime.to_cpu(models.causal_lm_logits(loaded, ids.to(dev), mask.to(dev)))
+    ours = runtime.to_cpu(llama.causal_lm_logits(loaded, ids.to(dev), mask.to(dev)))
     with torch.no_grad():
         theirs = reference(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -77,8 +78,8 @@ def test_single_bin_and_reward_model_from_bin(tmp_path, mesh, reference):
     os.makedirs(path)
     reference.config.save_pretrained(path)
     torch.save(reference.state_dict(), path / "pytorch_model.bin")
-    assert set(models.weight_index(str(path))) == set(reference.state_dict())
-    rm = models.load_sequence_classifier(cfg(path), mesh)  # backbone from .bin, fresh head
+    assert set(llama.weight_index(str(path))) == set(reference.state_dict())
+    rm = llama.load_sequence_classifier(cfg(path), mesh)  # backbone from .bin, fresh head
     torch.testing.assert_close(runtime.to_cpu(rm.model.norm.weight), reference.model.norm.weight.detach())
 
 
@@ -87,9 +88,9 @@ def test_safetensors_win_over_bin_files(tmp_path, reference):
 
     path = save_two_bin_shards(reference, tmp_path / "both")
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, os.path.join(path, "model.safetensors"))
-    assert set(models.weight_index(path).values()) == {os.path.join(path, "model.safetensors")}
-    assert models.weight_pattern(["a.json", "model-1.safetensors", "pytorch_model-1.bin"]) == "*.safetensors"
-    assert models.weight_pattern(["a.json", "pytorch_model-00001-of-00003.bin"]) == "*.bin"
+    assert set(llama.weight_index(path).values()) == {os.path.join(path, "model.safetensors")}
+    assert llama.weight_pattern(["a.json", "model-1.safetensors", "pytorch_model-1.bin"]) == "*.safetensors"
+    assert llama.weight_pattern(["a.json", "pytorch_model-00001-of-00003.bin"]) == "*.bin"
 
 
 def test_hub_repo_without_safetensors_fetches_the_bin_shards(tmp_path, monkeypatch, reference):
@@ -107,7 +108,7 @@ def test_hub_repo_without_safetensors_fetches_the_bin_shards(tmp_path, monkeypat
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert models.resolve_model_dir("allenai/tulu-2-13b") == bins
+    assert llama.resolve_model_dir("allenai/tulu-2-13b") == bins
     assert patterns == [["*.safetensors"], ["*.bin"]]
 
 
@@ -119,24 +120,24 @@ def test_bad_index_missing_and_corrupt_shards(tmp_path, mesh, reference):
     with open(index, "w") as f:
         f.write('{"weight_map": ')
     with pytest.raises(ValueError, match=r"pytorch_model.bin.index.json: not a checkpoint index.*JSONDecodeError"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
     with open(index, "w") as f:
         json.dump({"metadata": {}}, f)
     with pytest.raises(ValueError, match=r"not a checkpoint index.*'weight_map'"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
     with open(index, "w") as f:
         f.write(good)
 
     second = os.path.join(path, "pytorch_model-00002-of-00002.bin")
     os.rename(second, second + ".moved")
     with pytest.raises(FileNotFoundError, match=r"index.json names shard\(s\) that are not in .*'pytorch_model-00002-of-00002.bin'"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
     os.rename(second + ".moved", second)
 
     with open(second, "r+b") as f:  # truncate the zip archive: its central directory is gone
         f.truncate(os.path.getsize(second) // 2)
     with pytest.raises(ValueError, match=r"pytorch_model-00002-of-00002.bin: cannot read as a PyTorch checkpoint shard"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
 
 
 def edit_first_shard(path, edit):
@@ -153,7 +154,7 @@ def test_a_shard_holding_arbitrary_objects_is_refused(tmp_path, mesh, reference)
     path = save_two_bin_shards(reference, tmp_path / "evil")
     edit_first_shard(path, lambda state: state.update(extra=torch.nn.Linear(2, 2)))  # a module
     with pytest.raises(ValueError, match=r"00001-of-00002.bin: cannot read .*UnpicklingError: Weights only load failed"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
 
 
 def test_index_lists_a_tensor_its_shard_lacks(tmp_path, mesh, reference):
@@ -166,10 +167,10 @@ def test_index_lists_a_tensor_its_shard_lacks(tmp_path, mesh, reference):
 
     dropped = edit_first_shard(path, drop_first)
     with pytest.raises(KeyError, match=rf"index lists tensor '{re.escape(dropped)}' here, the shard lacks it"):
-        models.load_causal_lm(cfg(path), mesh)
+        llama.load_causal_lm(cfg(path), mesh)
 
 
 def test_directory_without_weights(tmp_path, mesh, reference):
     reference.config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds no weights: expected model.safetensors"):
-        models.load_causal_lm(cfg(tmp_path), mesh)
+        llama.load_causal_lm(cfg(tmp_path), mesh)

@@ -168,8 +168,8 @@ def test_a_weights_only_start_from_another_kinds_checkpoint_is_a_model_path(tmp_
     """GRPO from a DPO run's exported policy: model.name_or_path, not resume_from."""
     from transformers import LlamaForCausalLM
 
-    from torchxla_rlhf.configs import ModelConfig
-    from torchxla_rlhf.models import tiny_llama_config
+    from torchxla_rlhf.configs.sections import ModelConfig
+    from torchxla_rlhf.models.llama import tiny_llama_config
 
     policy = tmp_path / "dpo" / "final"
     LlamaForCausalLM(tiny_llama_config(ModelConfig().tiny)).save_pretrained(policy)

@@ -24,8 +24,8 @@ from torchxla_rlhf.checkpoint import (
     save_hf_checkpoint,
     write_json,
 )
-from torchxla_rlhf.configs import TinyModelConfig
-from torchxla_rlhf.models import tiny_llama_config
+from torchxla_rlhf.configs.sections import TinyModelConfig
+from torchxla_rlhf.models.llama import tiny_llama_config
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
 
@@ -527,16 +527,18 @@ def test_purge_drops_a_superseded_state_only_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-latest"]
 
 
-@pytest.mark.parametrize("name,cls", [("dpo_13b", "DPOConfig"), ("reward_13b", "RewardConfig"),
-                                      ("ppo_13b", "PPOConfig")])
+@pytest.mark.parametrize("name,cls", [("dpo_13b", "dpo.DPOConfig"), ("reward_13b", "reward.RewardConfig"),
+                                      ("ppo_13b", "ppo.PPOConfig")])
 def test_13b_configs_bound_the_lost_work(name, cls):
     """Every 13B config saves its training state at most 30 minutes apart (a crash loses at
     most that plus one step), and its header says what a preemption writes per host."""
-    from torchxla_rlhf import configs
-    from torchxla_rlhf.config import load_config
+    import importlib
 
+    from torchxla_rlhf.configs.loader import load_config
+
+    module, _, cls = cls.partition(".")
     path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
-    cfg = load_config(getattr(configs, cls), path)
+    cfg = load_config(getattr(importlib.import_module(f"torchxla_rlhf.configs.{module}"), cls), path)
     assert 0 < cfg.save_every_minutes <= 30 and cfg.save_training_state  # every export resumes
     header = open(path).read().split("\n\n")[0]
     assert "loses at most 30 minutes plus one step" in header and "GB per host" in header

@@ -22,16 +22,16 @@ CONFIGS = f"{REPO}/configs/tiny"
 
 
 def dpo_cli(argv):
-    from torchxla_rlhf.config import cli_main
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.loader import cli_main
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.dpo import main
 
     return cli_main(DPOConfig, main, argv=argv, prog="dpo")
 
 
 def reward_cli(argv):
-    from torchxla_rlhf.config import cli_main
-    from torchxla_rlhf.configs import RewardConfig
+    from torchxla_rlhf.configs.loader import cli_main
+    from torchxla_rlhf.configs.reward import RewardConfig
     from torchxla_rlhf.reward import main
 
     return cli_main(RewardConfig, main, argv=argv, prog="reward")

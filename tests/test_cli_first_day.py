@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from helpers import REPO
-from torchxla_rlhf.config import cli_main, from_dict, load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig
+from torchxla_rlhf.configs.loader import cli_main, from_dict, load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
 
 from torchxla_rlhf.trainers import registry
 
@@ -36,7 +37,7 @@ def kind_of(path: str) -> str:
 
 
 def run_cli(kind: str, argv: list[str]) -> int:
-    from torchxla_rlhf.check import run_checks
+    from torchxla_rlhf.preflight.startup import run_checks
 
     with pytest.raises(SystemExit) as e:
         cli_main(KINDS[kind], lambda cfg: pytest.fail("must not run"), argv=argv, prog=kind,

@@ -1,4 +1,4 @@
-"""Tests for torchxla_rlhf.config: typed config trees, YAML + base files, overrides, CLI."""
+"""Tests for torchxla_rlhf.configs.loader: typed config trees, YAML + base files, overrides, CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import fsspec
 import pytest
 import yaml
 
-from torchxla_rlhf.config import (
+from torchxla_rlhf.configs.loader import (
     ConfigError,
     cli_main,
     dump_yaml,
@@ -546,8 +546,9 @@ def test_nan_inf_floats_are_refused_naming_key_and_place(tmp_path):
 
 
 def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
-    from torchxla_rlhf.config import SHIPPED_CONFIGS
-    from torchxla_rlhf.configs import DPOConfig, PPOConfig
+    from torchxla_rlhf.configs.loader import SHIPPED_CONFIGS
+    from torchxla_rlhf.configs.dpo import DPOConfig
+    from torchxla_rlhf.configs.ppo import PPOConfig
 
     monkeypatch.chdir(tmp_path)  # not the repository: names resolve against its configs/
     assert load_config(PPOConfig, "ppo_13b.yaml").mode == "interleaved"
@@ -563,7 +564,7 @@ def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
 
 
 def test_override_errors_name_the_override_not_the_file_section(tmp_path):
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.dpo import DPOConfig
 
     path = _write(tmp_path, "d.yaml", "optimizer:\n  lr: 1.0e-6\nlabel_smoothing: 0.1\n"
                                       "train_dataset: {path: p.jsonl}\n")
@@ -582,7 +583,7 @@ def test_override_errors_name_the_override_not_the_file_section(tmp_path):
 def test_eval_dataset_takes_the_training_batch_size(tmp_path):
     """Held-out pairs are evaluated in train_dataset.batch_size batches: eval_dataset has no
     batch size (or shuffling) of its own, and setting one points at the key that is used."""
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.dpo import DPOConfig
 
     path = _write(tmp_path, "d.yaml", "train_dataset: {path: p.jsonl, batch_size: 4}\n"
                                       "eval_dataset: {path: e.jsonl, seq_length: 64}\n")
@@ -597,8 +598,8 @@ def test_help_does_not_load_torch_xla_or_transformers():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom torchxla_rlhf.ppo import main\nfrom torchxla_rlhf.config import "
-            "format_help\nfrom torchxla_rlhf.configs import PPOConfig\n"
+    code = ("import sys\nfrom torchxla_rlhf.ppo import main\nfrom torchxla_rlhf.configs.loader import "
+            "format_help\nfrom torchxla_rlhf.configs.ppo import PPOConfig\n"
             "assert 'max_continuation_len' in format_help(PPOConfig)\n"
             "print(sorted(m for m in ('torch_xla', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

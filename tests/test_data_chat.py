@@ -16,7 +16,7 @@ from torchxla_rlhf.data.chat import (
     prompt_messages_from_record,
     tokenize_preference_side,
 )
-from torchxla_rlhf.tokenizers import _bytes_to_unicode, build_tiny_tokenizer
+from torchxla_rlhf.data.tokenizers import _bytes_to_unicode, build_tiny_tokenizer
 
 from helpers import A, S, U
 

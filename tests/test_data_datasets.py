@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from torchxla_rlhf.data import DataError, DatasetConfig, PreferenceDataset, PromptDataset, iter_records
+from torchxla_rlhf.configs.data import DatasetConfig
+from torchxla_rlhf.data import DataError, PreferenceDataset, PromptDataset, iter_records
 from torchxla_rlhf.data.sources import SourceStats
-from torchxla_rlhf.tokenizers import build_tiny_tokenizer
+from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer
 
 
 def U(c):

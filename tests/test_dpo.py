@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.configs import DPOConfig
+from torchxla_rlhf.configs.dpo import DPOConfig
 
 from helpers import REPO, read_metrics, run_with_devices, sigterm_during_second_update, tiny_config
 
@@ -111,8 +111,8 @@ def test_mesh_1_2_2_matches_single_device(tmp_path):
                  "optimizer.accumulate_gradient_steps=2"]
     code = f"""
     import json, os
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.dpo import main
     out = {str(tmp_path / 'mesh')!r}
     cfg = load_config(DPOConfig, {TINY!r}, {[f"output_dir={tmp_path / 'mesh'}", "mesh_dim=1,2,2",
@@ -169,7 +169,7 @@ _RESUME = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from helpers import tiny_config
-from torchxla_rlhf.configs import DPOConfig
+from torchxla_rlhf.configs.dpo import DPOConfig
 from torchxla_rlhf.trainers.dpo import DPOTrainer
 t = DPOTrainer(tiny_config(DPOConfig, "dpo", {out!r}, *{overrides!r}))
 start = t.step

@@ -5,8 +5,8 @@ checked against open-instruct in test_grpo_math.py.)"""
 import numpy as np
 import pytest
 
-from torchxla_rlhf import memory_plan
-from torchxla_rlhf.configs import DPOConfig
+from torchxla_rlhf.preflight import memory_plan
+from torchxla_rlhf.configs.dpo import DPOConfig
 
 from helpers import read_metrics, tiny_config
 

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.configs import TinyModelConfig
+from torchxla_rlhf.configs.sections import TinyModelConfig
 from torchxla_rlhf.generation import (
     GenerationOutput,
     Generator,
@@ -29,8 +29,8 @@ from torchxla_rlhf.generation import (
     process_logits,
     sample_next_token,
 )
-from torchxla_rlhf.models import tiny_llama_config
-from torchxla_rlhf.rl import position_ids_from_mask
+from torchxla_rlhf.models.llama import tiny_llama_config
+from torchxla_rlhf.algos.rl import position_ids_from_mask
 
 EOS, PAD = 2, 0
 REPO = Path(__file__).resolve().parents[1]

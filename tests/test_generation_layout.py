@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import REPO, run_with_devices
 from tools import xla_dump
-from torchxla_rlhf.configs import SamplingConfig
+from torchxla_rlhf.configs.sections import SamplingConfig
 
 MESH = (1, 4, 2)
 SPEC = dict(mesh="1,4,2", hidden=256, heads=8, kv_heads=8, layers=8, intermediate=688,
@@ -80,7 +80,8 @@ def test_decode_loop_moves_activations_not_weights(tmp_path):
 
 _AGREE = r"""
 import json, torch, transformers
-from torchxla_rlhf import runtime, sharding
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import sharding
 from torchxla_rlhf.generation import Generator, SamplingConfig
 from tests.test_generation import left_padded
 mesh = runtime.make_mesh("1,4,2")
@@ -173,8 +174,8 @@ def test_bad_values_are_one_line_errors_naming_the_key():
 
 def test_planner_counts_the_layout_and_auto_needs_known_memory():
     from tests.test_memory_plan import _cfg  # the shipped 13B configs, as Llama-2 13B
-    from torchxla_rlhf import memory_plan
-    from torchxla_rlhf.configs import PPOConfig
+    from torchxla_rlhf.preflight import memory_plan
+    from torchxla_rlhf.configs.ppo import PPOConfig
     from torchxla_rlhf.preflight.mesh import Mesh
     from torchxla_rlhf.preflight.shapes import Shape
 

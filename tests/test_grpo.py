@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import GRPOConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.grpo import GRPOConfig
 from torchxla_rlhf.errors import UserError
 
 from helpers import REPO, read_metrics, sigterm_during_second_update
@@ -36,7 +36,7 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_unknown_reward_function_and_missing_ground_truth(tmp_path):
-    from torchxla_rlhf.rewards import RewardFunctionError
+    from torchxla_rlhf.algos.verifiers import RewardFunctionError
     from torchxla_rlhf.trainers.grpo import GRPOTrainer
 
     with pytest.raises(RewardFunctionError, match="unknown reward function 'exact_match'"):
@@ -180,7 +180,7 @@ def test_rloo_with_kl_in_reward_learns(tmp_path):
 
 
 def test_13b_plan_fits_a_v3_256_and_counts_the_reference_only_with_a_kl():
-    from torchxla_rlhf import memory_plan
+    from torchxla_rlhf.preflight import memory_plan
 
     path = os.path.join(REPO, "configs", "grpo_13b.yaml")
     # Llama-2 13B's config.json (offline) as the policy's shape.

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchxla_rlhf.losses import dpo_loss, grpo_policy_loss, k3_kl, rloo_policy_loss
-from torchxla_rlhf.rl import (
+from torchxla_rlhf.algos.losses import dpo_loss, grpo_policy_loss, k3_kl, rloo_policy_loss
+from torchxla_rlhf.algos.rl import (
     equal_reward_groups,
     group_advantages,
     overlong_penalty,

@@ -22,15 +22,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "torchxla_rlhf"
 
 LAYERS = [
-    ("base", ["", "errors", "roles", "config", "remote", "libtpu_flags", "run_dir"]),
+    ("base", ["", "errors", "roles", "configs.loader", "remote", "libtpu_flags", "run_dir"]),
     ("runtime", ["runtime", "runtime.*"]),
-    ("declarations", ["configs", "configs.*", "memory_plan", "preflight", "preflight.mesh",
-                      "preflight.shapes", "data.config", "data.synthetic", "rewards", "rewards.*",
-                      "aot", "aot.compile", "aot.verdict"]),
-    ("libraries", ["rl", "losses", "attention", "sharding", "models", "optim", "generation",
-                   "tokenizers", "tracking", "checkpoint", "checkpoint.*", "data", "data.*",
-                   "preflight.checks"]),
-    ("trainers", ["trainers", "trainers.*", "check", "preflight.stages", "aot.trace"]),
+    ("declarations", ["configs", "configs.*", "preflight", "preflight.mesh", "preflight.shapes",
+                      "preflight.memory_plan", "data.synthetic", "algos", "algos.verifiers",
+                      "algos.verifiers.*", "aot", "aot.compile", "aot.verdict"]),
+    ("libraries", ["algos.*", "models", "models.*", "generation", "tracking", "checkpoint",
+                   "checkpoint.*", "data", "data.*", "preflight.checks"]),
+    ("trainers", ["trainers", "trainers.*", "preflight.startup", "preflight.stages", "aot.trace"]),
     ("entry points", ["__main__", "sft", "dpo", "reward", "ppo", "grpo", "launch"]),
 ]
 

@@ -1,4 +1,4 @@
-"""Tests for torchxla_rlhf.losses: hand-computed values and gradients (arithmetic in the
+"""Tests for torchxla_rlhf.algos.losses: hand-computed values and gradients (arithmetic in the
 comments) and one run on the XLA device without host syncs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.losses import (
+from torchxla_rlhf.algos.losses import (
     dpo_loss,
     label_logps,
     pairwise_reward_loss,

@@ -8,10 +8,13 @@ import pytest
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from helpers import REPO
-from torchxla_rlhf import memory_plan, models
+from torchxla_rlhf.preflight import memory_plan
+from torchxla_rlhf.models import llama
 from torchxla_rlhf.__main__ import main as cli
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 from torchxla_rlhf.preflight.shapes import read_shape
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -38,13 +41,13 @@ def test_parameter_terms_count_the_real_models_bytes():
     """Parameters, gradients and moments per device equal the HF models' bytes / devices."""
     cfg = _cfg(DPOConfig, "tiny/dpo.yaml", "mesh_dim=1,2,2")
     p = memory_plan.plan(cfg, 4)
-    model = LlamaForCausalLM(models.tiny_llama_config(cfg.model.tiny))
+    model = LlamaForCausalLM(llama.tiny_llama_config(cfg.model.tiny))
     fp32 = sum(t.numel() for t in model.parameters()) * 4
     assert _term(p, "model parameters") == pytest.approx(fp32 / 4)
     assert _term(p, "model AdamW moments") == pytest.approx(2 * fp32 / 4)
     assert _term(p, "reference (frozen)") == pytest.approx(fp32 / 4)  # fp32 compute: no cast
-    rm_config = models.tiny_llama_config(cfg.model.tiny)
-    rm_config.num_labels = 1  # as models.load_sequence_classifier builds it
+    rm_config = llama.tiny_llama_config(cfg.model.tiny)
+    rm_config.num_labels = 1  # as llama.load_sequence_classifier builds it
     rm = LlamaForSequenceClassification(rm_config)
     rcfg = _cfg(RewardConfig, "tiny/reward.yaml", "mesh_dim=1,2,2")
     assert _term(memory_plan.plan(rcfg, 4), "model parameters") == pytest.approx(
@@ -61,7 +64,7 @@ def test_frozen_models_in_compute_dtype_unless_kept():
 def test_heads_split_as_each_compiler_splits_them():
     """mp dividing the heads splits them; 40 heads on mp=16: XLA:CPU computes all 40 on every
     device, XLA:TPU splits them over 8 of the 16 (5 a device, in its compiled module)."""
-    shape = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR))
+    shape = read_shape(llama.ModelConfig(name_or_path=LLAMA2_13B_DIR))
     assert memory_plan.heads_per_device(shape, 8) == 5
     assert memory_plan.heads_per_device(shape, 16) == 40
     assert memory_plan.heads_per_device(shape, 16, "tpu") == 5
@@ -82,7 +85,7 @@ def test_rollout_gathered_weights_follow_the_decode_policy():
     time with either policy (hoisted does not hoist there): the same bytes."""
     cpu = [memory_plan.plan(_cfg(PPOConfig, "ppo_13b.yaml", f"sampling.gather_weights={g}"), 256,
                             16 * GIB, compiler="xla_cpu") for g in ("per_layer", "hoisted")]
-    shape, mesh = read_shape(models.ModelConfig(name_or_path=LLAMA2_13B_DIR)), cpu[0].mesh
+    shape, mesh = read_shape(llama.ModelConfig(name_or_path=LLAMA2_13B_DIR)), cpu[0].mesh
     layer = shape.layer_linear * 4 / mesh.mp  # fp32 parameters, whole over fsdp
     assert "gathered weights" in [t.name for t in cpu[0].phases["rollout"]]
     assert _term(cpu[1], "gathered weights") - _term(cpu[0], "gathered weights") == pytest.approx(
@@ -108,16 +111,18 @@ def test_seed_13b_runs_fit_on_v3(config, devices, mesh):
     assert p.fits, memory_plan.format_plan(p)
 
 
-def test_check_fits_stops_a_run_that_does_not_fit():
+def test_a_run_that_does_not_fit_stops_before_loading():
     """The RM at seq 4096 on a v3-128 with mp=64: 32 rows per device, each holding 5 heads'
     [4096, 4096] scores in a layer's backward, and 40 layers of their checkpointed inputs: over
-    16 GiB; on -1,32,4 it fits."""
+    16 GiB; on -1,32,4 it fits. Through the trainers' own pre-flight hook (16 hosts of 8)."""
+    from torchxla_rlhf.preflight import checks
+
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,2,64")
     with pytest.raises(memory_plan.DoesNotFit, match="DOES NOT FIT"):
-        memory_plan.check_fits(cfg, 128, 16 * GIB)
+        checks.check_before_loading(cfg, 128, 16, 8, 16 * GIB)
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,32,4")
-    assert memory_plan.check_fits(cfg, 128, 16 * GIB).fits
-    assert memory_plan.check_fits(cfg, 128, None).fits is None  # unknown memory: logged only
+    assert checks.check_before_loading(cfg, 128, 16, 8, 16 * GIB).plan.fits
+    assert checks.check_before_loading(cfg, 128, 16, 8, None).plan.fits is None  # unknown: logged
 
 
 def test_plan_command(capsys):

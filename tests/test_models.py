@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
-from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.configs import ModelConfig
-from torchxla_rlhf.rl import position_ids_from_mask
-from torchxla_rlhf.tokenizers import build_tiny_tokenizer
+from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.sections import ModelConfig
+from torchxla_rlhf.algos.rl import position_ids_from_mask
+from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def saved_lm(tmp_path_factory, mesh):
-    lm = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+    lm = llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
     path = str(tmp_path_factory.mktemp("lm") / "model")
     checkpoint.save_hf_checkpoint(lm, build_tiny_tokenizer(), path, save_dtype=torch.float32)
     return lm, path
@@ -26,13 +27,13 @@ def saved_lm(tmp_path_factory, mesh):
 
 def _logits(model, ids, mask):
     dev = runtime.device()
-    return runtime.to_cpu(models.causal_lm_logits(model, ids.to(dev), mask.to(dev)))
+    return runtime.to_cpu(llama.causal_lm_logits(model, ids.to(dev), mask.to(dev)))
 
 
 def test_tiny_model_is_seeded_and_loads_back_from_a_local_dir(mesh, saved_lm):
     lm, path = saved_lm
-    again = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
-    loaded = models.load_causal_lm(ModelConfig(name_or_path=path, compute_dtype="float32"), mesh)
+    again = llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+    loaded = llama.load_causal_lm(ModelConfig(name_or_path=path, compute_dtype="float32"), mesh)
     ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ref = _logits(lm, ids, mask)
@@ -49,11 +50,11 @@ def test_fsspec_directory_is_copied_to_a_local_cache(mesh, saved_lm, tmp_path, m
     for name in os.listdir(path):
         fs.pipe(f"/models/tiny/{name}", open(os.path.join(path, name), "rb").read())
     monkeypatch.setenv("TORCHXLA_RLHF_CACHE", str(tmp_path / "cache"))
-    model = models.load_causal_lm(
+    model = llama.load_causal_lm(
         ModelConfig(name_or_path="memory://models/tiny", compute_dtype="float32"), mesh)
     assert model.config.num_hidden_layers == 2
     with pytest.raises(FileNotFoundError, match="config.json"):
-        models.resolve_model_dir("memory://models/nothing-here")
+        llama.resolve_model_dir("memory://models/nothing-here")
 
 
 def test_hub_names_go_to_the_hub_with_the_token(monkeypatch, saved_lm):
@@ -68,20 +69,20 @@ def test_hub_names_go_to_the_hub_with_the_token(monkeypatch, saved_lm):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert models.resolve_model_dir("allenai/tulu-2-13b", "main") == path
+    assert llama.resolve_model_dir("allenai/tulu-2-13b", "main") == path
     assert calls == {"repo_id": "allenai/tulu-2-13b", "revision": "main", "token": "hf_secret"}
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        models.resolve_model_dir("./outputs/missing/final")
+        llama.resolve_model_dir("./outputs/missing/final")
 
 
 def test_position_ids_and_last_token_scores_with_left_and_right_padding(mesh):
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
-    rm = models.load_sequence_classifier(ModelConfig(compute_dtype="float32"), mesh)
+    rm = llama.load_sequence_classifier(ModelConfig(compute_dtype="float32"), mesh)
     dev = runtime.device()
     ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 0, 0]])
-    scores = runtime.to_cpu(models.sequence_classifier_scores(rm, ids.to(dev), mask.to(dev)))
-    every = runtime.to_cpu(models.sequence_classifier_scores(rm, ids.to(dev), mask.to(dev), every_position=True))
+    scores = runtime.to_cpu(llama.sequence_classifier_scores(rm, ids.to(dev), mask.to(dev)))
+    every = runtime.to_cpu(llama.sequence_classifier_scores(rm, ids.to(dev), mask.to(dev), every_position=True))
     # The score is the head at the last real token: column 4 (left-padded), column 2 (right).
     torch.testing.assert_close(scores, torch.stack([every[0, 4], every[1, 2]]))
     # Same tokens, same positions: the two rows score the same.
@@ -94,9 +95,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(mesh):
     mask = torch.ones_like(ids)
     grads = []
     for ckpt in (False, True):
-        model = models.load_causal_lm(
+        model = llama.load_causal_lm(
             ModelConfig(compute_dtype="float32", gradient_checkpointing=ckpt), mesh)
-        loss = models.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
+        loss = llama.causal_lm_logits(model, ids, mask).float().logsumexp(-1).mean()
         loss.backward()
         runtime.sync()  # one graph for all gradients (else each .cpu() traces its own)
         grads.append({n: runtime.to_cpu(p.grad) for n, p in model.named_parameters()})
@@ -106,18 +107,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(mesh):
 
 
 def test_bf16_compute_over_fp32_params(mesh):
-    model = models.load_causal_lm(ModelConfig(compute_dtype="bfloat16"), mesh)
+    model = llama.load_causal_lm(ModelConfig(compute_dtype="bfloat16"), mesh)
     assert model.lm_head.weight.dtype == torch.float32
     ids = torch.randint(3, 250, (2, 8)).to(runtime.device())
     with runtime.autocast("bfloat16", "float32"):
-        logits = models.causal_lm_logits(model, ids, torch.ones_like(ids))
+        logits = llama.causal_lm_logits(model, ids, torch.ones_like(ids))
     assert logits.dtype == torch.bfloat16
     assert torch.isfinite(runtime.to_cpu(logits).float()).all()
 
 
 def test_pad_equal_to_eos_is_refused_for_reward_models(mesh):
     with pytest.raises(ValueError, match="different from eos"):
-        models.load_sequence_classifier(ModelConfig(), mesh, pad_token_id=2)
+        llama.load_sequence_classifier(ModelConfig(), mesh, pad_token_id=2)
 
 
 def test_remote_model_cache_is_keyed_by_the_files_version(tmp_path, monkeypatch):
@@ -130,11 +131,11 @@ def test_remote_model_cache_is_keyed_by_the_files_version(tmp_path, monkeypatch)
     fs.pipe(f"{url}/config.json", b"{}")
     fs.pipe(f"{url}/model.safetensors", b"old weights")
     monkeypatch.setenv("TORCHXLA_RLHF_CACHE", str(tmp_path / "cache"))
-    first = models.resolve_model_dir(url)
-    assert models.resolve_model_dir(url) == first  # unchanged: the cache is reused
+    first = llama.resolve_model_dir(url)
+    assert llama.resolve_model_dir(url) == first  # unchanged: the cache is reused
     fs.pipe(f"{url}/model.safetensors", b"new weights")
-    second = models.resolve_model_dir(url)
+    second = llama.resolve_model_dir(url)
     assert second != first
     assert open(os.path.join(second, "model.safetensors"), "rb").read() == b"new weights"
-    assert models._object_version({"generation": "17", "size": 3}) == "generation=17"
-    assert models._object_version({"size": 3, "mtime": 5.0}) == "size=3 time=5.0"
+    assert llama._object_version({"generation": "17", "size": 3}) == "generation=17"
+    assert llama._object_version({"size": 3, "mtime": 5.0}) == "size=3 time=5.0"

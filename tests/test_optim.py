@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.configs import AdamWConfig, OptimizerConfig
-from torchxla_rlhf.optim import AdamW, Schedule
+from torchxla_rlhf.configs.sections import AdamWConfig, OptimizerConfig
+from torchxla_rlhf.algos.optim import AdamW, Schedule
 
 
 def test_linear_schedule_by_hand():

@@ -9,8 +9,11 @@ import sys
 import pytest
 
 from torchxla_rlhf.__main__ import main as cli
-from torchxla_rlhf.config import ConfigError, load_config
-from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import ConfigError, load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.grpo import GRPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 from torchxla_rlhf.configs.sft import SFTConfig
 from torchxla_rlhf.trainers import registry
 

@@ -26,7 +26,7 @@ def test_batch_upload_from_addressable_shards_with_mp():
         local = zip(runtime.local_device_ordinals(), runtime.local_shard_data(dev["input_ids"]))
         for o, shard in local:
             coords = runtime.device_coords(grid, o)
-            want = ids[runtime.shard_slices((4, 6), runtime.batch_spec(2), mesh.shape, coords)]
+            want = ids[runtime.shard_slices((4, 6), runtime.batch_spec(2), mesh.sizes, coords)]
             ok_shards.append(bool(torch.equal(shard, want)) and shard.shape == (1, 6))
         print(json.dumps({
             "ordinals": runtime.local_device_ordinals(),
@@ -57,17 +57,18 @@ def test_mp_not_dividing_heads_runs_and_matches_the_unsharded_model():
         """
         import json, logging, torch
         from transformers import LlamaForCausalLM
-        from torchxla_rlhf import models, runtime
-        from torchxla_rlhf.losses import sequence_logps
+        from torchxla_rlhf import runtime
+        from torchxla_rlhf.models import llama
+        from torchxla_rlhf.algos.losses import sequence_logps
         warnings = []
-        logging.getLogger("torchxla_rlhf.sharding").addHandler(
+        logging.getLogger("torchxla_rlhf.models.sharding").addHandler(
             type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
         mesh = runtime.make_mesh("1,2,4")
-        tiny = models.TinyModelConfig(hidden_size=40, intermediate_size=64, num_attention_heads=5,
+        tiny = llama.TinyModelConfig(hidden_size=40, intermediate_size=64, num_attention_heads=5,
                                       num_key_value_heads=5)
-        cfg = models.ModelConfig(compute_dtype="float32", tiny=tiny)
-        xla_model = models.load_causal_lm(cfg, mesh)
-        host = LlamaForCausalLM(models.tiny_llama_config(tiny))
+        cfg = llama.ModelConfig(compute_dtype="float32", tiny=tiny)
+        xla_model = llama.load_causal_lm(cfg, mesh)
+        host = LlamaForCausalLM(llama.tiny_llama_config(tiny))
         host.config._attn_implementation = "eager"
         host.load_state_dict({n: runtime.to_cpu(p) for n, p in xla_model.named_parameters()})
         g = torch.Generator().manual_seed(0)
@@ -76,7 +77,7 @@ def test_mp_not_dividing_heads_runs_and_matches_the_unsharded_model():
         loss_mask = mask.clone(); loss_mask[:, :4] = 0
 
         def loss_of(model, ids, mask, loss_mask):
-            logits = models.causal_lm_logits(model, ids, mask)
+            logits = llama.causal_lm_logits(model, ids, mask)
             return -sequence_logps(logits, ids, loss_mask).mean()
 
         host_loss = loss_of(host, ids, mask, loss_mask)

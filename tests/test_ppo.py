@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 
 from helpers import REPO, read_metrics, run_with_devices
 
@@ -113,8 +115,8 @@ def test_interleaved_mode_has_ratio_one_and_generate_only_changes_nothing(tmp_pa
 
 _COUNT = """
 import json
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import PPOConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.ppo import PPOConfig
 from torchxla_rlhf.trainers.ppo import PPOTrainer
 t = PPOTrainer(load_config(PPOConfig, {cfg!r}, {overrides!r}))
 t.train(); t.close()
@@ -164,8 +166,8 @@ def test_mesh_1_2_2_matches_single_device_first_step(tmp_path, tiny_models):
     keys = ["env/reward_mean", "objective/kl", "ppo/loss/total", "ppo/val/vpred", "tokens/responses_len_mean"]
     code = """
     import json
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import PPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.ppo import PPOConfig
     from torchxla_rlhf.ppo import main
     main(load_config(PPOConfig, {cfg!r}, {overrides!r}))
     rows = [json.loads(l) for l in open({metrics!r})]

@@ -9,7 +9,7 @@ import os
 import fsspec
 import pytest
 
-from torchxla_rlhf.configs import ModelConfig
+from torchxla_rlhf.configs.sections import ModelConfig
 from torchxla_rlhf.errors import RemoteError, UserError
 from torchxla_rlhf.preflight.mesh import (GIB, Mesh, MeshError, TpuError, fixed_devices,
                                           parse_mesh_dim, tpu_pod)
@@ -213,9 +213,9 @@ def test_params_are_what_transformers_builds(extra, head):
 
 
 def test_frozen_dtype_is_one_rule():
-    from torchxla_rlhf import models
+    from torchxla_rlhf.models import llama
 
-    assert models.frozen_dtype is frozen_dtype
+    assert llama.frozen_dtype is frozen_dtype
     assert frozen_dtype(_model("tiny", param_dtype="float32", compute_dtype="bfloat16")) == "bfloat16"
     assert frozen_dtype(_model("tiny", param_dtype="float32", compute_dtype="float32")) == "float32"
     assert frozen_dtype(_model("tiny", compute_dtype="bfloat16", frozen_dtype="param")) == "float32"

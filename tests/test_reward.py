@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from torchxla_rlhf import models, runtime
-from torchxla_rlhf.configs import RewardConfig
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.reward import RewardConfig
 
 from helpers import REPO, read_metrics, run_with_devices, tiny_config
 
@@ -47,7 +48,7 @@ def test_reward_model_learns_and_exports_as_sequence_classifier(tmp_path):
     batch = runtime.batch_to_device(next(trainer.data.eval_batches()), trainer.ctx.mesh)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # chosen rows, then rejected
     with torch.no_grad():
-        ours = runtime.to_cpu(models.sequence_classifier_scores(trainer.model, ids, mask))
+        ours = runtime.to_cpu(llama.sequence_classifier_scores(trainer.model, ids, mask))
         theirs = hf(input_ids=runtime.to_cpu(ids), attention_mask=runtime.to_cpu(mask)).logits[:, 0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
@@ -57,11 +58,11 @@ def test_reward_from_causal_lm_and_from_reward_checkpoints(tmp_path):
     """A causal-LM start keeps the backbone and draws a fresh head; a reward-model start keeps
     its head. Also exercises the margin loss."""
     from torchxla_rlhf import checkpoint
-    from torchxla_rlhf.tokenizers import build_tiny_tokenizer
+    from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer
     from torchxla_rlhf.trainers.reward import RewardTrainer
 
     mesh = runtime.make_mesh("1,1,1")
-    lm = models.load_causal_lm(models.ModelConfig(compute_dtype="float32"), mesh)
+    lm = llama.load_causal_lm(llama.ModelConfig(compute_dtype="float32"), mesh)
     lm_dir = str(tmp_path / "lm")
     checkpoint.save_hf_checkpoint(lm, build_tiny_tokenizer(), lm_dir, save_dtype=torch.float32)
 
@@ -78,8 +79,8 @@ def test_reward_from_causal_lm_and_from_reward_checkpoints(tmp_path):
     trainer.close()
     assert all(np.isfinite(m["loss"]) for m in read_metrics(out))
 
-    rm = models.load_sequence_classifier(
-        models.ModelConfig(name_or_path=os.path.join(out, "final"), compute_dtype="float32"), mesh)
+    rm = llama.load_sequence_classifier(
+        llama.ModelConfig(name_or_path=os.path.join(out, "final"), compute_dtype="float32"), mesh)
     trained_head = runtime.to_cpu(trainer.model.score.weight)
     torch.testing.assert_close(runtime.to_cpu(rm.score.weight), trained_head)
 
@@ -89,8 +90,8 @@ def test_reward_mesh_1_2_2_matches_single_device(tmp_path):
     overrides = ["total_steps=3", "eval_dataset=null", "save_model_freq=0"]
     code = f"""
     import json, os
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import RewardConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.reward import RewardConfig
     from torchxla_rlhf.reward import main
     out = {str(tmp_path / 'mesh')!r}
     main(load_config(RewardConfig, {TINY!r}, {[f"output_dir={tmp_path / 'mesh'}", "mesh_dim=1,2,2",

@@ -8,9 +8,10 @@ from fractions import Fraction
 
 import pytest
 
-from torchxla_rlhf.data import DataError, DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
+from torchxla_rlhf.data import DataError
 from torchxla_rlhf.data.rlvr import build_rlvr_prompts
-from torchxla_rlhf.rewards import (
+from torchxla_rlhf.algos.verifiers import (
     BUILTIN_VERIFIERS,
     RewardFunctionError,
     Verifiers,
@@ -21,9 +22,9 @@ from torchxla_rlhf.rewards import (
     resolve_verifier,
     validate_records,
 )
-from torchxla_rlhf.rewards.answers import gsm8k_truths, parse_number
-from torchxla_rlhf.rewards.ifeval import CONSTRAINTS, ifeval_score, parse_constraint
-from torchxla_rlhf.tokenizers import load_tokenizer
+from torchxla_rlhf.algos.verifiers.answers import gsm8k_truths, parse_number
+from torchxla_rlhf.algos.verifiers.ifeval import CONSTRAINTS, ifeval_score, parse_constraint
+from torchxla_rlhf.data.tokenizers import load_tokenizer
 
 
 def test_final_answer_forms():
@@ -135,7 +136,7 @@ def test_records_route_by_dataset_with_health_metrics(tmp_path, monkeypatch):
 
 
 def test_a_verifier_that_fails_or_times_out_scores_0_and_is_counted(monkeypatch, caplog):
-    from torchxla_rlhf.rewards import mathverify
+    from torchxla_rlhf.algos.verifiers import mathverify
 
     v = Verifiers("math")
     real = mathverify._call
@@ -162,7 +163,7 @@ def test_math_verify_timeouts_are_real_in_the_main_thread():
     """A comparison math-verify cannot finish in time raises VerifierTimeout (signal.alarm)."""
     import time
 
-    from torchxla_rlhf.rewards import mathverify
+    from torchxla_rlhf.algos.verifiers import mathverify
 
     assert mathverify.timeouts_available()
 

@@ -1,4 +1,4 @@
-"""Tests for torchxla_rlhf.rl: hand-computed examples (arithmetic in the comments), a
+"""Tests for torchxla_rlhf.algos.rl: hand-computed examples (arithmetic in the comments), a
 reverse-loop GAE reference on random data, and one run on the XLA device without host syncs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from torchxla_rlhf.rl import (
+from torchxla_rlhf.algos.rl import (
     apply_eos_penalty,
     discounted_cumsum,
     gae,

@@ -27,8 +27,8 @@ from torchxla_rlhf.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 def ppo_cli(argv):
-    from torchxla_rlhf.config import cli_main
-    from torchxla_rlhf.configs import PPOConfig
+    from torchxla_rlhf.configs.loader import cli_main
+    from torchxla_rlhf.configs.ppo import PPOConfig
     from torchxla_rlhf.ppo import main
 
     return cli_main(PPOConfig, main, argv=argv, prog="ppo")
@@ -65,7 +65,7 @@ def test_data_file_not_utf8_names_line_and_byte_offset(tmp_path, capsys):
     fails(dpo_cli, tiny_args(tmp_path / "o", f"train_dataset.path={bad}", "eval_dataset=null"),
           capsys, f"{bad}:2", "not UTF-8", f"byte offset {offset}")
     # With skip_malformed the line is skipped and counted like a malformed JSON line.
-    from torchxla_rlhf.data.config import DatasetConfig
+    from torchxla_rlhf.configs.data import DatasetConfig
     from torchxla_rlhf.data.sources import SourceStats, iter_records
 
     stats = SourceStats()
@@ -195,13 +195,13 @@ def test_cli_refuses_an_output_dir_in_use(tmp_path, capsys):
 
 def _config(out, *overrides):
     from helpers import tiny_config
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.dpo import DPOConfig
 
     return tiny_config(DPOConfig, "dpo", str(out), *overrides)
 
 
 def test_resume_refuses_data_changes_and_records_the_others(tmp_path):
-    from torchxla_rlhf.config import to_dict
+    from torchxla_rlhf.configs.loader import to_dict
 
     out = tmp_path / "run"
     first = _config(out)
@@ -227,7 +227,7 @@ def test_resume_refuses_data_changes_and_records_the_others(tmp_path):
 
 
 def test_overwrite_and_a_run_without_checkpoint_start_over(tmp_path):
-    from torchxla_rlhf.config import to_dict
+    from torchxla_rlhf.configs.loader import to_dict
 
     out = tmp_path / "run"
     cfg = _config(out)
@@ -262,8 +262,8 @@ def test_overwrite_and_a_run_without_checkpoint_start_over(tmp_path):
 def _save_tiny(path, cls_name):
     import transformers
 
-    from torchxla_rlhf.configs import TinyModelConfig
-    from torchxla_rlhf.models import tiny_llama_config
+    from torchxla_rlhf.configs.sections import TinyModelConfig
+    from torchxla_rlhf.models.llama import tiny_llama_config
 
     config = tiny_llama_config(TinyModelConfig(), pad_token_id=0)
     if cls_name == "LlamaForSequenceClassification":
@@ -288,13 +288,14 @@ def test_models_are_checked_for_their_role(tmp_path, capsys):
 
 
 def test_value_model_from_a_causal_lm_says_so(tmp_path, caplog):
-    from torchxla_rlhf import models, runtime
-    from torchxla_rlhf.configs import ModelConfig
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.models import llama
+    from torchxla_rlhf.configs.sections import ModelConfig
 
     lm = _save_tiny(tmp_path / "lm", "LlamaForCausalLM")
     mesh = runtime.make_mesh("1,1,1")
-    with caplog.at_level("WARNING", logger="torchxla_rlhf.models"):
-        value = models.load_sequence_classifier(ModelConfig(name_or_path=lm), mesh)
+    with caplog.at_level("WARNING", logger="torchxla_rlhf.models.llama"):
+        value = llama.load_sequence_classifier(ModelConfig(name_or_path=lm), mesh)
     assert tuple(value.score.weight.shape) == (1, 64)
     assert any("the value model starts from a causal LM: its score head is new" in r.message
                for r in caplog.records), caplog.text

@@ -11,8 +11,8 @@ import torch
 from torchxla_rlhf import runtime
 from torchxla_rlhf.configs.sft import SFTConfig
 from torchxla_rlhf.data.chat import DataError
-from torchxla_rlhf.data.config import DatasetConfig
-from torchxla_rlhf.tokenizers import load_tokenizer
+from torchxla_rlhf.configs.data import DatasetConfig
+from torchxla_rlhf.data.tokenizers import load_tokenizer
 from torchxla_rlhf.trainers.sft import (SFTDataset, effective_loss_mask, pack_best_fit,
                                         packed_attention_mask, sft_loss)
 
@@ -172,7 +172,7 @@ def test_packed_loss_equals_unpacked_and_no_loss_crosses_a_boundary(tmp_path):
 
     # Leak check: scramble the first conversation of a row holding several; the per-token
     # log-probs of the others do not move.
-    from torchxla_rlhf.losses import token_logps
+    from torchxla_rlhf.algos.losses import token_logps
 
     r = next(i for i, row in enumerate(data[True].rows) if len(row) >= 2)
     one = data[True].get([r])

@@ -1,10 +1,10 @@
 import pytest
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from torchxla_rlhf.configs import TinyModelConfig
-from torchxla_rlhf.models import tiny_llama_config
-from torchxla_rlhf import sharding
-from torchxla_rlhf.sharding import ShardingError, match_specs
+from torchxla_rlhf.configs.sections import TinyModelConfig
+from torchxla_rlhf.models.llama import tiny_llama_config
+from torchxla_rlhf.models import sharding
+from torchxla_rlhf.models.sharding import ShardingError, match_specs
 
 from helpers import run_with_devices
 
@@ -70,25 +70,27 @@ def test_sharded_tiny_llama_matches_single_device():
     """Forward and one AdamW update on a (1,2,2) mesh equal the unsharded run."""
     code = """
     import json, torch
-    from torchxla_rlhf import runtime, models, optim
-    from torchxla_rlhf.configs import ModelConfig, OptimizerConfig
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.models import llama
+    from torchxla_rlhf.algos import optim
+    from torchxla_rlhf.configs.sections import ModelConfig, OptimizerConfig
     runtime.init()
     ids = torch.randint(3, 250, (4, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids); mask[1, 18:] = 0
     results = {}
     for mesh_dim in ("1,4,1", "2,1,2"):
         mesh = runtime.make_mesh(mesh_dim)
-        model = models.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
+        model = llama.load_causal_lm(ModelConfig(compute_dtype="float32"), mesh)
         opt = optim.AdamW(model.parameters(), OptimizerConfig(lr=1e-2, warmup_ratio=0.0),
                           optim.Schedule.linear(1e-2, 0.0, 0.0, 10))
         def step(b):
-            logits = models.causal_lm_logits(model, b["ids"], b["mask"])
+            logits = llama.causal_lm_logits(model, b["ids"], b["mask"])
             loss = (logits.float().logsumexp(-1) * b["mask"]).sum() / b["mask"].sum()
             loss.backward()
             return loss.detach(), opt.step()
         b = runtime.batch_to_device({"ids": ids, "mask": mask}, mesh)
         loss, m = runtime.compile(step)(b)
-        after = models.causal_lm_logits(model, b["ids"], b["mask"])
+        after = llama.causal_lm_logits(model, b["ids"], b["mask"])
         results[mesh_dim] = [loss.item(), m["gradient_norm"].item(), after.float().abs().sum().item()]
     print(json.dumps(results))
     """

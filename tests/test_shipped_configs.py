@@ -5,8 +5,11 @@ import os
 
 import pytest
 
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.grpo import GRPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 from torchxla_rlhf.configs.sft import SFTConfig
 
 from helpers import REPO

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.config import load_config
-from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import load_config
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.grpo import GRPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.preflight.mesh import MeshError, parse_mesh_dim
 from torchxla_rlhf.preflight.shapes import shape_from_config
@@ -53,7 +56,7 @@ def check(kind, mesh, devices, hosts, shape=LLAMA2_13B, overrides=(), hbm=V3_COR
 def test_every_shipped_13b_config_starts_on_its_pods(kind, pod, devices, hosts, words):
     mesh = words[0].removeprefix("mesh_dim=")
     report = check(kind, mesh, devices, hosts, overrides=words[1:])
-    assert report.ok, f"{kind}_13b on {pod} ({words}):\n{report.failures_text()}"
+    assert report.ok, f"{kind}_13b on {pod} ({words}):\n{report.failures_line()}"
     names = {c.name for c in report.checks}
     # "weights split over the mesh" is only reported when it fails.
     assert {"mesh uses the pod's devices", "attention heads over mp", "batch rows over dp*fsdp",
@@ -103,7 +106,7 @@ def test_70b_shapes_on_the_seed_dpo_mesh():
     cores its sharded state alone, 70B x 16 B / 64, is over a core's 16 GiB), so this checks
     the splits with the device memory unknown."""
     report = check("dpo", "-1,16,16", 256, 32, shape=LLAMA2_70B, hbm=None)
-    assert report.ok, report.failures_text()
+    assert report.ok, report.failures_line()
     assert any("num_key_value_heads=8" in c.detail for c in report.warnings)
     assert "not checked" in next(c.detail for c in report.checks if c.name == "memory per device")
     assert not check("dpo", "-1,8,8", 64, 8, shape=LLAMA2_70B).ok
@@ -130,7 +133,7 @@ def test_batch_that_does_not_split_names_the_key():
     report = check("dpo", "-1,16,16", 256, 32, overrides=["train_dataset.batch_size=4"])
     keys = {c.key for c in report.errors}
     assert "train_dataset.batch_size" in keys and "mesh_dim" in keys  # + the meshes that fit
-    assert "= 8 over dp*fsdp = 1*16 = 16: does not divide" in report.failures_text()
+    assert "= 8 over dp*fsdp = 1*16 = 16: does not divide" in report.failures_line()
     assert "train_dataset.batch_size: batch rows over dp*fsdp" in report.failures_line()
     assert "\n" not in report.failures_line()
 
@@ -197,7 +200,7 @@ def test_shard_slices_combine_axes_major_to_minor():
 def test_the_trainers_hook_raises_one_line_or_the_plan(tmp_path):
     """``check_before_loading`` (what ``setup_run`` calls with the runtime's topology): a
     failed check is one line naming the key; a plan over the memory is the plan's table."""
-    from torchxla_rlhf.memory_plan import DoesNotFit
+    from torchxla_rlhf.preflight.memory_plan import DoesNotFit
 
     cfg = load_config(DPOConfig, os.path.join(REPO, "configs", "tiny", "dpo.yaml"),
                       [f"output_dir={tmp_path}", "mesh_dim=1,3,1"])

@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from torchxla_rlhf.data import DatasetConfig, PreferenceDataset, PromptDataset, format_messages
+from torchxla_rlhf.configs.data import DatasetConfig
+from torchxla_rlhf.data import PreferenceDataset, PromptDataset, format_messages
 from torchxla_rlhf.data.synthetic import (
     MAX_PAIR_TOKENS,
     MAX_PROMPT_TOKENS,
@@ -14,7 +15,7 @@ from torchxla_rlhf.data.synthetic import (
     main,
     oracle_score,
 )
-from torchxla_rlhf.tokenizers import build_tiny_tokenizer
+from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "data" / "tiny"
 FILES = {"preference_train.jsonl": 2000, "preference_eval.jsonl": 200, "prompts.jsonl": 500}

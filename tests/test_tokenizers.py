@@ -8,7 +8,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
 from torchxla_rlhf.data.chat import format_messages, format_prompt
-from torchxla_rlhf.tokenizers import (
+from torchxla_rlhf.data.tokenizers import (
     TINY_VOCAB_SIZE,
     TULU_CHAT_TEMPLATE,
     build_tiny_tokenizer,

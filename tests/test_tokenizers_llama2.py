@@ -23,9 +23,9 @@ import transformers
 
 from torchxla_rlhf.checkpoint import save_hf_checkpoint
 from torchxla_rlhf.data.chat import format_messages, format_prompt, tokenize_preference_side
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.data.prompts import PromptDataset
-from torchxla_rlhf.tokenizers import TULU_CHAT_TEMPLATE, is_sentencepiece_bpe, load_tokenizer, with_sentencepiece_legacy
+from torchxla_rlhf.data.tokenizers import TULU_CHAT_TEMPLATE, is_sentencepiece_bpe, load_tokenizer, with_sentencepiece_legacy
 
 from helpers import LLAMA2_MISSING, LLAMA2_TOKENIZER_DIR, A, S, U, has_llama2_tokenizer
 
@@ -259,8 +259,8 @@ def test_missing_protobuf_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_config_key_reaches_the_tokenizer(tmp_path):
     """tokenizer_legacy in the config tree selects the rule the trainers tokenize with."""
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.trainers.base import setup_run
 
     from helpers import REPO

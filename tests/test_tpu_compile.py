@@ -171,7 +171,7 @@ def _proxy(layers: int, mesh: str = "1,4,2"):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_small_trainer_graph_compiled_for_v3_8_is_planned_and_reduce_scatters(tmp_path):
-    from torchxla_rlhf.memory_plan import plan
+    from torchxla_rlhf.preflight.memory_plan import plan
 
     path, overrides, cfg, shapes = _proxy(4)
     verdicts = aot.compile_run(path, overrides, shapes, "v3-8", (1, 4, 2), depths=(4,),

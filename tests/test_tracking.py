@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.configs import LoggingConfig
+from torchxla_rlhf.configs.sections import LoggingConfig
 from torchxla_rlhf.tracking import Tracker
 
 

@@ -112,12 +112,13 @@ def test_multi_host_needs_a_shared_output_dir():
 
 KILLED_SAVE = r"""
 import importlib, os, signal, sys
-from torchxla_rlhf import configs
 from torchxla_rlhf.checkpoint import fsio
-from torchxla_rlhf.config import cli_main
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
+from torchxla_rlhf.configs.loader import cli_main
 
 trainer = sys.argv.pop(1)
-cls = {"dpo": configs.DPOConfig, "reward": configs.RewardConfig}[trainer]
+cls = {"dpo": DPOConfig, "reward": RewardConfig}[trainer]
 main = importlib.import_module(f"torchxla_rlhf.{trainer}").main
 
 moves = []
@@ -181,7 +182,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(tmp
 @pytest.mark.slow
 def test_resume_auto_refuses_weights_without_state(tmp_path):
     from helpers import tiny_config
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.trainers.dpo import DPOTrainer
 
     out = str(tmp_path / "run")
@@ -209,8 +210,8 @@ def test_kill_9_at_a_random_point_of_a_13b_shaped_schedule_resumes_from_the_newe
 
     from helpers import REPO
     from torchxla_rlhf.checkpoint import CheckpointManager, CheckpointSchedule
-    from torchxla_rlhf.config import load_config
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.loader import load_config
+    from torchxla_rlhf.configs.dpo import DPOConfig
 
     real = load_config(DPOConfig, f"{REPO}/configs/dpo_13b.yaml")
     total = 16

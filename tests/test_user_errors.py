@@ -11,14 +11,15 @@ import fsspec
 import numpy as np
 import pytest
 
-from torchxla_rlhf.data import DataError, DatasetConfig, PreferenceDataset, PromptDataset
+from torchxla_rlhf.configs.data import DatasetConfig
+from torchxla_rlhf.data import DataError, PreferenceDataset, PromptDataset
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.errors import (
     EXIT_PREEMPTED, EXIT_USER_ERROR, OutputDirError, Preempted, RemoteError, call_with_timeout,
     one_line, run_guarded,
 )
 from torchxla_rlhf.run_dir import check_output_dir, config_differences
-from torchxla_rlhf.tokenizers import build_tiny_tokenizer, tokenizer_fingerprint
+from torchxla_rlhf.data.tokenizers import build_tiny_tokenizer, tokenizer_fingerprint
 
 
 def U(c):
@@ -169,7 +170,7 @@ def test_call_with_timeout_fails_fast_naming_the_url():
 
 
 def test_iter_urls_finds_remote_paths_only():
-    from torchxla_rlhf.configs import DPOConfig
+    from torchxla_rlhf.configs.dpo import DPOConfig
     from torchxla_rlhf.remote import check_remote_paths, iter_urls
 
     cfg = DPOConfig(output_dir="gs://bucket/run")
@@ -181,7 +182,7 @@ def test_iter_urls_finds_remote_paths_only():
 
 
 def test_hub_errors_name_the_model(monkeypatch, tmp_path):
-    from torchxla_rlhf.models import resolve_model_dir
+    from torchxla_rlhf.models.llama import resolve_model_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -224,7 +225,7 @@ def test_one_line_names_the_path():
 
 
 def test_weights_fingerprint_changes_with_the_weights(tmp_path):
-    from torchxla_rlhf.models import ModelConfig, weights_fingerprint
+    from torchxla_rlhf.models.llama import ModelConfig, weights_fingerprint
 
     d = tmp_path / "m"
     d.mkdir()

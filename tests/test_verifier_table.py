@@ -5,7 +5,7 @@ verifiers differ and why the project's verdict is the one kept)."""
 
 import pytest
 
-from torchxla_rlhf.rewards import BUILTIN_VERIFIERS
+from torchxla_rlhf.algos.verifiers import BUILTIN_VERIFIERS
 
 from verifier_table import GSM8K, MATH, ROWS
 

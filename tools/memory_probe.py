@@ -49,16 +49,16 @@ class ProbeSpec:
 
 
 def model_config(spec: ProbeSpec):
-    """The probe's :class:`~torchxla_rlhf.models.ModelConfig` (a ``tiny`` random Llama)."""
-    from torchxla_rlhf import models
+    """The probe's :class:`~torchxla_rlhf.models.llama.ModelConfig` (a ``tiny`` random Llama)."""
+    from torchxla_rlhf.models import llama
 
-    return models.ModelConfig(
+    return llama.ModelConfig(
         name_or_path="tiny",
         attn_implementation=spec.attn_implementation,
         gradient_checkpointing=spec.gradient_checkpointing,
         param_dtype=spec.param_dtype,
         compute_dtype=spec.compute_dtype,
-        tiny=models.TinyModelConfig(
+        tiny=llama.TinyModelConfig(
             vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
             num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
             num_key_value_heads=spec.kv_heads, max_position_embeddings=max(spec.seq, 64) * 2,
@@ -68,12 +68,13 @@ def model_config(spec: ProbeSpec):
 
 def run(spec: ProbeSpec) -> dict:
     """Compile (and run once) the probe's graphs; returns their input shapes."""
-    from torchxla_rlhf import models, runtime
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.models import llama
     from torchxla_rlhf.generation import Generator, SamplingConfig
 
     mesh = runtime.make_mesh(spec.mesh)
     cfg = model_config(spec)
-    model = models.load_causal_lm(cfg, mesh)
+    model = llama.load_causal_lm(cfg, mesh)
     runtime.sync()
     gen = torch.Generator().manual_seed(0)
     if spec.train:
@@ -83,7 +84,7 @@ def run(spec: ProbeSpec) -> dict:
 
         def step(ids, mask):
             with runtime.autocast(spec.compute_dtype, spec.param_dtype):
-                logits = models.causal_lm_logits(model, ids, mask)
+                logits = llama.causal_lm_logits(model, ids, mask)
             loss = logits.float().logsumexp(-1).mean()
             loss.backward()
             return loss
@@ -115,7 +116,7 @@ def _random_rows(vocab: int, rows: int, seq: int, mesh, gen) -> dict:
 
 
 def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict:
-    """Build the ``kind`` trainer's models from its config (models.py, as the trainer does)
+    """Build the ``kind`` trainer's models from its config (llama.py, as the trainer does)
     and compile its step's phases as single graphs (``proxy_train``: forward, backward and
     AdamW; PPO and GRPO also ``generation_*``): the same graphs ``plan --compile`` traces
     (``torchxla_rlhf.aot.trace.trainer_graphs``). Returns the bytes each device holds outside
@@ -123,7 +124,7 @@ def run_trainer_proxy(kind: str, config_path: str, overrides: list[str]) -> dict
     models)."""
     from torchxla_rlhf import runtime
     from torchxla_rlhf.aot.trace import ModelSource, trainer_graphs
-    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs.loader import load_config
     from torchxla_rlhf.trainers import registry
 
     cfg = load_config(registry.get(kind).config, config_path, overrides)

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from torchxla_rlhf.config import ConfigError, load_config
+from torchxla_rlhf.configs.loader import ConfigError, load_config
 
 DEFAULT_STAGES = ("dpo", "reward", "ppo")
 """The pipeline's stages unless ``--stages`` says otherwise (each a registered trainer kind)."""
@@ -106,7 +106,7 @@ def run_pipeline(configs: str, output_root: str, overrides: list[str], *, resume
     others with ``resume_from=auto``.
     """
     from torchxla_rlhf.checkpoint import is_complete_checkpoint
-    from torchxla_rlhf.tokenizers import load_tokenizer
+    from torchxla_rlhf.data.tokenizers import load_tokenizer
     from torchxla_rlhf.trainers import registry
     from torchxla_rlhf.trainers.base import run
 
@@ -204,7 +204,7 @@ TRAIN_PROG = "python -m torchxla_rlhf train"
 def train_main(argv: list[str]) -> int:
     """``train --config FILE [key=value ...]``: run the trainer the config declares
     (``trainer: KIND``), with that trainer's command line (``--help`` lists its keys)."""
-    from torchxla_rlhf.config import cli_main
+    from torchxla_rlhf.configs.loader import cli_main
     from torchxla_rlhf.trainers import registry
     from torchxla_rlhf.trainers.base import run
 
@@ -221,7 +221,7 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"{TRAIN_PROG}: error: {e}", file=sys.stderr)
         return 2
-    from torchxla_rlhf.check import run_checks
+    from torchxla_rlhf.preflight.startup import run_checks
 
     cli_main(spec.config, lambda cfg: run(spec.trainer_class(), cfg, setup_logging=True),
              argv, prog=f"{TRAIN_PROG} ({spec.kind})", check=run_checks)
@@ -301,12 +301,12 @@ def plan_main(argv: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from torchxla_rlhf import memory_plan
+    from torchxla_rlhf.preflight import memory_plan
     from torchxla_rlhf.preflight import checks
     from torchxla_rlhf.preflight.mesh import GIB, MeshError, fixed_devices, tpu_pod
     from torchxla_rlhf.trainers import registry
 
-    from torchxla_rlhf.config import find_config
+    from torchxla_rlhf.configs.loader import find_config
     from torchxla_rlhf.preflight.stages import read_plan_shapes
 
     pod = tpu_pod(args.tpu) if args.tpu else None

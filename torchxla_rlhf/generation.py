@@ -20,7 +20,7 @@ How it runs:
 * Attention: the engine hands the model an explicit additive 4-D mask ``[B, 1, q, T]``. HF's
   mask builders then return early, which removes their hidden host syncs (the ``sdpa`` builder
   does Python ``.all()`` checks). The model's attention is the one it was built with (by
-  default ``attention.py``'s einsum form, which keeps heads split over ``mp``).
+  default ``models/attention.py``'s einsum form, which keeps heads split over ``mp``).
 * Graphs: ``prefill`` (prompt forward + first token), traced under :func:`runtime.compile`
   (``full_graph=True``: a host sync inside raises), and ``decode`` (every later token): the
   one-token decode step runs inside ONE compiled XLA ``While`` (:class:`runtime.DeviceLoop`),
@@ -70,8 +70,8 @@ from typing import Any
 
 import torch
 
-from torchxla_rlhf.configs import SamplingConfig
-from torchxla_rlhf.rl import position_ids_from_mask
+from torchxla_rlhf.configs.sections import SamplingConfig
+from torchxla_rlhf.algos.rl import position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class Generator:
 
     Args:
         model: a ``transformers`` causal LM (``LlamaForCausalLM``) whose attention is the
-            project's ``xla_einsum`` (the default, ``attention.py``), ``eager`` or ``sdpa``,
+            project's ``xla_einsum`` (the default, ``models/attention.py``), ``eager`` or ``sdpa``,
             on the XLA device or on CPU.
         sampling: the :class:`SamplingConfig`.
         eos_token_id: ends a row (kept in the output, mask 1).
@@ -481,7 +481,7 @@ class Generator:
         get their own copies, in their own specs and dtypes). One compiled graph, the same
         at every rollout; launched, not waited for."""
         from . import runtime
-        from .sharding import GENERATION_COMPUTE_DTYPE, GENERATION_RULES, match_specs
+        from torchxla_rlhf.models.sharding import GENERATION_COMPUTE_DTYPE, GENERATION_RULES, match_specs
 
         if self._layout_slots is None:
             tp = self.sampling.generation_tp or self.mesh.mp * self.mesh.fsdp
@@ -490,7 +490,7 @@ class Generator:
                      for mn, m in self.model.named_modules()
                      for pn, p in m._parameters.items() if p is not None]
             specs = match_specs(((n, tuple(p.shape)) for n, _, _, p in named),
-                                GENERATION_RULES, axis_sizes=self._layout_mesh.shape,
+                                GENERATION_RULES, axis_sizes=self._layout_mesh.sizes,
                                 large_weight_numel=1 << 62)
             self._layout_slots = [(m, pn, specs[n], bool(GENERATION_COMPUTE_DTYPE.search(n)))
                                   for n, m, pn, _ in named]
@@ -624,7 +624,7 @@ class Generator:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, seed: int
     ) -> _State:
         """Prompt forward into a fresh cache, then the first continuation token (column PL)."""
-        from .attention import static_cache
+        from torchxla_rlhf.models.attention import static_cache
 
         b, pl = input_ids.shape
         total = pl + max_new_tokens
@@ -703,7 +703,7 @@ class Generator:
         m = self._batch_mesh
         if isinstance(m, runtime.LayoutMesh):
             return m, "data", "tp", m.data, m.tp
-        return m, runtime.BATCH_AXES, "mp", m.batch_parallel, m.mp
+        return m, runtime.BATCH_AXES, "mp", m.batch, m.mp
 
     def _shard_batch(self, t: torch.Tensor) -> None:
         if self._batch_mesh is None:

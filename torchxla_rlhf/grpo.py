@@ -6,9 +6,9 @@ rewards. ``main(config)`` is importable.
 
 from __future__ import annotations
 
-from torchxla_rlhf.check import run_checks
-from torchxla_rlhf.config import cli_main
-from torchxla_rlhf.configs import GRPOConfig
+from torchxla_rlhf.preflight.startup import run_checks
+from torchxla_rlhf.configs.loader import cli_main
+from torchxla_rlhf.configs.grpo import GRPOConfig
 
 
 def main(cfg: GRPOConfig, *, setup_logging: bool = False) -> dict[str, float]:

@@ -1,14 +1,14 @@
 """``python -m torchxla_rlhf.ppo --config FILE_OR_SHIPPED_NAME [--print-config | --check] [key=value ...]``
 
 parse -> run (set up, build, resume, train, close), or print the resolved config, or run the
-device-free start-up checks (:mod:`torchxla_rlhf.check`). ``main(config)`` is importable.
+device-free start-up checks (:mod:`torchxla_rlhf.preflight.startup`). ``main(config)`` is importable.
 """
 
 from __future__ import annotations
 
-from torchxla_rlhf.check import run_checks
-from torchxla_rlhf.config import cli_main
-from torchxla_rlhf.configs import PPOConfig
+from torchxla_rlhf.preflight.startup import run_checks
+from torchxla_rlhf.configs.loader import cli_main
+from torchxla_rlhf.configs.ppo import PPOConfig
 
 
 def main(cfg: PPOConfig, *, setup_logging: bool = False) -> dict[str, float]:

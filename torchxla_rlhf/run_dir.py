@@ -237,7 +237,7 @@ def written_by(cfg: Any) -> dict[str, Any]:
     """What a checkpoint's training state records about the run that wrote it (plain JSON):
     its trainer kind, config class, models (role, config key, head, trained) and resolved
     config. A resume compares it with its own (:func:`check_resume_source`)."""
-    from torchxla_rlhf.config import to_dict
+    from torchxla_rlhf.configs.loader import to_dict
 
     return {"format": WRITTEN_BY_FORMAT, "trainer": cfg.trainer, "config_class": type(cfg).__name__,
             "models": _models(cfg), "config": to_dict(cfg)}
@@ -323,7 +323,7 @@ def record_config(output_dir: str, cfg: Any, plan: str, step: int,
     otherwise ``config.yaml`` is written. ``checkpoint_changes``: a run resumed from another
     directory's checkpoint (:func:`check_resume_source`) writes its ``config.yaml`` and appends
     how it differs from the checkpoint's run the same way."""
-    from torchxla_rlhf.config import save_config, to_dict
+    from torchxla_rlhf.configs.loader import save_config, to_dict
 
     root = output_dir.rstrip("/")
     if plan == "replace":

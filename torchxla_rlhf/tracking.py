@@ -28,7 +28,7 @@ import fsspec
 import torch
 
 from torchxla_rlhf import runtime
-from torchxla_rlhf.configs import LoggingConfig
+from torchxla_rlhf.configs.sections import LoggingConfig
 from torchxla_rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)

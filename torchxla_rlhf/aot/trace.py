@@ -44,10 +44,10 @@ def random_rows(vocab: int, rows: int, seq: int, mesh, gen: torch.Generator) -> 
 def logps(model, ids, mask, positions: int | None = None) -> torch.Tensor:
     """Per-token log-probs of ``ids`` (the last ``positions`` of them), as the trainers take
     them: LM head on the predicting positions, fp32 log-softmax, gather."""
-    from torchxla_rlhf import models
+    from torchxla_rlhf.models import llama
 
     hidden = model.model(input_ids=ids, attention_mask=mask,
-                         position_ids=models.position_ids_from_mask(mask), use_cache=False).last_hidden_state
+                         position_ids=llama.position_ids_from_mask(mask), use_cache=False).last_hidden_state
     start = ids.shape[1] - (positions or ids.shape[1] - 1) - 1
     logits = model.lm_head(hidden[:, start:-1]).float()
     return torch.gather(logits.log_softmax(-1), 2, ids[:, start + 1:, None]).squeeze(-1)
@@ -61,19 +61,19 @@ class ModelSource:
         self.cfg, self.mesh = cfg, mesh
 
     def causal_lm(self, key: str):
-        from torchxla_rlhf import models
+        from torchxla_rlhf.models import llama
 
-        return models.load_causal_lm(getattr(self.cfg, key), self.mesh,
+        return llama.load_causal_lm(getattr(self.cfg, key), self.mesh,
                                      pad_token_id=self.cfg.tokenizer_pad_token_id)
 
     def classifier(self, key: str):
-        from torchxla_rlhf import models
+        from torchxla_rlhf.models import llama
 
-        return models.load_sequence_classifier(getattr(self.cfg, key), self.mesh,
+        return llama.load_sequence_classifier(getattr(self.cfg, key), self.mesh,
                                                pad_token_id=self.cfg.tokenizer_pad_token_id)
 
     def optimizer(self, model):
-        from torchxla_rlhf.optim import AdamW, Schedule
+        from torchxla_rlhf.algos.optim import AdamW, Schedule
 
         model.train()
         return AdamW(model.parameters(), self.cfg.optimizer, Schedule.linear(1e-5, 0.0, 0.0, 10))
@@ -94,10 +94,10 @@ class PlaceholderSource(ModelSource):
         self.capture, self.shapes, self.layers = capture, shapes, layers
 
     def _build(self, key: str, head: str):
-        from torchxla_rlhf import models
+        from torchxla_rlhf.models import llama
 
-        config = models.llama_config(self.shapes[key], self.layers, self.cfg.tokenizer_pad_token_id)
-        return models.placeholder_model(head, config, self.mesh, getattr(self.cfg, key), self.capture)
+        config = llama.llama_config(self.shapes[key], self.layers, self.cfg.tokenizer_pad_token_id)
+        return llama.placeholder_model(head, config, self.mesh, getattr(self.cfg, key), self.capture)
 
     def causal_lm(self, key: str):
         return self._build(key, "causal")
@@ -131,7 +131,9 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = Fals
     a rollout (:data:`ROLLOUT_GRAPHS`). Returns the bytes each device holds outside the
     rollout's graphs while it runs (gradients, optimizer state, value and frozen models),
     keyed ``"generation"`` (PPO and GRPO only)."""
-    from torchxla_rlhf import losses, models, runtime
+    from torchxla_rlhf import runtime
+    from torchxla_rlhf.algos import losses
+    from torchxla_rlhf.models import llama
     from torchxla_rlhf.generation import Generator
 
     gen = torch.Generator().manual_seed(0)
@@ -142,7 +144,7 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = Fals
         rows, seq = 2 * cfg.train_dataset.batch_size, cfg.train_dataset.seq_length
         if kind == "dpo":
             policy = source.causal_lm("model")
-            ref = models.freeze(source.causal_lm("model"), cfg.model, mesh)
+            ref = llama.freeze(source.causal_lm("model"), cfg.model, mesh)
         else:
             policy = source.classifier("model")
         opt = source.optimizer(policy)
@@ -156,7 +158,7 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = Fals
                         ref_lp = logps(ref, ids, mask).sum(-1)
                     z = logps(policy, ids, mask).sum(-1) - ref_lp
                 else:
-                    z = models.sequence_classifier_scores(policy, ids, mask)
+                    z = llama.sequence_classifier_scores(policy, ids, mask)
             loss = -torch.nn.functional.logsigmoid(z.view(2, -1)[0] - z.view(2, -1)[1]).mean()
             loss.backward()
             return loss.detach() if split else opt.step()
@@ -171,8 +173,8 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = Fals
     if kind == "ppo":
         value = source.classifier("value_model" if cfg.value_model is not None else "reward_model")
         vopt = source.optimizer(value)
-        rm = models.freeze(source.classifier("reward_model"), cfg.reward_model, mesh)
-    ref = (models.freeze(source.causal_lm("model"), cfg.model, mesh)
+        rm = llama.freeze(source.classifier("reward_model"), cfg.reward_model, mesh)
+    ref = (llama.freeze(source.causal_lm("model"), cfg.model, mesh)
            if kind == "ppo" or cfg.needs_reference else None)
     source.built()
     vocab = vocab or policy.config.vocab_size
@@ -184,9 +186,9 @@ def trainer_graphs(kind: str, cfg, mesh, source: ModelSource, split: bool = Fals
         with ac:
             with torch.no_grad():
                 ref_lp = logps(ref, ids, mask, cl)
-                score = models.sequence_classifier_scores(rm, ids, mask)
+                score = llama.sequence_classifier_scores(rm, ids, mask)
             lp = logps(policy, ids, mask, cl)
-            v = models.sequence_classifier_scores(value, ids, mask, every_position=True)[:, pl - 1:-1]
+            v = llama.sequence_classifier_scores(value, ids, mask, every_position=True)[:, pl - 1:-1]
         adv = (score[:, None] - ref_lp).detach()
         loss = -(torch.exp(lp - lp.detach()) * adv).mean() + ((v.float() - adv) ** 2).mean()
         loss.backward()

@@ -198,7 +198,7 @@ def sampling_overrides(cfg: Any, n_devices: int, hbm_bytes: float | None, shapes
     """The rollout's ``sampling`` as the run resolves it on the pod (``gather_weights: auto``:
     ``memory_plan.resolve_sampling``, what ``trainers.base.rollout_sampling`` does), as
     overrides for the trace: the graphs traced are the ones the run would compile."""
-    from torchxla_rlhf.memory_plan import resolve_sampling
+    from torchxla_rlhf.preflight.memory_plan import resolve_sampling
 
     if getattr(cfg, "sampling", None) is None:
         return []

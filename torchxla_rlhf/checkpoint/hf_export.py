@@ -54,7 +54,7 @@ from torchxla_rlhf.checkpoint.fsio import (
     url_to_fs,
     write_bytes,
 )
-from torchxla_rlhf.tokenizers import save_tokenizer_files
+from torchxla_rlhf.data.tokenizers import save_tokenizer_files
 
 logger = logging.getLogger(__name__)
 

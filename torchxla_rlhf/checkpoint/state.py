@@ -37,7 +37,7 @@ import torch
 
 from torchxla_rlhf import runtime
 from torchxla_rlhf.checkpoint.fsio import COMPLETE_MARKER, read_json, write_json
-from torchxla_rlhf.optim import AdamW
+from torchxla_rlhf.algos.optim import AdamW
 
 logger = logging.getLogger(__name__)
 

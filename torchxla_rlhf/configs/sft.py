@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from torchxla_rlhf import memory_plan
-from torchxla_rlhf.configs import OptimizerConfig, RunConfig
-from torchxla_rlhf.data.config import DataSource, DatasetConfig
+from torchxla_rlhf.preflight import memory_plan
+from torchxla_rlhf.configs.sections import OptimizerConfig, RunConfig
+from torchxla_rlhf.configs.data import DataSource, DatasetConfig
 from torchxla_rlhf.roles import Batch, ModelRole
 
 

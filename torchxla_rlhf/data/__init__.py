@@ -1,8 +1,10 @@
-"""Data: the Tulu chat format, preference and prompt datasets, sources, loaders, synthetic task.
+"""Data: the Tulu chat format, tokenizers, preference, prompt and chat datasets, sources,
+loaders, packing, the synthetic task. (The data sections of a config tree, ``DatasetConfig``
+and ``DataSource``, are in :mod:`torchxla_rlhf.configs.data`.)
 
 Pure Python / numpy / torch (CPU); nothing here imports torch_xla. Batches come out as host
 tensors with static shapes; the trainer moves and shards them. The names below are imported
-on first use, so that a config tree (which needs only ``DatasetConfig``) loads without torch.
+on first use, so that importing the package loads no torch.
 """
 
 import importlib
@@ -14,8 +16,6 @@ _EXPORTS = {
     "format_prompt": "chat",
     "prompt_messages_from_record": "chat",
     "tokenize_preference_side": "chat",
-    "DataSource": "config",
-    "DatasetConfig": "config",
     "BatchLoader": "loader",
     "PreferenceDataset": "preference",
     "PromptDataset": "prompts",

@@ -17,7 +17,7 @@ merge across the header/content boundary, so prefix token counts can be off by o
 whose span straddles the boundary counts as response.
 
 Token ids with LLaMA-2's SentencePiece tokenizer depend on its dummy-prefix rule: loaded by
-:func:`torchxla_rlhf.tokenizers.load_tokenizer` it has the legacy rule of the paper's JAX code
+:func:`torchxla_rlhf.data.tokenizers.load_tokenizer` it has the legacy rule of the paper's JAX code
 and Tulu 2 (a "▁" after every special token, so ``<s><|user|>`` starts ``[1, 529]`` and a
 ``</s>`` closing an earlier turn is followed by ``[29871, 13]``); the whole text is tokenized
 in one call, as the JAX code did, so those ids and the masks match it token for token.

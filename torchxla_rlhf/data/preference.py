@@ -24,7 +24,7 @@ import torch
 
 from torchxla_rlhf.data.chat import DataError, tokenize_preference_sides, validate_messages
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.data.sources import iter_parsed
 
 __all__ = ["PreferenceDataset", "RaggedTokens", "parse_preference_record"]

@@ -22,10 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from torchxla_rlhf.config import ConfigError
+from torchxla_rlhf.configs.loader import ConfigError
 from torchxla_rlhf.data.chat import format_prompt, prompt_messages_from_record, special_texts
 from torchxla_rlhf.data.report import DataReport
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.data.preference import RaggedTokens, _check_index
 from torchxla_rlhf.data.sources import iter_parsed
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from torchxla_rlhf.data.chat import DataError
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.data.prompts import PromptDataset
 
 __all__ = ["build_rlvr_prompts", "record_fields"]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torchxla_rlhf.data.chat import DataError
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.errors import RemoteError
 
 __all__ = ["iter_records", "SourceStats"]

@@ -7,7 +7,7 @@
   hub name, ``gs://``), and the parameter names and shapes a Llama of that shape has.
 - :mod:`~torchxla_rlhf.preflight.checks`: weight dims over the mesh axes, batch rows over
   ``dp*fsdp``, heads over ``mp``, per-host feeding; with the memory plan
-  (:mod:`torchxla_rlhf.memory_plan`) the whole pre-flight of a run and of ``plan``.
+  (:mod:`torchxla_rlhf.preflight.memory_plan`) the whole pre-flight of a run and of ``plan``.
 
 Nothing here imports torch or torch_xla: ``plan`` and config validation stay fast.
 """

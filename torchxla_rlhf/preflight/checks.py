@@ -3,7 +3,7 @@
 Everything a 13B run on a pod could fail on after minutes of loading is arithmetic on the
 models' shapes and the config: the mesh must use the pod's devices, every weight dim must
 split over its mesh axes, every uploaded batch must split over ``dp*fsdp``, and the per-device
-peak of the memory plan (:mod:`torchxla_rlhf.memory_plan`, the trainer's own terms) must fit a
+peak of the memory plan (:mod:`torchxla_rlhf.preflight.memory_plan`, the trainer's own terms) must fit a
 device. :func:`check_run` does all of it as a pure function of (run config, model shapes,
 device count, hosts, memory per device): no devices, no torch, so a test can check every
 shipped config against the pods its header names, and ``python -m torchxla_rlhf plan`` runs
@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from torchxla_rlhf import memory_plan, sharding
+from torchxla_rlhf.preflight import memory_plan
+from torchxla_rlhf.models import sharding
 from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.preflight.mesh import Mesh, MeshError, parse_mesh_dim
 from torchxla_rlhf.preflight.shapes import Shape
@@ -69,9 +70,6 @@ class StartupReport:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-    def failures_text(self) -> str:
-        return "\n".join(f"- {c.name} ({c.key}): {c.detail}" for c in self.errors)
 
     def failures_line(self) -> str:
         return "; ".join(f"{c.key}: {c.name}: {c.detail}" for c in self.errors)

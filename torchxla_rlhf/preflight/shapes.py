@@ -122,16 +122,6 @@ class Shape:
             out.append(("score.weight", (1, h)))
         return tuple(out)
 
-    def param_count(self, head: Head) -> int:
-        return sum(_prod(s) for _, s in self.params(head))
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
 
 def shape_from_config(c: dict, where: str) -> Shape:
     """A :class:`Shape` from a config.json dict; ``where`` names it in errors. Keys transformers'

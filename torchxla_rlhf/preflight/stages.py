@@ -44,7 +44,7 @@ def _norm(path: str) -> str:
 def producing_stage(config_path: str, model_path: str) -> tuple[str, Any] | None:
     """``(config file, loaded config)`` of the config beside ``config_path`` (same folder, a
     ``*.yaml`` declaring a trainer) whose run exports ``model_path``; None when none does."""
-    from torchxla_rlhf.config import ConfigError
+    from torchxla_rlhf.configs.loader import ConfigError
     from torchxla_rlhf.trainers import registry
 
     if "://" in config_path or not os.path.isfile(config_path):

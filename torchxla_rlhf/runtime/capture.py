@@ -69,7 +69,7 @@ class GraphCapture:
             return ""
         key = (tuple(spec), rank)
         if key not in self._spec_text:
-            sizes = self.mesh.shape
+            sizes = self.mesh.sizes
 
             def ways(axes: Any) -> int:
                 if axes is None:

@@ -20,26 +20,38 @@ BATCH_AXES = ("dp", "fsdp")
 """Mesh axes the batch dimension is split over."""
 
 
-from torchxla_rlhf.preflight.mesh import MeshError, parse_mesh_dim  # noqa: E402 (the one parse)
+from torchxla_rlhf.preflight.mesh import Mesh, MeshError, parse_mesh_dim  # noqa: E402 (the one parse)
 
 
 @dataclass(frozen=True)
 class MeshInfo:
-    """The SPMD mesh and its axis sizes."""
+    """torch_xla's SPMD mesh and its axis sizes. The sizes are the pre-flight's
+    :class:`~torchxla_rlhf.preflight.mesh.Mesh` (``axes``), the one type that holds
+    ``(dp, fsdp, mp)`` and the arithmetic on them; this adds only the device mesh."""
 
     mesh: Any  # torch_xla.distributed.spmd.Mesh
-    dp: int
-    fsdp: int
-    mp: int
+    axes: Mesh
 
     @property
-    def shape(self) -> dict[str, int]:
-        return {"dp": self.dp, "fsdp": self.fsdp, "mp": self.mp}
+    def dp(self) -> int:
+        return self.axes.dp
 
     @property
-    def batch_parallel(self) -> int:
-        """How many ways the batch dimension is split (dp * fsdp)."""
-        return self.dp * self.fsdp
+    def fsdp(self) -> int:
+        return self.axes.fsdp
+
+    @property
+    def mp(self) -> int:
+        return self.axes.mp
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.axes.sizes
+
+    @property
+    def batch(self) -> int:
+        """How many ways the batch dimension is split (``dp * fsdp``)."""
+        return self.axes.batch
 
 
 def make_mesh(mesh_dim: str | Sequence[int]) -> MeshInfo:
@@ -51,7 +63,7 @@ def make_mesh(mesh_dim: str | Sequence[int]) -> MeshInfo:
     dp, fsdp, mp = parse_mesh_dim(mesh_dim, n)
     mesh = xs.Mesh(np.arange(n), (dp, fsdp, mp), MESH_AXES)
     logger.info("Mesh dp=%d fsdp=%d mp=%d over %d device(s)", dp, fsdp, mp, n)
-    return MeshInfo(mesh=mesh, dp=dp, fsdp=fsdp, mp=mp)
+    return MeshInfo(mesh=mesh, axes=Mesh(dp, fsdp, mp))
 
 
 GENERATION_AXES = ("data", "tp")
@@ -69,7 +81,7 @@ class LayoutMesh:
     tp: int
 
     @property
-    def shape(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, int]:
         return {"data": self.data, "tp": self.tp}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from torchxla_rlhf.runtime.devices import device_count, init, process_count, process_index
-from torchxla_rlhf.runtime.mesh import MeshInfo, shard_to_device
+from torchxla_rlhf.runtime.mesh import Mesh, MeshInfo, shard_to_device
 
 logger = logging.getLogger("torchxla_rlhf.runtime")
 
@@ -159,7 +159,7 @@ def barrier() -> None:
     import torch_xla.distributed.spmd as xs
 
     n = device_count()
-    flat = MeshInfo(mesh=xs.Mesh(np.arange(n), (n,), ("all",)), dp=1, fsdp=n, mp=1)
+    flat = MeshInfo(mesh=xs.Mesh(np.arange(n), (n,), ("all",)), axes=Mesh(1, n, 1))
     t = shard_to_device(torch.ones(n, dtype=torch.int32), flat, ("all",))
     total = int(t.sum().cpu())  # deliberate host sync: this is the barrier
     if total != n:

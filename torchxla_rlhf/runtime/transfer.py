@@ -28,10 +28,10 @@ def batch_to_device(batch: Mapping[str, Any], mesh: MeshInfo) -> dict[str, Any]:
     for key, t in tensors.items():
         if t.ndim == 0:
             raise ValueError(f"batch field {key!r} is a scalar; batches are per-example tensors")
-        if t.ndim > 1 and t.shape[0] % mesh.batch_parallel:
+        if t.ndim > 1 and t.shape[0] % mesh.batch:
             raise ValueError(
                 f"batch field {key!r}: {t.shape[0]} rows are not divisible by "
-                f"dp*fsdp={mesh.batch_parallel} (mesh {mesh.shape})"
+                f"dp*fsdp={mesh.batch} (mesh {mesh.axes})"
             )
     ordinals = local_device_ordinals()
     out: dict[str, Any] = dict(batch)
@@ -59,7 +59,7 @@ def _global_from_local_shards(
 
     grid = np.asarray(mesh.mesh.device_ids).reshape(mesh.dp, mesh.fsdp, mesh.mp)
     shards = [
-        tensor[shard_slices(tuple(tensor.shape), spec, mesh.shape, device_coords(grid, o))]
+        tensor[shard_slices(tuple(tensor.shape), spec, mesh.sizes, device_coords(grid, o))]
         .contiguous()
         for o in ordinals
     ]

@@ -36,15 +36,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from torchxla_rlhf import check, checkpoint, models, run_dir, runtime
-from torchxla_rlhf.config import to_dict
+from torchxla_rlhf import checkpoint, run_dir, runtime
+from torchxla_rlhf.preflight import startup
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.loader import to_dict
 from torchxla_rlhf.data.loader import BatchLoader
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, Preempted,
                                   ResumeError, RunFailure, call_with_timeout, failure_during,
                                   one_line)
 from torchxla_rlhf.preflight import checks
-from torchxla_rlhf.tokenizers import load_tokenizer
+from torchxla_rlhf.data.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
 logger = logging.getLogger("torchxla_rlhf")
@@ -74,7 +76,7 @@ def setup_run(cfg: Any) -> RunContext:
     (SPMD must be on before any tensor reaches the device), the start-up checks on the
     model's shapes, then the tokenizer. Nothing is written."""
     output_dir = cfg.output_dir.rstrip("/")
-    found = check.before_device(cfg)
+    found = startup.before_device(cfg)
     runtime.init()
     runtime.manual_seed(cfg.seed)
     # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
@@ -137,7 +139,7 @@ class Trainer:
         """``(path, step)`` of the newest checkpoint known to hold finite weights."""
         self.total_steps = self.build()
         # Remote models: every host trains against the version process 0 loaded.
-        models.check_hosts_loaded_the_same_models(self.ctx.output_dir)
+        llama.check_hosts_loaded_the_same_models(self.ctx.output_dir)
         self.checkpoints = checkpoint.CheckpointManager(
             self.ctx.output_dir,
             schedule=checkpoint.CheckpointSchedule(cfg.save_model_freq, cfg.save_milestone_freq),
@@ -480,12 +482,9 @@ def rollout_sampling(cfg: Any, mesh: runtime.MeshInfo) -> Any:
     """The rollout's ``sampling`` with ``gather_weights: auto`` resolved by the memory planner
     (``memory_plan.resolve_sampling``: the generation layout where it fits this device's
     memory, else ``per_layer``); logged once."""
-    from torchxla_rlhf import memory_plan
-    from torchxla_rlhf.preflight.mesh import Mesh
-
+    from torchxla_rlhf.preflight import memory_plan
     sampling = memory_plan.resolve_sampling(
-        cfg, runtime.device_count(), runtime.device_memory_bytes(),
-        mesh=Mesh(mesh.dp, mesh.fsdp, mesh.mp))
+        cfg, runtime.device_count(), runtime.device_memory_bytes(), mesh=mesh.axes)
     if cfg.sampling.gather_weights == "auto":
         logger.info("sampling.gather_weights=auto: %s%s", sampling.gather_weights,
                     f" (generation_tp={sampling.generation_tp})"

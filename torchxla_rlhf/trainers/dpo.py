@@ -18,9 +18,10 @@ import fsspec
 import numpy as np
 import torch
 
-from torchxla_rlhf import models, runtime
-from torchxla_rlhf.losses import dpo_loss, sequence_logps
-from torchxla_rlhf.tokenizers import tokenizer_fingerprint
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.algos.losses import dpo_loss, sequence_logps
+from torchxla_rlhf.data.tokenizers import tokenizer_fingerprint
 from torchxla_rlhf.trainers.pairs import PairTrainer, pair_rows
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class DPOTrainer(PairTrainer):
         """The policy, and the frozen reference (or its log-probs, computed once)."""
         cfg, mesh = self.cfg, self.ctx.mesh
         pad_id = cfg.tokenizer_pad_token_id
-        policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad_id)
+        policy = llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad_id)
         self.reference = None
         self.ref_logps: dict[str, np.ndarray] = {}
         if not cfg.needs_reference:
@@ -39,8 +40,8 @@ class DPOTrainer(PairTrainer):
         ref_cfg = cfg.model
         if cfg.load_reference_checkpoint:
             ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.load_reference_checkpoint)
-        self.reference = models.freeze(
-            models.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id), ref_cfg, mesh
+        self.reference = llama.freeze(
+            llama.load_causal_lm(ref_cfg, mesh, pad_token_id=pad_id), ref_cfg, mesh
         )
         if cfg.precalculate_reference_logps:
             self.ref_logps["train"] = self._reference_logps(self.data.train, "train")
@@ -58,7 +59,7 @@ class DPOTrainer(PairTrainer):
         """Summed response log-probs ``([B], [B])`` of chosen and rejected, one forward."""
         ids, mask, loss_mask = pair_rows(batch)
         with self.autocast():
-            logits = models.causal_lm_logits(model, ids, mask)
+            logits = llama.causal_lm_logits(model, ids, mask)
         logps = sequence_logps(logits, ids, loss_mask)
         half = ids.shape[0] // 2
         return logps[:half], logps[half:]
@@ -140,11 +141,11 @@ class DPOTrainer(PairTrainer):
         return table
 
 
-def _fingerprint(dataset, reference: models.ModelConfig, tokenizer) -> str:
+def _fingerprint(dataset, reference: llama.ModelConfig, tokenizer) -> str:
     """Cache key of the reference log-probs: the reference weights (not just their name: a
     retrained model at the same path must not reuse the cache), the tokenizer and the data."""
     h = hashlib.sha256(reference.name_or_path.encode())
-    h.update(models.weights_fingerprint(reference).encode())
+    h.update(llama.weights_fingerprint(reference).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(str(dataset.seq_length).encode())
     for side in (dataset.chosen, dataset.rejected):

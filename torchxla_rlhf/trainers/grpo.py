@@ -27,14 +27,15 @@ import time
 
 import torch
 
-from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.configs import SamplingConfig
+from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.sections import SamplingConfig
 from torchxla_rlhf.data.rlvr import build_rlvr_prompts
 from torchxla_rlhf.generation import Generator
-from torchxla_rlhf.losses import grpo_policy_loss, rloo_policy_loss
-from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.rewards import Verifiers, format_reward
-from torchxla_rlhf.rl import (
+from torchxla_rlhf.algos.losses import grpo_policy_loss, rloo_policy_loss
+from torchxla_rlhf.algos.optim import AdamW, Schedule
+from torchxla_rlhf.algos.verifiers import Verifiers, format_reward
+from torchxla_rlhf.algos.rl import (
     apply_eos_penalty,
     group_advantages,
     overlong_penalty,
@@ -131,12 +132,12 @@ class GRPOTrainer(PPOTrainer):
                            "loss_type=grpo", cfg.loss_type)
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
-        self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
+        self.policy = llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
         # No KL term, no reference: its weights are never loaded (nor planned for).
-        self.reference = (models.freeze(models.load_causal_lm(cfg.model, mesh, pad_token_id=pad),
+        self.reference = (llama.freeze(llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad),
                                         cfg.model, mesh) if cfg.needs_reference else None)
         rm_cfg = cfg.reward_model
-        self.reward_model = (models.freeze(models.load_sequence_classifier(
+        self.reward_model = (llama.freeze(llama.load_sequence_classifier(
             rm_cfg, mesh, pad_token_id=pad, role="reward model", require_trained_head=True),
                                            rm_cfg, mesh) if rm_cfg is not None else None)
         self.policy.train()
@@ -208,7 +209,7 @@ class GRPOTrainer(PPOTrainer):
             out["ref_logps"] = self._logps(self.reference, chunk)
         if self.reward_model is not None:
             with self.autocast():
-                out["rm_score"] = models.sequence_classifier_scores(
+                out["rm_score"] = llama.sequence_classifier_scores(
                     self.reward_model, chunk["sequences"], chunk["attention_mask"]).float()
         if not out:  # every graph needs an output: the response lengths (cheap)
             out["lengths"] = chunk["continuation_mask"].sum(dim=1)
@@ -350,6 +351,6 @@ class GRPOTrainer(PPOTrainer):
 
     def save(self, path: str) -> None:
         checkpoint.save_hf_checkpoint(self.policy, self.ctx.tokenizer, path,
-                                      save_dtype=models.DTYPES[self.cfg.save_dtype],
+                                      save_dtype=llama.DTYPES[self.cfg.save_dtype],
                                       is_main_process=self.ctx.is_main)
 

@@ -9,10 +9,11 @@ from typing import Iterator
 
 import torch
 
-from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.config import ConfigError
+from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.loader import ConfigError
 from torchxla_rlhf.data.preference import PreferenceDataset
-from torchxla_rlhf.optim import AdamW, Schedule
+from torchxla_rlhf.algos.optim import AdamW, Schedule
 from torchxla_rlhf.trainers.base import Trainer, make_loader
 
 logger = logging.getLogger(__name__)
@@ -176,5 +177,5 @@ class PairTrainer(Trainer):
     def save(self, path: str) -> None:
         checkpoint.save_hf_checkpoint(
             self.model, self.ctx.tokenizer, path,
-            save_dtype=models.DTYPES[self.cfg.save_dtype], is_main_process=self.ctx.is_main,
+            save_dtype=llama.DTYPES[self.cfg.save_dtype], is_main_process=self.ctx.is_main,
         )

@@ -26,13 +26,14 @@ import time
 
 import torch
 
-from torchxla_rlhf import checkpoint, models, runtime
-from torchxla_rlhf.configs import ORACLES
+from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf.models import llama
+from torchxla_rlhf.configs.ppo import ORACLES
 from torchxla_rlhf.data.prompts import PromptDataset
 from torchxla_rlhf.generation import Generator
-from torchxla_rlhf.losses import label_logps, ppo_policy_loss, ppo_value_loss
-from torchxla_rlhf.optim import AdamW, Schedule
-from torchxla_rlhf.rl import (
+from torchxla_rlhf.algos.losses import label_logps, ppo_policy_loss, ppo_value_loss
+from torchxla_rlhf.algos.optim import AdamW, Schedule
+from torchxla_rlhf.algos.rl import (
     apply_eos_penalty,
     gae,
     kl_penalized_rewards,
@@ -69,16 +70,16 @@ class PPOTrainer(Trainer):
 
         pad = cfg.tokenizer_pad_token_id
         self.eos_id = tok.eos_token_id
-        self.policy = models.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
-        self.reference = models.freeze(
-            models.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh
+        self.policy = llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
+        self.reference = llama.freeze(
+            llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh
         )
-        self.reward_model = models.freeze(
-            models.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad,
+        self.reward_model = llama.freeze(
+            llama.load_sequence_classifier(cfg.reward_model, mesh, pad_token_id=pad,
                                             role="reward model", require_trained_head=True),
             cfg.reward_model, mesh,
         )
-        self.value = models.load_sequence_classifier(
+        self.value = llama.load_sequence_classifier(
             cfg.value_model or cfg.reward_model, mesh, pad_token_id=pad, head_seed=cfg.seed
         )
         self.policy.train()
@@ -154,7 +155,7 @@ class PPOTrainer(Trainer):
     def _values(self, chunk) -> torch.Tensor:
         """``phi_values [n, CL]``: the value head at the positions predicting each token."""
         with self.autocast():
-            v = models.sequence_classifier_scores(
+            v = llama.sequence_classifier_scores(
                 self.value, chunk["sequences"], chunk["attention_mask"], every_position=True
             )
         return v[:, self.prompt_len - 1:-1]
@@ -163,7 +164,7 @@ class PPOTrainer(Trainer):
     def _scores(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """RM reward after the EOS rule ``[n]``, and the score after gain/bias ``[n]``."""
         with self.autocast():
-            reward = models.sequence_classifier_scores(
+            reward = llama.sequence_classifier_scores(
                 self.reward_model, chunk["sequences"], chunk["attention_mask"]
             )
         reward = apply_eos_penalty(
@@ -370,7 +371,7 @@ class PPOTrainer(Trainer):
         )
 
     def save(self, path: str) -> None:
-        dtype = models.DTYPES[self.cfg.save_dtype]
+        dtype = llama.DTYPES[self.cfg.save_dtype]
         is_main = self.ctx.is_main
         checkpoint.save_hf_checkpoint(self.policy, self.ctx.tokenizer, path, save_dtype=dtype,
                                       is_main_process=is_main)

@@ -3,8 +3,7 @@ know of a trainer comes from here, never from ``isinstance`` chains.
 
 A trainer is two things:
 
-- its config module (``configs/KIND.py``; the first four kinds' classes are still in
-  :mod:`torchxla_rlhf.configs`), torch-free: the config class, which names the trainer in its
+- its config module (``configs/KIND.py``), torch-free: the config class, which names the trainer in its
   ``trainer`` key (``trainer: sft`` in a YAML file; the class's default), says what the run
   puts on the mesh (:meth:`model_roles`, :meth:`batches`: plain data of
   :mod:`torchxla_rlhf.roles`) and hands the memory plan its terms (:meth:`memory_terms`);
@@ -21,10 +20,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from torchxla_rlhf.config import ConfigError, declared_value
-from torchxla_rlhf.configs import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from torchxla_rlhf.configs.loader import ConfigError, declared_value
+from torchxla_rlhf.configs.dpo import DPOConfig
+from torchxla_rlhf.configs.grpo import GRPOConfig
+from torchxla_rlhf.configs.ppo import PPOConfig
+from torchxla_rlhf.configs.reward import RewardConfig
 from torchxla_rlhf.configs.sft import SFTConfig
-from torchxla_rlhf.roles import Batch, ModelRole  # noqa: F401 (their old home)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,6 @@ def kind_of_file(path: str, overrides: Sequence[str] = ()) -> str:
 
 def load(path: str, overrides: Sequence[str] = ()) -> Any:
     """Load a config file as the config class of the trainer it declares."""
-    from torchxla_rlhf.config import load_config
+    from torchxla_rlhf.configs.loader import load_config
 
     return load_config(get(kind_of_file(path, overrides)).config, path, overrides)

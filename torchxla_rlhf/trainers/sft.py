@@ -29,14 +29,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from torchxla_rlhf import models, runtime
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import llama
 from torchxla_rlhf.data.chat import (ASSISTANT_HEADER, DataError, format_messages,
                                      special_texts, validate_messages)
-from torchxla_rlhf.data.config import DatasetConfig
+from torchxla_rlhf.configs.data import DatasetConfig
 from torchxla_rlhf.data.preference import RaggedTokens
 from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.data.sources import iter_parsed
-from torchxla_rlhf.losses import token_logps
+from torchxla_rlhf.algos.losses import token_logps
 from torchxla_rlhf.trainers.base import make_loader
 from torchxla_rlhf.trainers.pairs import PairData, PairTrainer
 
@@ -341,7 +342,7 @@ class SFTTrainer(PairTrainer):
     data_class = SFTData
 
     def build_model(self) -> torch.nn.Module:
-        return models.load_causal_lm(self.cfg.model, self.ctx.mesh,
+        return llama.load_causal_lm(self.cfg.model, self.ctx.mesh,
                                      pad_token_id=self.cfg.tokenizer_pad_token_id)
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torchxla_rlhf.rl import masked_mean
+from torchxla_rlhf.algos.rl import masked_mean
 
 __all__ = [
     "label_logps",

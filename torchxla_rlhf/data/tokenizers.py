@@ -27,7 +27,7 @@ from typing import Any
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from torchxla_rlhf.config import ConfigError
+from torchxla_rlhf.configs.loader import ConfigError
 
 __all__ = [
     "TULU_CHAT_TEMPLATE",

@@ -229,7 +229,7 @@ def shard_model(
     specs = match_specs(
         ((n, tuple(p.shape)) for n, p in params.items()),
         rules,
-        axis_sizes=mesh.shape,
+        axis_sizes=mesh.sizes,
         large_weight_numel=large_weight_numel,
     )
     from torchxla_rlhf import runtime

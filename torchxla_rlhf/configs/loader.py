@@ -59,7 +59,7 @@ RELATIVE_PATH = "relative_path"
 relative local value, when set in a config file, is read from the working directory if it
 exists there, else from the folder of the file that sets it (see :func:`resolve_relative`)."""
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 """The repository's ``configs/``: a ``--config`` name that is not a file is looked up here."""
 
 

@@ -815,21 +815,6 @@ def s_cfg(cfg: Any, sampling: Any) -> Any:
     return dataclasses.replace(cfg, sampling=sampling)
 
 
-def check_fits(cfg: Any, n_devices: int, hbm_bytes: float | None,
-               shapes: Mapping[str, Shape] | None = None) -> Plan | None:
-    """Start-up check: log the plan; raise :class:`DoesNotFit` (message: the table) when the
-    peak exceeds ``hbm_bytes``. A config the planner cannot size is logged and not checked."""
-    try:
-        p = plan(cfg, n_devices, hbm_bytes, shapes)
-    except PlanError as e:
-        logger.warning("memory plan skipped: %s", e)
-        return None
-    if p.fits is False:
-        raise_does_not_fit(p)
-    logger.info("%s", format_plan(p))
-    return p
-
-
 def raise_does_not_fit(p: Plan) -> None:
     raise DoesNotFit(
         f"{format_plan(p)}\nThe run cannot fit in device memory: lower the batch, turn on "

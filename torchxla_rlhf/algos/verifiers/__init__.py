@@ -3,11 +3,11 @@
 Built-in verifiers (each scores one completion against its record's ``ground_truth``, 1.0 or
 0.0, and checks every record's ground truth when the data loads):
 
-- ``gsm8k`` (:mod:`~torchxla_rlhf.rewards.answers`): the number after ``####`` (units and
+- ``gsm8k`` (:mod:`~torchxla_rlhf.algos.verifiers.answers`): the number after ``####`` (units and
   words ignored), else the last number in ``\\boxed{}``, else the last number; exact rationals.
-- ``math`` (:mod:`~torchxla_rlhf.rewards.mathverify`): MATH-style LaTeX answers judged by
+- ``math`` (:mod:`~torchxla_rlhf.algos.verifiers.mathverify`): MATH-style LaTeX answers judged by
   ``math-verify`` (sympy equivalence, sets, intervals, units), with its timeouts.
-- ``ifeval`` (:mod:`~torchxla_rlhf.rewards.ifeval`): the IFEval-style constraint the ground
+- ``ifeval`` (:mod:`~torchxla_rlhf.algos.verifiers.ifeval`): the IFEval-style constraint the ground
   truth names (open-instruct's ``func_name`` and arguments).
 
 ``rewards.verifier`` is one of these, a user function ``module:function`` (imported with
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from torchxla_rlhf.errors import UserError
-from torchxla_rlhf.rewards.answers import check_gsm8k_truth, final_answer, format_reward, gsm8k_score
-from torchxla_rlhf.rewards.ifeval import check_ifeval_truth, ifeval_score
-from torchxla_rlhf.rewards.mathverify import (
+from torchxla_rlhf.algos.verifiers.answers import check_gsm8k_truth, final_answer, format_reward, gsm8k_score
+from torchxla_rlhf.algos.verifiers.ifeval import check_ifeval_truth, ifeval_score
+from torchxla_rlhf.algos.verifiers.mathverify import (
     VerifierTimeout,
     check_math_truth,
     math_score,
@@ -216,7 +216,7 @@ class Verifiers:
 
     @classmethod
     def from_config(cls, rewards_cfg: Any) -> "Verifiers | None":
-        """From a ``RewardsConfig`` (None when no verifier is on)."""
+        """From a ``GRPORewardsConfig`` (None when no verifier is on)."""
         if not rewards_cfg.verifier or not rewards_cfg.verifier_weight:
             return None
         return cls(rewards_cfg.verifier, rewards_cfg.verifiers, rewards_cfg.verifier_timeout_s)

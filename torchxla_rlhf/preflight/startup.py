@@ -63,7 +63,7 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
     the longer reports. The one list of what a run checks before its first step short of
     loading weights and touching devices: ``--check`` runs all of it, a run's set-up the
     :data:`BEFORE_DEVICE` part (and the rest where it says)."""
-    from torchxla_rlhf.config import to_dict
+    from torchxla_rlhf.configs.loader import to_dict
 
     n, n_from = check_devices(cfg, devices)
 
@@ -109,14 +109,14 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
                                 f"{cfg.output_dir.rstrip('/')}/{METRICS_FILE}")
 
     def model_configs(results: dict) -> str:
-        from torchxla_rlhf.memory_plan import read_shapes
+        from torchxla_rlhf.preflight.memory_plan import read_shapes
 
         results["shapes"] = shapes = read_shapes(cfg)
         return "; ".join(f"{key}: {s.layers} layers, hidden {s.hidden}, {s.heads} heads, "
                          f"vocab {s.vocab}" for key, s in shapes.items())
 
     def data(_: dict) -> str:
-        from torchxla_rlhf.tokenizers import load_tokenizer
+        from torchxla_rlhf.data.tokenizers import load_tokenizer
         from torchxla_rlhf.trainers import registry
 
         tok = load_tokenizer(cfg.tokenizer or cfg.model.name_or_path, cfg.tokenizer_pad_token_id,
@@ -125,7 +125,7 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         return "read, tokenized and counted (the data report is above)"
 
     def mesh(results: dict) -> str:
-        from torchxla_rlhf.memory_plan import format_plan
+        from torchxla_rlhf.preflight.memory_plan import format_plan
         from torchxla_rlhf.preflight import checks
 
         if n is None:

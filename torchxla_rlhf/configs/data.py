@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torchxla_rlhf.config import RELATIVE_PATH
+from torchxla_rlhf.configs.loader import RELATIVE_PATH
 
 __all__ = ["DataSource", "DatasetConfig"]
 

@@ -30,12 +30,14 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from torchxla_rlhf import attention, runtime, sharding
-from torchxla_rlhf.configs import ModelConfig, TinyModelConfig
-from torchxla_rlhf.config import ConfigError
+from torchxla_rlhf import runtime
+from torchxla_rlhf.models import attention
+from torchxla_rlhf.models import sharding
+from torchxla_rlhf.configs.sections import ModelConfig, TinyModelConfig
+from torchxla_rlhf.configs.loader import ConfigError
 from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.preflight.shapes import frozen_dtype  # one rule for the pre-flight and the loader
-from torchxla_rlhf.rl import last_token_index, position_ids_from_mask
+from torchxla_rlhf.algos.rl import last_token_index, position_ids_from_mask
 
 
 class ModelRoleError(UserError, ValueError):
@@ -401,7 +403,7 @@ def _build_sharded(
     specs = sharding.match_specs(
         ((n, tuple(p.shape)) for n, p in model.named_parameters()),
         sharding.rules_for(model),
-        axis_sizes=mesh.shape,
+        axis_sizes=mesh.sizes,
     )
     sharding.check_heads_fit(config, mesh)
     dtype = DTYPES[cfg.param_dtype]

@@ -23,7 +23,7 @@ import functools
 import threading
 from typing import Any
 
-from torchxla_rlhf.rewards.answers import parse_number
+from torchxla_rlhf.algos.verifiers.answers import parse_number
 
 __all__ = ["VerifierTimeout", "check_math_truth", "math_score", "timeouts_available"]
 
@@ -99,7 +99,7 @@ def _parse_answer(completion: str, timeout_s: int) -> list:
 
 
 def _plain_number(text: str):
-    from torchxla_rlhf.rewards.answers import final_answer  # noqa: PLC0415
+    from torchxla_rlhf.algos.verifiers.answers import final_answer  # noqa: PLC0415
 
     answer, explicit = final_answer(text)
     return parse_number(answer, percent=False) if answer is not None and explicit else None

@@ -29,7 +29,7 @@ from typing import Iterable
 
 import torch
 
-from torchxla_rlhf.configs import AdamWConfig
+from torchxla_rlhf.configs.sections import AdamWConfig
 
 @dataclass(frozen=True)
 class Schedule:
