@@ -115,14 +115,14 @@ def test_a_run_that_does_not_fit_stops_before_loading():
     """The RM at seq 4096 on a v3-128 with mp=64: 32 rows per device, each holding 5 heads'
     [4096, 4096] scores in a layer's backward, and 40 layers of their checkpointed inputs: over
     16 GiB; on -1,32,4 it fits. Through the trainers' own pre-flight hook (16 hosts of 8)."""
-    from torchxla_rlhf.preflight import checks
+    from torchxla_rlhf.preflight.startup import Topology, on_devices
 
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,2,64")
     with pytest.raises(memory_plan.DoesNotFit, match="DOES NOT FIT"):
-        checks.check_before_loading(cfg, 128, 16, 8, 16 * GIB)
+        on_devices(cfg, Topology(128, "test", 16, 8, 16 * GIB))
     cfg = _cfg(RewardConfig, "reward_13b.yaml", "mesh_dim=-1,32,4")
-    assert checks.check_before_loading(cfg, 128, 16, 8, 16 * GIB).plan.fits
-    assert checks.check_before_loading(cfg, 128, 16, 8, None).plan.fits is None  # unknown: logged
+    assert on_devices(cfg, Topology(128, "test", 16, 8, 16 * GIB)).plan.fits
+    assert on_devices(cfg, Topology(128, "test", 16, 8, None)).plan.fits is None  # unknown: logged
 
 
 def test_plan_command(capsys):

@@ -198,18 +198,19 @@ def test_shard_slices_combine_axes_major_to_minor():
 
 
 def test_the_trainers_hook_raises_one_line_or_the_plan(tmp_path):
-    """``check_before_loading`` (what ``setup_run`` calls with the runtime's topology): a
+    """``startup.on_devices`` (what ``setup_run`` calls with the runtime's topology): a
     failed check is one line naming the key; a plan over the memory is the plan's table."""
     from torchxla_rlhf.preflight.memory_plan import DoesNotFit
+    from torchxla_rlhf.preflight.startup import Topology, on_devices
 
     cfg = load_config(DPOConfig, os.path.join(REPO, "configs", "tiny", "dpo.yaml"),
                       [f"output_dir={tmp_path}", "mesh_dim=1,3,1"])
     with pytest.raises(checks.StartupError) as e:
-        checks.check_before_loading(cfg, 4, 1, 4, None)
+        on_devices(cfg, Topology(4, "test", 1, 4, None))
     assert "\n" not in str(e.value) and "mesh_dim: mesh uses the pod's devices" in str(e.value)
     cfg = load_config(DPOConfig, os.path.join(REPO, "configs", "tiny", "dpo.yaml"),
                       [f"output_dir={tmp_path}", "mesh_dim=1,2,2"])
     with pytest.raises(DoesNotFit, match="DOES NOT FIT"):
-        checks.check_before_loading(cfg, 4, 1, 4, 2**20)
-    report = checks.check_before_loading(cfg, 4, 1, 4, 2**30)
+        on_devices(cfg, Topology(4, "test", 1, 4, 2**20))
+    report = on_devices(cfg, Topology(4, "test", 1, 4, 2**30))
     assert report.mesh == (1, 2, 2) and report.plan.fits

@@ -8,7 +8,8 @@ device. :func:`check_run` does all of it as a pure function of (run config, mode
 device count, hosts, memory per device): no devices, no torch, so a test can check every
 shipped config against the pods its header names, and ``python -m torchxla_rlhf plan`` runs
 the same checks a trainer runs. Each failed check names the config key and what would fit
-(including the meshes that pass everything).
+(including the meshes that pass everything). The start-up list
+(:mod:`torchxla_rlhf.preflight.startup`) runs it for a run and for ``--check``.
 
 What a trainer puts on the mesh (its models and their roles, its batch rows) comes from its
 config class (``model_roles()``, ``batches()``; see ``trainers/registry.py``).
@@ -16,7 +17,6 @@ config class (``model_roles()``, ``batches()``; see ``trainers/registry.py``).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -26,7 +26,6 @@ from torchxla_rlhf.errors import UserError
 from torchxla_rlhf.preflight.mesh import Mesh, MeshError, parse_mesh_dim
 from torchxla_rlhf.preflight.shapes import Shape
 
-logger = logging.getLogger(__name__)
 
 RULES = {"causal": sharding.CAUSAL_LM_RULES, "classifier": sharding.SEQUENCE_CLASSIFIER_RULES}
 """Partition rules of each model head kind."""
@@ -212,25 +211,4 @@ def check_run(
                            f"every host builds the {b.rows}-row global batch ({b.what}) from the "
                            f"same seeded order and uploads only the shards of its "
                            f"{devices_per_host} devices")
-    return report
-
-
-def check_before_loading(cfg: Any, devices: int, processes: int, devices_per_host: int,
-                         hbm_bytes: float | None) -> StartupReport:
-    """The trainers' hook (after the runtime is up, before any model loads; the caller passes
-    the topology the runtime reports): read the models' shapes, run :func:`check_run`, log
-    warnings and the memory plan, raise :class:`StartupError` (one line) on a failed check or
-    :class:`memory_plan.DoesNotFit` (the plan's table) when the peak exceeds the memory."""
-    shapes = memory_plan.read_shapes(cfg)
-    report = check_run(cfg, shapes, devices, processes, devices_per_host, hbm_bytes=hbm_bytes)
-    for c in report.warnings:
-        logger.warning("start-up check %s (%s): %s", c.name, c.key, c.detail)
-    if report.plan is not None and report.plan.fits is False:
-        memory_plan.raise_does_not_fit(report.plan)
-    if not report.ok:
-        raise StartupError(f"this config cannot run on {devices} device(s) over {processes} "
-                           f"host(s): {report.failures_line()}")
-    if report.plan is not None:
-        logger.info("%s", memory_plan.format_plan(report.plan))
-    logger.info("start-up checks passed on %d device(s), %d host(s)", devices, processes)
     return report

@@ -33,39 +33,60 @@ class Outcome:
     detail: str
 
 
-def check_devices(cfg: Any, devices: int | None) -> tuple[int | None, str]:
-    """``(device count, where it came from)``; ``None`` when nothing says."""
+@dataclass(frozen=True)
+class Topology:
+    """What the pre-flight checks a config against: the device count and, where known, the
+    hosts, the devices per host and each device's memory (None: not checked)."""
+
+    devices: int | None
+    source: str = ""
+    """Where the device count came from (``--devices``, ``mesh_dim``, the runtime...)."""
+    hosts: int | None = None
+    per_host: int | None = None
+    hbm_bytes: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.devices} device(s)" + (f" over {self.hosts} host(s)" if self.hosts else "")
+
+
+def check_devices(cfg: Any, devices: int | None) -> Topology:
+    """``--check``'s topology: ``--devices N``, else the mesh's product when it has no ``-1``,
+    else this machine's XLA:CPU devices; no hosts, no device memory."""
     from torchxla_rlhf.preflight.mesh import fixed_devices
 
     if devices is not None:
-        return devices, "--devices"
+        return Topology(devices, "--devices")
     if (fixed := fixed_devices(cfg.mesh_dim)) is not None:
-        return fixed, "mesh_dim"
+        return Topology(fixed, "mesh_dim")
     if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
-        return int(os.environ.get("CPU_NUM_DEVICES", "1") or 1), "this machine's XLA:CPU devices"
-    return None, ""
+        return Topology(int(os.environ.get("CPU_NUM_DEVICES", "1") or 1),
+                        "this machine's XLA:CPU devices")
+    return Topology(None)
 
 
 BEFORE_DEVICE = ("remote paths", "output_dir", "resume_from", "logging")
-"""The entries of :func:`startup_checks` a run executes, through this list, in its set-up
-before the runtime starts (:func:`torchxla_rlhf.trainers.base.setup_run`). The others call
-what the run calls at its own moment: ``model config``, ``mesh`` and ``memory plan`` the
-pre-flight (:func:`~torchxla_rlhf.preflight.checks.check_run`, which the run calls with the
-runtime's device count), ``data`` the trainer's :meth:`check_data` (which its ``build``
-calls to get its datasets and reward functions)."""
+"""The entries of :func:`startup_checks` a run executes in its set-up before the runtime
+starts (:func:`before_device`)."""
+
+ON_DEVICES = ("model config", "mesh")
+"""The entries a run executes once the runtime is up, with the runtime's topology
+(:func:`on_devices`): the models' shapes, then the pre-flight (mesh, weight splits, batch
+rows, hosts, the memory plan and its verdict). ``data`` is the trainer's
+:meth:`check_data`, which its ``build`` calls to get its datasets and reward functions."""
 
 
-def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
+def startup_checks(cfg: Any, topology: Topology, say: Callable[[str], None]
                    ) -> list[tuple[str, Callable[[dict], str]]]:
     """The device-free start-up checks of a trainer config, in order: ``(name, fn)`` pairs
     where ``fn(results)`` returns a one-line detail or raises a user error; ``results`` holds
-    what earlier checks produced (``shapes``, ``dir_plan``, ``resume_path``...); ``say`` prints
-    the longer reports. The one list of what a run checks before its first step short of
-    loading weights and touching devices: ``--check`` runs all of it, a run's set-up the
-    :data:`BEFORE_DEVICE` part (and the rest where it says)."""
+    what earlier checks produced (``shapes``, ``dir_plan``, ``resume_path``, ``report``...);
+    ``say`` prints the longer reports. The one list of what a run checks before its first
+    step short of loading weights: ``--check`` runs all of it on ``topology`` (this machine,
+    or ``--devices``), a run's set-up the :data:`BEFORE_DEVICE` part, then the
+    :data:`ON_DEVICES` part on the runtime's topology."""
     from torchxla_rlhf.configs.loader import to_dict
 
-    n, n_from = check_devices(cfg, devices)
+    n = topology.devices
 
     def remote(_: dict) -> str:
         from torchxla_rlhf.remote import check_remote_paths, iter_urls
@@ -125,22 +146,27 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
         return "read, tokenized and counted (the data report is above)"
 
     def mesh(results: dict) -> str:
-        from torchxla_rlhf.preflight.memory_plan import format_plan
-        from torchxla_rlhf.preflight import checks
+        from torchxla_rlhf.preflight import checks, memory_plan
 
         if n is None:
             raise _Skip(f"mesh_dim={cfg.mesh_dim!r} has a -1 axis: pass --devices N")
         if "shapes" not in results:
             raise _Skip("needs the model configs")
-        report = checks.check_run(cfg, results["shapes"], n)
-        results["plan"] = report.plan
+        report = checks.check_run(cfg, results["shapes"], n, topology.hosts, topology.per_host,
+                                  hbm_bytes=topology.hbm_bytes)
+        results["report"], results["plan"] = report, report.plan
         for c in report.warnings:
-            say(f"warning: {c.name} ({c.key}): {c.detail}")
+            logger.warning("start-up check %s (%s): %s", c.name, c.key, c.detail)
+        if report.plan is not None and report.plan.fits is False:
+            memory_plan.raise_does_not_fit(report.plan)
         if not report.ok:
-            raise checks.StartupError(report.failures_line())
+            raise checks.StartupError(
+                f"this config cannot run on {topology}: {report.failures_line()}")
         if report.plan is not None:
-            say(format_plan(report.plan))
-        return f"mesh_dim={cfg.mesh_dim!r} on {n} device(s) ({n_from}): {len(report.checks)} checks pass"
+            say(memory_plan.format_plan(report.plan))
+        return (f"mesh_dim={cfg.mesh_dim!r} on {topology}"
+                + (f" ({topology.source})" if topology.source else "")
+                + f": {len(report.checks)} checks pass")
 
     def memory(results: dict) -> str:
         p = results.get("plan")
@@ -155,15 +181,32 @@ def startup_checks(cfg: Any, devices: int | None, say: Callable[[str], None]
 
 
 def before_device(cfg: Any) -> dict:
-    """A run's set-up: the :data:`BEFORE_DEVICE` entries of :func:`startup_checks`, in order,
-    the first failure raised (nothing is written); returns their results (``dir_plan``,
-    ``resume_path``, ``resume_changes``). The lock is not looked at: process 0 took it
-    before (:func:`~torchxla_rlhf.run_dir.acquire_lock`, which runs the same check)."""
+    """A run's set-up, before the runtime starts: the :data:`BEFORE_DEVICE` entries of
+    :func:`startup_checks`, in order, the first failure raised (nothing is written); returns
+    their results (``dir_plan``, ``resume_path``, ``resume_changes``). The lock is not looked
+    at: process 0 took it before (:func:`~torchxla_rlhf.run_dir.acquire_lock`, which runs the
+    same check)."""
     results: dict = {"lock_taken": True}
-    for name, fn in startup_checks(cfg, None, logger.info):
-        if name in BEFORE_DEVICE:
-            fn(results)
+    _run_part(cfg, Topology(None), BEFORE_DEVICE, results)
     return results
+
+
+def on_devices(cfg: Any, topology: Topology, results: dict | None = None) -> Any:
+    """A run's set-up once the runtime is up, before any weight loads: the
+    :data:`ON_DEVICES` entries on the runtime's ``topology``, the first failure raised (a
+    failed check: one line naming the key; a plan over the device memory:
+    :class:`~torchxla_rlhf.preflight.memory_plan.DoesNotFit` with the plan's table). Returns
+    the pre-flight's :class:`~torchxla_rlhf.preflight.checks.StartupReport`."""
+    results = {} if results is None else results
+    _run_part(cfg, topology, ON_DEVICES, results)
+    logger.info("start-up checks passed on %s", topology)
+    return results["report"]
+
+
+def _run_part(cfg: Any, topology: Topology, names: tuple[str, ...], results: dict) -> None:
+    for name, fn in startup_checks(cfg, topology, logger.info):
+        if name in names:
+            fn(results)
 
 
 class _Skip(Exception):
@@ -197,7 +240,7 @@ def _run_checks(cfg: Any, devices: int | None, out: TextIO) -> int:
     def say(text: str) -> None:
         print("\n".join("        " + line for line in text.splitlines()), file=out, flush=True)
 
-    for name, fn in startup_checks(cfg, devices, say):
+    for name, fn in startup_checks(cfg, check_devices(cfg, devices), say):
         try:
             outcome = Outcome(name, "ok", fn(results))
         except _Skip as e:

@@ -45,7 +45,6 @@ from torchxla_rlhf.data.report import DataReport
 from torchxla_rlhf.errors import (EXIT_PREEMPTED, RESUME_HINT, NonFiniteError, Preempted,
                                   ResumeError, RunFailure, call_with_timeout, failure_during,
                                   one_line)
-from torchxla_rlhf.preflight import checks
 from torchxla_rlhf.data.tokenizers import load_tokenizer
 from torchxla_rlhf.tracking import Tracker
 
@@ -81,8 +80,8 @@ def setup_run(cfg: Any) -> RunContext:
     runtime.manual_seed(cfg.seed)
     # The pre-flight (mesh, weight splits, batch rows, the memory plan) before any weights load.
     devices, processes, per_host = runtime.topology()
-    report = checks.check_before_loading(cfg, devices, processes, per_host,
-                                         runtime.device_memory_bytes())
+    report = startup.on_devices(cfg, startup.Topology(
+        devices, "the runtime", processes, per_host, runtime.device_memory_bytes()), found)
     mesh = runtime.make_mesh(report.mesh)
     is_main = runtime.is_main_process()
     checkpoint.require_shared_output_dir(output_dir, runtime.process_count())
