@@ -50,17 +50,19 @@ class PPOTrainer(RolloutTrainer):
     whitened advantages, clipped policy and value losses, in standard or interleaved mode."""
 
     @classmethod
-    def check_data(cls, cfg, tokenizer) -> None:
+    def _prompts(cls, cfg, tokenizer) -> PromptDataset:
+        """The training prompts, read and checked to fill a batch (``--check`` and build)."""
         prompts = PromptDataset.build(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
                                       name="train_dataset")
         prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        return prompts
+
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        cls._prompts(cfg, tokenizer)
 
     def build_prompts(self):
-        cfg = self.cfg
-        prompts = PromptDataset.build(cfg.train_dataset, self.ctx.tokenizer,
-                                      add_bos=cfg.prompt_add_bos, name="train_dataset")
-        prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
-        return prompts, None
+        return self._prompts(self.cfg, self.ctx.tokenizer), None
 
     def build_models(self) -> None:
         cfg, mesh = self.cfg, self.ctx.mesh
