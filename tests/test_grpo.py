@@ -179,6 +179,28 @@ def test_rloo_with_kl_in_reward_learns(tmp_path):
     assert rows and all(np.isfinite(r["objective/kl_penalty_mean"]) for r in rows)
 
 
+def test_grpo_and_ppo_share_the_rollout_engine_and_neither_inherits_the_other():
+    """Both kinds are RolloutTrainers that supply every hook; nothing PPO defines for itself
+    (value model, GAE targets, its micro-steps) is reachable from GRPOTrainer."""
+    from torchxla_rlhf.trainers.base import Trainer
+    from torchxla_rlhf.trainers.grpo import GRPOTrainer
+    from torchxla_rlhf.trainers.ppo import PPOTrainer
+    from torchxla_rlhf.trainers.rollout import RolloutTrainer
+
+    assert GRPOTrainer.__bases__ == (RolloutTrainer,) and PPOTrainer.__bases__ == (RolloutTrainer,)
+    assert not issubclass(GRPOTrainer, PPOTrainer) and not issubclass(PPOTrainer, GRPOTrainer)
+    hooks = ("build_prompts", "build_models", "build_optimizers", "_score_chunk",
+             "_batch_advantages", "_micro_step", "_update_step", "train_step", "trained_models",
+             "check_data")
+    for cls in (PPOTrainer, GRPOTrainer):
+        for hook in hooks:
+            assert hook in vars(cls), (cls.__name__, hook)
+    engine = set(dir(RolloutTrainer)) | set(dir(Trainer))
+    ppo_own = set(vars(PPOTrainer)) - engine
+    assert {"_values", "_targets", "_interleaved_micro", "_standard_micro"} <= ppo_own
+    assert not [name for name in ppo_own if hasattr(GRPOTrainer, name)]
+
+
 def test_13b_plan_fits_a_v3_256_and_counts_the_reference_only_with_a_kl():
     from torchxla_rlhf.preflight import memory_plan
 

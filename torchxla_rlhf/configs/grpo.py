@@ -53,7 +53,7 @@ class GRPORewardsConfig:
 @dataclass
 class GRPOConfig(RolloutShapes, RunConfig):
     """``python -m torchxla_rlhf.grpo``: critic-free RL (GRPO and its DAPO / Dr. GRPO / GSPO
-    variants, or RLOO) on the PPO engine: G rollouts per prompt, advantages from the group,
+    variants, or RLOO) on the rollout engine it shares with PPO: G rollouts per prompt, advantages from the group,
     no value model; the frozen reference only when a KL term is on (beta > 0)."""
 
     trainer: str = "grpo"

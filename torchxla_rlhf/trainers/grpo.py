@@ -1,4 +1,4 @@
-"""GRPO and RLOO (critic-free RL with group advantages) on the PPO engine.
+"""GRPO and RLOO (critic-free RL with group advantages) on the rollout engine (trainers/rollout.py).
 
 One step = one batch of prompts, each repeated G = ``rollouts_per_prompt`` times:
 
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from torchxla_rlhf import checkpoint, runtime
+from torchxla_rlhf import runtime
 from torchxla_rlhf.models import llama
 from torchxla_rlhf.configs.sections import SamplingConfig
 from torchxla_rlhf.data.rlvr import build_rlvr_prompts
@@ -42,8 +42,8 @@ from torchxla_rlhf.algos.rl import (
     rloo_advantages,
     sequence_kl_penalty,
 )
-from torchxla_rlhf.trainers.base import make_loader, rollout_sampling
-from torchxla_rlhf.trainers.ppo import PPOTrainer
+from torchxla_rlhf.trainers.base import make_loader
+from torchxla_rlhf.trainers.rollout import RolloutTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ def _call_reward_functions(cfg, verifiers: Verifiers | None, completions: list[s
     return total, metrics
 
 
-class GRPOTrainer(PPOTrainer):
-    """Reuses the PPO trainer's rollout machinery (prompt pieces, generation, chunk split,
-    log-probs, data position); replaces the models, the targets and the loss."""
+class GRPOTrainer(RolloutTrainer):
+    """The rollout engine (prompt pieces, generation, chunk split, log-probs, data position,
+    export) with host rewards, group advantages and the clipped-ratio loss; no value model."""
 
     name = "grpo"
 
@@ -112,27 +112,19 @@ class GRPOTrainer(PPOTrainer):
     def check_data(cls, cfg, tokenizer) -> None:
         cls._task(cfg, tokenizer)
 
-    def build(self) -> int:
-        cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
+    def build_prompts(self):
         # Resolved before any weights load: an unknown verifier or function fails in seconds.
-        self.prompts, self.eval_prompts, self.verifiers = self._task(cfg, tok)
-        self.data_reports = {"train": self.prompts.report}
-        if self.eval_prompts is not None:
-            self.data_reports["eval"] = self.eval_prompts.report
-        self.loader = make_loader(self.prompts, cfg.train_dataset, mesh)
-        self.steps_per_epoch = self.loader.steps_per_epoch
-        if cfg.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        total = cfg.total_steps or max(1, math.floor(self.steps_per_epoch * cfg.num_epochs))
+        prompts, eval_prompts, self.verifiers = self._task(self.cfg, self.ctx.tokenizer)
+        return prompts, eval_prompts
 
+    def build_models(self) -> None:
+        cfg, mesh = self.cfg, self.ctx.mesh
         if (cfg.advantage == "grpo" and cfg.importance_sampling_level == "sequence"
                 and cfg.loss_type != "grpo"):
             logger.warning("importance_sampling_level=sequence with loss_type=%s sums per-token "
                            "terms, weighting each sequence by its length; GSPO's objective is "
                            "loss_type=grpo", cfg.loss_type)
         pad = cfg.tokenizer_pad_token_id
-        self.eos_id = tok.eos_token_id
-        self.policy = llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
         # No KL term, no reference: its weights are never loaded (nor planned for).
         self.reference = (llama.freeze(llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad),
                                         cfg.model, mesh) if cfg.needs_reference else None)
@@ -140,38 +132,23 @@ class GRPOTrainer(PPOTrainer):
         self.reward_model = (llama.freeze(llama.load_sequence_classifier(
             rm_cfg, mesh, pad_token_id=pad, role="reward model", require_trained_head=True),
                                            rm_cfg, mesh) if rm_cfg is not None else None)
-        self.policy.train()
-        self.generator = Generator(
-            self.policy, rollout_sampling(cfg, mesh), eos_token_id=self.eos_id,
-            pad_token_id=pad, mesh=mesh,
-        )
         self.eval_generator = Generator(self.policy, SamplingConfig(greedy=True),
                                         eos_token_id=self.eos_id, pad_token_id=pad, mesh=mesh)
-
         # Old log-probs from before the updates: for several passes, or for RLOO's KL reward.
         self.keep_old = cfg.num_iterations > 1 or (
             cfg.advantage == "rloo" and cfg.kl_in == "reward" and cfg.needs_reference)
         self.group = cfg.rollouts_per_prompt
-        self.n_rollouts = cfg.train_dataset.batch_size * self.group
-        self.accumulate = cfg.optimizer.accumulate_gradient_steps
-        self.n_mini = self.n_rollouts // cfg.mini_batch_size
-        self.n_chunks = self.n_mini * self.accumulate
-        self.rollout_micro = cfg.rollout_micro_batch_size or self.n_rollouts
-        self.prompt_len = cfg.train_dataset.seq_length
+
+    def build_optimizers(self, total: int) -> None:
+        cfg = self.cfg
         updates_per_step = cfg.num_iterations * self.n_mini
         warmup = math.ceil(cfg.warmup_epochs * self.steps_per_epoch * updates_per_step)
         total_updates = total * updates_per_step
         self.policy_opt = AdamW(self.policy.parameters(), cfg.optimizer,
                                 Schedule(cfg.lr, cfg.lr, warmup, total_updates, decay=False))
-
+        # The optimizer's parameters rewritten in place once, in the first step (train_step).
         self._materialize = runtime.compile(self._materialize_params, name="grpo_materialize_params")
         self._materialized = False
-        self._split = runtime.compile(self._split_rollout, name="grpo_split")
-        self._score = runtime.compile(self._score_chunk, name="grpo_score")
-        self._advantages = runtime.compile(self._batch_advantages, name="grpo_advantages")
-        self._micro = runtime.compile(self._micro_step, name="grpo_micro_step")
-        self._update = runtime.compile(self._update_step, name="grpo_update")
-        return total
 
     @torch.no_grad()
     def _materialize_params(self) -> None:
@@ -182,11 +159,6 @@ class GRPOTrainer(PPOTrainer):
         return {"policy": (self.policy, self.policy_opt)}
 
     # -- host rewards --------------------------------------------------------------------------
-
-    def _completions(self, sequences: torch.Tensor, cmask: torch.Tensor) -> list[str]:
-        tok, pl = self.ctx.tokenizer, self.prompt_len
-        return [tok.decode(sequences[i, pl:][cmask[i].bool()], skip_special_tokens=True)
-                for i in range(sequences.shape[0])]
 
     def _host_rewards(self, dataset, completions: list[str], index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``[N]`` float32 rewards of the verifier and format terms, and their metrics."""
@@ -292,7 +264,7 @@ class GRPOTrainer(PPOTrainer):
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        rollout, chunks = self._split(self._generate(self._prompt_pieces()))
+        rollout, chunks = self._rollout()
         scored = [self._score(c) for c in chunks]
         if not self._materialized:
             # Once, in the first step: the weights are still the loaded buffers, which the
@@ -313,17 +285,11 @@ class GRPOTrainer(PPOTrainer):
         device_rewards = runtime.batch_to_device({"r": host_rewards}, self.ctx.mesh)["r"]
         chunks, stats = self._advantages(chunks, scored, device_rewards)
         metrics.update(stats)
-        for _ in range(cfg.num_iterations):
-            for m in range(self.n_mini):
-                for k in range(self.accumulate):
-                    for key, value in self._micro(chunks[m * self.accumulate + k]).items():
-                        metrics.setdefault(key, []).append(value)
-                for key, value in self._update().items():
-                    metrics.setdefault(key, []).append(value)
+        for micro, update in self._updates(cfg.num_iterations, chunks):
+            for out in micro + [update]:
+                self._append_metrics(metrics, out)
         if self.tracker.should_log(self.step + 1):
-            n = min(cfg.num_logged_samples, self.n_rollouts)
-            rows = [[self.prompts.texts[int(index[i])], completions[i], float(host_rewards[i])]
-                    for i in range(n)]
+            rows = self._sample_rows(index, completions, host_rewards)
             self.tracker.log_table(self.step + 1, "samples", ["prompt", "completion", "reward"], rows)
         return metrics
 
@@ -348,9 +314,3 @@ class GRPOTrainer(PPOTrainer):
             logger.warning("eval_dataset has fewer prompts than one batch (%d): nothing evaluated", bs)
             return {}
         return {"reward_mean": total / count}
-
-    def save(self, path: str) -> None:
-        checkpoint.save_hf_checkpoint(self.policy, self.ctx.tokenizer, path,
-                                      save_dtype=llama.DTYPES[self.cfg.save_dtype],
-                                      is_main_process=self.ctx.is_main)
-

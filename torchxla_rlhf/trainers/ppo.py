@@ -1,4 +1,5 @@
-"""PPO (docs/ppo.md): policy, reference, reward and value models on one mesh.
+"""PPO (docs/ppo.md): policy, reference, reward and value models on one mesh, on the rollout
+engine (trainers/rollout.py: prompts, generation, split, data position, policy export).
 
 One step = one batch of prompts:
 
@@ -30,47 +31,43 @@ from torchxla_rlhf import checkpoint, runtime
 from torchxla_rlhf.models import llama
 from torchxla_rlhf.configs.ppo import ORACLES
 from torchxla_rlhf.data.prompts import PromptDataset
-from torchxla_rlhf.generation import Generator
-from torchxla_rlhf.algos.losses import label_logps, ppo_policy_loss, ppo_value_loss
+from torchxla_rlhf.algos.losses import ppo_policy_loss, ppo_value_loss
 from torchxla_rlhf.algos.optim import AdamW, Schedule
 from torchxla_rlhf.algos.rl import (
     apply_eos_penalty,
     gae,
     kl_penalized_rewards,
     masked_whiten,
-    position_ids_from_mask,
     ppo_rollout_stats,
     scale_scores,
 )
-from torchxla_rlhf.trainers.base import Trainer, make_loader, rollout_sampling
+from torchxla_rlhf.trainers.rollout import RolloutTrainer
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_KEYS = ("sequences", "attention_mask", "continuation_mask")
 
+class PPOTrainer(RolloutTrainer):
+    """The rollout engine (trainers/rollout.py) with a value model: KL-shaped rewards, GAE and
+    whitened advantages, clipped policy and value losses, in standard or interleaved mode."""
 
-class PPOTrainer(Trainer):
     @classmethod
-    def check_data(cls, cfg, tokenizer) -> None:
+    def _prompts(cls, cfg, tokenizer) -> PromptDataset:
+        """The training prompts, read and checked to fill a batch (``--check`` and build)."""
         prompts = PromptDataset.build(cfg.train_dataset, tokenizer, add_bos=cfg.prompt_add_bos,
                                       name="train_dataset")
         prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
+        return prompts
 
-    def build(self) -> int:
-        cfg, mesh, tok = self.cfg, self.ctx.mesh, self.ctx.tokenizer
-        self.prompts = PromptDataset.build(cfg.train_dataset, tok, add_bos=cfg.prompt_add_bos,
-                                           name="train_dataset")
-        self.prompts.report.check_fills_batch(cfg.train_dataset.batch_size, "train_dataset")
-        self.data_reports = {"train": self.prompts.report}
-        self.loader = make_loader(self.prompts, cfg.train_dataset, mesh)
-        self.steps_per_epoch = self.loader.steps_per_epoch
-        if cfg.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        total = cfg.total_steps or max(1, math.floor(self.steps_per_epoch * cfg.num_epochs))
+    @classmethod
+    def check_data(cls, cfg, tokenizer) -> None:
+        cls._prompts(cfg, tokenizer)
 
+    def build_prompts(self):
+        return self._prompts(self.cfg, self.ctx.tokenizer), None
+
+    def build_models(self) -> None:
+        cfg, mesh = self.cfg, self.ctx.mesh
         pad = cfg.tokenizer_pad_token_id
-        self.eos_id = tok.eos_token_id
-        self.policy = llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad)
         self.reference = llama.freeze(
             llama.load_causal_lm(cfg.model, mesh, pad_token_id=pad), cfg.model, mesh
         )
@@ -82,20 +79,11 @@ class PPOTrainer(Trainer):
         self.value = llama.load_sequence_classifier(
             cfg.value_model or cfg.reward_model, mesh, pad_token_id=pad, head_seed=cfg.seed
         )
-        self.policy.train()
         self.value.train()
-        self.generator = Generator(
-            self.policy, rollout_sampling(cfg, mesh), eos_token_id=self.eos_id,
-            pad_token_id=pad, mesh=mesh,
-        )
+        self.oracle = ORACLES[cfg.oracle] if cfg.oracle else None
 
-        # Shapes of a step: N rollouts = n_mini mini-batches = n_chunks chunks (micro-batches).
-        self.n_rollouts = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
-        self.accumulate = cfg.optimizer.accumulate_gradient_steps
-        self.n_mini = self.n_rollouts // cfg.mini_batch_size
-        self.n_chunks = self.n_mini * self.accumulate
-        self.rollout_micro = cfg.rollout_micro_batch_size or self.n_rollouts
-        self.prompt_len = cfg.train_dataset.seq_length
+    def build_optimizers(self, total: int) -> None:
+        cfg = self.cfg
         updates_per_step = cfg.ppo_epochs * self.n_mini
         updates_per_epoch = self.steps_per_epoch * updates_per_step
         total_updates = total * updates_per_step
@@ -110,47 +98,11 @@ class PPOTrainer(Trainer):
             self.value.parameters(), cfg.optimizer,
             Schedule(value_lr, value_lr, warmup, total_updates, decay=False),
         )
-        self.oracle = ORACLES[cfg.oracle] if cfg.oracle else None
-
-        self._split = runtime.compile(self._split_rollout, name="ppo_split")
-        self._score = runtime.compile(self._score_chunk, name="ppo_score")
-        self._advantages = runtime.compile(self._batch_advantages, name="ppo_advantages")
-        self._micro = runtime.compile(
-            self._interleaved_micro if cfg.mode == "interleaved" else self._standard_micro,
-            name="ppo_micro_step",
-        )
-        self._update = runtime.compile(self._update_step, name="ppo_update")
-        return total
 
     def trained_models(self):
         return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
 
-    def data_state(self):
-        # Prompts are a function of the step (seeded order per epoch): record what must match.
-        return {"steps_per_epoch": self.steps_per_epoch, "loader": self.loader.state_dict()}
-
-    def load_data_state(self, state):
-        if state.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ValueError(f"resume: the checkpoint ran {state.get('steps_per_epoch')} steps per "
-                             f"epoch, this run {self.steps_per_epoch} (prompt data or batch size changed)")
-        self.loader.load_state_dict(state["loader"])  # checks seed, shuffle and sizes match
-
     # -- model quantities (traced) ----------------------------------------------------------
-
-    def _logps(self, model, chunk) -> torch.Tensor:
-        """``[n, CL]`` log-probs of the continuation tokens. The LM head runs only on the CL
-        positions that predict them (``PL-1 .. L-2``), not on the prompt."""
-        pl = self.prompt_len
-        seq, mask = chunk["sequences"], chunk["attention_mask"]
-        with self.autocast():
-            hidden = model.model(
-                input_ids=seq, attention_mask=mask,
-                position_ids=position_ids_from_mask(mask), use_cache=False,
-            ).last_hidden_state
-            logits = model.lm_head(hidden[:, pl - 1:-1])
-        if self.cfg.logprobs_at_temperature:
-            logits = logits.float() / self.cfg.sampling.temperature
-        return label_logps(logits, seq[:, pl:])
 
     def _values(self, chunk) -> torch.Tensor:
         """``phi_values [n, CL]``: the value head at the positions predicting each token."""
@@ -189,18 +141,6 @@ class PPOTrainer(Trainer):
         return advantages, returns, stats
 
     # -- compiled bodies ---------------------------------------------------------------------
-
-    def _split_rollout(
-        self, pieces: list[dict[str, torch.Tensor]]
-    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """The rollout (its generated pieces joined, in one graph) and its ``n_chunks`` row
-        blocks as separate buffers (clones), so the graphs that consume them are the same graph
-        for every chunk (a slice offset would be baked in)."""
-        keys = ROLLOUT_KEYS + ("index",)
-        rollout = {k: pieces[0][k] if len(pieces) == 1 else torch.cat([p[k] for p in pieces])
-                   for k in keys}
-        parts = {k: torch.chunk(rollout[k], self.n_chunks, dim=0) for k in ROLLOUT_KEYS}
-        return rollout, [{k: parts[k][i].clone() for k in ROLLOUT_KEYS} for i in range(self.n_chunks)]
 
     @torch.no_grad()
     def _score_chunk(self, chunk) -> dict[str, torch.Tensor]:
@@ -244,6 +184,12 @@ class PPOTrainer(Trainer):
         (loss / self.accumulate).backward()
         return {"ppo/loss/total": loss.detach(), **pm, **vm}
 
+    def _micro_step(self, chunk) -> dict[str, torch.Tensor]:
+        """The training micro-step of ``mode`` (one compiled graph either way)."""
+        if self.cfg.mode == "interleaved":
+            return self._interleaved_micro(chunk)
+        return self._standard_micro(chunk)
+
     def _standard_micro(self, chunk) -> dict[str, torch.Tensor]:
         pi_logps = self._logps(self.policy, chunk)
         phi_values = self._values(chunk).float()
@@ -276,39 +222,11 @@ class PPOTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _prompt_pieces(self) -> list[dict[str, torch.Tensor]]:
-        """This step's prompts on the device, in ``rollout_micro_batch_size``-row pieces
-        (one piece when unset): every piece has the same shape, so the rollout graphs compile
-        once whatever the number of pieces."""
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        host = self.prompts.get(self.loader.local_indices(epoch, s))
-        r = self.cfg.rollouts_per_prompt
-        batch = {k: host[k].repeat_interleave(r, dim=0) for k in ("input_ids", "attention_mask", "index")}
-        n = self.n_rollouts // self.rollout_micro
-        return [runtime.batch_to_device({k: v.chunk(n)[i] for k, v in batch.items()}, self.ctx.mesh)
-                for i in range(n)]
-
-    def _generate(self, pieces: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Roll out every piece under the compute dtype's autocast (bf16 matmuls, bf16 KV
-        cache). Piece ``i`` draws its noise from seed + i * golden-ratio constant, so
-        pieces never repeat each other's samples; piece 0 keeps the unchunked run's seed."""
-        cfg = self.cfg
-        out = []
-        with self.autocast():
-            for i, p in enumerate(pieces):
-                gen = self.generator.generate(
-                    p["input_ids"], p["attention_mask"], cfg.max_continuation_len,
-                    seed=(cfg.seed * 1_000_003 + self.step + i * 0x9E3779B1) & 0xFFFFFFFF,
-                )
-                out.append({"sequences": gen.sequences, "attention_mask": gen.attention_mask,
-                            "continuation_mask": gen.continuation_mask, "index": p["index"]})
-        return out
-
     def train_step(self) -> dict:
         cfg = self.cfg
         timed = self.tracker.should_log(self.step + 1)
         t0 = time.perf_counter()
-        rollout, chunks = self._split(self._generate(self._prompt_pieces()))
+        rollout, chunks = self._rollout()
         metrics: dict = {}
         if timed:
             runtime.wait()  # deliberate host sync on logging steps: the rollout time
@@ -321,12 +239,7 @@ class PPOTrainer(Trainer):
             row_rewards = [s["reward"] for s in scored]
             chunks, stats = self._advantages(chunks, scored)
             metrics.update(stats)
-        updates = []
-        if not cfg.generate_only:
-            for _ in range(cfg.ppo_epochs):
-                for m in range(self.n_mini):
-                    micro = [self._micro(chunks[m * self.accumulate + k]) for k in range(self.accumulate)]
-                    updates.append((micro, self._update()))
+        updates = [] if cfg.generate_only else self._updates(cfg.ppo_epochs, chunks)
         for i, (micro, update) in enumerate(updates):
             for out in micro + [update]:
                 out = dict(out)
@@ -334,8 +247,7 @@ class PPOTrainer(Trainer):
                     reward = out.pop("rows/reward")
                     if i < self.n_mini:  # the first PPO epoch covers every rollout once
                         row_rewards.append(reward)
-                for key, value in out.items():
-                    metrics.setdefault(key, []).append(value)
+                self._append_metrics(metrics, out)
         metrics["objective/kl_coef"] = cfg.kl_coef
         if timed:
             runtime.wait()  # deliberate: the training time, logging steps only
@@ -346,18 +258,14 @@ class PPOTrainer(Trainer):
     def _log_samples(self, step: int, rollout, row_rewards) -> None:
         """The (prompt, response, reward) table, and the oracle's mean score over all
         responses, read on the host in a step closure once the graphs have run."""
-        n = min(self.cfg.num_logged_samples, self.n_rollouts)
-        tok, pl = self.ctx.tokenizer, self.prompt_len
 
         def record(seqs, cmask, idx, rewards):
             # A step closure: the graphs have run, so these are copies (logging steps only).
             seqs, cmask, idx = seqs.cpu(), cmask.cpu(), idx.cpu()
             reward = torch.cat([r.cpu() for r in rewards]) if rewards else None
-            responses = [tok.decode(seqs[i, pl:][cmask[i].bool()], skip_special_tokens=True)
-                         for i in range(seqs.shape[0])]
+            responses = self._completions(seqs, cmask)
             columns = ["prompt", "response", "reward"]
-            rows = [[self.prompts.texts[int(idx[i])], responses[i],
-                     float(reward[i]) if reward is not None else float("nan")] for i in range(n)]
+            rows = self._sample_rows(idx, responses, reward)
             if self.oracle is not None:
                 oracle = [self.oracle(r) for r in responses]
                 columns.append("oracle")
@@ -371,9 +279,8 @@ class PPOTrainer(Trainer):
         )
 
     def save(self, path: str) -> None:
-        dtype = llama.DTYPES[self.cfg.save_dtype]
-        is_main = self.ctx.is_main
-        checkpoint.save_hf_checkpoint(self.policy, self.ctx.tokenizer, path, save_dtype=dtype,
-                                      is_main_process=is_main)
+        """The policy at ``path`` and the value model at ``<path>-value``."""
+        super().save(path)
         checkpoint.save_hf_checkpoint(self.value, self.ctx.tokenizer, f"{path}-value",
-                                      save_dtype=dtype, is_main_process=is_main)
+                                      save_dtype=llama.DTYPES[self.cfg.save_dtype],
+                                      is_main_process=self.ctx.is_main)
