@@ -1,16 +1,19 @@
 """The TPU compiler's per-device peak of every 13B run on its pods, beside the planner's.
 
     PYTHONPATH=. python bench/tpu_compile.py [--pods v3-256,v3-128] [--save FILE]
+    PYTHONPATH=. python bench/tpu_compile.py --deeper   # updates at 40 layers, micro-steps at 8
     PYTHONPATH=. python bench/tpu_compile.py --replan [FILE]   # the planner against saved figures
 
 For each line of the pod table (``bench/pod_table.py``) on the chosen pods this runs what
 ``python -m torchxla_rlhf plan --config CONFIG --tpu POD --compile`` runs: the trainer's graphs
 traced with placeholder weights at the config's widths and batches at 2 and 4 layers on at most
 64 virtual CPU devices, each compiled by libtpu's compile-only client for the pod (the ``aot``
-extra), and the per-layer slope taken to 40 layers. ``--save`` writes the compiler's figures
+extra), and the per-layer slope taken to 40 layers; ``--deeper`` compiles the AdamW updates
+at 40 layers (:data:`DEEPER`) and, saved beside, the micro-steps at 8 (:data:`PROBES`).
+``--save`` writes the compiler's figures
 (per graph and depth: peak, flops, ``optimal_seconds``, collectives) to a JSON file;
 ``--replan`` reads it and prints the planner's figure for each graph beside the compiler's
-(no compile: seconds), which is what ``tests/test_tpu_plan.py`` checks (within +-15 %).
+(no compile: seconds), which is what ``tests/test_tpu_compile.py`` checks (within +-15 %).
 Default file: ``bench/results/tpu_compile_13b.json``. Several minutes per line on 2 cores.
 """
 
@@ -83,6 +86,72 @@ def measure(pods: list[str], save: str, lines: str | None = None) -> list[dict]:
     return rows
 
 
+DEEPER = {"train_update": None}
+"""Graphs also compiled at the model's own depth (``--deeper``): the AdamW update is
+elementwise, so its 40-layer compile takes seconds and little memory, and its transient does
+not grow along the line through 2 and 4 layers (the reward model's update on the v3-256 holds
+5.5, 22.6, 39.3 and 65.3 MiB of temporaries at 2, 4, 8 and 16 layers, 141 MiB at 40).
+``GraphVerdict`` takes a graph compiled at the model's depth as is, without extrapolating."""
+
+PROBES = {"train_micro_step": 8}
+"""Graphs ``--deeper`` also compiles at a third depth, saved beside the others (a line's
+``probes``) and not taken into its 40-layer figure: a 13B micro-step's peak is the larger of
+moments that grow with depth at different rates (the backward's start: every checkpointed
+input; its end: the embedding gradient whole over fsdp), so which one a shallow compile
+shows changes between 2, 4 and 8 layers, and the line through 4 and 8 is no better a guess of
+40 than the one through 2 and 4 (PPO's on the v3-256 grows less from 4 to 8 layers than its
+weights, gradients and checkpoints alone). A 13B micro-step at 8 layers compiles in one to a
+few minutes; at 40 it needs more host memory than 24 GiB."""
+
+
+def measure_deeper(save: str, deeper: dict[str, int | None] = DEEPER,
+                   key: str = "graphs") -> list[dict]:
+    """Compile the graphs of ``deeper`` of every line saved in ``save`` at their depth (None:
+    the model's; traced as ``measure`` traces them, the other graphs left uncompiled), adding
+    each result to the line's ``key`` (``graphs``: beside the 2- and 4-layer ones; ``probes``:
+    :data:`PROBES`); saved after each line, a result already there is not compiled again."""
+    import dataclasses
+    import tempfile
+
+    with open(save) as f:
+        rows = json.load(f)
+    for row in rows:
+        by_depth: dict[int, list[str]] = {}
+        for g, d in deeper.items():
+            d = min(d or row["layers"], row["layers"])
+            if g in row["graphs"] and str(d) not in row.get(key, {}).get(g, {}):
+                by_depth.setdefault(d, []).append(g)
+        path, cfg, shapes, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
+        traced = ([*row["overrides"], *ROLLOUT_AS_COMPILED] if row["config"].startswith(("ppo", "grpo"))
+                  else row["overrides"])
+        src = aot.trace_mesh(row["mesh"])
+        for depth, todo in sorted(by_depth.items()):
+            print(f"{_line(row)}: {', '.join(todo)} at {depth} layers", flush=True)
+            with tempfile.TemporaryDirectory(prefix="tpu-compile-") as out:
+                spec = {"config": path, "overrides": traced, "mesh": ",".join(map(str, src)),
+                        "layers": depth, "out": out, "split": True,
+                        "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()}}
+                with open(os.path.join(out, "spec.json"), "w") as f:
+                    json.dump(spec, f)
+                aot._run(["-m", "torchxla_rlhf.aot.trace", os.path.join(out, "spec.json")],
+                         aot._env(src[0] * src[1] * src[2]), "tracing")
+                for fname in os.listdir(out):  # compile only the chosen graphs
+                    if fname.endswith(".hlo.pb") and fname[:-len(".hlo.pb")] not in todo:
+                        os.remove(os.path.join(out, fname))
+                topo, kw = aot.topology(row["pod"])
+                with open(os.path.join(out, "target.json"), "w") as f:
+                    json.dump({"topology": topo, "topology_kwargs": kw, "mesh": row["mesh"],
+                               "cpu": False, "suffix": "tpu"}, f)
+                aot._run(["-m", "torchxla_rlhf.aot.compile", out, os.path.join(out, "target.json")],
+                         aot._env(1), f"compiling at {depth} layers")
+                for g in todo:
+                    with open(os.path.join(out, f"{g}.tpu.result.json")) as f:
+                        row.setdefault(key, {}).setdefault(g, {})[str(depth)] = json.load(f)
+            with open(save, "w") as f:
+                json.dump(rows, f, indent=1)
+    return rows
+
+
 def replan(rows: list[dict]) -> list[tuple]:
     """Per saved graph: ``(line, graph, compiler GiB, planner GiB, ratio)``."""
     out = []
@@ -105,16 +174,23 @@ def main() -> None:
                         "of these (comma-separated), e.g. ppo,grpo")
     parser.add_argument("--save", default=DEFAULT)
     parser.add_argument("--replan", nargs="?", const=DEFAULT, default=None)
+    parser.add_argument("--deeper", action="store_true", help="also compile the saved lines' "
+                        "AdamW updates at the model's depth (DEEPER) and their micro-steps at 8 "
+                        "layers (PROBES, saved beside)")
     args = parser.parse_args()
     if args.replan:
         with open(args.replan) as f:
             rows = json.load(f)
     else:
         rows = measure(args.pods.split(","), args.save, args.lines)
+        if args.deeper:
+            measure_deeper(args.save)
+            rows = measure_deeper(args.save, PROBES, "probes")
     checked = replan(rows)
     print("Per graph: the TPU compiler's per-device peak at 2 and 4 layers (compiled), at 40 "
-          "(extrapolated by the per-layer slope), and the planner's for the same graph.\n")
-    print("| line | graph | compiled, 2 / 4 layers (GiB) | per layer | 40 layers (GiB) | planner | planner / compiler |")
+          "(compiled there, or extrapolated by the slope through the two deepest compiles), and the "
+          "planner's for the same graph.\n")
+    print("| line | graph | compiled at 2 / 4 (/ 40) layers (GiB) | per layer | 40 layers (GiB) | planner | planner / compiler |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for line, graph, tpu, planned, ratio, v in checked:
         at = " / ".join(f"{v.peak_at(d) / GIB:.2f}" for d in sorted(v.results))
@@ -127,6 +203,33 @@ def main() -> None:
         peak, planned, hbm, graph, phase = run_peaks(row, checked, names=True)
         print(f"| {_line(row)} | {peak / GIB:.2f} ({graph}) | {planned / GIB:.2f} ({phase}) | "
               f"{'yes' if peak <= hbm else 'NO'} |")
+    probed = probes(rows)
+    if probed:
+        print("\nProbes: graphs compiled at a third depth (not in the figures above), beside the "
+              "line through 2 and 4 layers and the planner at that depth.\n")
+        print("| line | graph | layers | compiled (GiB) | 2-4 line (GiB) | planner (GiB) | planner / compiled |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for line, graph, d, tpu, along, planned in probed:
+            print(f"| {line} | {graph} | {d} | {tpu / GIB:.2f} | {along / GIB:.2f} | "
+                  f"{planned / GIB:.2f} | {planned / tpu:.2f} |")
+
+
+def probes(rows: list[dict]) -> list[tuple]:
+    """Per graph compiled at a probe depth (:data:`PROBES`): ``(line, graph, depth, compiler
+    bytes there, the line through 2 and 4 layers there, planner bytes for that depth)``."""
+    import dataclasses
+
+    out = []
+    for row in rows:
+        path, cfg, shapes, _, pod = line_plan(row["pod"], row["config"], row["overrides"])
+        for name, by_depth in row.get("probes", {}).items():
+            v = aot.GraphVerdict(name, {int(d): r for d, r in row["graphs"][name].items()}, 0)
+            for d, r in sorted(by_depth.items(), key=lambda x: int(x[0])):
+                at = {k: dataclasses.replace(s, layers=int(d)) for k, s in shapes.items()}
+                planned = aot.planned_graph_bytes(plan(cfg, pod.devices, pod.hbm_bytes, at), name)
+                line = v.peak_at(4) + (int(d) - 4) * v.slope
+                out.append((_line(row), name, int(d), r["memory"]["peak_memory"], line, planned))
+    return out
 
 
 def _line(row: dict) -> str:

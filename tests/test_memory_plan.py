@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -38,9 +39,10 @@ def _term(p: memory_plan.Plan, name: str) -> float:
 
 
 def test_parameter_terms_count_the_real_models_bytes():
-    """Parameters, gradients and moments per device equal the HF models' bytes / devices."""
+    """Parameters, gradients and moments per device equal the HF models' bytes / devices
+    (XLA:CPU's layout: no tile padding)."""
     cfg = _cfg(DPOConfig, "tiny/dpo.yaml", "mesh_dim=1,2,2")
-    p = memory_plan.plan(cfg, 4)
+    p = memory_plan.plan(cfg, 4, compiler="xla_cpu")
     model = LlamaForCausalLM(llama.tiny_llama_config(cfg.model.tiny))
     fp32 = sum(t.numel() for t in model.parameters()) * 4
     assert _term(p, "model parameters") == pytest.approx(fp32 / 4)
@@ -50,8 +52,44 @@ def test_parameter_terms_count_the_real_models_bytes():
     rm_config.num_labels = 1  # as llama.load_sequence_classifier builds it
     rm = LlamaForSequenceClassification(rm_config)
     rcfg = _cfg(RewardConfig, "tiny/reward.yaml", "mesh_dim=1,2,2")
-    assert _term(memory_plan.plan(rcfg, 4), "model parameters") == pytest.approx(
+    assert _term(memory_plan.plan(rcfg, 4, compiler="xla_cpu"), "model parameters") == pytest.approx(
         sum(t.numel() for t in rm.parameters()) * 4 / 4)
+
+
+def test_tpu_parameter_shards_are_padded_to_the_tile():
+    """XLA:TPU stores each shard in 8 x 128 tiles (16 x 128 in bf16), the less padded way
+    round: 13B on 1,16,16 (q/k/v/o shards [320, 320], MLP [864, 320]) pads, on 1,64,4
+    ([1280, 80], [3456, 80]) nothing does but the replicated norms."""
+    assert memory_plan.tpu_shard_elements((320, 320), 4) == 384 * 320
+    assert memory_plan.tpu_shard_elements((864, 320), 4) == 896 * 320
+    assert memory_plan.tpu_shard_elements((1280, 80), 4) == 1280 * 80
+    assert memory_plan.tpu_shard_elements((1280, 72), 2) == 1280 * 80  # bf16: 16 rows a tile
+    assert memory_plan.tpu_shard_elements((5120,), 4) == 5120
+    shape = read_shape(llama.ModelConfig(name_or_path=LLAMA2_13B_DIR))
+    layer = 4 * (4 * 384 * 320 + 3 * 896 * 320) + 2 * 5120 * 4  # fp32 matrices, two norms
+    one, two = (dataclasses.replace(shape, layers=n) for n in (1, 2))
+    mesh = memory_plan.Mesh(1, 16, 16)
+    assert (memory_plan.tpu_model_bytes(two, mesh, "causal", "float32")
+            - memory_plan.tpu_model_bytes(one, mesh, "causal", "float32")) == layer
+    even = memory_plan.Mesh(1, 64, 4)
+    assert (memory_plan.tpu_model_bytes(two, even, "classifier", "float32")
+            - memory_plan.tpu_model_bytes(one, even, "classifier", "float32")) == (
+        shape.layer_linear * 4 / 256 + 2 * 5120 * 4)
+    tpu = memory_plan.plan(_cfg(DPOConfig, "dpo_13b.yaml"), 256)
+    cpu = memory_plan.plan(_cfg(DPOConfig, "dpo_13b.yaml"), 256, compiler="xla_cpu")
+    assert 1.08 < _term(tpu, "model parameters") / _term(cpu, "model parameters") < 1.1
+
+
+def test_tpu_splits_are_the_partition_rules():
+    """The planner's restatement of how each weight is split (it cannot import sharding.py)
+    is the partition rules' own, for every parameter of both heads."""
+    from torchxla_rlhf.models.sharding import CAUSAL_LM_RULES, SEQUENCE_CLASSIFIER_RULES, match_specs
+
+    shape = read_shape(llama.ModelConfig(name_or_path=LLAMA2_13B_DIR))
+    for head, rules in (("causal", CAUSAL_LM_RULES), ("classifier", SEQUENCE_CLASSIFIER_RULES)):
+        specs = match_specs(shape.params(head), rules, axis_sizes={"dp": 1, "fsdp": 16, "mp": 16})
+        for name, dims in shape.params(head):
+            assert (memory_plan.tpu_split(name) or (None,) * len(dims)) == specs[name], name
 
 
 def test_frozen_models_in_compute_dtype_unless_kept():

@@ -111,13 +111,22 @@ SAVED = os.path.join(REPO, "bench", "results", "tpu_compile_13b.json")
 
 
 KNOWN_GAPS = {
-    ("v3-256 dpo_13b.yaml", "train_update"), ("v3-256 reward_13b.yaml", "train_update"),
-    ("v3-256 grpo_13b.yaml", "train_micro_step"), ("v3-128 grpo_13b.yaml mesh_dim=1,32,4", "train_update"),
-    ("v3-128 dpo_13b.yaml mesh_dim=-1,16,8", "train_micro_step"),
+    ("v3-256 grpo_13b.yaml", "train_micro_step"), ("v3-128 dpo_13b.yaml mesh_dim=-1,16,8", "train_micro_step"),
 }
-"""13B graphs where the planner is still more than 15 % from the TPU compiler (docs/tpu-compiler.md
-lists them): what XLA:TPU keeps per layer of a frozen model's forward, and the AdamW update's
-transient, vary with the mesh in ways the planner's terms do not yet follow."""
+"""13B graphs where the planner is still more than 15 % from the TPU compiler's 40-layer figure
+(docs/tpu-compiler.md lists them): two micro-steps, whose figure is the line through 2 and 4
+layers. GRPO's on the v3-256 peaks at 2 and 4 layers at the backward's end (its embedding
+gradient), which does not grow; the planner there is within 5 % of it, and of the 8-layer
+compile. What XLA:TPU keeps per layer of DPO's frozen reference differs with the mesh (8.9
+bytes per ``[seq, H / mp]`` element on 1,16,8, 13.5 on 1,16,16) in a way no planner term
+follows yet."""
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_tpu", os.path.join(REPO, "bench", "tpu_compile.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def test_planner_follows_the_tpu_compiler_on_every_13b_graph():
@@ -126,9 +135,7 @@ def test_planner_follows_the_tpu_compiler_on_every_13b_graph():
     its slope) against the planner's figure for the same graph: within 15 %, but for the
     known gaps (within 30 %); each run's peak (its largest graph with what stays resident
     beside it) within 20 %, and the same fits verdict on a v3 core."""
-    spec = importlib.util.spec_from_file_location("bench_tpu", os.path.join(REPO, "bench", "tpu_compile.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     with open(SAVED) as f:
         rows = json.load(f)
     checked = bench.replan(rows)
@@ -141,6 +148,53 @@ def test_planner_follows_the_tpu_compiler_on_every_13b_graph():
         tpu, planned, hbm = bench.run_peaks(row, checked)
         assert planned == pytest.approx(tpu, rel=0.2), row["config"]
         assert (tpu <= hbm) == (planned <= hbm)
+
+
+def test_update_graphs_compiled_at_40_layers_hold_the_planned_tiled_state():
+    """The 13B AdamW updates compiled at their 40 layers (bench/tpu_compile.py --deeper): the
+    compiler's argument bytes are the planner's tile-padded parameters, gradients and moments
+    (within 0.5 %; mesh 1,16,16 pads its 320-wide shards to 384), and its transient is the
+    planner's TPU_UPDATE_COPIES of the parameters: each update graph within 10 %."""
+    bench = _bench()
+    with open(SAVED) as f:
+        rows = json.load(f)
+    assert all(str(r["layers"]) in r["graphs"]["train_update"] for r in rows)
+    for row in rows:
+        *_, p, _ = bench.line_plan(row["pod"], row["config"], row["overrides"])
+        memory = row["graphs"]["train_update"][str(row["layers"])]["memory"]
+        # Gradients are persistent in the pair trainers' plans, a training phase's in PPO's and GRPO's.
+        state = {id(t): t for t in p.persistent + [t for ts in p.phases.values() for t in ts]
+                 if t.name.endswith((" parameters", " gradients", " AdamW moments"))}
+        assert sum(t.bytes for t in state.values()) == pytest.approx(
+            memory["argument"], rel=0.005), _line(row)
+        assert aot.planned_graph_bytes(p, "train_update") == pytest.approx(
+            memory["peak_memory"], rel=0.1), _line(row)
+
+
+def test_planner_follows_the_compiled_micro_steps_at_each_depth():
+    """The micro-steps with no frozen model (reward model, GRPO), at each depth compiled (2, 4
+    and the 8-layer probe): the planner within 15 %, at few layers through the backward's end
+    (GRPO's on the v3-256 peaks there, its embedding gradient beside the first layer)."""
+    import dataclasses
+
+    from torchxla_rlhf.preflight.memory_plan import plan
+
+    bench = _bench()
+    with open(SAVED) as f:
+        rows = [r for r in json.load(f) if r["config"] in ("reward_13b.yaml", "grpo_13b.yaml")]
+    assert len(rows) == 5
+    for row in rows:
+        _, cfg, shapes, _, pod = bench.line_plan(row["pod"], row["config"], row["overrides"])
+        compiled = {**row["graphs"]["train_micro_step"], **row["probes"]["train_micro_step"]}
+        assert sorted(compiled, key=int) == ["2", "4", "8"]
+        for depth, r in compiled.items():
+            at = {k: dataclasses.replace(v, layers=int(depth)) for k, v in shapes.items()}
+            planned = aot.planned_graph_bytes(plan(cfg, pod.devices, pod.hbm_bytes, at), "train_micro_step")
+            assert planned == pytest.approx(r["memory"]["peak_memory"], rel=0.15), (_line(row), depth)
+
+
+def _line(row: dict) -> str:
+    return f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip()
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ all-gathers it before the column-parallel ones), so saved layer inputs are ``H /
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -314,17 +316,92 @@ class Plan:
         return None if self.hbm_bytes is None else self.peak <= self.hbm_bytes
 
 
-def _trained(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int) -> list[Term]:
-    """Parameters, gradients and the two AdamW moments of a trained model, per device."""
-    p = model_bytes(shape, lm_head, param_dtype) / n
+def _trained(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int,
+             tpu_mesh: Mesh | None = None) -> list[Term]:
+    """Parameters, gradients and the two AdamW moments of a trained model, per device
+    (``tpu_mesh``: each shard as XLA:TPU lays it out on that mesh, :func:`tpu_model_bytes`)."""
+    if tpu_mesh is None:
+        p = model_bytes(shape, lm_head, param_dtype) / n
+    else:
+        p = tpu_model_bytes(shape, tpu_mesh, "causal" if lm_head else "classifier", param_dtype)
     return [Term(f"{name} parameters", p, param_dtype), Term(f"{name} gradients", p, param_dtype),
             Term(f"{name} AdamW moments", 2 * p, f"2 x {param_dtype}")]
 
 
-def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int) -> Term:
+def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int,
+            tpu_mesh: Mesh | None = None) -> Term:
     linear = frozen_dtype(model_cfg)
-    return Term(f"{name} (frozen)", model_bytes(shape, lm_head, model_cfg.param_dtype, linear) / n,
-                f"matmul weights {linear}")
+    if tpu_mesh is None:
+        b = model_bytes(shape, lm_head, model_cfg.param_dtype, linear) / n
+    else:
+        b = tpu_model_bytes(shape, tpu_mesh, "causal" if lm_head else "classifier",
+                            model_cfg.param_dtype, linear)
+    return Term(f"{name} (frozen)", b, f"matmul weights {linear}")
+
+
+TPU_TILE = (8, 128)
+"""XLA:TPU's HBM layout of an array: its two minor dimensions in tiles of 8 x 128 32-bit words
+(16 x 128 for a 16-bit dtype, two elements a word), each dimension padded up to a whole
+tile; a 1-D array in runs of 1024. The compiled 13B modules (``plan --compile``) lay out the
+parameter shards so (``f32[1280,80]{0,1:T(8,128)}``: the 1280 minor), and the update graphs'
+argument bytes per layer are the padded shards': on mesh 1,16,16 a q/k/v/o shard is
+``[320, 320]``, 384 x 320 once padded, and the MLP's ``[864, 320]`` is 896 x 320: 9 % over the
+unpadded weights per device (measured 9.7 % with the replicated norms); on 1,64,4 (shards
+``[1280, 80]``, ``[3456, 80]``) nothing pads."""
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def tpu_shard_elements(dims: tuple[int, ...], itemsize: int) -> int:
+    """Elements one device stores for a shard of ``dims`` on XLA:TPU (:data:`TPU_TILE`): the
+    two minor dimensions padded to the tile, the compiler taking as minor the one that pads
+    less (the layout it chose for every 13B parameter shard)."""
+    if not dims:
+        return 1
+    if len(dims) == 1:
+        return _round_up(dims[0], 1024)
+    *major, a, b = dims
+    sub, lane = TPU_TILE[0] * max(1, 4 // itemsize), TPU_TILE[1]
+    tiled = min(_round_up(a, sub) * _round_up(b, lane), _round_up(b, sub) * _round_up(a, lane))
+    return math.prod(major) * tiled
+
+
+TPU_SPLITS = (
+    (re.compile(r"embed_tokens\.weight$"), ("fsdp", "mp")),
+    (re.compile(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$|^lm_head\.weight$"), ("mp", "fsdp")),
+    (re.compile(r"(o_proj|down_proj)\.weight$"), ("fsdp", "mp")),
+)
+"""How ``sharding.py``'s partition rules split each matrix over the mesh axes (its Llama rules;
+norms and the score head replicated), restated here because the planner sits below it and
+imports no torch-side module; ``tests/test_memory_plan.py`` checks the two agree."""
+
+
+def tpu_split(name: str) -> tuple:
+    """The mesh axes each dimension of parameter ``name`` is split over (:data:`TPU_SPLITS`;
+    ``(None, ...)``: replicated)."""
+    return next((spec for regex, spec in TPU_SPLITS if regex.search(name)), None)
+
+
+@functools.lru_cache(maxsize=256)
+def tpu_model_bytes(shape: Shape, mesh: Mesh, head: str, dtype: str,
+                    linear_dtype: str | None = None) -> float:
+    """One model's weights per device on XLA:TPU: every parameter's shard (:func:`tpu_split`),
+    padded to :data:`TPU_TILE`; matmul weights in ``linear_dtype``, the rest in ``dtype``."""
+    sizes = mesh.sizes
+    total = 0.0
+    for name, dims in shape.params(head):
+        spec = tpu_split(name) or (None,) * len(dims)
+        shard = tuple(-(-d // (sizes[axis] if axis else 1)) for d, axis in zip(dims, spec))
+        b = BYTES[linear_dtype or dtype] if _LINEAR.search(name) else BYTES[dtype]
+        total += tpu_shard_elements(shard, b) * b
+    return total
+
+
+_LINEAR = re.compile(r"(_proj|lm_head|score)\.weight$")
+"""The matmul weights (``model_bytes``'s linear parameters: a frozen copy stores them in its
+matmul dtype)."""
 
 
 GRADIENT_REDUCTIONS = ("reduce_scatter", "all_reduce")
@@ -425,13 +502,17 @@ the causal mask is fused, never held. Fitted on two compiles that the scores dom
 DPO proxy at 2048 tokens in fp32 (2.6 ``[2048, 2048]`` fp32 buffers a row) and 13B's DPO
 micro-step in bf16 on a v3-256 (1.9 fp32 ``[5, 4096, 4096]`` buffers a device)."""
 
-TPU_FROZEN_KEEP_BYTES = {2: 16.0, 4: 2.0}
+TPU_FROZEN_KEEP_BYTES = {2: 14.0, 4: 2.0}
 """What XLA:TPU keeps per layer of each frozen model a training step runs (a reference, a
-reward model), per element of ``[tokens, H / mp]``, by compute dtype bytes: its scheduler
-runs the frozen forward's layers beside the trained model's backward and holds their outputs
-meanwhile. Fitted on the per-layer growth of libtpu's compiles: 13B on a v3-256, DPO (the
-reference) 13.7 B, PPO (reference and reward model) 17.4 B each, while the reward-model run,
-with no frozen model, keeps the checkpointed inputs alone (4 B); in fp32, the DPO proxy 2 B."""
+reward model), per element of ``[seq, H / mp]``, by compute dtype bytes: its scheduler runs
+the frozen forward's layers beside the trained model's backward and holds their outputs
+meanwhile. Fitted on the per-layer growth of libtpu's 13B micro-steps between 2 and 4 layers,
+less the planner's own per-layer terms (tile-padded weights and gradients, checkpointed
+inputs): DPO (the reference) 13.5 B on 1,16,16 and 8.9 on 1,16,8, PPO (reference and reward
+model) 18.1 on 1,64,4 and 9.5 on 1,32,4 (two rows a device); 14 keeps all but DPO's 1,16,8
+within 15 % at 40 layers. Not established at depth: compiled at 8 layers, these micro-steps
+grow less from 4 to 8 layers than their weights and checkpoints alone (docs/tpu-compiler.md).
+In fp32, the DPO proxy 2 B."""
 
 
 def _largest_matrix(shape: Shape) -> int:
@@ -444,12 +525,21 @@ def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list
     """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
     client, ``plan --compile``): one layer's recompute and backward (the larger of its MLP and
     its softmax moments, :data:`TPU_MLP_TENSORS`, :data:`TPU_SCORE_BYTES`; a second trained
-    model's backward does not overlap it), each trained model's largest weight whole over fsdp
-    in the compute dtype (XLA:TPU gathers one matrix at a time, after the cast), per layer of
-    each trained model its checkpointed input (every layer's tensors without checkpointing),
-    and per layer of each of the ``frozen`` models the step runs what XLA:TPU keeps of it
-    (:data:`TPU_FROZEN_KEEP_BYTES`); the LM head's logits where they exceed the layer."""
-    terms, layer_total, logits = [], 0.0, 0.0
+    model's backward does not overlap it) and each trained model's largest weight whole over
+    fsdp in the compute dtype (XLA:TPU gathers one matrix at a time, after the cast), plus the
+    larger of the backward's two ends:
+
+    - its start: per layer of each trained model its checkpointed input (every layer's
+      tensors without checkpointing), per layer of each of the ``frozen`` models the step runs
+      what XLA:TPU keeps of it (:data:`TPU_FROZEN_KEEP_BYTES`), and the LM head's logits where
+      they exceed the layer;
+    - its end: each trained model's embedding gradient whole over fsdp (the embedding's
+      backward scatters the device's tokens' gradients into a whole ``[vocab, H / mp]`` buffer
+      in the parameter dtype, reduce-scattered over fsdp afterwards), beside the first layer's
+      backward. It is the larger at few layers: GRPO's micro-step on 1,64,4 holds 0.38, 0.40
+      and 0.46 GiB at 2, 4 and 8 layers, its ``[32000, 1280]`` fp32 embedding gradient
+      (0.15 GiB) beside the first layer's backward at 2 and 4."""
+    terms, start, layer_total, logits, embeddings = [], [], 0.0, 0.0, 0.0
     for k, t in enumerate(passes):
         c, r = BYTES[t.model_cfg.compute_dtype], BYTES[t.model_cfg.param_dtype]
         shape, tokens = t.shape, t.rows * t.seq
@@ -470,26 +560,35 @@ def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list
                               f"{'softmax' if softmax >= mlp else 'MLP'} moment"))
             if frozen:
                 keep = t.seq * shape.hidden / mesh.mp * TPU_FROZEN_KEEP_BYTES[c]
-                terms.append(Term("frozen models' layers kept", frozen * shape.layers * keep,
+                start.append(Term("frozen models' layers kept", frozen * shape.layers * keep,
                                   f"{frozen} frozen model(s) x {shape.layers} layers x {_gib(keep)}"))
-        terms += [
-            Term(f"{t.prefix} gathered weight", _largest_matrix(shape) * c / mesh.mp,
-                 f"the largest matrix, whole over fsdp, {t.model_cfg.compute_dtype}"),
-            Term(f"{t.prefix} kept for the backward", shape.layers * saved,
-                 f"{shape.layers} layers x {_gib(saved)}"),
-        ]
+        terms.append(Term(f"{t.prefix} gathered weight", _largest_matrix(shape) * c / mesh.mp,
+                          f"the largest matrix, whole over fsdp, {t.model_cfg.compute_dtype}"))
+        start.append(Term(f"{t.prefix} kept for the backward", shape.layers * saved,
+                          f"{shape.layers} layers x {_gib(saved)}"))
+        embeddings += shape.vocab * shape.hidden / mesh.mp * r
         if t.lm_head:  # XLA:TPU fuses the log-softmax: the logits and one fp32 copy
             logits += t.rows * (t.logit_positions or t.seq) * shape.vocab / mesh.mp * (c + 4)
     if logits > layer_total:
-        terms.append(Term("logits beyond a layer", logits - layer_total,
+        start.append(Term("logits beyond a layer", logits - layer_total,
                           "the LM head's backward, before the last layer's recompute"))
-    return terms
+    if embeddings > sum(t.bytes for t in start):
+        return terms + [Term("embedding gradients (backward end)", embeddings,
+                             f"whole over fsdp, beside the first layer's backward; the start "
+                             f"holds {_gib(sum(t.bytes for t in start))}")]
+    return terms + start
 
 
-TPU_UPDATE_COPIES = 0.82
-"""The AdamW update's transient on XLA:TPU, in trained parameters' bytes per device (libtpu's
-13B update graphs on v3 pods: 1.6 for DPO on 1,16,16, 1.0 for PPO, 0.1 for GRPO on 1,64,4; the
-middle keeps every 13B update graph within 15 %)."""
+TPU_UPDATE_COPIES = 0.45
+"""The AdamW update's transient on XLA:TPU, in trained parameters' bytes per device. The
+parameters and both moments are donated and updated in place, but XLA:TPU writes about two
+thirds of the new values beside their buffers and copies them in afterwards (copy insertion:
+226 to 238 copies in 13B's 40-layer update modules), and its scheduler holds some of those at
+once. Fitted on
+libtpu's 13B update graphs compiled at 40 layers (``bench/tpu_compile.py --deeper``): 0.69 to
+0.73 of the parameters on the v3-256's meshes, 0.17 (PPO) to 0.30 and 0.69 (reward model) on
+the v3-128's; at 0.45 each update graph is within 7 %, the update being mostly its
+arguments (parameters, gradients, moments: 4 x)."""
 
 
 def _update_terms_tpu(trained: list[Term]) -> list[Term]:
@@ -581,9 +680,11 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: flo
     lm_head = trained.head == "causal"
     seq = cfg.train_dataset.seq_length
     rows = _rows(2 * cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size (x2: chosen, rejected)")
-    persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n)
+    tiled = mesh if compiler == "tpu" else None
+    persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n, tiled)
     for r in frozen:
-        persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n))
+        persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key),
+                                  n, tiled))
     passes = [TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
     if compiler == "tpu":
         phases = {"train micro-step": _train_terms_tpu(passes, mesh, len(frozen)),
@@ -668,11 +769,12 @@ def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float
     pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    tiled = mesh if compiler == "tpu" else None
     persistent = (
-        _trained("policy", shape, True, cfg.model.param_dtype, n)
-        + _trained("value", value_shape, False, value_cfg.param_dtype, n)
-        + [_frozen("reference", shape, True, cfg.model, n),
-           _frozen("reward model", rm_shape, False, cfg.reward_model, n)]
+        _trained("policy", shape, True, cfg.model.param_dtype, n, tiled)
+        + _trained("value", value_shape, False, value_cfg.param_dtype, n, tiled)
+        + [_frozen("reference", shape, True, cfg.model, n, tiled),
+           _frozen("reward model", rm_shape, False, cfg.reward_model, n, tiled)]
     )
     all_rows = _rows(n_roll, mesh, "rollouts per step")
     # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
@@ -701,8 +803,9 @@ def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: floa
     frozen = [r for r in cfg.model_roles() if not r.trained]
     if not cfg.needs_reference:
         notes.append("beta=0: no reference model is loaded")
-    persistent = _trained("policy", shape, True, cfg.model.param_dtype, n)
-    persistent += [_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n)
+    tiled = mesh if compiler == "tpu" else None
+    persistent = _trained("policy", shape, True, cfg.model.param_dtype, n, tiled)
+    persistent += [_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n, tiled)
                    for r in frozen]
     all_rows = _rows(n_roll, mesh, "rollouts per step (batch_size x rollouts_per_prompt)")
     # sequences, attention_mask (int64, T), continuation_mask (CL); old and reference
