@@ -7,7 +7,7 @@ Torch-free, like every config module. The trainer is :mod:`torchxla_rlhf.trainer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from torchxla_rlhf.preflight import memory_plan
 from torchxla_rlhf.configs.sections import AdamWConfig, ModelConfig, RolloutShapes, RunConfig, SamplingConfig
@@ -185,5 +185,35 @@ class GRPOConfig(RolloutShapes, RunConfig):
         return roles
 
     def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
-        return memory_plan.plan_grpo(self, shapes, mesh, hbm_bytes, notes,
+        return plan_grpo(self, shapes, mesh, hbm_bytes, notes,
                                      gradients=gradients, compiler=compiler)
+
+
+def plan_grpo(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_plan.Mesh, hbm_bytes: float | None,
+              notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> memory_plan.Plan:
+    """Memory terms of GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value
+    model, the frozen reference only with a KL term (beta > 0), a reward model only when one
+    is configured (``cfg.model_roles()``)."""
+    n = mesh.devices
+    shape = shapes["model"]
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    frozen = [r for r in cfg.model_roles() if not r.trained]
+    if not cfg.needs_reference:
+        notes.append("beta=0: no reference model is loaded")
+    tiled = mesh if compiler == "tpu" else None
+    persistent = memory_plan.trained_terms("policy", shape, True, cfg.model.param_dtype, n, tiled)
+    persistent += [memory_plan.frozen_term(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n, tiled)
+                   for r in frozen]
+    all_rows = memory_plan.rows_per_device(n_roll, mesh, "rollouts per step (batch_size x rollouts_per_prompt)")
+    # sequences, attention_mask (int64, T), continuation_mask (CL); old and reference
+    # log-probs (fp32, CL) when kept.
+    kept = (int(cfg.num_iterations > 1) + int(cfg.needs_reference)) * cl * 4
+    persistent.append(memory_plan.Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + kept),
+                           f"{all_rows:g} rows x {t} tokens"))
+    chunk = memory_plan.rows_per_device(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
+                  "mini_batch_size / accumulate_gradient_steps")
+    passes = [memory_plan.TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)]
+    return memory_plan.rollout_plan("grpo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
+                         gradients, compiler)

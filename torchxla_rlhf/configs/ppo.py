@@ -6,7 +6,7 @@ Torch-free, like every config module. The trainer is :mod:`torchxla_rlhf.trainer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from torchxla_rlhf.preflight import memory_plan
 from torchxla_rlhf.configs.sections import AdamWConfig, ModelConfig, RolloutShapes, RunConfig, SamplingConfig
@@ -138,7 +138,7 @@ class PPOConfig(RolloutShapes, RunConfig):
                 ModelRole("value model", value_key, True, "classifier")]
 
     def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
-        return memory_plan.plan_ppo(self, shapes, mesh, hbm_bytes, notes,
+        return plan_ppo(self, shapes, mesh, hbm_bytes, notes,
                                     gradients=gradients, compiler=compiler)
 
 
@@ -150,3 +150,36 @@ def _tiny_vowels(text: str) -> float:
 
 ORACLES = {"tiny_vowels": _tiny_vowels}
 """Named response-scoring functions for ``PPOConfig.oracle`` (a registry: no eval of strings)."""
+
+
+def plan_ppo(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_plan.Mesh, hbm_bytes: float | None,
+             notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> memory_plan.Plan:
+    """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
+    the rollout and the training micro-step are the two phases."""
+    n = mesh.devices
+    shape = shapes["model"]
+    rm_shape = shapes["reward_model"]
+    value_cfg = cfg.value_model or cfg.reward_model
+    value_shape = shapes["value_model" if cfg.value_model is not None else "reward_model"]
+    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
+    t = pl + cl
+    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
+    tiled = mesh if compiler == "tpu" else None
+    persistent = (
+        memory_plan.trained_terms("policy", shape, True, cfg.model.param_dtype, n, tiled)
+        + memory_plan.trained_terms("value", value_shape, False, value_cfg.param_dtype, n, tiled)
+        + [memory_plan.frozen_term("reference", shape, True, cfg.model, n, tiled),
+           memory_plan.frozen_term("reward model", rm_shape, False, cfg.reward_model, n, tiled)]
+    )
+    all_rows = memory_plan.rows_per_device(n_roll, mesh, "rollouts per step")
+    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
+    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
+    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
+    persistent.append(memory_plan.Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
+                           f"{all_rows:g} rows x {t} tokens"))
+    chunk = memory_plan.rows_per_device(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
+                  "mini_batch_size / accumulate_gradient_steps")
+    passes = [memory_plan.TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
+              memory_plan.TrainedPass("value", value_shape, value_cfg, chunk, t, False)]
+    return memory_plan.rollout_plan("ppo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
+                         gradients, compiler)

@@ -12,7 +12,7 @@ model code, so that ``--help`` and config errors answer in well under a second.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from torchxla_rlhf.preflight import memory_plan
 from torchxla_rlhf.configs.data import DataSource, DatasetConfig
@@ -377,7 +377,7 @@ class PairRunConfig(RunConfig):
                       "train_dataset.batch_size", 2 * self.train_dataset.batch_size)]
 
     def memory_terms(self, shapes, mesh, hbm_bytes, notes, *, gradients, compiler):
-        return memory_plan.plan_pairs(self, shapes, mesh, hbm_bytes, notes,
+        return plan_pairs(self, shapes, mesh, hbm_bytes, notes,
                                       gradients=gradients, compiler=compiler)
 
     def sequence_length(self) -> tuple[str, int]:
@@ -405,3 +405,33 @@ class RolloutShapes:
     def sequence_length(self) -> tuple[str, int]:
         return ("train_dataset.seq_length + max_continuation_len",
                 self.train_dataset.seq_length + self.max_continuation_len)
+
+
+def plan_pairs(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_plan.Mesh,
+               hbm_bytes: float | None, notes: list[str], gradients: str = "reduce_scatter",
+               compiler: str = "tpu") -> memory_plan.Plan:
+    """Memory terms of a trainer on preference pairs (DPO: policy with LM head and its frozen
+    reference; reward model: a classifier): one trained model, frozen models held meanwhile."""
+    n = mesh.devices
+    roles = cfg.model_roles()
+    trained = next(r for r in roles if r.trained)
+    frozen = [r for r in roles if not r.trained and r.resident]
+    shape, model_cfg = shapes[trained.key], getattr(cfg, trained.key)
+    lm_head = trained.head == "causal"
+    seq = cfg.train_dataset.seq_length
+    rows = memory_plan.rows_per_device(2 * cfg.train_dataset.batch_size, mesh,
+                                       "train_dataset.batch_size (x2: chosen, rejected)")
+    tiled = mesh if compiler == "tpu" else None
+    persistent = memory_plan.trained_terms(trained.key, shape, lm_head, model_cfg.param_dtype,
+                                           n, tiled)
+    for r in frozen:
+        persistent.append(memory_plan.frozen_term(r.role, shapes[r.key], r.head == "causal",
+                                                  getattr(cfg, r.key), n, tiled))
+    passes = [memory_plan.TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
+    if compiler == "tpu":
+        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh, len(frozen)),
+                  "train update": memory_plan.update_terms_tpu(persistent)}
+    else:
+        phases = {"train micro-step": memory_plan.train_terms(
+            passes, mesh, gradients, memory_plan.forward_gathered(cfg, shapes, mesh))}
+    return memory_plan.Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)

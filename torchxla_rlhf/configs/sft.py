@@ -95,15 +95,16 @@ def plan_sft(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_pla
     n = mesh.devices
     shape, model_cfg = shapes["model"], cfg.model
     seq = cfg.train_dataset.seq_length
-    rows = memory_plan._rows(cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size")
-    persistent = memory_plan._trained("model", shape, True, model_cfg.param_dtype, n)
+    rows = memory_plan.rows_per_device(cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size")
+    tiled = mesh if compiler == "tpu" else None
+    persistent = memory_plan.trained_terms("model", shape, True, model_cfg.param_dtype, n, tiled)
     passes = [memory_plan.TrainedPass("model", shape, model_cfg, rows, seq, True)]
     mask = memory_plan.Term("packed attention mask", rows * seq * seq * 4,
                             f"{rows:g} rows x {seq} x {seq}, float32 (segment-diagonal, causal)")
     if compiler == "tpu":
-        phases = {"train micro-step": memory_plan._train_terms_tpu(passes, mesh, frozen=0) + [mask],
-                  "train update": memory_plan._update_terms_tpu(persistent)}
+        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh, frozen=0) + [mask],
+                  "train update": memory_plan.update_terms_tpu(persistent)}
     else:
-        phases = {"train micro-step": memory_plan._train_terms(
-            passes, mesh, gradients, memory_plan._forward_gathered(cfg, shapes, mesh)) + [mask]}
+        phases = {"train micro-step": memory_plan.train_terms(
+            passes, mesh, gradients, memory_plan.forward_gathered(cfg, shapes, mesh)) + [mask]}
     return memory_plan.Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)

@@ -4,8 +4,11 @@
 
 Every trainer runs the plan in its pre-flight (``preflight/checks.py``, before loading any
 weights) and stops with the table when the run cannot fit. Each trainer's config hands over its
-terms (``memory_terms``): :func:`plan_pairs`, :func:`plan_ppo`, :func:`plan_grpo`,
-``configs.sft.plan_sft``; the terms below are what they are built from. The figures are what the
+terms (``memory_terms``), built in the kind's own config module (``configs/sections.py``'s
+``plan_pairs`` for DPO and the reward model, ``configs/ppo.py``, ``configs/grpo.py``,
+``configs/sft.py``) from the pieces below (:func:`trained_terms`, :func:`frozen_term`,
+:func:`rows_per_device`, :class:`TrainedPass`, :func:`train_terms_tpu`, :func:`update_terms_tpu`,
+:func:`rollout_plan`...). The figures are what the
 compiled per-device programs hold, counted the way XLA lays them out, and checked against
 XLA:CPU's buffer assignment on 13B-shaped proxies at 2 to 16 layers, two meshes and two
 sequence lengths by ``bench/memory.py`` (``tests/test_memory_depth.py`` repeats two of them):
@@ -316,7 +319,7 @@ class Plan:
         return None if self.hbm_bytes is None else self.peak <= self.hbm_bytes
 
 
-def _trained(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int,
+def trained_terms(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int,
              tpu_mesh: Mesh | None = None) -> list[Term]:
     """Parameters, gradients and the two AdamW moments of a trained model, per device
     (``tpu_mesh``: each shard as XLA:TPU lays it out on that mesh, :func:`tpu_model_bytes`)."""
@@ -328,7 +331,7 @@ def _trained(name: str, shape: Shape, lm_head: bool, param_dtype: str, n: int,
             Term(f"{name} AdamW moments", 2 * p, f"2 x {param_dtype}")]
 
 
-def _frozen(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int,
+def frozen_term(name: str, shape: Shape, lm_head: bool, model_cfg: Any, n: int,
             tpu_mesh: Mesh | None = None) -> Term:
     linear = frozen_dtype(model_cfg)
     if tpu_mesh is None:
@@ -437,7 +440,7 @@ class TrainedPass:
     """Positions a row whose logits are taken (default: every position)."""
 
 
-def _train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
+def train_terms(passes: list[TrainedPass], mesh: Mesh, gradients: str,
                  forward_gathered: float) -> list[Term]:
     """The transient terms of a training step (forward, backward, optimizer in one graph).
 
@@ -521,7 +524,7 @@ def _largest_matrix(shape: Shape) -> int:
     return max(shape.hidden * shape.intermediate, shape.hidden * q, shape.hidden * kv)
 
 
-def _train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[Term]:
+def train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[Term]:
     """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
     client, ``plan --compile``): one layer's recompute and backward (the larger of its MLP and
     its softmax moments, :data:`TPU_MLP_TENSORS`, :data:`TPU_SCORE_BYTES`; a second trained
@@ -591,14 +594,14 @@ the v3-128's; at 0.45 each update graph is within 7 %, the update being mostly i
 arguments (parameters, gradients, moments: 4 x)."""
 
 
-def _update_terms_tpu(trained: list[Term]) -> list[Term]:
+def update_terms_tpu(trained: list[Term]) -> list[Term]:
     """The AdamW update graph's transient (XLA:TPU): :data:`TPU_UPDATE_COPIES` of the trained
     parameters."""
     params = sum(t.bytes for t in trained if t.name.endswith(" parameters"))
     return [Term("AdamW update", TPU_UPDATE_COPIES * params, "the update's fp32 temporaries")]
 
 
-def _forward_gathered(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh) -> float:
+def forward_gathered(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh) -> float:
     """Weights whole over fsdp while a training step's forwards run: every model the step
     runs (the config's resident model roles; frozen ones in their matmul dtype)."""
     total = 0.0
@@ -618,7 +621,7 @@ def _mesh(cfg: Any, n_devices: int) -> Mesh:
         raise PlanError(str(e)) from None
 
 
-def _rows(global_rows: int, mesh: Mesh, what: str) -> float:
+def rows_per_device(global_rows: int, mesh: Mesh, what: str) -> float:
     if global_rows % mesh.batch:
         raise PlanError(f"{what}: {global_rows} rows do not split over dp*fsdp={mesh.batch}")
     return global_rows / mesh.batch
@@ -668,33 +671,6 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
     return cfg.memory_terms(shapes, mesh, hbm_bytes, notes, gradients=gradients, compiler=compiler)
 
 
-def plan_pairs(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-               notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
-    """Memory terms of a trainer on preference pairs (DPO: policy with LM head and its frozen
-    reference; reward model: a classifier): one trained model, frozen models held meanwhile."""
-    n = mesh.devices
-    roles = cfg.model_roles()
-    trained = next(r for r in roles if r.trained)
-    frozen = [r for r in roles if not r.trained and r.resident]
-    shape, model_cfg = shapes[trained.key], getattr(cfg, trained.key)
-    lm_head = trained.head == "causal"
-    seq = cfg.train_dataset.seq_length
-    rows = _rows(2 * cfg.train_dataset.batch_size, mesh, "train_dataset.batch_size (x2: chosen, rejected)")
-    tiled = mesh if compiler == "tpu" else None
-    persistent = _trained(trained.key, shape, lm_head, model_cfg.param_dtype, n, tiled)
-    for r in frozen:
-        persistent.append(_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key),
-                                  n, tiled))
-    passes = [TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
-    if compiler == "tpu":
-        phases = {"train micro-step": _train_terms_tpu(passes, mesh, len(frozen)),
-                  "train update": _update_terms_tpu(persistent)}
-    else:
-        phases = {"train micro-step": _train_terms(passes, mesh, gradients,
-                                                   _forward_gathered(cfg, shapes, mesh))}
-    return Plan(cfg.trainer, mesh, hbm_bytes, persistent, phases, notes)
-
-
 def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
     """The generation phase of PPO and GRPO: the policy's gathered weights, its KV cache, and
     the larger of the prefill of one rollout piece and the decode loop's copies of the cache
@@ -703,7 +679,7 @@ def _rollout_terms(cfg: Any, shape: Shape, mesh: Mesh) -> list[Term]:
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     c = BYTES[cfg.model.compute_dtype]
-    micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
+    micro = rows_per_device(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     kv = heads_per_device(shape, mesh.mp) * shape.kv_heads // shape.heads * shape.head_dim
     cache = 2 * shape.layers * micro * t * kv * c
     if cfg.sampling.gather_weights == "generation_layout":
@@ -741,7 +717,7 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
     t = pl + cl
     n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
     c, r = BYTES[cfg.model.compute_dtype], BYTES[cfg.model.param_dtype]
-    micro = _rows(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
+    micro = rows_per_device(cfg.rollout_micro_batch_size or n_roll, mesh, "rollout_micro_batch_size")
     heads = heads_per_device(shape, mesh.mp, "tpu")
     cache = 2 * shape.layers * micro * t * heads * shape.kv_heads // shape.heads * shape.head_dim * c
     weights = Term("gathered weights", (shape.vocab * shape.hidden + _largest_matrix(shape)) * c / mesh.mp,
@@ -757,75 +733,12 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
                                f"{TPU_DECODE_CACHE_COPIES:g} of the KV cache")])
 
 
-def plan_ppo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-             notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
-    """Memory terms of PPO: policy and value model trained, reference and reward model frozen;
-    the rollout and the training micro-step are the two phases."""
-    n = mesh.devices
-    shape = shapes["model"]
-    rm_shape = shapes["reward_model"]
-    value_cfg = cfg.value_model or cfg.reward_model
-    value_shape = shapes["value_model" if cfg.value_model is not None else "reward_model"]
-    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
-    t = pl + cl
-    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
-    tiled = mesh if compiler == "tpu" else None
-    persistent = (
-        _trained("policy", shape, True, cfg.model.param_dtype, n, tiled)
-        + _trained("value", value_shape, False, value_cfg.param_dtype, n, tiled)
-        + [_frozen("reference", shape, True, cfg.model, n, tiled),
-           _frozen("reward model", rm_shape, False, cfg.reward_model, n, tiled)]
-    )
-    all_rows = _rows(n_roll, mesh, "rollouts per step")
-    # sequences, attention_mask (int64, T), continuation_mask (CL) and, in standard mode, old
-    # and reference log-probs, values, rewards, advantages and returns (fp32, CL).
-    scored = 6 * cl * 4 if cfg.mode == "standard" else 0
-    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + scored),
-                           f"{all_rows:g} rows x {t} tokens"))
-    chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
-                  "mini_batch_size / accumulate_gradient_steps")
-    passes = [TrainedPass("policy", shape, cfg.model, chunk, t, True, cl),
-              TrainedPass("value", value_shape, value_cfg, chunk, t, False)]
-    return _rollout_plan("ppo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
-                         gradients, compiler)
-
-
-def plan_grpo(cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh, hbm_bytes: float | None,
-              notes: list[str], gradients: str = "reduce_scatter", compiler: str = "tpu") -> Plan:
-    """Memory terms of GRPO / RLOO: G x prompts rollout rows, the policy with AdamW, no value
-    model, the frozen reference only with a KL term (beta > 0), a reward model only when one
-    is configured (``cfg.model_roles()``)."""
-    n = mesh.devices
-    shape = shapes["model"]
-    pl, cl = cfg.train_dataset.seq_length, cfg.max_continuation_len
-    t = pl + cl
-    n_roll = cfg.train_dataset.batch_size * cfg.rollouts_per_prompt
-    frozen = [r for r in cfg.model_roles() if not r.trained]
-    if not cfg.needs_reference:
-        notes.append("beta=0: no reference model is loaded")
-    tiled = mesh if compiler == "tpu" else None
-    persistent = _trained("policy", shape, True, cfg.model.param_dtype, n, tiled)
-    persistent += [_frozen(r.role, shapes[r.key], r.head == "causal", getattr(cfg, r.key), n, tiled)
-                   for r in frozen]
-    all_rows = _rows(n_roll, mesh, "rollouts per step (batch_size x rollouts_per_prompt)")
-    # sequences, attention_mask (int64, T), continuation_mask (CL); old and reference
-    # log-probs (fp32, CL) when kept.
-    kept = (int(cfg.num_iterations > 1) + int(cfg.needs_reference)) * cl * 4
-    persistent.append(Term("rollout buffers", all_rows * ((2 * t + cl) * 8 + kept),
-                           f"{all_rows:g} rows x {t} tokens"))
-    chunk = _rows(cfg.mini_batch_size // cfg.optimizer.accumulate_gradient_steps, mesh,
-                  "mini_batch_size / accumulate_gradient_steps")
-    passes = [TrainedPass("policy", shape, cfg.model, chunk, t, True, cl)]
-    return _rollout_plan("grpo", cfg, shapes, mesh, hbm_bytes, persistent, passes, notes,
-                         gradients, compiler)
-
-
 def _frozen_models(cfg: Any) -> int:
     """How many frozen models a training step runs (the config's model roles)."""
     return sum(1 for r in cfg.model_roles() if not r.trained and r.resident)
 
 
-def _rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh,
+def rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh,
                   hbm_bytes: float | None, persistent: list[Term], passes: list[TrainedPass],
                   notes: list[str], gradients: str, compiler: str) -> Plan:
     """A plan with a rollout and the training phases. Gradients live from the first
@@ -838,12 +751,12 @@ def _rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mes
     if compiler == "tpu":
         prefill, decode = _rollout_terms_tpu(cfg, shape, mesh)
         phases = {"rollout prefill": prefill, "rollout decode": decode,
-                  "train micro-step": _train_terms_tpu(passes, mesh, _frozen_models(cfg)) + grads,
-                  "train update": _update_terms_tpu(persistent) + grads}
+                  "train micro-step": train_terms_tpu(passes, mesh, _frozen_models(cfg)) + grads,
+                  "train update": update_terms_tpu(persistent) + grads}
     else:
         phases = {"rollout": _rollout_terms(cfg, shape, mesh),
-                  "train micro-step": _train_terms(passes, mesh, gradients,
-                                                   _forward_gathered(cfg, shapes, mesh)) + grads}
+                  "train micro-step": train_terms(passes, mesh, gradients,
+                                                   forward_gathered(cfg, shapes, mesh)) + grads}
     return Plan(trainer, mesh, hbm_bytes, persistent, phases, notes)
 
 
