@@ -38,9 +38,10 @@ DEFAULT = os.path.join(REPO, "bench", "results", "tpu_compile_13b.json")
 
 
 ROLLOUT_AS_COMPILED = ["sampling.gather_weights=per_layer"]
-"""PPO's and GRPO's rollouts are compiled with ``per_layer`` weights here (the default
-``auto`` picks the generation layout where the planner says it fits; its tensor-parallel
-sub-mesh splits ``fsdp`` in a way the sharding remap cannot yet re-express)."""
+"""PPO's and GRPO's rollouts are compiled with ``per_layer`` weights here, the figures this
+file's tables and tests were fitted on (the default ``auto`` picks the generation layout where
+the planner says it fits: ``bench/tpu_compile_rollout.py`` compiles the rollout under each
+policy, the layout included)."""
 
 
 def line_plan(pod_name: str, config: str, overrides: list[str]):

@@ -252,6 +252,11 @@ def trace(spec: dict) -> list[str]:
     with capture:
         trainer_graphs(cfg.trainer, cfg, mesh, PlaceholderSource(cfg, mesh, capture, shapes, spec["layers"]),
                        split=spec.get("split", True))
+    # The generation layout's (data, tp) mesh splits fsdp by f = tp / mp (aot.compile.split_fsdp).
+    sampling = getattr(cfg, "sampling", None)
+    layout_f = 1
+    if sampling is not None and sampling.gather_weights == "generation_layout":
+        layout_f = (sampling.generation_tp or mesh.mp * mesh.fsdp) // mesh.mp
     names = []
     for g in capture.graphs:
         if g.name in names:  # a graph launched twice is written once
@@ -261,7 +266,7 @@ def trace(spec: dict) -> list[str]:
             f.write(g.hlo)
         with open(os.path.join(spec["out"], f"{g.name}.json"), "w") as f:
             json.dump({"name": g.name, "mesh": [mesh.dp, mesh.fsdp, mesh.mp], "layers": spec["layers"],
-                       "arg_shardings": g.arg_shardings, "donors": g.donors}, f)
+                       "arg_shardings": g.arg_shardings, "donors": g.donors, "layout_f": layout_f}, f)
     return names
 
 
