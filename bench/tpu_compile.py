@@ -88,12 +88,12 @@ def replan(rows: list[dict]) -> list[tuple]:
     """Per saved graph: ``(line, graph, compiler GiB, planner GiB, ratio)``."""
     out = []
     for row in rows:
-        _, _, _, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
+        _, cfg, shapes, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
         for name, by_depth in row["graphs"].items():
             v = aot.GraphVerdict(name, {int(d): r for d, r in by_depth.items()}, row["layers"])
             if v.peak is None:
                 continue
-            planned = aot.planned_graph_bytes(p, name)
+            planned = aot.planned_graph_bytes(p, name, cfg, shapes)
             out.append((f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip(), name,
                         v.peak / GIB, planned / GIB, planned / v.peak, v))
     return out

@@ -146,7 +146,7 @@ def report(rows: list[dict]) -> list[dict]:
         shape = shapes["model"]
         for name, by_depth in sorted(row["graphs"].items()):
             v = aot.GraphVerdict(name, {int(d): r for d, r in by_depth.items()}, row["layers"])
-            planned = aot.planned_graph_bytes(p, name)
+            planned = aot.planned_graph_bytes(p, name, cfg, shapes)
             deepest = v.at(max(v.results))
             optimal = (deepest.get("cost") or {}).get("optimal_seconds")
             entry = {"line": f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip(),
@@ -165,6 +165,10 @@ def report(rows: list[dict]) -> list[dict]:
                 b = memory_plan.per_token_collective_bytes(shape, p.mesh, row["policy"], rows_n,
                                                            cfg.model.param_dtype, cfg.model.compute_dtype, tp)
                 entry["planned_loop_bytes"] = b["weights"] + b["activations"]
+            entry["resident"] = aot.resident_outside(p, [name])[name]
+            entry["plan_peak"] = sum(t.bytes for t in p.persistent) + max(
+                p.phase_total(k) for k in p.phases if k.startswith("rollout"))
+            entry["hbm"] = pod.hbm_bytes
             out.append(entry)
     return out
 
@@ -200,6 +204,19 @@ def main() -> None:
         opt = "n/a" if e["optimal_seconds"] is None else f"{e['optimal_seconds']:.3g}"
         print(f"| {e['line']} | {e['policy']} | {e['graph']} | {at} | {_fmt(e['peak'])} | "
               f"{_fmt(e['planned'])} | {e['ratio']:.2f} | {opt} |")
+    print("\nPer run and policy: the rollout's largest graph plus what stays resident beside it "
+          "(the planner's persistent terms the graph does not take), against the planner's "
+          "persistent terms and rollout phase, and a v3 core's 16 GiB.\n")
+    print("| line | policy | TPU compiler: rollout peak (graph) | planner: rollout peak | fits |")
+    print("| --- | --- | --- | --- | --- |")
+    runs: dict[tuple, list] = {}
+    for e in entries:
+        if not e["error"] and e["peak"] is not None:
+            runs.setdefault((e["line"], e["policy"]), []).append(e)
+    for (line, policy), es in runs.items():
+        peak, graph = max((e["peak"] + e["resident"], e["graph"]) for e in es)
+        print(f"| {line} | {policy} | {_fmt(peak)} ({graph}) | {_fmt(es[0]['plan_peak'])} | "
+              f"{'yes' if peak <= es[0]['hbm'] else 'NO'} |")
     print("\nPer policy: the collectives inside the decode While body (one token), bytes per device "
           "from the compiled TPU HLO at 2 / 4 layers and extrapolated to 40, beside the planner's "
           "per_token_collective_bytes.\n")

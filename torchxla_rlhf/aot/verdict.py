@@ -269,21 +269,36 @@ PHASES = {"train_micro_step": "train micro-step", "proxy_train": "train micro-st
           "train_update": "train update", "generation_prefill": "rollout prefill",
           "generation_decode_loop": "rollout decode", "generation_reshard": "rollout prefill"}
 """The planner's phase (XLA:TPU's plan: one a graph) of each traced graph (the generation
-layout's reshard: of its rollout terms, :data:`RESHARD_TERMS`)."""
+layout's reshard: the rollout's, of which it holds the copy, :func:`planned_graph_bytes`)."""
 
-RESHARD_TERMS = ("weights copy (generation layout)", "reshard (one weight whole over fsdp)")
-"""What the generation layout's reshard graph holds of the rollout's terms: the copy it
-writes and its transient (a term where the planner names it the largest of the rollout's
-moments); the KV cache and the prefill come after it (``memory_plan.generation_layout_terms``)."""
+COPY_TERM = "weights copy (generation layout)"
+"""The generation layout's copy of the policy (``memory_plan.generation_layout_terms``)."""
 
 
-def planned_graph_bytes(p: Any, graph: str) -> float:
+def reshard_transient(p: Any, cfg: Any, shapes: dict) -> float:
+    """The planner's transient of the generation layout's reshard graph, at the ``tp`` the run
+    resolves (``memory_plan.generation_reshard_bytes``)."""
+    from torchxla_rlhf.memory_plan import generation_reshard_bytes, resolve_sampling
+
+    s = resolve_sampling(cfg, p.mesh.devices, p.hbm_bytes, shapes, p.mesh)
+    tp = s.generation_tp or p.mesh.mp * p.mesh.fsdp
+    return generation_reshard_bytes(shapes["model"], p.mesh, cfg.model.param_dtype, tp)
+
+
+def planned_graph_bytes(p: Any, graph: str, cfg: Any = None, shapes: dict | None = None) -> float:
     """The planner's figure for what the compiled graph itself holds: the persistent state
-    and the graph's phase, less what stays resident outside the graph."""
+    and the graph's phase, less what stays resident outside the graph. The generation
+    layout's reshard graph (its phase is the rollout's) holds of it the copy it writes and its
+    own transient (:func:`reshard_transient`: needs the run's ``cfg`` and ``shapes``); the KV
+    cache and the prefill come after it."""
     terms = p.phases[PHASES[graph]]
+    extra = 0.0
     if graph == "generation_reshard":
-        terms = [t for t in terms if t.name in RESHARD_TERMS]
-    total = sum(t.bytes for t in p.persistent) + sum(t.bytes for t in terms)
+        if cfg is None or shapes is None:
+            raise ValueError("the reshard graph's planned bytes need the run's cfg and shapes")
+        terms = [t for t in terms if t.name == COPY_TERM]
+        extra = reshard_transient(p, cfg, shapes)
+    total = sum(t.bytes for t in p.persistent) + sum(t.bytes for t in terms) + extra
     return total - sum(t.bytes for t in outside_terms(p, graph))
 
 
