@@ -7,7 +7,7 @@ For the PPO and GRPO lines of the pod table (``bench/pod_table.py``) on the chos
 for each ``sampling.gather_weights`` policy (``per_layer``, ``hoisted``, and
 ``generation_layout`` at the ``generation_tp`` that ``auto`` resolves on the pod), this runs
 what ``plan --compile`` runs for the rollout: the trainer's graphs traced with placeholder
-weights at 2 and 4 layers on at most 64 virtual CPU devices, and the rollout's graphs
+weights at 2 and 4 layers (``--depths``) on at most 64 virtual CPU devices, and the rollout's graphs
 (``generation_reshard`` for the layout, ``generation_prefill``, the decode ``While``
 ``generation_decode_loop``) compiled by libtpu's compile-only client for the pod. Saved per
 graph and depth: the compile result (peak, flops, ``optimal_seconds``, collectives) and, for
@@ -89,19 +89,21 @@ def loop_summary(hlo_path: str, n_devices: int) -> dict:
             "outside_bytes": sum(t.bytes for t in lc.outside)}
 
 
-def measure(pods: list[str], save: str, policies: list[str]) -> list[dict]:
-    """Compile each PPO/GRPO line of ``pods`` under each policy, writing ``save`` after each
-    (rows already there are kept and not compiled again)."""
+def measure(pods: list[str], save: str, policies: list[str], configs: list[str] | None = None,
+            depths: tuple[int, ...] = aot.DEPTHS) -> list[dict]:
+    """Compile each PPO/GRPO line of ``pods`` (of ``configs``, if given) under each policy at
+    ``depths``, writing ``save`` after each (rows already there are kept and not compiled
+    again)."""
     rows = []
     if os.path.exists(save):
         with open(save) as f:
             rows = json.load(f)
-    done = {(r["pod"], r["config"], tuple(r["overrides"]), r["policy"]) for r in rows}
+    done = {(r["pod"], r["config"], tuple(r["overrides"]), r["policy"], tuple(r["depths"])) for r in rows}
     for pod_name, config, overrides in LINES:
-        if pod_name not in pods or not config.startswith(("ppo", "grpo")):
+        if pod_name not in pods or not config.startswith(("ppo", "grpo")) or configs and config not in configs:
             continue
         for policy in policies:
-            if (pod_name, config, tuple(overrides), policy) in done:
+            if (pod_name, config, tuple(overrides), policy, tuple(depths)) in done:
                 continue
             traced = policy_overrides(pod_name, config, overrides, policy)
             path, cfg, shapes, p, pod = line_plan(pod_name, config, traced)
@@ -109,7 +111,7 @@ def measure(pods: list[str], save: str, policies: list[str]) -> list[dict]:
             print(f"{pod_name} {config} {' '.join(traced)}", flush=True)
             t0 = time.time()
             with tempfile.TemporaryDirectory(prefix="rollout-compile-") as work:
-                verdicts = aot.compile_run(path, traced, shapes, pod_name, mesh, workdir=work,
+                verdicts = aot.compile_run(path, traced, shapes, pod_name, mesh, depths, workdir=work,
                                            say=lambda s: print(s, flush=True), graphs=ROLLOUT,
                                            keep_hlo=True)
                 loops = {}
@@ -118,6 +120,7 @@ def measure(pods: list[str], save: str, policies: list[str]) -> list[dict]:
                     if os.path.exists(hlo):
                         loops[str(d)] = loop_summary(hlo, pod.devices)
             rows.append({"pod": pod_name, "config": config, "overrides": overrides, "policy": policy,
+                         "depths": list(depths),
                          "traced_overrides": traced, "mesh": mesh, "layers": shapes["model"].layers,
                          "seconds": round(time.time() - t0),
                          "graphs": {n: {str(d): r for d, r in v.results.items()} for n, v in verdicts.items()},
@@ -149,7 +152,7 @@ def report(rows: list[dict]) -> list[dict]:
             planned = aot.planned_graph_bytes(p, name, cfg, shapes)
             deepest = v.at(max(v.results))
             optimal = (deepest.get("cost") or {}).get("optimal_seconds")
-            entry = {"line": f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip(),
+            entry = {"line": _line(row),
                      "policy": row["policy"], "graph": name, "verdict": v, "planned": planned,
                      "peak": v.peak, "ratio": None if not v.peak else planned / v.peak,
                      "optimal_seconds": optimal if optimal is not None and optimal > 0 else None,
@@ -173,6 +176,13 @@ def report(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _line(row: dict) -> str:
+    """A saved row's line: pod, config, overrides, and its depths where not the default."""
+    line = f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip()
+    depths = tuple(row["depths"])
+    return line if depths == aot.DEPTHS else f"{line} (at {' / '.join(map(str, depths))} layers)"
+
+
 def _fmt(b: float | None, unit: float = GIB, digits: int = 2) -> str:
     return "?" if b is None else f"{b / unit:.{digits}f}"
 
@@ -181,6 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pods", default="v3-256")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--configs", default=None, help="only these configs (comma-separated)")
+    parser.add_argument("--depths", default=",".join(map(str, aot.DEPTHS)),
+                        help="decoder layers traced (the slope between the two deepest)")
     parser.add_argument("--save", default=DEFAULT)
     parser.add_argument("--replan", nargs="?", const=DEFAULT, default=None)
     args = parser.parse_args()
@@ -188,12 +201,14 @@ def main() -> None:
         with open(args.replan) as f:
             rows = json.load(f)
     else:
-        rows = measure(args.pods.split(","), args.save, args.policies.split(","))
+        rows = measure(args.pods.split(","), args.save, args.policies.split(","),
+                       args.configs.split(",") if args.configs else None,
+                       tuple(int(d) for d in args.depths.split(",")))
     entries = report(rows)
-    print("Per policy and graph: the TPU compiler's per-device peak at 2 and 4 layers (compiled), "
+    print("Per policy and graph: the TPU compiler's per-device peak at the traced depths (compiled), "
           "at 40 (extrapolated by the per-layer slope), and the planner's for the same graph.\n")
-    print("| line | policy | graph | compiled, 2 / 4 layers (GiB) | 40 layers (GiB) | planner | "
-          "planner / compiler | optimal_seconds (4 layers) |")
+    print("| line | policy | graph | compiled, by depth (GiB) | 40 layers (GiB) | planner | "
+          "planner / compiler | optimal_seconds (deepest) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for e in entries:
         v = e["verdict"]
@@ -218,9 +233,9 @@ def main() -> None:
         print(f"| {line} | {policy} | {_fmt(peak)} ({graph}) | {_fmt(es[0]['plan_peak'])} | "
               f"{'yes' if peak <= es[0]['hbm'] else 'NO'} |")
     print("\nPer policy: the collectives inside the decode While body (one token), bytes per device "
-          "from the compiled TPU HLO at 2 / 4 layers and extrapolated to 40, beside the planner's "
+          "from the compiled TPU HLO at the traced depths and extrapolated to 40, beside the planner's "
           "per_token_collective_bytes.\n")
-    print("| line | policy | collectives per iteration (4 layers) | MiB at 2 / 4 layers | "
+    print("| line | policy | collectives per iteration (deepest) | MiB by depth | "
           "MiB at 40 | planner MiB | planner / compiler |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for e in entries:

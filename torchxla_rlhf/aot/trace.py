@@ -12,8 +12,10 @@ trainers compile them (:func:`trainer_graphs` with ``split``): a training micro-
 policy with the k3 KL to the reference when ``beta > 0``), the AdamW update, and for PPO and
 GRPO the rollout through
 the trainers' own :class:`~torchxla_rlhf.generation.Generator` (``generation_prefill`` and
-the decode ``While``, ``generation_decode_loop``). Each graph lands in ``DIR`` as
-``NAME.hlo.pb`` + ``NAME.json`` for :mod:`torchxla_rlhf.aot.compile`.
+the decode ``While``, ``generation_decode_loop``; in the generation layout first its reshard,
+``generation_reshard``). Each graph lands in ``DIR`` as ``NAME.hlo.pb`` + ``NAME.json`` for
+:mod:`torchxla_rlhf.aot.compile` (the json names the traced mesh and, for the generation
+layout, its ``tp / mp``: ``layout_f``).
 """
 
 from __future__ import annotations
