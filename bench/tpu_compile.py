@@ -41,9 +41,10 @@ DEFAULT = os.path.join(REPO, "bench", "results", "tpu_compile_13b.json")
 
 
 ROLLOUT_AS_COMPILED = ["sampling.gather_weights=per_layer"]
-"""PPO's and GRPO's rollouts are compiled with ``per_layer`` weights here (the default
-``auto`` picks the generation layout where the planner says it fits; its tensor-parallel
-sub-mesh splits ``fsdp`` in a way the sharding remap cannot yet re-express)."""
+"""PPO's and GRPO's rollouts are compiled with ``per_layer`` weights here, the figures this
+file's tables and tests were fitted on (the default ``auto`` picks the generation layout where
+the planner says it fits: ``bench/tpu_compile_rollout.py`` compiles the rollout under each
+policy, the layout included)."""
 
 
 def line_plan(pod_name: str, config: str, overrides: list[str]):
@@ -156,12 +157,12 @@ def replan(rows: list[dict]) -> list[tuple]:
     """Per saved graph: ``(line, graph, compiler GiB, planner GiB, ratio)``."""
     out = []
     for row in rows:
-        _, _, _, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
+        _, cfg, shapes, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
         for name, by_depth in row["graphs"].items():
             v = aot.GraphVerdict(name, {int(d): r for d, r in by_depth.items()}, row["layers"])
             if v.peak is None:
                 continue
-            planned = aot.planned_graph_bytes(p, name)
+            planned = aot.planned_graph_bytes(p, name, cfg, shapes)
             out.append((f"{row['pod']} {row['config']} {' '.join(row['overrides'])}".strip(), name,
                         v.peak / GIB, planned / GIB, planned / v.peak, v))
     return out

@@ -357,11 +357,11 @@ def _plan_compile(args, cfg, config_path, shapes, p, pod, hbm) -> int:
     print(f"TPU compiler ({pod.name}, libtpu compile-only), graphs traced at "
           f"{', '.join(str(d) for d in sorted({min(d, layers) for d in aot.DEPTHS}))} of {layers} "
           "layers:", flush=True)
-    overrides = [*args.overrides, *aot.sampling_overrides(cfg, pod.devices, hbm, shapes)]
+    overrides = [*args.overrides, *aot.sampling_overrides(cfg, pod.devices, hbm, shapes, p.mesh)]
     verdicts = aot.compile_run(config_path, overrides, shapes, pod.name, mesh,
                                say=lambda line: print(line, flush=True))
     resident = aot.resident_outside(p, list(verdicts))
-    planned = {name: aot.planned_graph_bytes(p, name) for name in verdicts}
+    planned = {name: aot.planned_graph_bytes(p, name, cfg, shapes) for name in verdicts}
     lines, fits = aot.format_verdict(verdicts, planned, hbm, resident)
     print("\n".join(lines))
     print(aot.verdict_line(verdicts, resident, hbm, fits))

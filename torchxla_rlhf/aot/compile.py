@@ -12,7 +12,8 @@ TPU is opened and torch_xla never sees libtpu as its device.
 
 Each graph comes from :mod:`torchxla_rlhf.aot.trace` as ``NAME.hlo.pb`` (torch_xla's SPMD
 module, before partitioning) and ``NAME.json`` (the shardings of its placeholder arguments,
-the arguments it updates in place, the mesh it was traced on). On the way to the compiler:
+the arguments it updates in place, the mesh it was traced on, and for a rollout in the
+generation layout the factor ``f`` of its ``tp = mp * f``). On the way to the compiler:
 
 1. ``hlo_to_stablehlo`` converts the module (it keeps shardings, drops buffer donors);
 2. each placeholder argument gets its sharding and each in-place argument
@@ -20,11 +21,15 @@ the arguments it updates in place, the mesh it was traced on). On the way to the
 3. every sharding is re-expressed from the traced mesh to the target mesh
    (:func:`remap_sharding`): torch's autograd cannot run on 128 or more virtual CPU devices,
    so 13B graphs are traced on at most 64 with the same axes and the global shapes of the
-   target (valid because no global shape depends on the device count);
+   target (valid because no global shape depends on the device count); the generation
+   layout's shardings, made on a ``(data, tp)`` mesh over the same devices, are re-expressed
+   through the finer ``(dp, fsdp / f, f, mp)`` mesh both layouts are specs on
+   (:func:`split_fsdp`);
 4. the module compiles with torch_xla's options (SPMD partitioning, outputs' shardings
    propagated) and torch_xla's TPU flags (``libtpu_flags.py``).
 
-TARGET.json: ``{"topology": "v3:8x16", "mesh": [dp, fsdp, mp], "cpu": false, ...}``; with
+TARGET.json: ``{"topology": "v3:8x16", "mesh": [dp, fsdp, mp], "cpu": false, ...}`` (``"graphs"``:
+only these; ``"keep_hlo"``: write each compiled module's text, ``NAME.tpu.hlo.txt``); with
 ``"cpu": true`` the same module is compiled by XLA:CPU instead (the cross-check with torch_xla's
 own buffer assignment). Writes ``NAME.result.json`` per graph.
 """
@@ -134,9 +139,31 @@ def remap_sharding(text: str, src: Sequence[int], dst: Sequence[int]) -> str:
     raise ValueError(f"sharding {{{s}}} is no partition spec over the mesh {tuple(src)}")
 
 
+def split_fsdp(src: Sequence[int], dst: Sequence[int], f: int) -> tuple[tuple, tuple]:
+    """The traced and the target ``(dp, fsdp, mp)`` meshes as the finer ``(dp, fsdp / f, f,
+    mp)`` meshes, on which both the training layout's shardings and the generation layout's
+    (a ``(data, tp)`` mesh over the same devices, ``tp = mp * f``: ``data`` is ``(dp, fsdp /
+    f)``, ``tp`` is ``(f, mp)``, ``runtime.generation_mesh``) are partition specs, so
+    :func:`remap_sharding` re-expresses both. ``f = 1``: the meshes as they are (``tp = mp``,
+    ``data = (dp, fsdp)``). The split of ``fsdp`` must be over several devices on both meshes
+    or on neither: a sharding over an axis of one device cannot say whether it splits over it."""
+    if f <= 1:
+        return tuple(src), tuple(dst)
+    out = []
+    for dp, fsdp, mp in (src, dst):
+        if fsdp % f:
+            raise ValueError(f"generation layout tp = mp * {f}: {f} does not divide fsdp of the mesh "
+                             f"{(dp, fsdp, mp)}")
+        out.append((dp, fsdp // f, f, mp))
+    if (out[0][1] > 1) != (out[1][1] > 1):
+        raise ValueError(f"generation layout tp = mp * {f}: fsdp / {f} is {out[0][1]} on the traced mesh "
+                         f"{tuple(src)} and {out[1][1]} on {tuple(dst)}: trace on a mesh with fsdp / {f} > 1")
+    return out[0], out[1]
+
+
 def remap_module_text(text: str, src: Sequence[int], dst: Sequence[int]) -> str:
     """Every ``mhlo.sharding`` and the partition count of a StableHLO module's text, from
-    mesh ``src`` to mesh ``dst``."""
+    mesh ``src`` to mesh ``dst`` (any number of axes: :func:`split_fsdp`'s finer meshes)."""
     import math
 
     if tuple(src) == tuple(dst):
@@ -282,7 +309,8 @@ def _prepare(proto: bytes, meta: dict, dst_mesh: Sequence[int]):
                 entries["jax.buffer_donor"] = ir.BoolAttr.get(True)
             attrs.append(ir.DictAttr.get(entries))
         main.attributes["arg_attrs"] = ir.ArrayAttr.get(attrs)
-        text = remap_module_text(str(module), meta["mesh"], dst_mesh)
+        src, dst = split_fsdp(meta["mesh"], dst_mesh, meta.get("layout_f", 1))
+        text = remap_module_text(str(module), src, dst)
         return mlir.module_to_bytecode(ir.Module.parse(text))
 
 
@@ -379,7 +407,10 @@ def main(argv: list[str]) -> int:
         flags = TORCH_XLA_TPU_FLAGS + (TORCH_XLA_V5_FLAGS if target["topology"].startswith("v5") else ())
         os.environ["LIBTPU_INIT_ARGS"] = " ".join([os.environ.get("LIBTPU_INIT_ARGS", ""), *flags]).strip()
     suffix = target.get("suffix", "tpu")
+    only = target.get("graphs")
     for name in sorted(f[:-len(".hlo.pb")] for f in os.listdir(workdir) if f.endswith(".hlo.pb")):
+        if only is not None and name not in only:
+            continue
         with open(os.path.join(workdir, f"{name}.hlo.pb"), "rb") as f:
             proto = f.read()
         with open(os.path.join(workdir, f"{name}.json")) as f:

@@ -12,8 +12,10 @@ trainers compile them (:func:`trainer_graphs` with ``split``): a training micro-
 policy with the k3 KL to the reference when ``beta > 0``), the AdamW update, and for PPO and
 GRPO the rollout through
 the trainers' own :class:`~torchxla_rlhf.generation.Generator` (``generation_prefill`` and
-the decode ``While``, ``generation_decode_loop``). Each graph lands in ``DIR`` as
-``NAME.hlo.pb`` + ``NAME.json`` for :mod:`torchxla_rlhf.aot.compile`.
+the decode ``While``, ``generation_decode_loop``; in the generation layout first its reshard,
+``generation_reshard``). Each graph lands in ``DIR`` as ``NAME.hlo.pb`` + ``NAME.json`` for
+:mod:`torchxla_rlhf.aot.compile` (the json names the traced mesh and, for the generation
+layout, its ``tp / mp``: ``layout_f``).
 """
 
 from __future__ import annotations
@@ -254,6 +256,11 @@ def trace(spec: dict) -> list[str]:
     with capture:
         trainer_graphs(cfg.trainer, cfg, mesh, PlaceholderSource(cfg, mesh, capture, shapes, spec["layers"]),
                        split=spec.get("split", True))
+    # The generation layout's (data, tp) mesh splits fsdp by f = tp / mp (aot.compile.split_fsdp).
+    sampling = getattr(cfg, "sampling", None)
+    layout_f = 1
+    if sampling is not None and sampling.gather_weights == "generation_layout":
+        layout_f = (sampling.generation_tp or mesh.mp * mesh.fsdp) // mesh.mp
     names = []
     for g in capture.graphs:
         if g.name in names:  # a graph launched twice is written once
@@ -263,7 +270,7 @@ def trace(spec: dict) -> list[str]:
             f.write(g.hlo)
         with open(os.path.join(spec["out"], f"{g.name}.json"), "w") as f:
             json.dump({"name": g.name, "mesh": [mesh.dp, mesh.fsdp, mesh.mp], "layers": spec["layers"],
-                       "arg_shardings": g.arg_shardings, "donors": g.donors}, f)
+                       "arg_shardings": g.arg_shardings, "donors": g.donors, "layout_f": layout_f}, f)
     return names
 
 

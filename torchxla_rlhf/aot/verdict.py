@@ -76,19 +76,33 @@ def topology(pod_name: str) -> tuple[str, dict]:
              "wrap": [d >= 4 for d in dims]})
 
 
-def trace_mesh(mesh: Sequence[int], limit: int = MAX_TRACE_DEVICES) -> tuple[int, int, int]:
+def trace_mesh(mesh: Sequence[int], limit: int = MAX_TRACE_DEVICES, f: int = 1) -> tuple[int, int, int]:
     """The pod's ``(dp, fsdp, mp)`` with ``fsdp``, then ``dp``, halved until at most ``limit``
     devices (``mp`` kept: the heads' split decides the code's own annotations). An axis longer
     than one keeps at least two devices: a sharding over an axis of one device could not say
-    whether it splits over that axis, and the remap must know."""
+    whether it splits over that axis, and the remap must know. ``f``: the generation layout's
+    ``tp = mp * f`` splits ``fsdp`` into ``(fsdp / f, f)`` (``aot.compile.split_fsdp``); both
+    parts are kept so (``f`` whole, ``fsdp / f`` at least two where the pod's is)."""
     dp, fsdp, mp = mesh
-    while dp * fsdp * mp > limit and fsdp % 2 == 0 and fsdp > 2:
+    if fsdp % f:
+        raise CompileFailed(f"mesh {tuple(mesh)}: generation_tp={mp * f} needs mp * f with f dividing fsdp")
+    while dp * fsdp * mp > limit and fsdp % (2 * f) == 0 and fsdp // f > 2:
         fsdp //= 2
     while dp * fsdp * mp > limit and dp % 2 == 0 and dp > 2:
         dp //= 2
     if dp * fsdp * mp > limit:
-        raise CompileFailed(f"mesh {mesh}: cannot trace on {limit} devices or fewer with mp={mp}")
+        what = f"mp={mp}" + (f" and the generation layout's tp={mp * f}" if f > 1 else "")
+        raise CompileFailed(f"mesh {tuple(mesh)}: cannot trace on {limit} devices or fewer with {what}")
     return dp, fsdp, mp
+
+
+def layout_tp(overrides: Sequence[str], pod_mesh: Sequence[int]) -> int:
+    """The generation layout's ``tp`` the overrides give the rollout (``sampling_overrides``
+    gives both fields; ``generation_tp=0``: ``mp * fsdp`` of the pod), 0 for another policy."""
+    values = dict(o.split("=", 1) for o in overrides if o.startswith("sampling.") and "=" in o)
+    if values.get("sampling.gather_weights") != "generation_layout":
+        return 0
+    return int(values.get("sampling.generation_tp", 0)) or pod_mesh[1] * pod_mesh[2]
 
 
 @dataclass
@@ -153,14 +167,21 @@ def _run(argv: list[str], env: dict, what: str) -> str:
 def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: str,
                 pod_mesh: Sequence[int], depths: Sequence[int] = DEPTHS,
                 workdir: str | None = None, say=print, cpu: bool = False,
-                trace_devices: int = MAX_TRACE_DEVICES, split: bool = True) -> dict[str, GraphVerdict]:
+                trace_devices: int = MAX_TRACE_DEVICES, split: bool = True,
+                graphs: Sequence[str] | None = None, keep_hlo: bool = False) -> dict[str, GraphVerdict]:
     """Trace and compile the run's graphs at ``depths`` for ``pod_name`` (module docstring);
     the verdict per graph name. ``cpu``: compile with XLA:CPU instead (the cross-check);
     ``trace_devices``: trace on at most this many devices (the remap's test); ``split``: the
-    trainers' micro-step and update graphs (False: both in one, as ``bench/memory.py``)."""
+    trainers' micro-step and update graphs (False: both in one, as ``bench/memory.py``);
+    ``graphs``: compile only these (all traced: the rollout's come after the training step's);
+    ``keep_hlo``: each compiled module's text beside its result (``NAME.tpu.hlo.txt`` in
+    ``workdir/layersN``)."""
     require_aot()
     topo, topo_kwargs = topology(pod_name)
-    src = trace_mesh(pod_mesh, trace_devices)
+    tp = layout_tp(overrides, pod_mesh)
+    if tp:  # the pod's tp, not one the traced mesh would default to
+        overrides = [*overrides, f"sampling.generation_tp={tp}"]
+    src = trace_mesh(pod_mesh, trace_devices, tp // pod_mesh[2] if tp else 1)
     n_src = src[0] * src[1] * src[2]
     layers = shapes["model"].layers
     depths = sorted({min(d, layers) for d in depths})  # a shallow model compiles whole
@@ -179,7 +200,8 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
             _run(["-m", "torchxla_rlhf.aot.trace", os.path.join(out, "spec.json")], _env(n_src),
                  f"tracing at {depth} layer(s)")
             target = {"topology": topo, "topology_kwargs": topo_kwargs, "mesh": list(pod_mesh),
-                      "cpu": cpu, "suffix": "cpu" if cpu else "tpu"}
+                      "cpu": cpu, "suffix": "cpu" if cpu else "tpu", "keep_hlo": keep_hlo,
+                      "graphs": list(graphs) if graphs is not None else None}
             with open(os.path.join(out, "target.json"), "w") as f:
                 json.dump(target, f)
             say(f"  compiling for {pod_name} ({topo}, mesh {','.join(map(str, pod_mesh))})")
@@ -194,15 +216,17 @@ def compile_run(config_path: str, overrides: list[str], shapes: dict, pod_name: 
     return verdicts
 
 
-def sampling_overrides(cfg: Any, n_devices: int, hbm_bytes: float | None, shapes: dict) -> list[str]:
+def sampling_overrides(cfg: Any, n_devices: int, hbm_bytes: float | None, shapes: dict,
+                       mesh: Any = None) -> list[str]:
     """The rollout's ``sampling`` as the run resolves it on the pod (``gather_weights: auto``:
-    ``memory_plan.resolve_sampling``, what ``trainers.base.rollout_sampling`` does), as
-    overrides for the trace: the graphs traced are the ones the run would compile."""
+    ``memory_plan.resolve_sampling`` on the plan's ``mesh``, what
+    ``trainers.base.rollout_sampling`` does), as overrides for the trace: the graphs traced
+    are the ones the run would compile."""
     from torchxla_rlhf.preflight.memory_plan import resolve_sampling
 
     if getattr(cfg, "sampling", None) is None:
         return []
-    s = resolve_sampling(cfg, n_devices, hbm_bytes, shapes)
+    s = resolve_sampling(cfg, n_devices, hbm_bytes, shapes, mesh)
     return [f"sampling.gather_weights={s.gather_weights}", f"sampling.generation_tp={s.generation_tp}"]
 
 
@@ -245,13 +269,36 @@ PHASES = {"train_micro_step": "train micro-step", "proxy_train": "train micro-st
           "train_update": "train update", "generation_prefill": "rollout prefill",
           "generation_decode_loop": "rollout decode", "generation_reshard": "rollout prefill"}
 """The planner's phase (XLA:TPU's plan: one a graph) of each traced graph (the generation
-layout's reshard: its rollout terms, which count the reshard's transient)."""
+layout's reshard: the rollout's, of which it holds the copy, :func:`planned_graph_bytes`)."""
+
+COPY_TERM = "weights copy (generation layout)"
+"""The generation layout's copy of the policy (``memory_plan.generation_layout_terms``)."""
 
 
-def planned_graph_bytes(p: Any, graph: str) -> float:
+def reshard_transient(p: Any, cfg: Any, shapes: dict) -> float:
+    """The planner's transient of the generation layout's reshard graph, at the ``tp`` the run
+    resolves (``memory_plan.generation_reshard_bytes``)."""
+    from torchxla_rlhf.preflight.memory_plan import generation_reshard_bytes, resolve_sampling
+
+    s = resolve_sampling(cfg, p.mesh.devices, p.hbm_bytes, shapes, p.mesh)
+    tp = s.generation_tp or p.mesh.mp * p.mesh.fsdp
+    return generation_reshard_bytes(shapes["model"], p.mesh, cfg.model.param_dtype, tp)
+
+
+def planned_graph_bytes(p: Any, graph: str, cfg: Any = None, shapes: dict | None = None) -> float:
     """The planner's figure for what the compiled graph itself holds: the persistent state
-    and the graph's phase, less what stays resident outside the graph."""
-    total = sum(t.bytes for t in p.persistent) + p.phase_total(PHASES[graph])
+    and the graph's phase, less what stays resident outside the graph. The generation
+    layout's reshard graph (its phase is the rollout's) holds of it the copy it writes and its
+    own transient (:func:`reshard_transient`: needs the run's ``cfg`` and ``shapes``); the KV
+    cache and the prefill come after it."""
+    terms = p.phases[PHASES[graph]]
+    extra = 0.0
+    if graph == "generation_reshard":
+        if cfg is None or shapes is None:
+            raise ValueError("the reshard graph's planned bytes need the run's cfg and shapes")
+        terms = [t for t in terms if t.name == COPY_TERM]
+        extra = reshard_transient(p, cfg, shapes)
+    total = sum(t.bytes for t in p.persistent) + sum(t.bytes for t in terms) + extra
     return total - sum(t.bytes for t in outside_terms(p, graph))
 
 

@@ -189,10 +189,15 @@ def generation_copy_bytes(shape: Shape, tp: int, param_dtype: str, compute_dtype
     return model_bytes(shape, True, param_dtype, compute_dtype) / tp
 
 
-def generation_reshard_bytes(shape: Shape, mesh: Mesh, param_dtype: str) -> float:
-    """The reshard graph's transient besides its output: the largest weight on its way from
-    the training layout (``fsdp``, ``mp``) to the tensor-parallel one, whole over ``fsdp``
-    (GSPMD gathers, then slices), in the parameter dtype."""
+def generation_reshard_bytes(shape: Shape, mesh: Mesh, param_dtype: str, tp: int = 0) -> float:
+    """The reshard graph's transient besides its output, in the parameter dtype. With ``tp =
+    mp`` (the layout splits ``fsdp`` only): the largest weight on its way from the training
+    layout (``fsdp``, ``mp``) to the tensor-parallel one, whole over ``fsdp`` (GSPMD gathers,
+    then slices). With ``tp = mp * f``, ``f > 1``, the tp groups cut across the ``mp`` split:
+    XLA:TPU holds the embedding and the LM head whole, both at once (libtpu's compile of the
+    13B PPO rollout on a v3-128, tp=8: exactly two fp32 ``[vocab, hidden]``)."""
+    if tp and tp != mesh.mp:
+        return 2 * shape.vocab * shape.hidden * BYTES[param_dtype]
     largest = max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate,
                   shape.hidden * shape.heads * shape.head_dim)
     return largest * BYTES[param_dtype] / mesh.mp
@@ -213,7 +218,7 @@ def generation_layout_terms(cfg: Any, shape: Shape, mesh: Mesh, micro: float, t:
     prefill = prefill_bytes(shape, Mesh(1, data, tp), rows, cfg.train_dataset.seq_length, t, c,
                             BYTES[cfg.model.param_dtype])
     copies = DECODE_CACHE_COPIES * cache
-    reshard = generation_reshard_bytes(shape, mesh, cfg.model.param_dtype)
+    reshard = generation_reshard_bytes(shape, mesh, cfg.model.param_dtype, tp)
     biggest = max((prefill, "prefill (one layer) + logits"), (copies, "decode loop's cache copies"),
                   (reshard, "reshard (one weight whole over fsdp)"))
     return [
@@ -228,28 +233,40 @@ def generation_layout_terms(cfg: Any, shape: Shape, mesh: Mesh, micro: float, t:
 
 
 def per_token_collective_bytes(shape: Shape, mesh: Mesh, gather_weights: str, rows: int,
-                               param_dtype: str, compute_dtype: str, tp: int = 0) -> dict[str, float]:
+                               param_dtype: str, compute_dtype: str, tp: int = 0,
+                               compiler: str = "xla_cpu") -> dict[str, float]:
     """What one decode step moves per device, from shapes (bytes of the collectives' outputs,
     the measure ``tools/xla_dump.loop_collectives`` reads from compiled HLO), for ``rows``
     rollout rows: ``{"weights": ..., "activations": ...}``.
 
-    ``per_layer``: every matmul weight and the LM head all-gathered over ``fsdp`` (split over
-    ``mp``) in the parameter dtype, plus the training layout's two all-reduces of
-    ``[rows / (dp * fsdp), hidden]`` per layer over ``mp``. (XLA:CPU gathers only the
-    column-parallel ones and moves activations for o/down; this counts the weights as
-    written.) ``hoisted``: the activations only. ``generation_layout``: two all-reduces of
-    ``[rows / data, hidden]`` per layer, plus the embedding's gather of ``[rows / data,
-    hidden]``; no weights."""
+    ``generation_layout``: two all-reduces of ``[rows / data, hidden]`` per layer, plus the
+    embedding's gather of ``[rows / data, hidden]``; no weights. Otherwise the training
+    layout's two all-reduces of ``[rows / (dp * fsdp), hidden]`` per layer over ``mp``, plus:
+
+    - ``compiler="xla_cpu"`` (how the XLA:CPU proxies are read): ``per_layer`` all-gathers
+      every matmul weight and the LM head over ``fsdp`` (split over ``mp``) in the parameter
+      dtype, counted as written (XLA:CPU gathers only the column-parallel ones and moves
+      activations for o/down); ``hoisted`` gathers before the loop, so nothing per token.
+    - ``compiler="tpu"`` (libtpu's 13B compiles, docs/tpu-compiler.md): both ``per_layer``
+      and ``hoisted`` (XLA:TPU does not hoist the gathers out of the ``While``) all-gather the
+      column-parallel weights (q, k, v, gate, up) and the LM head in the compute dtype every
+      token, and move activations for o and down."""
     c, p = BYTES[compute_dtype], BYTES[param_dtype]
     if gather_weights == "generation_layout":
         tp = tp or mesh.mp * mesh.fsdp
         rows_dev = rows / (mesh.devices // tp)
         return {"weights": 0.0,
                 "activations": (2 * shape.layers * c + p) * rows_dev * shape.hidden}
+    if compiler not in COMPILERS:
+        raise PlanError(f"compiler={compiler!r}: expected one of {COMPILERS}")
     rows_dev = rows / mesh.batch
     act = 2 * shape.layers * rows_dev * shape.hidden * c if mesh.mp > 1 else 0.0
     weights = 0.0
-    if gather_weights in ("per_layer", "auto") and mesh.fsdp > 1:
+    if mesh.fsdp > 1 and compiler == "tpu":
+        column = shape.hidden * (shape.heads + 2 * shape.kv_heads) * shape.head_dim \
+            + 2 * shape.hidden * shape.intermediate
+        weights = (shape.layers * column + shape.vocab * shape.hidden) * c / mesh.mp
+    elif mesh.fsdp > 1 and gather_weights in ("per_layer", "auto"):
         weights = (shape.layers * shape.layer_linear + shape.vocab * shape.hidden) * p / mesh.mp
     return {"weights": weights, "activations": act}
 
@@ -664,6 +681,12 @@ def plan(cfg: Any, n_devices: int, hbm_bytes: float | None = None,
                      + (f" (generation_tp={sampling.generation_tp or generation_tp(cfg, mesh)})"
                         if sampling.gather_weights == "generation_layout" else ""))
         cfg = dataclasses.replace(cfg, sampling=sampling)
+    elif (compiler == "tpu"
+          and getattr(getattr(cfg, "sampling", None), "gather_weights", None) == "hoisted"):
+        notes.append("sampling.gather_weights=hoisted: XLA:TPU does not hoist the weight "
+                     "gathers out of the decode loop (it gathers every token, as per_layer) and "
+                     "on some meshes holds more than these terms (docs/tpu-compiler.md); "
+                     "per_layer and generation_layout are planned as XLA:TPU compiles them")
     heads = heads_per_device(shape, mesh.mp, compiler)
     if shape.heads % mesh.mp or shape.kv_heads % mesh.mp:
         notes.append(f"mp={mesh.mp} does not divide heads={shape.heads}/kv_heads="
@@ -723,7 +746,8 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
     weights = Term("gathered weights", (shape.vocab * shape.hidden + _largest_matrix(shape)) * c / mesh.mp,
                    f"the policy's LM head and largest matrix, whole over fsdp, {cfg.model.compute_dtype}")
     kv = Term("KV cache", cache, f"{micro:g} rows x {t} x {shape.layers} layers, {cfg.model.compute_dtype}")
-    if cfg.sampling.gather_weights == "generation_layout":  # as XLA:CPU measured it (no TPU compile yet)
+    # Measured on XLA:CPU; XLA:TPU's 13B compiles agree within 15 % (bench/tpu_compile_rollout.py).
+    if cfg.sampling.gather_weights == "generation_layout":
         terms = generation_layout_terms(cfg, shape, mesh, micro, t)
         return terms, terms
     tokens = micro * pl
@@ -810,7 +834,8 @@ def rollout_policies(cfg: Any, n_devices: int, hbm_bytes: float | None,
                                 cfg.sampling.generation_tp)
         p = plan(dataclasses.replace(cfg, sampling=s), n_devices, hbm_bytes, shapes, mesh)
         b = per_token_collective_bytes(shape, mesh, policy, rows, cfg.model.param_dtype,
-                                       cfg.model.compute_dtype, generation_tp(s_cfg(cfg, s), mesh))
+                                       cfg.model.compute_dtype, generation_tp(s_cfg(cfg, s), mesh),
+                                       compiler="tpu")
         # Lower case: the plan's own verdict line is the one that says FITS / DOES NOT FIT.
         verdict = {None: "fits: unknown", True: "fits", False: "does not fit"}[p.fits]
         name = policy + (f" (tp={generation_tp(s_cfg(cfg, s), mesh)})"
