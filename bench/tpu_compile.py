@@ -1,7 +1,7 @@
 """The TPU compiler's per-device peak of every 13B run on its pods, beside the planner's.
 
     PYTHONPATH=. python bench/tpu_compile.py [--pods v3-256,v3-128] [--save FILE]
-    PYTHONPATH=. python bench/tpu_compile.py --deeper   # updates at 40 layers, micro-steps at 8
+    PYTHONPATH=. python bench/tpu_compile.py --deeper   # updates and micro-steps at 40 layers
     PYTHONPATH=. python bench/tpu_compile.py --replan [FILE]   # the planner against saved figures
 
 For each line of the pod table (``bench/pod_table.py``) on the chosen pods this runs what
@@ -9,7 +9,8 @@ For each line of the pod table (``bench/pod_table.py``) on the chosen pods this 
 traced with placeholder weights at the config's widths and batches at 2 and 4 layers on at most
 64 virtual CPU devices, each compiled by libtpu's compile-only client for the pod (the ``aot``
 extra), and the per-layer slope taken to 40 layers; ``--deeper`` compiles the AdamW updates
-at 40 layers (:data:`DEEPER`) and, saved beside, the micro-steps at 8 (:data:`PROBES`).
+and the micro-steps at 40 layers (:data:`DEEPER`) and, saved beside, the micro-steps at 8
+(:data:`PROBES`).
 ``--save`` writes the compiler's figures
 (per graph and depth: peak, flops, ``optimal_seconds``, collectives) to a JSON file;
 ``--replan`` reads it and prints the planner's figure for each graph beside the compiler's
@@ -87,22 +88,26 @@ def measure(pods: list[str], save: str, lines: str | None = None) -> list[dict]:
     return rows
 
 
-DEEPER = {"train_update": None}
-"""Graphs also compiled at the model's own depth (``--deeper``): the AdamW update is
+DEEPER = {"train_update": None, "train_micro_step": None}
+"""Graphs also compiled at the model's own depth (``--deeper``); ``GraphVerdict`` takes a
+graph compiled at the model's depth as is, without extrapolating. The AdamW update is
 elementwise, so its 40-layer compile takes seconds and little memory, and its transient does
 not grow along the line through 2 and 4 layers (the reward model's update on the v3-256 holds
-5.5, 22.6, 39.3 and 65.3 MiB of temporaries at 2, 4, 8 and 16 layers, 141 MiB at 40).
-``GraphVerdict`` takes a graph compiled at the model's depth as is, without extrapolating."""
+5.5, 22.6, 39.3 and 65.3 MiB of temporaries at 2, 4, 8 and 16 layers, 141 MiB at 40). A 13B
+micro-step at 40 layers compiles in about two minutes with up to 20 GiB of host memory, and
+its peak is not on the line through 2 and 4 layers either: which moment is the largest (the
+backward's start with every checkpointed input, its end with the embedding gradient whole
+over fsdp, the frozen models' forwards beside the backward) changes with depth. DPO's on the
+v3-256 (``-1,16,16``) needs more than this machine's 24 GiB at 40 layers (:data:`TOO_DEEP`):
+it is compiled at 16 and 24 layers beside its 2 and 4, and the line through the two deepest
+taken to 40."""
+
+TOO_DEEP = {("v3-256", "dpo_13b.yaml", "train_micro_step"): 24}
+"""``(pod, config, graph)``: the deepest depth ``--deeper`` compiles it at (host memory)."""
 
 PROBES = {"train_micro_step": 8}
 """Graphs ``--deeper`` also compiles at a third depth, saved beside the others (a line's
-``probes``) and not taken into its 40-layer figure: a 13B micro-step's peak is the larger of
-moments that grow with depth at different rates (the backward's start: every checkpointed
-input; its end: the embedding gradient whole over fsdp), so which one a shallow compile
-shows changes between 2, 4 and 8 layers, and the line through 4 and 8 is no better a guess of
-40 than the one through 2 and 4 (PPO's on the v3-256 grows less from 4 to 8 layers than its
-weights, gradients and checkpoints alone). A 13B micro-step at 8 layers compiles in one to a
-few minutes; at 40 it needs more host memory than 24 GiB."""
+``probes``), to show how a micro-step's peak moves between 4 and 8 layers."""
 
 
 def measure_deeper(save: str, deeper: dict[str, int | None] = DEEPER,
@@ -119,7 +124,8 @@ def measure_deeper(save: str, deeper: dict[str, int | None] = DEEPER,
     for row in rows:
         by_depth: dict[int, list[str]] = {}
         for g, d in deeper.items():
-            d = min(d or row["layers"], row["layers"])
+            d = min(d or row["layers"], row["layers"],
+                    TOO_DEEP.get((row["pod"], row["config"], g), row["layers"]))
             if g in row["graphs"] and str(d) not in row.get(key, {}).get(g, {}):
                 by_depth.setdefault(d, []).append(g)
         path, cfg, shapes, p, _ = line_plan(row["pod"], row["config"], row["overrides"])
@@ -176,8 +182,8 @@ def main() -> None:
     parser.add_argument("--save", default=DEFAULT)
     parser.add_argument("--replan", nargs="?", const=DEFAULT, default=None)
     parser.add_argument("--deeper", action="store_true", help="also compile the saved lines' "
-                        "AdamW updates at the model's depth (DEEPER) and their micro-steps at 8 "
-                        "layers (PROBES, saved beside)")
+                        "AdamW updates and micro-steps at the model's depth (DEEPER) and the "
+                        "micro-steps at 8 layers (PROBES, saved beside)")
     args = parser.parse_args()
     if args.replan:
         with open(args.replan) as f:
@@ -208,7 +214,7 @@ def main() -> None:
     if probed:
         print("\nProbes: graphs compiled at a third depth (not in the figures above), beside the "
               "line through 2 and 4 layers and the planner at that depth.\n")
-        print("| line | graph | layers | compiled (GiB) | 2-4 line (GiB) | planner (GiB) | planner / compiled |")
+        print("| line | graph | layers | compiled (GiB) | line (GiB) | planner (GiB) | planner / compiled |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for line, graph, d, tpu, along, planned in probed:
             print(f"| {line} | {graph} | {d} | {tpu / GIB:.2f} | {along / GIB:.2f} | "

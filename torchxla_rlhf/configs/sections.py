@@ -429,7 +429,7 @@ def plan_pairs(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_p
                                                   getattr(cfg, r.key), n, tiled))
     passes = [memory_plan.TrainedPass(trained.key, shape, model_cfg, rows, seq, lm_head)]
     if compiler == "tpu":
-        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh, len(frozen)),
+        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh),
                   "train update": memory_plan.update_terms_tpu(persistent)}
     else:
         phases = {"train micro-step": memory_plan.train_terms(

@@ -102,7 +102,7 @@ def plan_sft(cfg: Any, shapes: Mapping[str, memory_plan.Shape], mesh: memory_pla
     mask = memory_plan.Term("packed attention mask", rows * seq * seq * 4,
                             f"{rows:g} rows x {seq} x {seq}, float32 (segment-diagonal, causal)")
     if compiler == "tpu":
-        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh, frozen=0) + [mask],
+        phases = {"train micro-step": memory_plan.train_terms_tpu(passes, mesh) + [mask],
                   "train update": memory_plan.update_terms_tpu(persistent)}
     else:
         phases = {"train micro-step": memory_plan.train_terms(

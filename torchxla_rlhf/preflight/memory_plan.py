@@ -522,17 +522,12 @@ the causal mask is fused, never held. Fitted on two compiles that the scores dom
 DPO proxy at 2048 tokens in fp32 (2.6 ``[2048, 2048]`` fp32 buffers a row) and 13B's DPO
 micro-step in bf16 on a v3-256 (1.9 fp32 ``[5, 4096, 4096]`` buffers a device)."""
 
-TPU_FROZEN_KEEP_BYTES = {2: 14.0, 4: 2.0}
-"""What XLA:TPU keeps per layer of each frozen model a training step runs (a reference, a
-reward model), per element of ``[seq, H / mp]``, by compute dtype bytes: its scheduler runs
-the frozen forward's layers beside the trained model's backward and holds their outputs
-meanwhile. Fitted on the per-layer growth of libtpu's 13B micro-steps between 2 and 4 layers,
-less the planner's own per-layer terms (tile-padded weights and gradients, checkpointed
-inputs): DPO (the reference) 13.5 B on 1,16,16 and 8.9 on 1,16,8, PPO (reference and reward
-model) 18.1 on 1,64,4 and 9.5 on 1,32,4 (two rows a device); 14 keeps all but DPO's 1,16,8
-within 15 % at 40 layers. Not established at depth: compiled at 8 layers, these micro-steps
-grow less from 4 to 8 layers than their weights and checkpoints alone (docs/tpu-compiler.md).
-In fp32, the DPO proxy 2 B."""
+# No term for the frozen models a training step runs (a reference, a reward model): at the
+# model's depth XLA:TPU holds nothing per layer of their forwards beside the trained model's
+# backward. libtpu's 13B micro-steps compiled at 40 layers (bench/tpu_compile.py --deeper):
+# DPO on 1,16,8 and PPO on 1,64,4 and 1,32,4 hold 2.10, 2.06 and 4.14 GiB, within 4 % of these
+# terms without one. At 2 to 8 layers they do hold a part of it (0.3 GiB more for PPO at 4 and
+# 8 layers), which is what a line through 2 and 4 layers took to 40 (1.6 to 2.3 times too much).
 
 
 def _largest_matrix(shape: Shape) -> int:
@@ -541,7 +536,7 @@ def _largest_matrix(shape: Shape) -> int:
     return max(shape.hidden * shape.intermediate, shape.hidden * q, shape.hidden * kv)
 
 
-def train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[Term]:
+def train_terms_tpu(passes: list[TrainedPass], mesh: Mesh) -> list[Term]:
     """A training micro-step's transient terms as XLA:TPU holds them (libtpu's compile-only
     client, ``plan --compile``): one layer's recompute and backward (the larger of its MLP and
     its softmax moments, :data:`TPU_MLP_TENSORS`, :data:`TPU_SCORE_BYTES`; a second trained
@@ -550,9 +545,8 @@ def train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[
     larger of the backward's two ends:
 
     - its start: per layer of each trained model its checkpointed input (every layer's
-      tensors without checkpointing), per layer of each of the ``frozen`` models the step runs
-      what XLA:TPU keeps of it (:data:`TPU_FROZEN_KEEP_BYTES`), and the LM head's logits where
-      they exceed the layer;
+      tensors without checkpointing), and the LM head's logits where they exceed the layer
+      (the frozen models' forwards add nothing at the model's depth: see the note above);
     - its end: each trained model's embedding gradient whole over fsdp (the embedding's
       backward scatters the device's tokens' gradients into a whole ``[vocab, H / mp]`` buffer
       in the parameter dtype, reduce-scattered over fsdp afterwards), beside the first layer's
@@ -578,10 +572,6 @@ def train_terms_tpu(passes: list[TrainedPass], mesh: Mesh, frozen: int) -> list[
             terms.append(Term(f"{t.prefix} layer recompute + backward", layer,
                               f"{t.rows:g} rows x {t.seq}, {heads} heads/device; "
                               f"{'softmax' if softmax >= mlp else 'MLP'} moment"))
-            if frozen:
-                keep = t.seq * shape.hidden / mesh.mp * TPU_FROZEN_KEEP_BYTES[c]
-                start.append(Term("frozen models' layers kept", frozen * shape.layers * keep,
-                                  f"{frozen} frozen model(s) x {shape.layers} layers x {_gib(keep)}"))
         terms.append(Term(f"{t.prefix} gathered weight", _largest_matrix(shape) * c / mesh.mp,
                           f"the largest matrix, whole over fsdp, {t.model_cfg.compute_dtype}"))
         start.append(Term(f"{t.prefix} kept for the backward", shape.layers * saved,
@@ -757,11 +747,6 @@ def _rollout_terms_tpu(cfg: Any, shape: Shape, mesh: Mesh) -> tuple[list[Term], 
                                f"{TPU_DECODE_CACHE_COPIES:g} of the KV cache")])
 
 
-def _frozen_models(cfg: Any) -> int:
-    """How many frozen models a training step runs (the config's model roles)."""
-    return sum(1 for r in cfg.model_roles() if not r.trained and r.resident)
-
-
 def rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh,
                   hbm_bytes: float | None, persistent: list[Term], passes: list[TrainedPass],
                   notes: list[str], gradients: str, compiler: str) -> Plan:
@@ -775,7 +760,7 @@ def rollout_plan(trainer: str, cfg: Any, shapes: Mapping[str, Shape], mesh: Mesh
     if compiler == "tpu":
         prefill, decode = _rollout_terms_tpu(cfg, shape, mesh)
         phases = {"rollout prefill": prefill, "rollout decode": decode,
-                  "train micro-step": train_terms_tpu(passes, mesh, _frozen_models(cfg)) + grads,
+                  "train micro-step": train_terms_tpu(passes, mesh) + grads,
                   "train update": update_terms_tpu(persistent) + grads}
     else:
         phases = {"rollout": _rollout_terms(cfg, shape, mesh),
