@@ -258,7 +258,7 @@ def per_token_collective_bytes(shape: Shape, mesh: Mesh, gather_weights: str, ro
         return {"weights": 0.0,
                 "activations": (2 * shape.layers * c + p) * rows_dev * shape.hidden}
     if compiler not in COMPILERS:
-        raise PlanError(f"compiler={compiler!r}: expected one of {COMPILERS}")
+        raise ValueError(f"compiler={compiler!r}: expected one of {COMPILERS}")
     rows_dev = rows / mesh.batch
     act = 2 * shape.layers * rows_dev * shape.hidden * c if mesh.mp > 1 else 0.0
     weights = 0.0
